@@ -1,0 +1,127 @@
+"""
+Our side of a peer's sender port: ask, and get answers in order.
+"""
+
+from collections import deque
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+
+from twisted_p2p import wire
+from twisted_p2p.limits import MANIFEST_PAGE, MAX_CATALOG_FILES, MAX_FILE_SIZE
+from twisted_p2p.manifest import HASH_SIZE, Manifest, chunk_count
+from twisted_p2p.names import is_legal_name
+from twisted_p2p.transfer import FramedProtocol
+
+
+class PeerRefused(Exception):
+    """
+    A peer answered a request with an error.
+    """
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+
+
+class SenderClient(FramedProtocol):
+    """
+    A connection to a peer's sender port.  L{call} sends a request and gives
+    a Deferred of its C{(header, body)} answer; the sender answers in order.
+    """
+
+    def __init__(self):
+        self._waiting = deque()
+        self._closed = defer.Deferred()
+
+    def when_closed(self):
+        """
+        A Deferred that fires when the connection is gone.
+        """
+        d = defer.Deferred()
+        self._closed.addBoth(lambda r: d.callback(None) or r)
+        return d
+
+    def call(self, header):
+        if self.transport is None or self._closed.called or self.transport.disconnecting:
+            return defer.fail(ConnectionLost("the connection is closed"))
+        d = defer.Deferred()
+        self._waiting.append(d)
+        self.send(header)
+        return d
+
+    def frame_received(self, header, body):
+        if not self._waiting:
+            raise wire.ProtocolError("an answer to nothing we asked")
+        d = self._waiting.popleft()
+        if header["t"] == "error":
+            code = wire.text_field(header, "code", max_length=64)
+            message = wire.text_field(header, "message")
+            d.errback(PeerRefused(code, message))
+        else:
+            d.callback((header, body))
+
+    def connectionLost(self, reason):
+        FramedProtocol.connectionLost(self, reason)
+        waiting, self._waiting = self._waiting, deque()
+        self._closed.callback(None)
+        for d in waiting:
+            d.errback(ConnectionLost("the peer closed the connection"))
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+def parse_catalog(header):
+    """
+    C{(revision, [(file_id, name, size)])} from a catalog answer.  Entries
+    with an illegal name are left out; anything else malformed is an error.
+    """
+    if header["t"] != "catalog":
+        raise wire.ProtocolError("expected a catalog")
+    revision = wire.text_field(header, "rev", max_length=16)
+    files = []
+    for entry in wire.list_field(header, "files", MAX_CATALOG_FILES):
+        if not isinstance(entry, dict):
+            raise wire.ProtocolError("a catalog entry is not an object")
+        file_id = wire.file_id_field(entry)
+        name = wire.text_field(entry, "name", max_length=1024)
+        size = wire.int_field(entry, "size", 0, MAX_FILE_SIZE)
+        if is_legal_name(name):
+            files.append((file_id, name, size))
+    return revision, files
+
+
+async def fetch_catalog(client):
+    header, _ = await client.call(wire.request("catalog"))
+    return parse_catalog(header)
+
+
+async def fetch_manifest(client, file_id):
+    """
+    The manifest of C{file_id}, fetched page by page and checked against the
+    id: a peer cannot make us accept hashes for other content.
+    """
+    hashes = []
+    size = None
+    while True:
+        header, body = await client.call(
+            wire.request("manifest", id=file_id, start=len(hashes))
+        )
+        if header["t"] != "manifest" or header.get("id") != file_id:
+            raise wire.ProtocolError("expected the manifest we asked for")
+        page_size = wire.int_field(header, "size", 0, MAX_FILE_SIZE)
+        if size is None:
+            size = page_size
+        elif page_size != size:
+            raise wire.ProtocolError("the manifest changed size between pages")
+        count = wire.int_field(header, "count", 0, MANIFEST_PAGE)
+        if len(body) != count * HASH_SIZE:
+            raise wire.ProtocolError("manifest page of the wrong length")
+        hashes.extend(body[i : i + HASH_SIZE] for i in range(0, len(body), HASH_SIZE))
+        total = chunk_count(size)
+        if len(hashes) >= total or count == 0:
+            break
+    return Manifest.build(size, hashes, file_id)

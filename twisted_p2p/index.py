@@ -1,0 +1,246 @@
+"""
+The index of what this peer offers: C{shared/} and finished downloads.
+
+The folders are re-scanned every L{RESCAN_INTERVAL} seconds.  A file whose
+size, modification time or inode changed is hashed again; the others keep
+their hashes, which are also kept on disk in the state dir so that a restart
+does not hash everything again.  All disk work runs in a thread.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twisted_p2p.manifest import HASH_SIZE, Manifest, ManifestMismatch, hash_file
+from twisted_p2p.names import is_legal_name
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """
+    A file we offer: where it is, and its manifest.
+    """
+
+    name: str
+    folder: str
+    manifest: Manifest
+    signature: tuple
+
+    @property
+    def path(self):
+        return os.path.join(self.folder, self.name)
+
+    @property
+    def file_id(self):
+        return self.manifest.file_id
+
+    @property
+    def size(self):
+        return self.manifest.size
+
+
+def file_signature(stat):
+    """
+    What tells us a file changed without reading it.
+    """
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def scan_folder(folder):
+    """
+    C{{name: signature}} of the regular files in C{folder} that may be
+    shared.  Hidden files (our partial downloads among them), symbolic links
+    and illegal names are skipped.  Blocks.
+    """
+    found = {}
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if not is_legal_name(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            found[entry.name] = file_signature(entry.stat(follow_symlinks=False))
+        except OSError:
+            continue
+    return found
+
+
+def revision_of(files):
+    """
+    A short digest that changes whenever the offered files change.
+    """
+    listing = sorted((f.file_id, f.name, f.size) for f in files)
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+class SharedIndex:
+    """
+    Owns the list of files this peer offers and the hash cache behind it.
+
+    @param folders: the folders to offer, in order of preference.
+    @param cache_path: where hashes are kept between runs.
+    @param run_in_thread: C{deferToThread} or a synchronous stand-in for tests.
+    """
+
+    def __init__(self, folders, cache_path, run_in_thread):
+        self.folders = list(folders)
+        self._cache_path = cache_path
+        self._run = run_in_thread
+        self._files = {}
+        self._by_id = {}
+        self._cache = None
+        self.revision = revision_of([])
+        self._scanning = None
+        self._again = False
+        self._listeners = []
+
+    def on_change(self, listener):
+        """
+        Call C{listener()} whenever the offered files change.
+        """
+        self._listeners.append(listener)
+
+    def files(self):
+        return sorted(self._files.values(), key=lambda f: (f.name, f.folder))
+
+    def by_id(self, file_id):
+        return self._by_id.get(file_id)
+
+    def rescan(self):
+        """
+        Bring the index up to date with the folders.
+
+        @return: a Deferred that fires when this scan (or the one already
+            running, followed by this one) is done.
+        """
+        if self._scanning is not None:
+            self._again = True
+            waiter = defer.Deferred()
+            self._scanning.addBoth(lambda r: waiter.callback(None) or r)
+            return waiter
+        self._scanning = defer.ensureDeferred(self._scan())
+
+        def done(result):
+            self._scanning = None
+            if self._again:
+                self._again = False
+                return self.rescan()
+            return result
+
+        self._scanning.addErrback(
+            lambda f: log.failure("Scanning the shared folders failed", f)
+        )
+        return self._scanning.addBoth(done)
+
+    async def _scan(self):
+        if self._cache is None:
+            self._cache = await self._run(_load_cache, self._cache_path)
+        listings = await self._run(lambda: [(d, scan_folder(d)) for d in self.folders])
+        fresh = {}
+        cache_dirty = False
+        for folder, listing in listings:
+            for name, signature in listing.items():
+                key = os.path.join(folder, name)
+                current = self._files.get(key)
+                if current is not None and current.signature == signature:
+                    fresh[key] = current
+                    continue
+                manifest = self._cached_manifest(key, signature)
+                if manifest is None:
+                    try:
+                        manifest = await self._run(hash_file, key)
+                    except (OSError, ManifestMismatch) as e:
+                        log.warn("Not sharing {path}: {error}", path=key, error=e)
+                        continue
+                    self._cache[key] = _cache_entry(signature, manifest)
+                    cache_dirty = True
+                fresh[key] = LocalFile(name, folder, manifest, signature)
+        for key in set(self._cache) - set(fresh):
+            del self._cache[key]
+            cache_dirty = True
+        if cache_dirty:
+            await self._run(_save_cache, self._cache_path, dict(self._cache))
+        self._install(fresh)
+
+    def add(self, folder, name, manifest, signature):
+        """
+        Offer a file we already know the manifest of (a finished download)
+        without hashing it again.
+        """
+        key = os.path.join(folder, name)
+        files = dict(self._files)
+        files[key] = LocalFile(name, folder, manifest, signature)
+        if self._cache is not None:
+            self._cache[key] = _cache_entry(signature, manifest)
+        self._install(files)
+
+    def _install(self, files):
+        changed = set(files) != set(self._files) or any(
+            files[k] is not self._files.get(k) for k in files
+        )
+        self._files = files
+        by_id = {}
+        for f in self.files():
+            by_id.setdefault(f.file_id, f)
+        self._by_id = by_id
+        revision = revision_of(files.values())
+        if changed and revision != self.revision:
+            self.revision = revision
+            for listener in list(self._listeners):
+                listener()
+
+    def _cached_manifest(self, key, signature):
+        entry = self._cache.get(key)
+        if not entry or tuple(entry.get("signature", ())) != signature:
+            return None
+        try:
+            hashes = bytes.fromhex(entry["hashes"])
+            chunk_hashes = [
+                hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)
+            ]
+            return Manifest.build(signature[0], chunk_hashes, entry["id"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _cache_entry(signature, manifest):
+    return {
+        "signature": list(signature),
+        "id": manifest.file_id,
+        "hashes": b"".join(manifest.chunk_hashes).hex(),
+    }
+
+
+def _load_cache(path):
+    """
+    The hash cache at C{path}, or an empty one if it is missing or damaged.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _save_cache(path, cache):
+    """
+    Write the hash cache atomically.  Losing it costs only a re-hash.
+    """
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(cache, f)
+        os.replace(temporary, path)
+    except OSError as e:
+        log.warn("Could not save the hash cache {path}: {error}", path=path, error=e)

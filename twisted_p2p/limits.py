@@ -1,0 +1,64 @@
+"""
+Every size, count and time limit of twisted-p2p, in one place, with its reason.
+
+Nothing here imports Twisted: this module is the bottom of the house.
+"""
+
+#: Bytes in one chunk.  256 KiB keeps a chunk frame small enough to verify and
+#: write in one step and gives a 64 MiB file 256 chunks to spread over sources.
+CHUNK_SIZE = 256 * 1024
+
+#: Wire protocol version, carried by every datagram and every TCP request.
+PROTOCOL_VERSION = 1
+
+#: Largest discovery datagram we send or accept.  An announce is ~200 bytes;
+#: Twisted reads 8192 bytes per datagram, so anything larger arrives truncated
+#: and is dropped here as oversized.
+MAX_DATAGRAM = 1024
+
+#: Largest TCP frame (length prefix excluded): one chunk plus its header.
+MAX_FRAME = CHUNK_SIZE + 4096
+
+#: Largest JSON header inside a frame.
+MAX_HEADER = 64 * 1024
+
+#: Chunk hashes sent per manifest page: 8192 x 32 bytes = 256 KiB < MAX_FRAME.
+MANIFEST_PAGE = 8192
+
+#: Files listed in one catalog answer.  A catalog entry is ~200 bytes of JSON,
+#: and the answer must fit in one frame.
+MAX_CATALOG_FILES = 1000
+
+#: Largest file we index or download: 2**40 bytes (1 TiB) -- 4 million chunks.
+MAX_FILE_SIZE = 1 << 40
+
+#: Chunks one "get" request may name.
+MAX_CHUNKS_PER_REQUEST = 64
+
+#: A transfer connection that says nothing for this long is dropped (seconds).
+IDLE_TIMEOUT = 60.0
+
+#: A data connection must present its token within this many seconds.
+HELLO_TIMEOUT = 10.0
+
+#: A console line longer than this is rejected.
+MAX_COMMAND_LINE = 4096
+
+#: Longest shared file name, in UTF-8 bytes (the usual filesystem limit).
+MAX_NAME_BYTES = 255
+
+#: How often the shared and downloads folders are checked for changes (s).
+RESCAN_INTERVAL = 10.0
+
+#: Chunks in flight from one source at once (a window of requests).
+SOURCE_WINDOW = 16
+
+#: Chunks asked for in one request.
+REQUEST_BATCH = 8
+
+#: A request whose chunks have not all arrived after this long is given up
+#: and its chunks go back into the queue (seconds).
+REQUEST_TIMEOUT = 30.0
+
+#: Simultaneous incoming requests one peer serves; more get "busy".
+MAX_UPLOADS = 32

@@ -1,0 +1,126 @@
+"""
+Chunks, hashes and file identity.
+
+A file is cut into L{CHUNK_SIZE} chunks, each with a SHA-256 hash.  Its
+identity is a SHA-256 over its size and its chunk hashes, so a manifest
+fetched from an untrusted peer can be checked against the id it claims, and
+every chunk against its hash.  The name is only for display.
+
+Pure code: L{hash_file} blocks, and callers run it in a thread.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+from twisted_p2p.limits import CHUNK_SIZE, MAX_FILE_SIZE
+
+_ID_PREFIX = b"twisted-p2p file v1\n"
+HASH_SIZE = 32
+
+
+class ManifestMismatch(ValueError):
+    """
+    Chunk hashes that do not add up to the file id they were fetched for.
+    """
+
+
+def chunk_count(size):
+    """
+    How many chunks a file of C{size} bytes has (an empty file has none).
+    """
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+def compute_file_id(size, chunk_hashes):
+    """
+    The hex identity of a file of C{size} bytes with these chunk hashes.
+    """
+    digest = hashlib.sha256(_ID_PREFIX)
+    digest.update(size.to_bytes(8, "big"))
+    for chunk_hash in chunk_hashes:
+        digest.update(chunk_hash)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """
+    What is known of a file's content: its size, chunk hashes and id.
+    """
+
+    size: int
+    chunk_hashes: tuple
+    file_id: str
+
+    @classmethod
+    def build(cls, size, chunk_hashes, expected_id=None):
+        """
+        A manifest, checked for consistency and, if given, against the id it
+        is meant to have.
+
+        @raise ManifestMismatch: the pieces do not fit together.
+        """
+        chunk_hashes = tuple(chunk_hashes)
+        if not 0 <= size <= MAX_FILE_SIZE:
+            raise ManifestMismatch(f"size {size} out of range")
+        if len(chunk_hashes) != chunk_count(size):
+            raise ManifestMismatch("chunk count does not fit the size")
+        if any(len(h) != HASH_SIZE for h in chunk_hashes):
+            raise ManifestMismatch("chunk hash of the wrong length")
+        file_id = compute_file_id(size, chunk_hashes)
+        if expected_id is not None and file_id != expected_id:
+            raise ManifestMismatch("chunk hashes do not match the file id")
+        return cls(size, chunk_hashes, file_id)
+
+    @property
+    def chunk_count(self):
+        return len(self.chunk_hashes)
+
+    def chunk_offset(self, index):
+        return index * CHUNK_SIZE
+
+    def chunk_length(self, index):
+        """
+        Bytes in chunk C{index}: L{CHUNK_SIZE} except for the last one.
+        """
+        if not 0 <= index < self.chunk_count:
+            raise IndexError(index)
+        return min(CHUNK_SIZE, self.size - index * CHUNK_SIZE)
+
+    def verify_chunk(self, index, data):
+        """
+        Whether C{data} is chunk C{index} of this file.  Blocks for the hash:
+        call it from a thread.
+        """
+        return (
+            len(data) == self.chunk_length(index)
+            and hashlib.sha256(data).digest() == self.chunk_hashes[index]
+        )
+
+
+def hash_file(path):
+    """
+    The L{Manifest} of the file at C{path}, read one chunk at a time so memory
+    stays flat.  Blocks: run it in a thread.
+
+    @raise OSError: the file cannot be read.
+    @raise ManifestMismatch: it is larger than L{MAX_FILE_SIZE}.
+    """
+    hashes = []
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(CHUNK_SIZE)
+            if not data:
+                break
+            size += len(data)
+            if size > MAX_FILE_SIZE:
+                raise ManifestMismatch(f"{path} is larger than {MAX_FILE_SIZE} bytes")
+            hashes.append(hashlib.sha256(data).digest())
+            if len(data) < CHUNK_SIZE:
+                # A short read is the end of a regular file.
+                tail = f.read(1)
+                if tail:
+                    raise ManifestMismatch(f"{path} changed while it was read")
+                break
+    return Manifest.build(size, hashes)

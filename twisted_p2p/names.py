@@ -1,0 +1,94 @@
+"""
+What is a legal shared name, and where a name may be written.
+
+A name that comes from the network or the console is never a path: it must be
+one plain file name, and it is only ever joined to one of the peer's own
+folders.
+"""
+
+import os
+import unicodedata
+
+from twisted_p2p.limits import MAX_NAME_BYTES
+
+
+class BadName(ValueError):
+    """
+    A name that may not be shared or written.
+    """
+
+
+def check_name(name):
+    """
+    Return C{name} if it is a legal shared file name, else raise L{BadName}.
+
+    Legal names are non-empty text, at most L{MAX_NAME_BYTES} UTF-8 bytes,
+    with no path separator, no control character, not starting with a dot
+    (hidden files and our own partial files start with one), and not the
+    Windows-hostile trailing dot or space.
+    """
+    if not isinstance(name, str) or not name:
+        raise BadName("a file name must be non-empty text")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadName("a file name must be valid UTF-8")
+    if len(encoded) > MAX_NAME_BYTES:
+        raise BadName(f"a file name is at most {MAX_NAME_BYTES} bytes")
+    if "/" in name or "\\" in name:
+        raise BadName("a file name may not contain / or \\")
+    if name.startswith("."):
+        raise BadName("a file name may not start with a dot")
+    if name != name.strip() or name.endswith("."):
+        raise BadName("a file name may not start or end with a space, or end with a dot")
+    for ch in name:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            raise BadName("a file name may not contain control or unassigned characters")
+    return name
+
+
+def is_legal_name(name):
+    """
+    Whether L{check_name} accepts C{name}.
+    """
+    try:
+        check_name(name)
+    except BadName:
+        return False
+    return True
+
+
+def path_in(folder, name):
+    """
+    The path of C{name} inside C{folder}, after checking the name.
+
+    The result is always a direct child of C{folder}.
+    """
+    check_name(name)
+    path = os.path.join(folder, name)
+    if os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder):
+        raise BadName("a file name must stay inside its folder")
+    return path
+
+
+def free_name(folder, name, exists=os.path.lexists):
+    """
+    A name in C{folder} that nothing uses yet, derived from C{name}.
+
+    C{report.pdf} becomes C{report (1).pdf}, C{report (2).pdf}, ... so a
+    download never overwrites a file that is already there.
+    """
+    check_name(name)
+    if not exists(os.path.join(folder, name)):
+        return name
+    stem, ext = os.path.splitext(name)
+    n = 1
+    while True:
+        candidate = f"{stem} ({n}){ext}"
+        if len(candidate.encode("utf-8")) > MAX_NAME_BYTES:
+            # Shorten the stem rather than fail on a long name.
+            stem = stem[:-1]
+            continue
+        if not exists(os.path.join(folder, candidate)):
+            return candidate
+        n += 1

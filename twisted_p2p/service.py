@@ -1,0 +1,289 @@
+"""
+Services: who starts and stops what, and in which order.
+
+L{PeerService} wires every part of a peer together and owns their
+lifetimes.  Its children start in this order and stop in the reverse one:
+
+ 1. the index of C{shared/} and C{downloads/} (first scan, then re-scans);
+ 2. the four transfer ports, T to T+3;
+ 3. discovery (stops by saying goodbye, while the ports are still up);
+ 4. the console, if any.
+"""
+
+import os
+import secrets
+import sys
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import ILogObserver, Logger, textFileLogObserver
+from twisted.python.components import Componentized
+
+from twisted_p2p import catalog, client, console, discovery, download, index, transfer
+from twisted_p2p.commands import Commands
+from twisted_p2p.limits import RESCAN_INTERVAL
+from twisted_p2p.peers import PeerTable
+from twisted_p2p.storage import PartialFile
+from twisted_p2p.uploads import Uploads, read_range
+
+log = Logger()
+
+#: Seconds to wait for a TCP connection to a peer.
+CONNECT_TIMEOUT = 5
+
+
+def load_peer_id(state_dir):
+    """
+    Our peer id, kept in C{state_dir/peer-id} so it survives restarts.
+    """
+    path = os.path.join(state_dir, "peer-id")
+    try:
+        with open(path, encoding="ascii") as f:
+            peer_id = f.read().strip()
+        if len(peer_id) == 32 and all(c in "0123456789abcdef" for c in peer_id):
+            return peer_id
+    except (OSError, UnicodeDecodeError):
+        pass
+    peer_id = secrets.token_hex(16)
+    with open(path + ".tmp", "w", encoding="ascii") as f:
+        f.write(peer_id + "\n")
+    os.replace(path + ".tmp", path)
+    return peer_id
+
+
+class DiscoveryService(Service):
+    """
+    Owns the two discovery sockets and the announce schedule.  Stopping it
+    sends the goodbye.
+    """
+
+    def __init__(self, reactor, discovery_logic, host, discovery_port):
+        self._reactor = reactor
+        self.discovery = discovery_logic
+        self._host = host
+        self._discovery_port = discovery_port
+        self._listener = None
+        self._private = None
+
+    def privilegedStartService(self):
+        proto = discovery.DiscoveryProtocol(self.discovery)
+        # Bound to all addresses: broadcasts carry the broadcast address, not
+        # ours, and would miss a socket bound to --host.
+        self._listener = self._reactor.listenMulticast(
+            self._discovery_port, proto, listenMultiple=True
+        )
+        self._private = self._reactor.listenUDP(
+            0, discovery.DiscoveryProtocol(self.discovery), interface=self._host
+        )
+        self._private.setBroadcastAllowed(True)
+        self.discovery.attach(self._private.write)
+        Service.privilegedStartService(self)
+
+    def startService(self):
+        if self._listener is None:
+            self.privilegedStartService()
+        Service.startService(self)
+        self.discovery.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        self.discovery.stop()
+        ports, self._listener, self._private = [self._listener, self._private], None, None
+        return defer.gatherResults(
+            [defer.maybeDeferred(p.stopListening) for p in ports if p is not None]
+        )
+
+
+class ConsoleService(Service):
+    """
+    Owns the stdio console, if there is a stdin to read.
+    """
+
+    def __init__(self, reactor, make_protocol):
+        self._reactor = reactor
+        self._make_protocol = make_protocol
+        self.stdio = None
+
+    def startService(self):
+        Service.startService(self)
+        from twisted.internet.stdio import StandardIO
+
+        prompt = sys.stdin is not None and sys.stdin.isatty()
+        try:
+            self.stdio = StandardIO(self._make_protocol(prompt), reactor=self._reactor)
+        except (OSError, ValueError) as e:
+            log.info("No console ({error}); the peer runs without one.", error=e)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self.stdio is not None:
+            self.stdio.loseConnection()
+            self.stdio = None
+
+
+class PeerService(MultiService):
+    """
+    One peer: every part, wired, under one service.
+
+    @param settings: the checked L{twisted_p2p.tap.Options}.
+    @param reactor: the reactor to use.
+    """
+
+    def __init__(self, settings, reactor, console_enabled=True):
+        MultiService.__init__(self)
+        self.reactor = self.clock = reactor
+        self.settings = settings
+        self.host = settings["host"]
+        self.transfer_port = settings["transfer-port"]
+        state_dir = settings["state-dir"]
+        self.peer_id = load_peer_id(state_dir)
+        self.instance_id = secrets.token_hex(8)
+        self._threads = reactor.getThreadPool()
+
+        self.index = index.SharedIndex(
+            [settings["shared"], settings["downloads"]],
+            os.path.join(state_dir, "hashes.json"),
+            self.run_in_thread,
+        )
+        self.table = PeerTable(reactor, settings["peer-timeout"])
+        self.discovery = discovery.Discovery(
+            reactor,
+            self.table,
+            self.peer_id,
+            self.instance_id,
+            self.transfer_port,
+            lambda: self.index.revision,
+            (settings["broadcast"], settings["discovery-port"]),
+            settings["announce-interval"],
+        )
+        self.index.on_change(self.discovery.revision_changed)
+        self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
+        self.inbox = transfer.Inbox()
+        self.uploads = Uploads(
+            self.index, self._connect, lambda *a: self.run_in_thread(read_range, *a)
+        )
+        self.downloads = download.Downloads(self._make_download, self.index)
+        self.commands = Commands(self)
+
+        rescans = TimerService(RESCAN_INTERVAL, self.index.rescan)
+        rescans.clock = reactor
+        rescans.setServiceParent(self)
+        factories = [
+            transfer.ReceiverFactory(self.inbox),
+            transfer.SenderFactory(self.uploads),
+            transfer.NotSupportedFactory(),
+            transfer.NotSupportedFactory(),
+        ]
+        for offset, factory in enumerate(factories):
+            endpoint = TCP4ServerEndpoint(
+                reactor, self.transfer_port + offset, interface=self.host
+            )
+            port_service = StreamServerEndpointService(endpoint, factory)
+            port_service._raiseSynchronously = True
+            port_service.setServiceParent(self)
+        DiscoveryService(
+            reactor, self.discovery, self.host, settings["discovery-port"]
+        ).setServiceParent(self)
+        if console_enabled:
+            ConsoleService(reactor, self._make_console).setServiceParent(self)
+
+    def run_in_thread(self, f, *args, **kwargs):
+        return deferToThreadPool(self.reactor, self._threads, f, *args, **kwargs)
+
+    def setServiceParent(self, parent):
+        # Under "twistd -n" with no --logfile, twistd would log to stdout,
+        # where the console writes.  Give the application a log file
+        # instead: twistd uses an application's ILogObserver when no
+        # --logger is given.
+        log_path = self.settings.get("console-log-path")
+        if log_path and isinstance(parent, Componentized):
+            log_file = open(log_path, "a", encoding="utf-8")
+            parent.setComponent(ILogObserver, textFileLogObserver(log_file))
+        MultiService.setServiceParent(self, parent)
+
+    def privilegedStartService(self):
+        try:
+            MultiService.privilegedStartService(self)
+        except CannotListenError as e:
+            # One sentence and a non-zero exit, not a traceback.
+            sys.stderr.write(f"twistd p2ppeer: error: {_listen_error_sentence(e)}\n")
+            raise SystemExit(1)
+
+    def startService(self):
+        # The first scan runs before anything announces or serves (it is
+        # quick when the hash cache is warm).
+        MultiService.startService(self)
+
+    def stopService(self):
+        self.downloads.cancel_all()
+        return MultiService.stopService(self)
+
+    def shutdown(self):
+        """
+        Stop the peer (the console's C{exit}): stop the reactor, which stops
+        this service and so says goodbye.
+        """
+        self.reactor.callLater(0, self.reactor.stop)
+
+    # plumbing handed to the parts
+
+    def _connect(self, host, port, protocol):
+        endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        return connectProtocol(endpoint, protocol)
+
+    def _open_client(self, peer):
+        return self._connect(peer.host, peer.sender_port, client.SenderClient())
+
+    def _fetch_catalog(self, peer):
+        async def fetch():
+            sender = await self._open_client(peer)
+            try:
+                return await client.fetch_catalog(sender)
+            finally:
+                sender.close()
+
+        return defer.ensureDeferred(fetch())
+
+    def _make_download(self, name, file_id, peers, report):
+        return download.Download(
+            name,
+            file_id,
+            peers,
+            self._open_client,
+            self.inbox,
+            self.transfer_port,
+            PartialFile(self.settings["downloads"], file_id),
+            self.run_in_thread,
+            self.reactor,
+            report,
+        )
+
+    def _make_console(self, prompt):
+        greeting = [
+            f"p2ppeer {self.peer_id[:8]} on {self.host}:{self.transfer_port}; "
+            "type 'help' for commands"
+        ]
+        log_path = self.settings.get("console-log-path")
+        if log_path:
+            greeting.append(f"logs go to {log_path}")
+        return console.ConsoleProtocol(self.commands, prompt=prompt, greeting=greeting)
+
+
+def _listen_error_sentence(error):
+    port = error.port
+    why = error.socketError
+    errno = getattr(why, "errno", None)
+    import errno as errnos
+
+    if errno == errnos.EADDRINUSE:
+        return f"port {port} is already in use; choose another --transfer-port or stop the program using it"
+    if errno == errnos.EACCES:
+        return (
+            f"port {port} is below 1024 and needs privilege; choose a --transfer-port "
+            "of 1024 or more, or run with CAP_NET_BIND_SERVICE"
+        )
+    return f"cannot listen on port {port}: {why}"

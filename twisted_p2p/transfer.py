@@ -1,0 +1,384 @@
+"""
+The four transfer ports, as thin protocols.
+
+ - T, receiver: L{ReceiverProtocol} takes chunk data for our own outstanding
+   requests and hands it to the L{Inbox}.
+ - T+1, sender: L{SenderProtocol} answers catalog, manifest and chunk requests
+   by asking an L{Uploads} (in C{uploads.py}).  Chunk data does not go back on
+   this connection: L{ChunkPusher} opens a connection to the requester's
+   receiver port, at the address the request came from.
+ - T+2, distributor, and T+3, distributee: L{NotSupportedProtocol} for now.
+
+Every connection speaks frames (see C{wire.py}) and is dropped on the first
+frame that breaks the protocol, or after L{IDLE_TIMEOUT} of silence.
+"""
+
+from collections import deque
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from twisted_p2p import wire
+from twisted_p2p.limits import HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADER
+
+log = Logger()
+
+
+class RequestRefused(Exception):
+    """
+    A well-formed request we will not serve; the connection stays up.
+
+    @ivar code: a short machine-readable reason (C{unknown-file}, C{busy},
+        C{unreachable}, ...).
+    """
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+
+
+class FramedProtocol(Int32StringReceiver, TimeoutMixin):
+    """
+    Frames in, frames out, and a connection dropped on the first bad one.
+
+    Subclasses implement L{frame_received}.
+    """
+
+    MAX_LENGTH = MAX_FRAME
+    idle_timeout = IDLE_TIMEOUT
+
+    def connectionMade(self):
+        self.setTimeout(self.idle_timeout)
+
+    def stringReceived(self, frame):
+        self.resetTimeout()
+        try:
+            header, body = wire.decode_frame(frame)
+        except wire.ProtocolError as e:
+            self.protocol_error(str(e))
+            return
+        try:
+            self.frame_received(header, body)
+        except wire.ProtocolError as e:
+            self.protocol_error(str(e))
+
+    def frame_received(self, header, body):
+        raise NotImplementedError()
+
+    def lengthLimitExceeded(self, length):
+        self.protocol_error(f"a frame of {length} bytes is over the limit")
+
+    def protocol_error(self, reason):
+        """
+        Log a broken message and drop the connection.
+        """
+        if self.transport is None or self.transport.disconnecting:
+            return
+        peer = self.transport.getPeer()
+        log.info(
+            "Dropping {kind} connection from {host}: {reason}",
+            kind=type(self).__name__,
+            host=getattr(peer, "host", peer),
+            reason=reason,
+        )
+        self.paused = True  # parse nothing more from this connection
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    def send(self, header, body=b""):
+        self.sendString(wire.encode_frame(header, body))
+
+    def timeoutConnection(self):
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+
+
+# -- T+1: sender -------------------------------------------------------------
+
+
+class SenderProtocol(FramedProtocol):
+    """
+    The sender port: answers requests one at a time, in order, from
+    C{factory.uploads} (an L{Uploads}).
+    """
+
+    MAX_LENGTH = MAX_HEADER  # requests are headers only
+
+    def connectionMade(self):
+        FramedProtocol.connectionMade(self)
+        self._requests = deque()
+        self._busy = False
+
+    def frame_received(self, header, body):
+        self._requests.append(header)
+        self._answer_next()
+
+    def _answer_next(self):
+        if self._busy or not self._requests or self.transport.disconnecting:
+            return
+        header = self._requests.popleft()
+        self._busy = True
+        host = self.transport.getPeer().host
+        d = defer.maybeDeferred(self.factory.uploads.handle, header, host)
+        d.addCallbacks(self._reply, self._refuse, errbackArgs=(header,))
+        d.addErrback(lambda f: log.failure("Answering a request failed", f))
+        d.addBoth(self._answered)
+
+    def _reply(self, answer):
+        reply, body = answer
+        if not self.transport.disconnecting:
+            self.send(reply, body)
+
+    def _refuse(self, failure, header):
+        if failure.check(RequestRefused):
+            error = failure.value
+            self.send({"t": "error", "code": error.code, "message": error.message})
+            return
+        if failure.check(wire.ProtocolError):
+            self.send(
+                {"t": "error", "code": "bad-request", "message": failure.getErrorMessage()}
+            )
+            self.protocol_error(failure.getErrorMessage())
+            return
+        return failure
+
+    def _answered(self, _):
+        self._busy = False
+        self._answer_next()
+
+
+class SenderFactory(Factory):
+    noisy = False
+    protocol = SenderProtocol
+
+    def __init__(self, uploads):
+        self.uploads = uploads
+
+
+@implementer(IPushProducer)
+class _ChunkStream:
+    """
+    Streams chunks from disk to a transport, one read in flight at a time,
+    pausing when the transport's buffer is full.  Memory stays at one chunk.
+    """
+
+    def __init__(self, protocol, local_file, chunks, read_chunk):
+        self._protocol = protocol
+        self._file = local_file
+        self._chunks = deque(chunks)
+        self._read_chunk = read_chunk
+        self._paused = False
+        self._stopped = False
+        self._reading = False
+        self.done = defer.Deferred()
+
+    def start(self):
+        self._protocol.transport.registerProducer(self, True)
+        self._pump()
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self):
+        self._stopped = True
+        self._finish(False)
+
+    def _pump(self):
+        if self._paused or self._stopped or self._reading:
+            return
+        if not self._chunks:
+            self._protocol.send({"t": "done"})
+            self._finish(True)
+            return
+        index = self._chunks.popleft()
+        manifest = self._file.manifest
+        self._reading = True
+        d = self._read_chunk(
+            self._file.path, manifest.chunk_offset(index), manifest.chunk_length(index)
+        )
+        d.addCallbacks(self._read, self._read_failed, callbackArgs=(index,))
+
+    def _read(self, data, index):
+        self._reading = False
+        if self._stopped:
+            return
+        self._protocol.send({"t": "chunk", "i": index}, data)
+        self._pump()
+
+    def _read_failed(self, failure):
+        self._reading = False
+        log.warn(
+            "Could not read {path} to send it: {error}",
+            path=self._file.path,
+            error=failure.getErrorMessage(),
+        )
+        self._finish(False)
+
+    def _finish(self, complete):
+        if self.done.called:
+            return
+        self._stopped = True
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.unregisterProducer()
+            transport.loseConnection()
+        self.done.callback(complete)
+
+
+class ChunkPusher(FramedProtocol):
+    """
+    The connection a sender opens to a requester's receiver port: a hello
+    with the request's token, then the chunks, then "done".
+    """
+
+    def __init__(self, token, local_file, chunks, read_chunk):
+        self.token = token
+        self.stream = _ChunkStream(self, local_file, chunks, read_chunk)
+
+    def connectionMade(self):
+        FramedProtocol.connectionMade(self)
+        self.send({"t": "hello", "v": wire.PROTOCOL_VERSION, "token": self.token})
+        self.stream.start()
+
+    def frame_received(self, header, body):
+        raise wire.ProtocolError("the receiver does not talk back")
+
+    def connectionLost(self, reason):
+        FramedProtocol.connectionLost(self, reason)
+        self.stream.stopProducing()
+
+
+# -- T: receiver -------------------------------------------------------------
+
+
+class ReceiverProtocol(FramedProtocol):
+    """
+    The receiver port: chunk data for requests we made, handed to
+    C{factory.inbox} (an L{Inbox}).
+
+    The first frame must be a hello naming a token we handed out, from the
+    host we asked.  Anything else drops the connection.  While a chunk is
+    being verified and written, reading pauses, so at most one chunk per
+    connection is held in memory.
+    """
+
+    idle_timeout = HELLO_TIMEOUT
+
+    def connectionMade(self):
+        FramedProtocol.connectionMade(self)
+        self.expectation = None
+
+    def frame_received(self, header, body):
+        kind = header["t"]
+        if self.expectation is None:
+            if kind != "hello":
+                raise wire.ProtocolError("data before hello")
+            wire.check_version(header)
+            token = wire.token_field(header)
+            host = self.transport.getPeer().host
+            self.expectation = self.factory.inbox.claim(token, host)
+            if self.expectation is None:
+                raise wire.ProtocolError("a token nobody handed out")
+            self.setTimeout(IDLE_TIMEOUT)
+            return
+        if kind == "chunk":
+            index = wire.int_field(header, "i", 0, 2**31)
+            if not self.expectation.accepts(index, len(body)):
+                raise wire.ProtocolError(f"chunk {index} was not asked for")
+            self.pauseProducing()
+            d = self.expectation.deliver(index, body)
+            d.addErrback(lambda f: log.failure("Storing a chunk failed", f))
+            d.addBoth(lambda _: self._delivered())
+        elif kind == "done":
+            self.expectation.finished()
+            self.transport.loseConnection()
+        else:
+            raise wire.ProtocolError(f"unexpected {kind!r} frame")
+
+    def _delivered(self):
+        if self.transport is not None and not self.transport.disconnecting:
+            self.resumeProducing()
+
+    def connectionLost(self, reason):
+        FramedProtocol.connectionLost(self, reason)
+        if self.expectation is not None:
+            self.expectation.lost()
+
+
+class ReceiverFactory(Factory):
+    noisy = False
+    protocol = ReceiverProtocol
+
+    def __init__(self, inbox):
+        self.inbox = inbox
+
+
+class Inbox:
+    """
+    Owns the tokens of our outstanding chunk requests, so the receiver port
+    accepts data only for them, and only from the host each was sent to.
+    """
+
+    def __init__(self):
+        self._expected = {}
+
+    def expect(self, expectation):
+        self._expected[expectation.token] = expectation
+
+    def withdraw(self, token):
+        self._expected.pop(token, None)
+
+    def claim(self, token, host):
+        """
+        The expectation for C{token} if it was sent to C{host}; a token can be
+        claimed once.
+        """
+        expectation = self._expected.get(token)
+        if expectation is None or expectation.host != host:
+            return None
+        del self._expected[token]
+        return expectation
+
+    def __len__(self):
+        return len(self._expected)
+
+
+# -- T+2, T+3: not yet ------------------------------------------------------
+
+
+class NotSupportedProtocol(FramedProtocol):
+    """
+    Distributor and distributee ports: bound, and answering "not supported
+    yet" until distribution is built.
+    """
+
+    def connectionMade(self):
+        FramedProtocol.connectionMade(self)
+        self.send(
+            {
+                "t": "error",
+                "code": "not-supported",
+                "message": "distribution is not supported yet",
+            }
+        )
+        self.transport.loseConnection()
+
+    def frame_received(self, header, body):
+        pass
+
+
+class NotSupportedFactory(Factory):
+    noisy = False
+    protocol = NotSupportedProtocol

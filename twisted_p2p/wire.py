@@ -1,0 +1,217 @@
+"""
+Wire formats: discovery datagrams and transfer frames.
+
+Pure functions, no reactor.  Every decoder raises L{ProtocolError} (or a
+subclass) for anything it does not accept; callers drop the message or the
+connection.  The formats are written down in C{PROTOCOL.md}.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+
+from twisted_p2p.limits import MAX_DATAGRAM, MAX_HEADER, PROTOCOL_VERSION
+
+_PEER_ID = re.compile(r"\A[0-9a-f]{32}\Z")
+_INSTANCE_ID = re.compile(r"\A[0-9a-f]{16}\Z")
+_REVISION = re.compile(r"\A[0-9a-f]{16}\Z")
+_FILE_ID = re.compile(r"\A[0-9a-f]{64}\Z")
+_TOKEN = re.compile(r"\A[0-9a-f]{32}\Z")
+
+
+class ProtocolError(ValueError):
+    """
+    A message that breaks the wire protocol.
+    """
+
+
+class Oversized(ProtocolError):
+    """
+    A message over its size limit.
+    """
+
+
+class WrongVersion(ProtocolError):
+    """
+    A message of a protocol version we do not speak.
+    """
+
+
+# -- field checks ----------------------------------------------------------
+
+
+def _field(message, key, kind):
+    value = message.get(key)
+    # bool is an int subclass; a port of "true" is still wrong.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"field {key!r} is missing or not {kind.__name__}")
+    return value
+
+
+def text_field(message, key, pattern=None, max_length=1024):
+    value = _field(message, key, str)
+    if len(value) > max_length:
+        raise ProtocolError(f"field {key!r} is too long")
+    if pattern is not None and not pattern.match(value):
+        raise ProtocolError(f"field {key!r} is malformed")
+    return value
+
+
+def int_field(message, key, low, high):
+    value = _field(message, key, int)
+    if not low <= value <= high:
+        raise ProtocolError(f"field {key!r} is out of range")
+    return value
+
+
+def port_field(message, key):
+    return int_field(message, key, 1, 65535)
+
+
+def file_id_field(message, key="id"):
+    return text_field(message, key, _FILE_ID)
+
+
+def token_field(message, key="token"):
+    return text_field(message, key, _TOKEN)
+
+
+def list_field(message, key, max_items):
+    value = _field(message, key, list)
+    if len(value) > max_items:
+        raise ProtocolError(f"field {key!r} has too many items")
+    return value
+
+
+# -- discovery datagrams ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Announce:
+    """
+    "I am here": who, which run of it, where its transfer ports are, and the
+    revision of what it offers.
+    """
+
+    peer_id: str
+    instance_id: str
+    transfer_port: int
+    revision: str
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """
+    "I am leaving."
+    """
+
+    peer_id: str
+    instance_id: str
+
+
+def encode_datagram(message):
+    """
+    Bytes of an L{Announce} or L{Goodbye}.
+    """
+    if isinstance(message, Announce):
+        body = {
+            "p2p": PROTOCOL_VERSION,
+            "type": "announce",
+            "peer": message.peer_id,
+            "instance": message.instance_id,
+            "port": message.transfer_port,
+            "rev": message.revision,
+        }
+    elif isinstance(message, Goodbye):
+        body = {
+            "p2p": PROTOCOL_VERSION,
+            "type": "goodbye",
+            "peer": message.peer_id,
+            "instance": message.instance_id,
+        }
+    else:
+        raise TypeError(f"not a datagram: {message!r}")
+    data = json.dumps(body, separators=(",", ":")).encode("ascii")
+    assert len(data) <= MAX_DATAGRAM
+    return data
+
+
+def decode_datagram(data):
+    """
+    The L{Announce} or L{Goodbye} in C{data}.
+
+    @raise Oversized: over L{MAX_DATAGRAM}.
+    @raise WrongVersion: a version other than ours.
+    @raise ProtocolError: anything else that is not a well-formed message.
+    """
+    if len(data) > MAX_DATAGRAM:
+        raise Oversized(f"datagram of {len(data)} bytes")
+    message = _json_object(data)
+    version = message.get("p2p")
+    if version != PROTOCOL_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool):
+            raise WrongVersion(f"version {version}")
+        raise ProtocolError("not a twisted-p2p datagram")
+    kind = message.get("type")
+    peer_id = text_field(message, "peer", _PEER_ID)
+    instance_id = text_field(message, "instance", _INSTANCE_ID)
+    if kind == "announce":
+        return Announce(
+            peer_id,
+            instance_id,
+            port_field(message, "port"),
+            text_field(message, "rev", _REVISION),
+        )
+    if kind == "goodbye":
+        return Goodbye(peer_id, instance_id)
+    raise ProtocolError(f"unknown datagram type {kind!r}")
+
+
+# -- transfer frames -------------------------------------------------------
+#
+# A frame is what Int32StringReceiver delivers: a JSON object header,
+# a newline, then an optional binary body.
+
+
+def encode_frame(header, body=b""):
+    """
+    One frame: C{header} as JSON, a newline, then C{body}.
+    """
+    return json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n" + body
+
+
+def decode_frame(frame):
+    """
+    The C{(header, body)} of a frame.  The header must carry a string C{t}.
+    """
+    newline = frame.find(b"\n", 0, MAX_HEADER + 1)
+    if newline < 0:
+        raise ProtocolError("frame header is missing or too long")
+    header = _json_object(frame[:newline])
+    text_field(header, "t", max_length=32)
+    return header, frame[newline + 1 :]
+
+
+def request(kind, **fields):
+    """
+    A request header of type C{kind}, stamped with our protocol version.
+    """
+    return dict(t=kind, v=PROTOCOL_VERSION, **fields)
+
+
+def check_version(header):
+    """
+    Raise L{WrongVersion} unless a request header carries our version.
+    """
+    if header.get("v") != PROTOCOL_VERSION:
+        raise WrongVersion(f"protocol version {header.get('v')!r}")
+
+
+def _json_object(data):
+    try:
+        message = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError("not JSON")
+    if not isinstance(message, dict):
+        raise ProtocolError("not a JSON object")
+    return message
