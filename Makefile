@@ -1,0 +1,42 @@
+# twisted-p2p developer tasks.  Everything runs from the project venv in .venv.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install samples demo test bench clean
+
+install: $(VENV)/.installed
+
+# editable_mode=compat: the default editable install hides twisted/plugins
+# from twistd, so `twistd p2ppeer` would not be found.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	$(VPY) -m pip install --config-settings editable_mode=compat -e '.[test]'
+	touch $@
+
+samples: install
+	$(VPY) sandbox/make_samples.py
+
+demo: install samples
+	sandbox/demo.sh
+
+test: install
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# Exit code 5 means pytest collected no benchmark: not an error while there
+# are none yet.
+bench: install
+	$(VPY) -m pytest tests/benchmarks -s $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -f twisted/plugins/dropin.cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf sandbox/peer*/.p2ppeer
+	rm -f sandbox/peer*/*.pid sandbox/peer*/*.log
+	find sandbox -path 'sandbox/peer*/downloads/*' ! -name .gitkeep -delete
+	rm -f sandbox/peer2/shared/random-32MiB.bin sandbox/peer3/shared/random-8MiB.bin
+	rm -f sandbox/peer*/shared/*.partial
