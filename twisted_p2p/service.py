@@ -17,7 +17,8 @@ import sys
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger, textFileLogObserver
@@ -53,6 +54,32 @@ def load_peer_id(state_dir):
         f.write(peer_id + "\n")
     os.replace(path + ".tmp", path)
     return peer_id
+
+
+class _PeerLog:
+    """
+    Logs peers coming and going, with structured fields.
+    """
+
+    def joined(self, peer):
+        log.info(
+            "Peer {peer} joined (id {peer_id})",
+            event="peer-joined",
+            peer=peer.label,
+            peer_id=peer.peer_id,
+        )
+
+    def changed(self, peer, old_revision):
+        log.debug("Peer {peer} changed", event="peer-changed", peer=peer.label)
+
+    def left(self, peer, reason):
+        log.info(
+            "Peer {peer} left: {reason}",
+            event="peer-left",
+            peer=peer.label,
+            peer_id=peer.peer_id,
+            reason=reason,
+        )
 
 
 class DiscoveryService(Service):
@@ -168,6 +195,7 @@ class PeerService(MultiService):
         )
         self.downloads = download.Downloads(self._make_download, self.index)
         self.commands = Commands(self)
+        self.table.subscribe(_PeerLog())
 
         rescans = TimerService(RESCAN_INTERVAL, self.index.rescan)
         rescans.clock = reactor
@@ -233,7 +261,9 @@ class PeerService(MultiService):
 
     def _connect(self, host, port, protocol):
         endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
-        return connectProtocol(endpoint, protocol)
+        factory = Factory.forProtocol(lambda: protocol)
+        factory.noisy = False
+        return endpoint.connect(factory)
 
     def _open_client(self, peer):
         return self._connect(peer.host, peer.sender_port, client.SenderClient())
