@@ -12,6 +12,7 @@ lifetimes.  Its children start in this order and stop in the reverse one:
 
 import os
 import secrets
+import signal
 import sys
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -35,6 +36,36 @@ log = Logger()
 
 #: Seconds to wait for a TCP connection to a peer.
 CONNECT_TIMEOUT = 5
+
+
+def stdin_kind(fd=0):
+    """
+    What stdin is: C{"tty"}, C{"pipe"} (or socket), C{"file"}, C{"null"}
+    (/dev/null or another device) or C{"closed"}.
+
+    A closed fd 0 is given /dev/null, so that no socket opened later takes
+    fd 0 and is mistaken for a console.
+    """
+    import stat
+
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        except OSError:
+            pass
+        return "closed"
+    if os.isatty(fd):
+        return "tty"
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return "pipe"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "null"
 
 
 def load_peer_id(state_dir):
@@ -130,18 +161,18 @@ class ConsoleService(Service):
     Owns the stdio console, if there is a stdin to read.
     """
 
-    def __init__(self, reactor, make_protocol):
+    def __init__(self, reactor, make_protocol, quiet):
         self._reactor = reactor
         self._make_protocol = make_protocol
+        self._quiet = quiet
         self.stdio = None
 
     def startService(self):
         Service.startService(self)
         from twisted.internet.stdio import StandardIO
 
-        prompt = sys.stdin is not None and sys.stdin.isatty()
         try:
-            self.stdio = StandardIO(self._make_protocol(prompt), reactor=self._reactor)
+            self.stdio = StandardIO(self._make_protocol(self._quiet), reactor=self._reactor)
         except (OSError, ValueError) as e:
             log.info("No console ({error}); the peer runs without one.", error=e)
 
@@ -160,7 +191,7 @@ class PeerService(MultiService):
     @param reactor: the reactor to use.
     """
 
-    def __init__(self, settings, reactor, console_enabled=True):
+    def __init__(self, settings, reactor, console_enabled=True, quiet_console=False):
         MultiService.__init__(self)
         self.reactor = self.clock = reactor
         self.settings = settings
@@ -217,7 +248,7 @@ class PeerService(MultiService):
             reactor, self.discovery, self.host, settings["discovery-port"]
         ).setServiceParent(self)
         if console_enabled:
-            ConsoleService(reactor, self._make_console).setServiceParent(self)
+            ConsoleService(reactor, self._make_console, quiet_console).setServiceParent(self)
 
     def run_in_thread(self, f, *args, **kwargs):
         return deferToThreadPool(self.reactor, self._threads, f, *args, **kwargs)
@@ -248,6 +279,12 @@ class PeerService(MultiService):
 
     def stopService(self):
         self.downloads.cancel_all()
+        # twistd re-raises a SIGTERM on itself once the reactor has stopped,
+        # so the process would die "by signal".  The peer has shut down
+        # cleanly by now (goodbye sent), and supervisors and scripts expect
+        # exit code 0 from a clean stop: clear the signal twistd recorded.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
         return MultiService.stopService(self)
 
     def shutdown(self):
@@ -292,7 +329,13 @@ class PeerService(MultiService):
             report,
         )
 
-    def _make_console(self, prompt):
+    def _make_console(self, quiet):
+        """
+        The console protocol.  A quiet console (stdin is a pipe or a file, as
+        under supervisor) writes no greeting and no prompt: only answers.
+        """
+        if quiet:
+            return console.ConsoleProtocol(self.commands)
         greeting = [
             f"p2ppeer {self.peer_id[:8]} on {self.host}:{self.transfer_port}; "
             "type 'help' for commands"
@@ -300,7 +343,7 @@ class PeerService(MultiService):
         log_path = self.settings.get("console-log-path")
         if log_path:
             greeting.append(f"logs go to {log_path}")
-        return console.ConsoleProtocol(self.commands, prompt=prompt, greeting=greeting)
+        return console.ConsoleProtocol(self.commands, prompt=True, greeting=greeting)
 
 
 def _listen_error_sentence(error):

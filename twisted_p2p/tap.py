@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import sys
+import tomllib
 
 from twisted.python import usage
 
@@ -19,10 +20,30 @@ DEFAULT_DISCOVERY_PORT = 27000
 CONSOLE_LOG_NAME = "p2ppeer.log"
 
 
+#: Every setting, its default, and the TOML types a settings file may give it.
+SETTINGS = {
+    "transfer-port": (None, (int,)),
+    "discovery-port": (DEFAULT_DISCOVERY_PORT, (int,)),
+    "host": ("0.0.0.0", (str,)),
+    "broadcast": ("255.255.255.255", (str,)),
+    "announce-interval": (5.0, (int, float)),
+    "peer-timeout": (None, (int, float)),
+    "shared": ("shared", (str,)),
+    "downloads": ("downloads", (str,)),
+    "state-dir": (".p2ppeer", (str,)),
+    "console": ("auto", (str,)),
+}
+
+CONSOLE_MODES = ("auto", "on", "off")
+
+
 class Options(usage.Options):
     """
     Options of C{twistd p2ppeer}.  Every check is in L{postOptions}; a bad
     value fails with one sentence that names the option and the fix.
+
+    Each setting comes from the command line, else from the C{--config}
+    file, else from its default in L{SETTINGS}.
     """
 
     synopsis = "[options]"
@@ -31,22 +52,31 @@ class Options(usage.Options):
         "download theirs into ./downloads.  Type 'help' at the console."
     )
     optParameters = [
+        ["config", "c", None,
+         "TOML settings file whose keys are these options' long names; "
+         "the command line wins over it."],
         ["transfer-port", "t", None,
          "TCP port T (required). The peer listens on T (receiver), T+1 (sender), "
          "T+2 (distributor) and T+3 (distributee)."],
-        ["discovery-port", "d", str(DEFAULT_DISCOVERY_PORT),
-         "UDP port for discovery, shared by every peer on the network."],
-        ["host", None, "0.0.0.0",
-         "Address to bind the transfer ports to and to send discovery from."],
-        ["broadcast", None, "255.255.255.255",
-         "Address announcements are sent to (127.255.255.255 for peers on one machine)."],
-        ["announce-interval", None, "5", "Seconds between announcements."],
+        ["discovery-port", "d", None,
+         f"UDP port for discovery, shared by every peer on the network [default: {DEFAULT_DISCOVERY_PORT}]."],
+        ["host", None, None,
+         "Address to bind the transfer ports to and to send discovery from [default: 0.0.0.0]."],
+        ["broadcast", None, None,
+         "Address announcements are sent to; 127.255.255.255 for peers on one "
+         "machine [default: 255.255.255.255]."],
+        ["announce-interval", None, None, "Seconds between announcements [default: 5]."],
         ["peer-timeout", None, None,
          "Seconds of silence before a peer is forgotten [default: 3 announce intervals]."],
-        ["shared", None, "shared", "Folder of files to offer (must exist)."],
-        ["downloads", None, "downloads", "Folder downloads are saved to (created if missing)."],
-        ["state-dir", None, ".p2ppeer",
-         "Folder for the peer id, the hash cache and logs (created if missing)."],
+        ["shared", None, None, "Folder of files to offer; must exist [default: shared]."],
+        ["downloads", None, None,
+         "Folder downloads are saved to; created if missing [default: downloads]."],
+        ["state-dir", None, None,
+         "Folder for the peer id, hash cache, control socket and log; created "
+         "if missing [default: .p2ppeer]."],
+        ["console", None, None,
+         "auto, on or off. auto: a console when stdin is a terminal, a pipe or "
+         "a file; none for /dev/null or a closed stdin [default: auto]."],
     ]
 
     def parseOptions(self, options=None):
@@ -61,6 +91,7 @@ class Options(usage.Options):
             raise SystemExit(1)
 
     def postOptions(self):
+        self._apply_settings_file()
         if self["transfer-port"] is None:
             raise usage.UsageError("--transfer-port is required, for example --transfer-port 27101")
         port = _whole(self, "transfer-port")
@@ -98,8 +129,30 @@ class Options(usage.Options):
                     "or every peer would expire between announcements"
                 )
         self["peer-timeout"] = timeout
+        if self["console"] not in CONSOLE_MODES:
+            raise usage.UsageError(f"--console must be auto, on or off, not {self['console']!r}")
         self._check_folders()
         self.check_ports()
+
+    def _apply_settings_file(self):
+        """
+        Fill every setting the command line left unset from the C{--config}
+        file, then from the defaults.  Relative paths in the file are relative
+        to the file's folder.
+        """
+        from_file = {}
+        path = self["config"]
+        if path is not None:
+            from_file = load_settings(path)
+            base = os.path.dirname(os.path.abspath(path))
+            for key in ("shared", "downloads", "state-dir"):
+                if key in from_file:
+                    from_file[key] = os.path.join(base, os.path.expanduser(from_file[key]))
+        for key, (default, _) in SETTINGS.items():
+            if self[key] is None:
+                self[key] = from_file.get(key, default)
+            if isinstance(self[key], (int, float)):
+                self[key] = str(self[key])
 
     def _check_folders(self):
         shared = os.path.abspath(self["shared"])
@@ -129,6 +182,33 @@ class Options(usage.Options):
         for offset in range(4):
             _probe(socket.SOCK_STREAM, host, port + offset, "--transfer-port")
         _probe(socket.SOCK_DGRAM, "", self["discovery-port"], "--discovery-port", shared=True)
+
+
+def load_settings(path):
+    """
+    The settings in the TOML file at C{path}, checked: every key must be a
+    setting, and every value of the setting's type.
+
+    @raise usage.UsageError: one sentence naming the file and the key.
+    """
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except OSError as e:
+        raise usage.UsageError(f"cannot read the settings file {path}: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise usage.UsageError(f"the settings file {path} is not valid TOML: {e}")
+    for key, value in settings.items():
+        if key not in SETTINGS:
+            known = ", ".join(SETTINGS)
+            raise usage.UsageError(f"{path}: unknown setting {key!r} (known: {known})")
+        kinds = SETTINGS[key][1]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            wanted = " or ".join({int: "an integer", float: "a number", str: "a string"}[k] for k in kinds)
+            raise usage.UsageError(
+                f"{path}: setting {key!r} must be {wanted}, not {type(value).__name__} {value!r}"
+            )
+    return settings
 
 
 def _whole(options, key):
@@ -172,6 +252,18 @@ def _probe(kind, host, port, option, shared=False):
         sock.close()
 
 
+def console_enabled(mode, stdin):
+    """
+    Whether to run the stdio console, from C{--console} and what stdin is
+    (see L{twisted_p2p.service.stdin_kind}).
+    """
+    if mode == "off" or stdin == "closed":
+        return False
+    if mode == "on":
+        return True
+    return stdin in ("tty", "pipe", "file")
+
+
 def _console_log_path(options):
     """
     Where logs go when they would otherwise share stdout with the console:
@@ -189,9 +281,11 @@ def makeService(options, reactor=None):
     """
     The L{PeerService} for checked C{options}.
     """
+    from twisted_p2p.service import PeerService, stdin_kind
+
+    stdin = stdin_kind()
     if reactor is None:
         from twisted.internet import reactor
-    from twisted_p2p.service import PeerService
-
-    options["console-log-path"] = _console_log_path(options)
-    return PeerService(options, reactor)
+    console = console_enabled(options["console"], stdin)
+    options["console-log-path"] = _console_log_path(options) if console else None
+    return PeerService(options, reactor, console_enabled=console, quiet_console=stdin != "tty")
