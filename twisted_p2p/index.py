@@ -154,6 +154,11 @@ class SharedIndex:
                 current = self._files.get(key)
                 if current is not None and current.signature == signature:
                     fresh[key] = current
+                    if not _cache_holds(self._cache.get(key), current):
+                        # Offered by add() (a finished download): keep its
+                        # hashes on disk too, so a restart does not re-hash it.
+                        self._cache[key] = _cache_entry(signature, current.manifest)
+                        cache_dirty = True
                     continue
                 manifest = self._cached_manifest(key, signature)
                 if manifest is None:
@@ -180,8 +185,7 @@ class SharedIndex:
         key = os.path.join(folder, name)
         files = dict(self._files)
         files[key] = LocalFile(name, folder, manifest, signature)
-        if self._cache is not None:
-            self._cache[key] = _cache_entry(signature, manifest)
+        # The next scan writes its hashes to the cache file.
         self._install(files)
 
     def _install(self, files):
@@ -201,15 +205,16 @@ class SharedIndex:
 
     def _cached_manifest(self, key, signature):
         entry = self._cache.get(key)
-        if not entry or tuple(entry.get("signature", ())) != signature:
-            return None
         try:
+            # The cache is only JSON from disk: any part of it may be damaged.
+            if tuple(entry.get("signature", ())) != signature:
+                return None
             hashes = bytes.fromhex(entry["hashes"])
             chunk_hashes = [
                 hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)
             ]
             return Manifest.build(signature[0], chunk_hashes, entry["id"])
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None
 
 
@@ -221,6 +226,17 @@ def _cache_entry(signature, manifest):
     }
 
 
+def _cache_holds(entry, local_file):
+    """
+    Whether the cache C{entry} is that of C{local_file} as it is now.
+    """
+    return (
+        isinstance(entry, dict)
+        and entry.get("signature") == list(local_file.signature)
+        and entry.get("id") == local_file.file_id
+    )
+
+
 def _load_cache(path):
     """
     The hash cache at C{path}, or an empty one if it is missing or damaged.
@@ -228,7 +244,7 @@ def _load_cache(path):
     try:
         with open(path, encoding="utf-8") as f:
             cache = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return cache if isinstance(cache, dict) else {}
 

@@ -86,8 +86,13 @@ def free_name(folder, name, exists=os.path.lexists):
     while True:
         candidate = f"{stem} ({n}){ext}"
         if len(candidate.encode("utf-8")) > MAX_NAME_BYTES:
-            # Shorten the stem rather than fail on a long name.
-            stem = stem[:-1]
+            # Shorten the stem rather than fail on a long name.  When the
+            # extension leaves no room for a stem, treat it as part of the
+            # stem: an empty stem would loop forever or give " (1).ext".
+            if len(stem) > 1:
+                stem = stem[:-1]
+            else:
+                stem, ext = stem + ext, ""
             continue
         if not exists(os.path.join(folder, candidate)):
             return candidate

@@ -148,8 +148,9 @@ def decode_datagram(data):
         raise Oversized(f"datagram of {len(data)} bytes")
     message = _json_object(data)
     version = message.get("p2p")
-    if version != PROTOCOL_VERSION:
-        if isinstance(version, int) and not isinstance(version, bool):
+    # JSON true and 1.0 compare equal to 1 in Python but are not version 1.
+    if version != PROTOCOL_VERSION or not _is_int(version):
+        if _is_int(version):
             raise WrongVersion(f"version {version}")
         raise ProtocolError("not a twisted-p2p datagram")
     kind = message.get("type")
@@ -203,8 +204,13 @@ def check_version(header):
     """
     Raise L{WrongVersion} unless a request header carries our version.
     """
-    if header.get("v") != PROTOCOL_VERSION:
-        raise WrongVersion(f"protocol version {header.get('v')!r}")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION or not _is_int(version):
+        raise WrongVersion(f"protocol version {version!r}")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _json_object(data):

@@ -1,0 +1,285 @@
+"""
+Tests for L{twisted_p2p.catalog}: a L{NetworkCatalog} over a real
+L{PeerTable}, a L{Clock}, and a fetch whose Deferreds the test fires.
+"""
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from twisted_p2p.catalog import RETRY_DELAY, NetworkCatalog, Offer
+from twisted_p2p.peers import PeerTable
+from twisted_p2p.wire import Announce, Goodbye
+
+TIMEOUT = 30.0
+ALICE = "a" * 32
+BOB = "b" * 32
+INSTANCE = "1" * 16
+OTHER_INSTANCE = "2" * 16
+REV1 = "1" * 16
+REV2 = "2" * 16
+REV3 = "3" * 16
+ALICE_ADDR = ("10.0.0.1", 5000)
+BOB_ADDR = ("10.0.0.2", 5000)
+FILE_X = "ab" * 32
+FILE_Y = "cd" * 32
+
+
+class FakeFetch:
+    """
+    C{fetch(peer)} giving a Deferred the test fires.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, peer):
+        d = defer.Deferred()
+        self.calls.append((peer.peer_id, d))
+        return d
+
+    def of(self, peer_id):
+        return [d for p, d in self.calls if p == peer_id]
+
+    def last(self, peer_id):
+        return self.of(peer_id)[-1]
+
+
+class World:
+    def __init__(self):
+        self.clock = Clock()
+        self.table = PeerTable(self.clock, TIMEOUT)
+        self.fetch = FakeFetch()
+        self.catalog = NetworkCatalog(self.table, self.fetch, self.clock)
+
+    def announce(self, peer_id=ALICE, rev=REV1, address=None, instance=INSTANCE, port=4000):
+        if address is None:
+            address = ALICE_ADDR if peer_id == ALICE else BOB_ADDR
+        return self.table.heard(Announce(peer_id, instance, port, rev), *address)
+
+    def goodbye(self, peer_id=ALICE, address=ALICE_ADDR):
+        assert self.table.goodbye(Goodbye(peer_id, INSTANCE), *address)
+
+
+@pytest.fixture
+def w():
+    return World()
+
+
+def files(*entries):
+    return [(file_id, name, size) for file_id, name, size in entries]
+
+
+class TestFetching:
+    def test_joined_triggers_a_fetch(self, w):
+        assert w.fetch.calls == []
+        w.announce()
+        assert [p for p, _ in w.fetch.calls] == [ALICE]
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "x.txt", 10))))
+        assert w.catalog.files_of(ALICE) == [(FILE_X, "x.txt", 10)]
+
+    def test_fetch_is_given_the_peer(self):
+        clock = Clock()
+        table = PeerTable(clock, TIMEOUT)
+        seen = []
+        NetworkCatalog(table, lambda peer: seen.append(peer) or defer.Deferred(), clock)
+        table.heard(Announce(ALICE, INSTANCE, 4000, REV1), *ALICE_ADDR)
+        assert seen == [table.get(ALICE)]
+        assert seen[0].label == "10.0.0.1:4000"
+
+    def test_same_revision_does_not_refetch(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, []))
+        w.announce()
+        w.announce(address=("10.0.0.9", 5000))  # "changed" address, same revision
+        w.announce(port=4100)
+        assert len(w.fetch.calls) == 1
+
+    def test_changed_revision_refetches(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "x.txt", 10))))
+        w.announce(rev=REV2)
+        assert len(w.fetch.of(ALICE)) == 2
+        w.fetch.last(ALICE).callback((REV2, files((FILE_Y, "y.txt", 20))))
+        assert w.catalog.files_of(ALICE) == [(FILE_Y, "y.txt", 20)]
+        w.announce(rev=REV2)
+        assert len(w.fetch.of(ALICE)) == 2
+
+    def test_restart_with_new_revision_refetches(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, []))
+        w.announce(rev=REV2, instance=OTHER_INSTANCE)
+        assert len(w.fetch.of(ALICE)) == 2
+
+    def test_change_during_fetch_fetches_once_more_after(self, w):
+        w.announce()
+        first = w.fetch.last(ALICE)
+        w.announce(rev=REV2)
+        w.announce(rev=REV3)
+        assert len(w.fetch.calls) == 1
+        first.callback((REV1, files((FILE_X, "old.txt", 1))))
+        assert len(w.fetch.calls) == 2
+        w.fetch.last(ALICE).callback((REV3, files((FILE_Y, "new.txt", 2))))
+        assert len(w.fetch.calls) == 2
+        assert w.catalog.files_of(ALICE) == [(FILE_Y, "new.txt", 2)]
+
+    def test_no_change_during_fetch_no_extra_fetch(self, w):
+        w.announce()
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, []))
+        assert len(w.fetch.calls) == 1
+
+    def test_fetched_revision_behind_the_announce_is_fetched_again(self, w):
+        w.announce(rev=REV2)
+        # The answer was made before the peer moved on to REV2.
+        w.fetch.last(ALICE).callback((REV1, []))
+        w.announce(address=("10.0.0.9", 5000), rev=REV2)
+        assert len(w.fetch.calls) == 2
+
+    def test_refresh_of_unknown_peer_does_nothing(self, w):
+        w.catalog.refresh(BOB)
+        assert w.fetch.calls == []
+
+    def test_two_peers_fetched_independently(self, w):
+        w.announce(ALICE)
+        w.announce(BOB)
+        assert [p for p, _ in w.fetch.calls] == [ALICE, BOB]
+        w.fetch.last(BOB).callback((REV1, files((FILE_Y, "y", 1))))
+        assert w.catalog.files_of(ALICE) == []
+        assert w.catalog.files_of(BOB) == [(FILE_Y, "y", 1)]
+
+
+class TestLeaving:
+    def test_left_drops_the_peers_files(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "x.txt", 10))))
+        w.goodbye()
+        assert w.catalog.files_of(ALICE) == []
+        assert w.catalog.offers() == []
+        assert w.catalog.sources(FILE_X) == []
+
+    def test_expired_peer_drops_its_files(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "x.txt", 10))))
+        w.clock.advance(TIMEOUT)
+        assert w.catalog.offers() == []
+
+    def test_result_for_a_peer_that_left_is_discarded(self, w):
+        w.announce()
+        pending = w.fetch.last(ALICE)
+        w.goodbye()
+        pending.callback((REV1, files((FILE_X, "x.txt", 10))))
+        assert w.catalog.files_of(ALICE) == []
+        assert w.catalog.offers() == []
+        # Its return is a fresh peer: fetched again, not trusted from before.
+        w.announce()
+        assert len(w.fetch.of(ALICE)) == 2
+
+    def test_rejoin_during_stale_fetch_fetches_again(self, w):
+        w.announce()
+        stale = w.fetch.last(ALICE)
+        w.goodbye()
+        w.announce(rev=REV2)
+        stale.callback((REV1, files((FILE_X, "old", 1))))
+        assert len(w.fetch.of(ALICE)) == 2
+        w.fetch.last(ALICE).callback((REV2, files((FILE_Y, "new", 2))))
+        assert w.catalog.files_of(ALICE) == [(FILE_Y, "new", 2)]
+
+    def test_rejoin_refetches_even_with_the_same_revision(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, []))
+        w.goodbye()
+        w.announce()
+        assert len(w.fetch.of(ALICE)) == 2
+
+
+class TestRetry:
+    def test_failed_fetch_retries_after_delay(self, w):
+        w.announce()
+        w.fetch.last(ALICE).errback(ConnectionRefusedError())
+        assert len(w.fetch.calls) == 1
+        w.clock.advance(RETRY_DELAY - 0.01)
+        assert len(w.fetch.calls) == 1
+        w.clock.advance(0.01)
+        assert len(w.fetch.calls) == 2
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "x.txt", 10))))
+        assert w.catalog.files_of(ALICE) == [(FILE_X, "x.txt", 10)]
+        w.clock.advance(RETRY_DELAY * 10)
+        assert len(w.fetch.calls) == 2
+
+    def test_keeps_retrying_while_failing(self, w):
+        w.announce()
+        for attempt in range(1, 4):
+            assert len(w.fetch.calls) == attempt
+            w.fetch.last(ALICE).errback(ConnectionRefusedError())
+            w.clock.advance(RETRY_DELAY)
+        assert len(w.fetch.calls) == 4
+
+    def test_no_retry_for_a_peer_that_left(self, w):
+        w.announce()
+        w.fetch.last(ALICE).errback(ConnectionRefusedError())
+        w.goodbye()
+        w.clock.advance(RETRY_DELAY * 5)
+        assert len(w.fetch.calls) == 1
+        assert w.clock.getDelayedCalls() == []
+
+    def test_failure_after_the_peer_left_schedules_nothing(self, w):
+        w.announce()
+        pending = w.fetch.last(ALICE)
+        w.goodbye()
+        pending.errback(ConnectionRefusedError())
+        assert w.clock.getDelayedCalls() == []
+        w.clock.advance(RETRY_DELAY)
+        assert len(w.fetch.calls) == 1
+
+    def test_failure_keeps_the_last_good_catalog(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "x.txt", 10))))
+        w.announce(rev=REV2)
+        w.fetch.last(ALICE).errback(ConnectionRefusedError())
+        assert w.catalog.files_of(ALICE) == [(FILE_X, "x.txt", 10)]
+
+
+class TestOffers:
+    def test_same_id_from_two_peers_is_one_offer(self, w):
+        w.announce(ALICE)
+        w.announce(BOB)
+        w.fetch.last(BOB).callback((REV1, files((FILE_X, "bob name.txt", 10))))
+        w.fetch.last(ALICE).callback(
+            (REV1, files((FILE_X, "alice name.txt", 10), (FILE_Y, "a-only.bin", 3)))
+        )
+        alice, bob = w.table.get(ALICE), w.table.get(BOB)
+        assert w.catalog.offers() == [
+            Offer(FILE_Y, "a-only.bin", 3, (alice,)),
+            # Peers in address order; the first one's name is shown.
+            Offer(FILE_X, "alice name.txt", 10, (alice, bob)),
+        ]
+        assert w.catalog.sources(FILE_X) == [alice, bob]
+        assert w.catalog.sources(FILE_Y) == [alice]
+        assert w.catalog.sources("ef" * 32) == []
+
+    def test_same_id_twice_in_one_catalog_lists_the_peer_once(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback(
+            (REV1, files((FILE_X, "one.txt", 10), (FILE_X, "two.txt", 10)))
+        )
+        (offer,) = w.catalog.offers()
+        assert offer.peers == (w.table.get(ALICE),)
+        assert offer.name == "one.txt"
+
+    def test_offers_sorted_by_name(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback(
+            (REV1, files((FILE_X, "b.txt", 1), (FILE_Y, "a.txt", 2)))
+        )
+        assert [o.name for o in w.catalog.offers()] == ["a.txt", "b.txt"]
+        assert w.catalog.offers()[0].short_id == FILE_Y[:8]
+
+    def test_one_peer_leaving_leaves_the_other_as_source(self, w):
+        w.announce(ALICE)
+        w.announce(BOB)
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "x", 1))))
+        w.fetch.last(BOB).callback((REV1, files((FILE_X, "x", 1))))
+        w.goodbye(ALICE)
+        (offer,) = w.catalog.offers()
+        assert offer.peers == (w.table.get(BOB),)

@@ -1,0 +1,513 @@
+"""
+Tests for L{twisted_p2p.index}: the index of what this peer offers, and its
+hash cache.  Disk work runs through a synchronous stand-in for
+C{deferToThread}, so every scan finishes before C{rescan} returns.
+"""
+
+import json
+import os
+
+import pytest
+from twisted.internet import defer
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from twisted_p2p import index as index_module
+from twisted_p2p.index import SharedIndex, file_signature, revision_of, scan_folder
+from twisted_p2p.limits import CHUNK_SIZE
+from twisted_p2p.manifest import hash_file
+
+
+def run_now(f, *args, **kwargs):
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+def result_of(d):
+    """
+    The result a Deferred already has; fail the test if it has none yet.
+    """
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+class ManualThreads:
+    """
+    A C{run_in_thread} whose calls wait until the test runs them.
+    """
+
+    def __init__(self):
+        self.pending = []
+
+    def __call__(self, f, *args, **kwargs):
+        d = defer.Deferred()
+        self.pending.append((f, args, kwargs, d))
+        return d
+
+    def run_one(self):
+        f, args, kwargs, d = self.pending.pop(0)
+        defer.maybeDeferred(f, *args, **kwargs).chainDeferred(d)
+
+    def run_all(self):
+        while self.pending:
+            self.run_one()
+
+
+@pytest.fixture(autouse=True)
+def no_logged_failures():
+    """
+    rescan logs and swallows a failed scan: make that fail the test instead.
+    """
+    failures = []
+
+    def observe(event):
+        if "log_failure" in event:
+            failures.append(event["log_failure"])
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)
+    assert failures == []
+
+
+@pytest.fixture
+def folders(tmp_path):
+    shared = tmp_path / "shared"
+    downloads = tmp_path / "downloads"
+    state = tmp_path / "state"
+    for d in (shared, downloads, state):
+        d.mkdir()
+    return shared, downloads, str(state / "hashes.json")
+
+
+@pytest.fixture
+def hash_calls(monkeypatch):
+    """
+    The paths L{hash_file} is asked to hash, through the index.
+    """
+    calls = []
+
+    def counting(path):
+        calls.append(os.path.basename(path))
+        return hash_file(path)
+
+    monkeypatch.setattr(index_module, "hash_file", counting)
+    return calls
+
+
+def make_index(folders, run=run_now):
+    shared, downloads, cache = folders
+    return SharedIndex([str(shared), str(downloads)], cache, run)
+
+
+def scanned(folders, run=run_now):
+    index = make_index(folders, run)
+    result_of(index.rescan())
+    return index
+
+
+def write(path, data, mtime_ns=None):
+    path.write_bytes(data)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def names(index):
+    return [(f.name, os.path.basename(f.folder)) for f in index.files()]
+
+
+class TestScan:
+    def test_empty(self, folders):
+        index = scanned(folders)
+        assert index.files() == []
+        assert index.revision == revision_of([])
+
+    def test_files_found(self, folders):
+        shared, downloads, _ = folders
+        write(shared / "a.txt", b"alpha")
+        write(shared / "big.bin", b"\x01" * (CHUNK_SIZE + 1))
+        write(downloads / "c.txt", b"")
+        index = scanned(folders)
+        assert names(index) == [("a.txt", "shared"), ("big.bin", "shared"), ("c.txt", "downloads")]
+        big = index.files()[1]
+        assert big.manifest == hash_file(str(shared / "big.bin"))
+        assert big.path == str(shared / "big.bin")
+        assert big.size == CHUNK_SIZE + 1
+        assert index.by_id(big.file_id) is big
+        assert index.by_id("0" * 64) is None
+
+    def test_skipped_entries(self, folders):
+        shared, _, _ = folders
+        write(shared / "ok.txt", b"ok")
+        write(shared / ".hidden", b"h")
+        write(shared / ".abc.partial", b"p")
+        write(shared / "ends with dot.", b"d")
+        write(shared / "tab\tname", b"t")
+        (shared / "subdir").mkdir()
+        write(shared / "subdir" / "inner.txt", b"i")
+        os.symlink(str(shared / "ok.txt"), str(shared / "link.txt"))
+        os.symlink(str(shared / "subdir"), str(shared / "linkdir"))
+        os.symlink(str(shared / "gone"), str(shared / "dangling.txt"))
+        index = scanned(folders)
+        assert names(index) == [("ok.txt", "shared")]
+
+    def test_missing_folder(self, tmp_path):
+        index = SharedIndex([str(tmp_path / "nope")], str(tmp_path / "cache.json"), run_now)
+        result_of(index.rescan())
+        assert index.files() == []
+
+    def test_same_content_twice_has_one_id(self, folders):
+        shared, downloads, _ = folders
+        write(shared / "a.txt", b"same")
+        write(downloads / "a copy.txt", b"same")
+        index = scanned(folders)
+        first, second = index.files()
+        assert first.file_id == second.file_id
+        # by_id prefers the first in name order.
+        assert index.by_id(first.file_id).name == "a copy.txt"
+
+    def test_unhashable_file_is_skipped(self, folders, monkeypatch):
+        shared, _, _ = folders
+        write(shared / "good.txt", b"good")
+        write(shared / "bad.txt", b"bad")
+
+        def failing(path):
+            if path.endswith("bad.txt"):
+                raise OSError("Permission denied")
+            return hash_file(path)
+
+        monkeypatch.setattr(index_module, "hash_file", failing)
+        index = scanned(folders)
+        assert names(index) == [("good.txt", "shared")]
+
+    def test_scan_folder_signatures(self, folders):
+        shared, _, _ = folders
+        write(shared / "a.txt", b"12345", mtime_ns=1_000_000_000)
+        listing = scan_folder(str(shared))
+        assert listing == {"a.txt": file_signature(os.stat(shared / "a.txt"))}
+        assert listing["a.txt"][:2] == (5, 1_000_000_000)
+
+
+class TestRevision:
+    def test_scan_without_change_keeps_revision(self, folders, hash_calls):
+        shared, _, _ = folders
+        write(shared / "a.txt", b"a")
+        index = scanned(folders)
+        revision = index.revision
+        calls = []
+        index.on_change(lambda: calls.append(index.revision))
+        for _ in range(3):
+            result_of(index.rescan())
+        assert index.revision == revision
+        assert calls == []
+        assert hash_calls == ["a.txt"]
+
+    def test_added_changed_removed(self, folders):
+        shared, downloads, _ = folders
+        write(shared / "a.txt", b"a", mtime_ns=1_000_000_000)
+        index = scanned(folders)
+        seen = [index.revision]
+        calls = []
+        index.on_change(lambda: calls.append(index.revision))
+
+        write(downloads / "b.txt", b"b")
+        result_of(index.rescan())
+        assert index.revision not in seen
+        seen.append(index.revision)
+
+        write(shared / "a.txt", b"A", mtime_ns=2_000_000_000)
+        result_of(index.rescan())
+        assert index.revision not in seen
+        seen.append(index.revision)
+        assert index.files()[0].manifest == hash_file(str(shared / "a.txt"))
+
+        os.remove(downloads / "b.txt")
+        result_of(index.rescan())
+        assert index.revision not in seen
+        seen.append(index.revision)
+        assert names(index) == [("a.txt", "shared")]
+
+        assert calls == seen[1:]
+
+    def test_renamed_file_changes_revision(self, folders):
+        shared, _, _ = folders
+        write(shared / "a.txt", b"a")
+        index = scanned(folders)
+        before = index.revision
+        os.rename(shared / "a.txt", shared / "b.txt")
+        result_of(index.rescan())
+        assert index.revision != before
+
+    def test_touched_file_is_rehashed_but_revision_stays(self, folders, hash_calls):
+        shared, _, _ = folders
+        write(shared / "a.txt", b"a", mtime_ns=1_000_000_000)
+        index = scanned(folders)
+        revision = index.revision
+        calls = []
+        index.on_change(lambda: calls.append(1))
+        os.utime(shared / "a.txt", ns=(3_000_000_000, 3_000_000_000))
+        result_of(index.rescan())
+        assert hash_calls == ["a.txt", "a.txt"]
+        assert index.revision == revision
+        assert calls == []
+
+    def test_moving_between_folders_keeps_revision(self, folders):
+        shared, downloads, _ = folders
+        write(shared / "a.txt", b"a")
+        index = scanned(folders)
+        revision = index.revision
+        os.rename(shared / "a.txt", downloads / "a.txt")
+        result_of(index.rescan())
+        assert names(index) == [("a.txt", "downloads")]
+        assert index.revision == revision
+
+    def test_revision_of_ignores_order(self, folders):
+        shared, _, _ = folders
+        write(shared / "a.txt", b"a")
+        write(shared / "b.txt", b"b")
+        files = scanned(folders).files()
+        assert revision_of(files) == revision_of(files[::-1])
+        assert len(revision_of(files)) == 16
+
+    def test_every_listener_is_called(self, folders):
+        shared, _, _ = folders
+        index = make_index(folders)
+        calls = []
+        index.on_change(lambda: calls.append("first"))
+        index.on_change(lambda: calls.append("second"))
+        write(shared / "a.txt", b"a")
+        result_of(index.rescan())
+        assert calls == ["first", "second"]
+
+
+class TestCache:
+    def test_second_index_uses_the_cache(self, folders, hash_calls):
+        shared, downloads, cache = folders
+        write(shared / "a.txt", b"a")
+        write(downloads / "b.bin", b"b" * (CHUNK_SIZE * 2 + 5))
+        first = scanned(folders)
+        assert sorted(hash_calls) == ["a.txt", "b.bin"]
+        assert os.path.exists(cache)
+        del hash_calls[:]
+        second = scanned(folders)
+        assert hash_calls == []
+        assert second.files() == first.files()
+        assert second.revision == first.revision
+
+    def test_cache_contents(self, folders):
+        shared, _, cache = folders
+        write(shared / "a.txt", b"a")
+        index = scanned(folders)
+        (local,) = index.files()
+        with open(cache) as f:
+            saved = json.load(f)
+        assert saved == {
+            local.path: {
+                "signature": list(local.signature),
+                "id": local.file_id,
+                "hashes": b"".join(local.manifest.chunk_hashes).hex(),
+            }
+        }
+
+    def test_removed_file_leaves_the_cache(self, folders):
+        shared, _, cache = folders
+        write(shared / "a.txt", b"a")
+        write(shared / "b.txt", b"b")
+        index = scanned(folders)
+        os.remove(shared / "b.txt")
+        result_of(index.rescan())
+        with open(cache) as f:
+            assert list(json.load(f)) == [str(shared / "a.txt")]
+
+    def test_changed_file_is_not_taken_from_the_cache(self, folders, hash_calls):
+        shared, _, _ = folders
+        write(shared / "a.txt", b"a", mtime_ns=1_000_000_000)
+        scanned(folders)
+        write(shared / "a.txt", b"bb", mtime_ns=2_000_000_000)
+        del hash_calls[:]
+        second = scanned(folders)
+        assert hash_calls == ["a.txt"]
+        assert second.files()[0].manifest == hash_file(str(shared / "a.txt"))
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            b"{not json",
+            b"\xff\xfe garbage",
+            b"[1, 2, 3]",
+            b"null",
+            b"",
+            b"[" * 100000,
+        ],
+    )
+    def test_damaged_cache_file_is_ignored(self, folders, hash_calls, damage):
+        shared, _, cache = folders
+        write(shared / "a.txt", b"a")
+        with open(cache, "wb") as f:
+            f.write(damage)
+        index = scanned(folders)
+        assert hash_calls == ["a.txt"]
+        assert index.files()[0].manifest == hash_file(str(shared / "a.txt"))
+        # and it is written again, whole.
+        with open(cache) as f:
+            assert list(json.load(f)) == [str(shared / "a.txt")]
+
+    @pytest.mark.parametrize(
+        "entry",
+        [
+            [1, 2],
+            "text",
+            7,
+            None,
+            {},
+            {"signature": 5},
+            {"signature": "abc"},
+            {"signature": "SIGNATURE", "id": "x"},
+            {"signature": "SIGNATURE", "id": "ID", "hashes": "zz"},
+            {"signature": "SIGNATURE", "id": "ID", "hashes": 12},
+            {"signature": "SIGNATURE", "id": "ID", "hashes": "00" * 32},
+            {"signature": "SIGNATURE", "id": "0" * 64, "hashes": "HASHES"},
+        ],
+    )
+    def test_damaged_cache_entry_is_ignored(self, folders, hash_calls, entry):
+        """
+        A cache file that is JSON but whose entries are wrong costs a re-hash,
+        never the scan.
+        """
+        shared, _, cache = folders
+        write(shared / "a.txt", b"a")
+        expected = scanned(folders).files()[0]
+        del hash_calls[:]
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            if entry.get("signature") == "SIGNATURE":
+                entry["signature"] = list(expected.signature)
+            if entry.get("id") == "ID":
+                entry["id"] = expected.file_id
+            if entry.get("hashes") == "HASHES":
+                entry["hashes"] = b"".join(expected.manifest.chunk_hashes).hex()
+        with open(cache, "w") as f:
+            json.dump({expected.path: entry}, f)
+        index = scanned(folders)
+        assert hash_calls == ["a.txt"]
+        assert index.files() == [expected]
+
+    def test_unwritable_cache_is_survived(self, folders, tmp_path):
+        shared, downloads, _ = folders
+        write(shared / "a.txt", b"a")
+        index = SharedIndex(
+            [str(shared)], str(tmp_path / "no such dir" / "hashes.json"), run_now
+        )
+        result_of(index.rescan())
+        assert names(index) == [("a.txt", "shared")]
+
+
+class TestAdd:
+    def test_add_offers_without_hashing(self, folders, hash_calls):
+        shared, downloads, cache = folders
+        write(shared / "a.txt", b"a")
+        index = scanned(folders)
+        del hash_calls[:]
+        calls = []
+        index.on_change(lambda: calls.append(index.revision))
+        before = index.revision
+
+        write(downloads / "new.bin", b"n" * 1000)
+        manifest = hash_file(str(downloads / "new.bin"))
+        signature = file_signature(os.stat(downloads / "new.bin"))
+        index.add(str(downloads), "new.bin", manifest, signature)
+
+        assert names(index) == [("a.txt", "shared"), ("new.bin", "downloads")]
+        assert index.by_id(manifest.file_id).name == "new.bin"
+        assert index.revision != before
+        assert calls == [index.revision]
+        assert hash_calls == []
+
+        # The next scan finds it as it was added: no hash, no change.
+        result_of(index.rescan())
+        assert hash_calls == []
+        assert calls == [index.revision]
+
+    def test_added_file_survives_a_restart_without_hashing(self, folders, hash_calls):
+        """
+        A finished download's hashes reach the cache file, so a restarted
+        peer does not hash it again.
+        """
+        _, downloads, _ = folders
+        index = scanned(folders)
+        write(downloads / "new.bin", b"n" * (CHUNK_SIZE + 1))
+        manifest = hash_file(str(downloads / "new.bin"))
+        index.add(
+            str(downloads), "new.bin", manifest, file_signature(os.stat(downloads / "new.bin"))
+        )
+        result_of(index.rescan())
+        restarted = scanned(folders)
+        assert hash_calls == []
+        assert restarted.files() == index.files()
+
+    def test_add_before_first_scan(self, folders, hash_calls):
+        _, downloads, _ = folders
+        index = make_index(folders)
+        write(downloads / "new.bin", b"n")
+        manifest = hash_file(str(downloads / "new.bin"))
+        index.add(
+            str(downloads), "new.bin", manifest, file_signature(os.stat(downloads / "new.bin"))
+        )
+        assert index.by_id(manifest.file_id) is not None
+        result_of(index.rescan())
+        assert hash_calls == []
+        assert names(index) == [("new.bin", "downloads")]
+
+    def test_add_same_content_twice_does_not_signal(self, folders):
+        shared, downloads, _ = folders
+        write(shared / "a.txt", b"a")
+        index = scanned(folders)
+        calls = []
+        index.on_change(lambda: calls.append(1))
+        (local,) = index.files()
+        index.add(local.folder, local.name, local.manifest, local.signature)
+        assert calls == []
+
+
+class TestOverlappingScans:
+    def test_rescan_during_a_scan_runs_once_more(self, folders):
+        shared, _, _ = folders
+        threads = ManualThreads()
+        index = make_index(folders, threads)
+        write(shared / "a.txt", b"a")
+        first = index.rescan()
+        # While the first scan waits on its thread, b.txt appears.
+        write(shared / "b.txt", b"b")
+        second = index.rescan()
+        third = index.rescan()
+        fired = []
+        first.addCallback(lambda _: fired.append("first"))
+        second.addCallback(lambda _: fired.append("second"))
+        third.addCallback(lambda _: fired.append("third"))
+        assert fired == []
+        threads.run_all()
+        assert sorted(fired) == ["first", "second", "third"]
+        assert names(index) == [("a.txt", "shared"), ("b.txt", "shared")]
+        assert threads.pending == []
+
+    def test_waiter_fires_only_after_the_follow_up_scan(self, folders):
+        shared, _, _ = folders
+        threads = ManualThreads()
+        index = make_index(folders, threads)
+        index.rescan()
+        waiter = index.rescan()
+        fired = []
+        waiter.addCallback(fired.append)
+        # Load the cache, list the folders: the first scan is done ...
+        threads.run_one()
+        threads.run_one()
+        # ... but the follow-up scan has started and waits for its listing.
+        assert fired == []
+        assert len(threads.pending) == 1
+        write(shared / "late.txt", b"late")
+        threads.run_all()
+        assert fired == [None]
+        assert names(index) == [("late.txt", "shared")]

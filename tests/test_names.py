@@ -1,0 +1,216 @@
+"""
+Tests for L{twisted_p2p.names}: what a legal shared name is, and where it may
+be written.
+"""
+
+import os
+
+import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+from twisted_p2p.limits import MAX_NAME_BYTES
+from twisted_p2p.names import BadName, check_name, free_name, is_legal_name, path_in
+
+LEGAL = [
+    "report.pdf",
+    "a",
+    "x.tar.gz",
+    "with space.txt",
+    "caf\u00e9 \u00fcber.txt",
+    "\u65e5\u672c\u8a9e.txt",
+    "a..b",
+    "~",
+    "-rf",
+]
+
+ILLEGAL = [
+    "",
+    ".",
+    "..",
+    ".hidden",
+    ".partial-abc",
+    "a/b",
+    "/etc/passwd",
+    "../x",
+    "a\\b",
+    "..\\x",
+    "a\x00b",
+    "\x00",
+    "a\nb",
+    "a\tb",
+    "a\x7fb",
+    "a\u200bb",  # zero-width space: format character
+    "a\u202eb",  # right-to-left override
+    "\ue000",  # private use
+    "a\ud800b",  # lone surrogate: not UTF-8
+    "trailing ",
+    " leading",
+    "trailing.",
+    "ends.in.dot.",
+    "x" * (MAX_NAME_BYTES + 1),
+    "\u00e9" * 128,  # 128 characters, 256 UTF-8 bytes
+]
+
+
+@pytest.mark.parametrize("name", LEGAL)
+def test_legal(name):
+    assert check_name(name) == name
+    assert is_legal_name(name)
+
+
+@pytest.mark.parametrize("name", ILLEGAL)
+def test_illegal(name):
+    with pytest.raises(BadName):
+        check_name(name)
+    assert not is_legal_name(name)
+
+
+@pytest.mark.parametrize("name", [None, b"bytes.txt", 42, ["a"]])
+def test_not_text(name):
+    with pytest.raises(BadName):
+        check_name(name)
+    assert not is_legal_name(name)
+
+
+def test_byte_limit():
+    assert check_name("x" * MAX_NAME_BYTES)
+    with pytest.raises(BadName):
+        check_name("x" * (MAX_NAME_BYTES + 1))
+    # The limit counts UTF-8 bytes, not characters.
+    assert check_name("\u00e9" * (MAX_NAME_BYTES // 2))
+    assert len("\u00e9" * 128) == 128 < MAX_NAME_BYTES
+
+
+def test_bad_name_is_value_error():
+    assert issubclass(BadName, ValueError)
+
+
+# -- path_in ---------------------------------------------------------------
+
+
+def test_path_in(tmp_path):
+    assert path_in(str(tmp_path), "report.pdf") == os.path.join(str(tmp_path), "report.pdf")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../escape", "a/b", "a\\b", "", ".x"])
+def test_path_in_refuses(tmp_path, name):
+    with pytest.raises(BadName):
+        path_in(str(tmp_path), name)
+
+
+def test_path_in_relative_folder():
+    path = path_in("shared", "a.txt")
+    assert os.path.dirname(os.path.abspath(path)) == os.path.abspath("shared")
+
+
+_sneaky = st.lists(
+    st.sampled_from(["..", ".", "/", "\\", "a", "\x00", " ", "~", "\u00e9"]) | st.text(max_size=5),
+    max_size=8,
+).map("".join)
+
+
+@given(st.one_of(_sneaky, st.text()))
+@example("..")
+@example("../..")
+@example("a/../../b")
+@example("..\\..")
+@example("/")
+def test_path_in_never_escapes(name):
+    """
+    Every name path_in accepts is a direct child of the folder; every name it
+    refuses is one check_name refuses.
+    """
+    folder = "/srv/p2p/shared"
+    try:
+        path = path_in(folder, name)
+    except BadName:
+        assert not is_legal_name(name)
+        return
+    assert is_legal_name(name)
+    assert os.path.dirname(os.path.abspath(path)) == folder
+    assert os.path.basename(path) == name
+    assert os.path.normpath(path) == path
+
+
+# -- free_name -------------------------------------------------------------
+
+
+def test_free_name_unused(tmp_path):
+    assert free_name(str(tmp_path), "x.txt") == "x.txt"
+
+
+def test_free_name_counts_up(tmp_path):
+    folder = str(tmp_path)
+    (tmp_path / "x.txt").write_bytes(b"0")
+    assert free_name(folder, "x.txt") == "x (1).txt"
+    (tmp_path / "x (1).txt").write_bytes(b"1")
+    assert free_name(folder, "x.txt") == "x (2).txt"
+    (tmp_path / "x (2).txt").write_bytes(b"2")
+    (tmp_path / "x (4).txt").write_bytes(b"4")
+    assert free_name(folder, "x.txt") == "x (3).txt"
+
+
+def test_free_name_without_extension(tmp_path):
+    (tmp_path / "README").write_bytes(b"")
+    assert free_name(str(tmp_path), "README") == "README (1)"
+
+
+def test_free_name_double_extension(tmp_path):
+    (tmp_path / "a.tar.gz").write_bytes(b"")
+    assert free_name(str(tmp_path), "a.tar.gz") == "a.tar (1).gz"
+
+
+def test_free_name_sees_directories_and_dangling_links(tmp_path):
+    (tmp_path / "d.txt").mkdir()
+    os.symlink(str(tmp_path / "nowhere"), str(tmp_path / "l.txt"))
+    assert free_name(str(tmp_path), "d.txt") == "d (1).txt"
+    assert free_name(str(tmp_path), "l.txt") == "l (1).txt"
+
+
+def test_free_name_refuses_bad_names(tmp_path):
+    for name in ["..", "a/b", ".hidden", ""]:
+        with pytest.raises(BadName):
+            free_name(str(tmp_path), name)
+
+
+def test_free_name_long_name(tmp_path):
+    name = "s" * (MAX_NAME_BYTES - 4) + ".txt"
+    (tmp_path / name).write_bytes(b"")
+    result = free_name(str(tmp_path), name)
+    assert result == "s" * (MAX_NAME_BYTES - 8) + " (1).txt"
+    assert len(result.encode("utf-8")) == MAX_NAME_BYTES
+    assert is_legal_name(result)
+
+
+def test_free_name_long_extension():
+    """
+    An extension that leaves no room for a stem must neither loop forever nor
+    give a name that starts with a space.
+    """
+    for ext_length in (MAX_NAME_BYTES - 5, MAX_NAME_BYTES - 2):
+        name = "a." + "b" * ext_length
+        assert is_legal_name(name)
+        taken = {name}
+        result = free_name("/f", name, exists=lambda p: os.path.basename(p) in taken)
+        assert result != name
+        assert is_legal_name(result)
+        assert result.endswith(" (1)")
+
+
+@given(
+    st.text(min_size=1, max_size=300).filter(is_legal_name),
+    st.integers(min_value=0, max_value=3),
+)
+def test_free_name_always_legal_and_free(name, taken_count):
+    """
+    Whatever the name and however many variants are taken, free_name gives a
+    legal name that is not taken.
+    """
+    taken = {name}
+    for _ in range(taken_count):
+        taken.add(free_name("/f", name, exists=lambda p: os.path.basename(p) in taken))
+    assume(len(taken) == taken_count + 1)
+    result = free_name("/f", name, exists=lambda p: os.path.basename(p) in taken)
+    assert result not in taken
+    assert is_legal_name(result)

@@ -1,0 +1,246 @@
+"""
+Tests for L{twisted_p2p.peers}: the peer table, its expiry and its observers.
+"""
+
+import pytest
+from twisted.internet.task import Clock
+
+from twisted_p2p.peers import Peer, PeerTable
+from twisted_p2p.wire import Announce, Goodbye
+
+TIMEOUT = 30.0
+ALICE = "a" * 32
+BOB = "b" * 32
+INSTANCE = "1" * 16
+OTHER_INSTANCE = "2" * 16
+REV = "0" * 16
+REV2 = "f" * 16
+
+
+class Recorder:
+    """
+    A PeerTable observer that writes down what it is told, and whether the
+    table already reflected it at the time.
+    """
+
+    def __init__(self, table):
+        self.table = table
+        self.events = []
+
+    def joined(self, peer):
+        assert self.table.get(peer.peer_id) is peer
+        self.events.append(("joined", peer.peer_id))
+
+    def changed(self, peer, old_revision):
+        assert self.table.get(peer.peer_id) is peer
+        self.events.append(("changed", peer.peer_id, old_revision))
+
+    def left(self, peer, reason):
+        assert peer.peer_id not in self.table
+        self.events.append(("left", peer.peer_id, reason))
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def table(clock):
+    return PeerTable(clock, TIMEOUT)
+
+
+@pytest.fixture
+def recorder(table):
+    recorder = Recorder(table)
+    table.subscribe(recorder)
+    return recorder
+
+
+def announce(peer_id=ALICE, instance=INSTANCE, port=4000, rev=REV):
+    return Announce(peer_id, instance, port, rev)
+
+
+class TestHeard:
+    def test_new(self, table, recorder, clock):
+        clock.advance(5)
+        assert table.heard(announce(), "10.0.0.1", 5000) == "new"
+        assert len(table) == 1
+        assert ALICE in table
+        peer = table.get(ALICE)
+        assert (peer.peer_id, peer.instance_id, peer.host, peer.udp_port) == (
+            ALICE,
+            INSTANCE,
+            "10.0.0.1",
+            5000,
+        )
+        assert (peer.transfer_port, peer.revision, peer.last_seen) == (4000, REV, 5)
+        assert recorder.events == [("joined", ALICE)]
+
+    def test_same(self, table, recorder, clock):
+        table.heard(announce(), "10.0.0.1", 5000)
+        clock.advance(3)
+        assert table.heard(announce(), "10.0.0.1", 5000) == "same"
+        assert table.get(ALICE).last_seen == 3
+        assert recorder.events == [("joined", ALICE)]
+
+    def test_restarted(self, table, recorder):
+        table.heard(announce(), "10.0.0.1", 5000)
+        assert table.heard(announce(instance=OTHER_INSTANCE), "10.0.0.1", 5000) == "restarted"
+        assert table.get(ALICE).instance_id == OTHER_INSTANCE
+        assert len(table) == 1
+        # A restart has no old revision worth comparing with.
+        assert recorder.events == [("joined", ALICE), ("changed", ALICE, None)]
+
+    def test_restarted_with_new_revision_and_address(self, table, recorder):
+        table.heard(announce(), "10.0.0.1", 5000)
+        outcome = table.heard(announce(instance=OTHER_INSTANCE, rev=REV2), "10.0.0.2", 5001)
+        assert outcome == "restarted"
+        assert recorder.events[-1] == ("changed", ALICE, None)
+
+    def test_changed_revision(self, table, recorder):
+        table.heard(announce(), "10.0.0.1", 5000)
+        assert table.heard(announce(rev=REV2), "10.0.0.1", 5000) == "changed"
+        assert table.get(ALICE).revision == REV2
+        assert recorder.events[-1] == ("changed", ALICE, REV)
+
+    @pytest.mark.parametrize(
+        "host, udp_port, transfer_port",
+        [("10.0.0.9", 5000, 4000), ("10.0.0.1", 5009, 4000), ("10.0.0.1", 5000, 4009)],
+    )
+    def test_changed_address(self, table, recorder, host, udp_port, transfer_port):
+        table.heard(announce(), "10.0.0.1", 5000)
+        assert table.heard(announce(port=transfer_port), host, udp_port) == "changed"
+        assert len(table) == 1
+        peer = table.get(ALICE)
+        assert (peer.host, peer.udp_port, peer.transfer_port) == (host, udp_port, transfer_port)
+        assert recorder.events == [("joined", ALICE), ("changed", ALICE, REV)]
+
+    def test_two_peers(self, table, recorder):
+        table.heard(announce(ALICE), "10.0.0.2", 5000)
+        table.heard(announce(BOB), "10.0.0.1", 5000)
+        assert len(table) == 2
+        assert [p.peer_id for p in table.peers()] == [BOB, ALICE]
+        assert recorder.events == [("joined", ALICE), ("joined", BOB)]
+
+    def test_peers_sorted_by_host_then_transfer_port(self, table):
+        table.heard(announce(ALICE, port=4010), "10.0.0.1", 1)
+        table.heard(announce(BOB, port=4000), "10.0.0.1", 2)
+        assert [p.transfer_port for p in table.peers()] == [4000, 4010]
+
+
+class TestExpiry:
+    def test_expires_after_timeout_not_before(self, table, recorder, clock):
+        table.heard(announce(), "10.0.0.1", 5000)
+        clock.advance(TIMEOUT - 0.1)
+        assert ALICE in table
+        clock.advance(0.1)
+        assert ALICE not in table
+        assert recorder.events == [("joined", ALICE), ("left", ALICE, "timed out")]
+
+    def test_announce_resets_the_timer(self, table, recorder, clock):
+        table.heard(announce(), "10.0.0.1", 5000)
+        clock.advance(20)
+        table.heard(announce(), "10.0.0.1", 5000)
+        clock.advance(TIMEOUT - 1)  # t = 49: 29 s after the last announce
+        assert ALICE in table
+        clock.advance(1)
+        assert ALICE not in table
+        assert recorder.events[-1] == ("left", ALICE, "timed out")
+
+    def test_one_timer_per_peer(self, table, clock):
+        for _ in range(5):
+            table.heard(announce(), "10.0.0.1", 5000)
+            clock.advance(1)
+        assert len(clock.getDelayedCalls()) == 1
+
+    def test_peers_expire_independently(self, table, clock):
+        table.heard(announce(ALICE), "10.0.0.1", 5000)
+        clock.advance(10)
+        table.heard(announce(BOB), "10.0.0.2", 5000)
+        clock.advance(TIMEOUT - 10)
+        assert ALICE not in table
+        assert BOB in table
+        clock.advance(10)
+        assert len(table) == 0
+        assert clock.getDelayedCalls() == []
+
+    def test_rejoin_after_expiry(self, table, recorder, clock):
+        table.heard(announce(), "10.0.0.1", 5000)
+        clock.advance(TIMEOUT)
+        assert table.heard(announce(), "10.0.0.1", 5000) == "new"
+        assert [e[0] for e in recorder.events] == ["joined", "left", "joined"]
+        assert len(clock.getDelayedCalls()) == 1
+
+
+class TestGoodbye:
+    def test_goodbye_drops(self, table, recorder, clock):
+        table.heard(announce(), "10.0.0.1", 5000)
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.1", 5000) is True
+        assert len(table) == 0
+        assert recorder.events[-1] == ("left", ALICE, "said goodbye")
+        assert clock.getDelayedCalls() == []
+
+    @pytest.mark.parametrize(
+        "instance, host, udp_port",
+        [
+            (INSTANCE, "10.0.0.66", 5000),
+            (INSTANCE, "10.0.0.1", 5001),
+            (OTHER_INSTANCE, "10.0.0.1", 5000),
+        ],
+    )
+    def test_spoofed_goodbye(self, table, recorder, instance, host, udp_port):
+        table.heard(announce(), "10.0.0.1", 5000)
+        assert table.goodbye(Goodbye(ALICE, instance), host, udp_port) is False
+        assert ALICE in table
+        assert recorder.events == [("joined", ALICE)]
+
+    def test_goodbye_of_old_instance_after_restart(self, table):
+        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(instance=OTHER_INSTANCE), "10.0.0.1", 5000)
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.1", 5000) is False
+        assert ALICE in table
+
+    def test_goodbye_from_new_address_after_move(self, table):
+        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "10.0.0.2", 5000)
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.1", 5000) is False
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.2", 5000) is True
+
+    def test_goodbye_unknown(self, table, recorder):
+        assert table.goodbye(Goodbye(BOB, INSTANCE), "10.0.0.1", 5000) is False
+        assert recorder.events == []
+
+
+class TestForgetAndClear:
+    def test_forget(self, table, recorder, clock):
+        table.heard(announce(), "10.0.0.1", 5000)
+        table.forget(ALICE, "refused us")
+        table.forget(BOB, "never known")
+        assert len(table) == 0
+        assert recorder.events == [("joined", ALICE), ("left", ALICE, "refused us")]
+        assert clock.getDelayedCalls() == []
+
+    def test_clear_cancels_expiry(self, table, recorder, clock):
+        table.heard(announce(ALICE), "10.0.0.1", 5000)
+        table.heard(announce(BOB), "10.0.0.2", 5000)
+        table.clear()
+        assert len(table) == 0
+        assert clock.getDelayedCalls() == []
+        clock.advance(TIMEOUT * 2)
+        assert [e[0] for e in recorder.events] == ["joined", "joined"]
+
+
+def test_several_observers_all_told(table):
+    first, second = Recorder(table), Recorder(table)
+    table.subscribe(first)
+    table.subscribe(second)
+    table.heard(announce(), "10.0.0.1", 5000)
+    assert first.events == second.events == [("joined", ALICE)]
+
+
+def test_peer_properties():
+    peer = Peer(ALICE, INSTANCE, "192.168.1.5", 5000, 4000, REV, 0.0)
+    assert peer.short_id == "aaaaaaaa"
+    assert peer.label == "192.168.1.5:4000"
+    assert peer.sender_port == 4001
