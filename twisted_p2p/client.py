@@ -54,13 +54,14 @@ class SenderClient(FramedProtocol):
     def frame_received(self, header, body):
         if not self._waiting:
             raise wire.ProtocolError("an answer to nothing we asked")
-        d = self._waiting.popleft()
         if header["t"] == "error":
+            # Checked before the call is taken off the queue: a malformed
+            # answer drops the connection, which then fails the call.
             code = wire.text_field(header, "code", max_length=64)
             message = wire.text_field(header, "message")
-            d.errback(PeerRefused(code, message))
+            self._waiting.popleft().errback(PeerRefused(code, message))
         else:
-            d.callback((header, body))
+            self._waiting.popleft().callback((header, body))
 
     def connectionLost(self, reason):
         FramedProtocol.connectionLost(self, reason)

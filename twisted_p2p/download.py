@@ -201,14 +201,22 @@ class Download:
             self._finish()
             return
         for source in self.sources:
-            while source.usable and self._missing and source.in_flight < SOURCE_WINDOW:
+            while source.usable and self._missing and self._batch_fits(source):
                 self._request(source)
         if not self._requests and not any(s.usable for s in self.sources):
             self._fail(DownloadFailed(f"no peer is left to download {self.name} from"))
 
+    def _batch_size(self):
+        return min(REQUEST_BATCH, SOURCE_WINDOW, len(self._missing))
+
+    def _batch_fits(self, source):
+        # A whole batch or nothing: never more than SOURCE_WINDOW in flight.
+        return source.in_flight + self._batch_size() <= SOURCE_WINDOW
+
     def _request(self, source):
         batch = []
-        while self._missing and len(batch) < REQUEST_BATCH:
+        size = self._batch_size()
+        while len(batch) < size:
             batch.append(self._missing.popleft())
         request = Request(self, source, batch)
         self._requests.add(request)

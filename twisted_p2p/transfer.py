@@ -116,21 +116,29 @@ class SenderProtocol(FramedProtocol):
         FramedProtocol.connectionMade(self)
         self._requests = deque()
         self._busy = False
+        self._looping = False
 
     def frame_received(self, header, body):
         self._requests.append(header)
         self._answer_next()
 
     def _answer_next(self):
-        if self._busy or not self._requests or self.transport.disconnecting:
+        # A loop, not recursion: answers that are ready at once would
+        # otherwise nest one call per queued request.
+        if self._looping:
             return
-        header = self._requests.popleft()
-        self._busy = True
-        host = self.transport.getPeer().host
-        d = defer.maybeDeferred(self.factory.uploads.handle, header, host)
-        d.addCallbacks(self._reply, self._refuse, errbackArgs=(header,))
-        d.addErrback(lambda f: log.failure("Answering a request failed", f))
-        d.addBoth(self._answered)
+        self._looping = True
+        try:
+            while self._requests and not self._busy and not self.transport.disconnecting:
+                header = self._requests.popleft()
+                self._busy = True
+                host = self.transport.getPeer().host
+                d = defer.maybeDeferred(self.factory.uploads.handle, header, host)
+                d.addCallbacks(self._reply, self._refuse, errbackArgs=(header,))
+                d.addErrback(lambda f: log.failure("Answering a request failed", f))
+                d.addBoth(self._answered)
+        finally:
+            self._looping = False
 
     def _reply(self, answer):
         reply, body = answer
@@ -148,7 +156,10 @@ class SenderProtocol(FramedProtocol):
             )
             self.protocol_error(failure.getErrorMessage())
             return
-        return failure
+        # Still one answer per request, or every later answer would be
+        # matched to the wrong request.
+        log.failure("Answering a request failed", failure)
+        self.send({"t": "error", "code": "internal", "message": "this peer failed to answer"})
 
     def _answered(self, _):
         self._busy = False
@@ -297,10 +308,13 @@ class ReceiverProtocol(FramedProtocol):
             index = wire.int_field(header, "i", 0, 2**31)
             if not self.expectation.accepts(index, len(body)):
                 raise wire.ProtocolError(f"chunk {index} was not asked for")
-            self.pauseProducing()
             d = self.expectation.deliver(index, body)
             d.addErrback(lambda f: log.failure("Storing a chunk failed", f))
-            d.addBoth(lambda _: self._delivered())
+            if not d.called:
+                # Resuming from inside dataReceived would parse frames twice:
+                # pause only for a delivery that is still on its way.
+                self.pauseProducing()
+                d.addBoth(lambda _: self._delivered())
         elif kind == "done":
             self.expectation.finished()
             self.transport.loseConnection()

@@ -1,0 +1,357 @@
+"""
+L{Uploads}: what the sender port answers, against a fake index and a fake
+connect.
+"""
+
+import os
+import random
+import struct
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from twisted_p2p import uploads as uploads_module
+from twisted_p2p import wire
+from twisted_p2p.index import LocalFile
+from twisted_p2p.manifest import CHUNK_SIZE, hash_file
+from twisted_p2p.transfer import ChunkPusher, RequestRefused
+from twisted_p2p.uploads import Uploads, read_range
+
+REQUESTER = "10.0.0.2"
+TOKEN = "ab" * 16
+REVISION = "0123456789abcdef"
+
+
+def result_of(d):
+    """
+    The result of a Deferred that has already fired; a failure is raised.
+    """
+    results = []
+    # A success is passed on, so the result can be asked for again.
+    d.addBoth(lambda r: results.append(r) or (None if isinstance(r, Failure) else r))
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def make_file(folder, name, size, seed):
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(random.Random(seed).randbytes(size))
+    st = os.stat(path)
+    return LocalFile(name, folder, hash_file(path), (st.st_size, st.st_mtime_ns, st.st_ino))
+
+
+class FakeIndex:
+    def __init__(self, files):
+        self._files = list(files)
+        self.revision = REVISION
+
+    def files(self):
+        return sorted(self._files, key=lambda f: f.name)
+
+    def by_id(self, file_id):
+        for f in self._files:
+            if f.file_id == file_id:
+                return f
+        return None
+
+
+class FakeConnect:
+    """
+    C{connect(host, port, protocol)}, recording each call and giving a
+    Deferred the test fires.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, host, port, protocol):
+        d = defer.Deferred()
+        self.calls.append((host, port, protocol, d))
+        return d
+
+
+def sent_frames(transport):
+    data = transport.value()
+    frames = []
+    while data:
+        (length,) = struct.unpack("!I", data[:4])
+        frames.append(wire.decode_frame(data[4 : 4 + length]))
+        data = data[4 + length :]
+    return frames
+
+
+class FakeReader:
+    """
+    Reads for real, synchronously, and records what was read.
+    """
+
+    def __init__(self):
+        self.reads = []
+
+    def __call__(self, path, offset, length):
+        self.reads.append((path, offset, length))
+        return read_range(path, offset, length)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return [
+        make_file(str(tmp_path), "three.bin", 2 * CHUNK_SIZE + 100, seed=3),
+        make_file(str(tmp_path), "empty.txt", 0, seed=0),
+        make_file(str(tmp_path), "five.bin", 4 * CHUNK_SIZE + 1, seed=5),
+    ]
+
+
+@pytest.fixture
+def connect():
+    return FakeConnect()
+
+
+@pytest.fixture
+def uploads(files, connect):
+    return Uploads(FakeIndex(files), connect, FakeReader(), max_uploads=2)
+
+
+def get(file_id, chunks, port=5555, token=TOKEN, **extra):
+    return wire.request("get", id=file_id, chunks=chunks, port=port, token=token, **extra)
+
+
+# -- catalog and manifest ----------------------------------------------------------
+
+
+def test_catalog_lists_every_file(uploads, files):
+    three, empty, five = files
+    assert uploads.handle(wire.request("catalog"), REQUESTER) == (
+        {
+            "t": "catalog",
+            "rev": REVISION,
+            "files": [
+                {"id": empty.file_id, "name": "empty.txt", "size": 0},
+                {"id": five.file_id, "name": "five.bin", "size": 4 * CHUNK_SIZE + 1},
+                {"id": three.file_id, "name": "three.bin", "size": 2 * CHUNK_SIZE + 100},
+            ],
+        },
+        b"",
+    )
+
+
+def test_catalog_is_capped(uploads, monkeypatch):
+    monkeypatch.setattr(uploads_module, "MAX_CATALOG_FILES", 2)
+    header, _ = uploads.handle(wire.request("catalog"), REQUESTER)
+    assert [f["name"] for f in header["files"]] == ["empty.txt", "five.bin"]
+
+
+def test_manifest_in_pages(uploads, files, monkeypatch):
+    monkeypatch.setattr(uploads_module, "MANIFEST_PAGE", 2)
+    five = files[2]
+    hashes = five.manifest.chunk_hashes
+    assert len(hashes) == 5
+    pages = []
+    for start in (0, 2, 4, 5):
+        pages.append(uploads.handle(wire.request("manifest", id=five.file_id, start=start), REQUESTER))
+    common = {"t": "manifest", "id": five.file_id, "size": 4 * CHUNK_SIZE + 1}
+    assert pages == [
+        (dict(common, start=0, count=2), hashes[0] + hashes[1]),
+        (dict(common, start=2, count=2), hashes[2] + hashes[3]),
+        (dict(common, start=4, count=1), hashes[4]),
+        (dict(common, start=5, count=0), b""),
+    ]
+
+
+def test_manifest_of_an_empty_file(uploads, files):
+    empty = files[1]
+    assert uploads.handle(wire.request("manifest", id=empty.file_id, start=0), REQUESTER) == (
+        {"t": "manifest", "id": empty.file_id, "size": 0, "start": 0, "count": 0},
+        b"",
+    )
+
+
+@pytest.mark.parametrize("start", [-1, 6, True, "0", None, 2.0])
+def test_manifest_start_out_of_range(uploads, files, start):
+    with pytest.raises(wire.ProtocolError):
+        uploads.handle(wire.request("manifest", id=files[2].file_id, start=start), REQUESTER)
+
+
+def test_manifest_of_an_unknown_file(uploads):
+    with pytest.raises(RequestRefused) as e:
+        uploads.handle(wire.request("manifest", id="f" * 64, start=0), REQUESTER)
+    assert e.value.code == "unknown-file"
+
+
+@pytest.mark.parametrize("file_id", ["F" * 64, "f" * 63, "", 7, None])
+def test_manifest_of_a_malformed_id(uploads, file_id):
+    with pytest.raises(wire.ProtocolError):
+        uploads.handle(wire.request("manifest", id=file_id, start=0), REQUESTER)
+
+
+@pytest.mark.parametrize("version", [2, 0, None, "1", True, 1.0])
+def test_wrong_version_is_refused(uploads, version):
+    with pytest.raises(wire.WrongVersion):
+        uploads.handle({"t": "catalog", "v": version}, REQUESTER)
+
+
+def test_unknown_request(uploads):
+    with pytest.raises(wire.ProtocolError) as e:
+        uploads.handle(wire.request("distribute"), REQUESTER)
+    assert "distribute" in str(e.value)
+
+
+# -- get -------------------------------------------------------------------------
+
+
+def test_get_connects_back_only_to_the_requester(uploads, files, connect):
+    three = files[0]
+    # An address or host in the request is never used.
+    d = uploads.handle(get(three.file_id, [2, 0], host="6.6.6.6", address="6.6.6.6"), REQUESTER)
+    assert len(connect.calls) == 1
+    host, port, pusher, connected = connect.calls[0]
+    assert (host, port) == (REQUESTER, 5555)
+    assert isinstance(pusher, ChunkPusher)
+    assert pusher.token == TOKEN
+    assert uploads.active == 1
+    assert not d.called
+    connected.callback(pusher)
+    assert result_of(d) == ({"t": "sending", "token": TOKEN}, b"")
+
+
+def test_get_streams_the_chunks_and_ends(uploads, files, connect):
+    three = files[0]
+    d = uploads.handle(get(three.file_id, [2, 0]), REQUESTER)
+    _, _, pusher, connected = connect.calls[0]
+    transport = StringTransport()
+    pusher.callLater = task.Clock().callLater
+    pusher.makeConnection(transport)
+    connected.callback(pusher)
+    assert result_of(d)[0]["t"] == "sending"
+    with open(three.path, "rb") as f:
+        content = f.read()
+    # Every read was synchronous: the stream is over.
+    assert sent_frames(transport) == [
+        ({"t": "hello", "v": 1, "token": TOKEN}, b""),
+        ({"t": "chunk", "i": 2}, content[2 * CHUNK_SIZE :]),
+        ({"t": "chunk", "i": 0}, content[:CHUNK_SIZE]),
+        ({"t": "done"}, b""),
+    ]
+    assert uploads.bytes_sent == 100 + CHUNK_SIZE
+    assert uploads.active == 0
+    assert transport.disconnecting
+
+
+def test_get_unreachable_requester(uploads, files, connect):
+    d = uploads.handle(get(files[0].file_id, [0]), REQUESTER)
+    connect.calls[0][3].errback(ConnectionRefusedError("refused"))
+    with pytest.raises(RequestRefused) as e:
+        result_of(d)
+    assert e.value.code == "unreachable"
+    assert f"{REQUESTER}:5555" in e.value.message
+    assert uploads.active == 0
+
+
+def test_get_busy_over_max_uploads(uploads, files, connect):
+    uploads.handle(get(files[0].file_id, [0]), REQUESTER)
+    uploads.handle(get(files[0].file_id, [1], token="cd" * 16), REQUESTER)
+    with pytest.raises(RequestRefused) as e:
+        uploads.handle(get(files[0].file_id, [2], token="ef" * 16), REQUESTER)
+    assert e.value.code == "busy"
+    assert len(connect.calls) == 2
+    assert uploads.active == 2
+    # An ended upload frees its place.
+    _, _, pusher, connected = connect.calls[0]
+    connected.callback(pusher)
+    pusher.stream.done.callback(True)
+    assert uploads.active == 1
+    uploads.handle(get(files[0].file_id, [2], token="ef" * 16), REQUESTER)
+    assert len(connect.calls) == 3
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param([], id="empty"),
+        pytest.param([3], id="past the end"),
+        pytest.param([-1], id="negative"),
+        pytest.param([True], id="bool"),
+        pytest.param([0, 1, 0], id="duplicate"),
+        pytest.param([1.0], id="float"),
+        pytest.param(["0"], id="string"),
+        pytest.param([None], id="null"),
+        pytest.param("0,1", id="not a list"),
+        pytest.param(None, id="missing"),
+        pytest.param(list(range(65)), id="too many"),
+    ],
+)
+def test_get_bad_chunk_list(uploads, files, connect, chunks):
+    with pytest.raises(wire.ProtocolError):
+        uploads.handle(get(files[0].file_id, chunks), REQUESTER)
+    assert connect.calls == []
+    assert uploads.active == 0
+
+
+def test_get_too_many_chunks_in_range(uploads, files, connect, monkeypatch):
+    monkeypatch.setattr(uploads_module, "MAX_CHUNKS_PER_REQUEST", 2)
+    with pytest.raises(wire.ProtocolError) as e:
+        uploads.handle(get(files[0].file_id, [0, 1, 2]), REQUESTER)
+    assert "too many" in str(e.value)
+    assert connect.calls == []
+
+
+def test_get_of_an_empty_file_is_out_of_range(uploads, files, connect):
+    with pytest.raises(wire.ProtocolError):
+        uploads.handle(get(files[1].file_id, [0]), REQUESTER)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"port": 0},
+        {"port": 65536},
+        {"port": "5555"},
+        {"port": True},
+        {"token": "short"},
+        {"token": "AB" * 16},
+        {"token": None},
+    ],
+)
+def test_get_bad_port_or_token(uploads, files, connect, fields):
+    header = get(files[0].file_id, [0])
+    header.update(fields)
+    with pytest.raises(wire.ProtocolError):
+        uploads.handle(header, REQUESTER)
+    assert connect.calls == []
+    assert uploads.active == 0
+
+
+def test_get_unknown_file(uploads, connect):
+    with pytest.raises(RequestRefused) as e:
+        uploads.handle(get("e" * 64, [0]), REQUESTER)
+    assert e.value.code == "unknown-file"
+    assert connect.calls == []
+
+
+# -- read_range --------------------------------------------------------------------
+
+
+def test_read_range(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    assert read_range(str(path), 2, 3) == b"234"
+    assert read_range(str(path), 0, 10) == b"0123456789"
+
+
+def test_read_range_short_read(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    with pytest.raises(OSError) as e:
+        read_range(str(path), 5, 10)
+    assert "shorter" in str(e.value)
+
+
+def test_read_range_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_range(str(tmp_path / "gone"), 0, 1)
