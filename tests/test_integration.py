@@ -57,7 +57,7 @@ def make_peer(folder, transfer_port, discovery_port):
             "--state-dir", os.path.join(folder, "state"),
         ]
     )
-    options["console-log-path"] = None
+    options["log-target"] = None
     return PeerService(options, reactor, console_enabled=False)
 
 

@@ -22,10 +22,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import ILogObserver, Logger, textFileLogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from twisted_p2p import catalog, client, console, discovery, download, index, transfer
+from twisted_p2p import catalog, client, console, discovery, download, index, logs, transfer
 from twisted_p2p.commands import Commands
 from twisted_p2p.limits import RESCAN_INTERVAL
 from twisted_p2p.peers import PeerTable
@@ -195,6 +195,7 @@ class PeerService(MultiService):
         MultiService.__init__(self)
         self.reactor = self.clock = reactor
         self.settings = settings
+        self.log_file = None
         self.host = settings["host"]
         self.transfer_port = settings["transfer-port"]
         state_dir = settings["state-dir"]
@@ -254,14 +255,17 @@ class PeerService(MultiService):
         return deferToThreadPool(self.reactor, self._threads, f, *args, **kwargs)
 
     def setServiceParent(self, parent):
-        # Under "twistd -n" with no --logfile, twistd would log to stdout,
-        # where the console writes.  Give the application a log file
-        # instead: twistd uses an application's ILogObserver when no
-        # --logger is given.
-        log_path = self.settings.get("console-log-path")
-        if log_path and isinstance(parent, Componentized):
-            log_file = open(log_path, "a", encoding="utf-8")
-            parent.setComponent(ILogObserver, textFileLogObserver(log_file))
+        # twistd uses an application's ILogObserver when it is given no
+        # --logger: that is how the peer's own log options (and the log file
+        # that keeps logs off the console's stdout) take effect.
+        target = self.settings.get("log-target")
+        if target and isinstance(parent, Componentized):
+            path, log_format = target
+            if path == "-":
+                stream = sys.stdout
+            else:
+                stream = self.log_file = logs.ReopenableFile(path)
+            parent.setComponent(ILogObserver, logs.observer_for(stream, log_format))
         MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self):
@@ -273,11 +277,30 @@ class PeerService(MultiService):
             raise SystemExit(1)
 
     def startService(self):
-        # The first scan runs before anything announces or serves (it is
-        # quick when the hash cache is warm).
         MultiService.startService(self)
+        self._previous_hangup = None
+        try:
+            self._previous_hangup = signal.signal(signal.SIGHUP, self._on_hangup)
+        except ValueError:
+            pass  # not the main thread: no signals
+
+    def _on_hangup(self, signum, frame):
+        self.reactor.callFromThread(self.hangup)
+
+    def hangup(self):
+        """
+        SIGHUP: re-scan the shared folders now, and reopen the log file (for
+        logrotate).
+        """
+        log.info("SIGHUP: re-scanning shared folders and reopening the log", event="hangup")
+        if self.log_file is not None:
+            self.log_file.reopen()
+        self.index.rescan()
 
     def stopService(self):
+        if getattr(self, "_previous_hangup", None) is not None:
+            signal.signal(signal.SIGHUP, self._previous_hangup)
+            self._previous_hangup = None
         self.downloads.cancel_all()
         # twistd re-raises a SIGTERM on itself once the reactor has stopped,
         # so the process would die "by signal".  The peer has shut down
@@ -340,9 +363,9 @@ class PeerService(MultiService):
             f"p2ppeer {self.peer_id[:8]} on {self.host}:{self.transfer_port}; "
             "type 'help' for commands"
         ]
-        log_path = self.settings.get("console-log-path")
-        if log_path:
-            greeting.append(f"logs go to {log_path}")
+        target = self.settings.get("log-target")
+        if target and target[0] != "-":
+            greeting.append(f"logs go to {target[0]}")
         return console.ConsoleProtocol(self.commands, prompt=True, greeting=greeting)
 
 

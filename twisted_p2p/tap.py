@@ -11,6 +11,8 @@ import tomllib
 
 from twisted.python import usage
 
+from twisted_p2p.logs import LOG_FORMATS
+
 #: The UDP port every peer on a network shares for discovery, unless told
 #: otherwise.  Below the Linux ephemeral range (32768-60999) so that no
 #: outgoing connection is ever handed it.
@@ -32,6 +34,8 @@ SETTINGS = {
     "downloads": ("downloads", (str,)),
     "state-dir": (".p2ppeer", (str,)),
     "console": ("auto", (str,)),
+    "log-file": (None, (str,)),
+    "log-format": ("text", (str,)),
 }
 
 CONSOLE_MODES = ("auto", "on", "off")
@@ -77,6 +81,11 @@ class Options(usage.Options):
         ["console", None, None,
          "auto, on or off. auto: a console when stdin is a terminal, a pipe or "
          "a file; none for /dev/null or a closed stdin [default: auto]."],
+        ["log-file", None, None,
+         "Where to log ('-' for stdout); reopened on SIGHUP, for logrotate. "
+         "[default: twistd's choice; under -n with a console, <state-dir>/p2ppeer.log]"],
+        ["log-format", None, None,
+         "text, or json for one JSON object per line (journald, log shippers) [default: text]."],
     ]
 
     def parseOptions(self, options=None):
@@ -131,6 +140,15 @@ class Options(usage.Options):
         self["peer-timeout"] = timeout
         if self["console"] not in CONSOLE_MODES:
             raise usage.UsageError(f"--console must be auto, on or off, not {self['console']!r}")
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
+        parent = getattr(self, "parent", None)
+        if parent is not None and (parent.get("logfile") or parent.get("logger")):
+            if self["log-file"] is not None or self["log-format"] != "text":
+                raise usage.UsageError(
+                    "give either twistd's --logfile/--logger or p2ppeer's "
+                    "--log-file/--log-format, not both"
+                )
         self._check_folders()
         self.check_ports()
 
@@ -145,8 +163,8 @@ class Options(usage.Options):
         if path is not None:
             from_file = load_settings(path)
             base = os.path.dirname(os.path.abspath(path))
-            for key in ("shared", "downloads", "state-dir"):
-                if key in from_file:
+            for key in ("shared", "downloads", "state-dir", "log-file"):
+                if key in from_file and from_file[key] != "-":
                     from_file[key] = os.path.join(base, os.path.expanduser(from_file[key]))
         for key, (default, _) in SETTINGS.items():
             if self[key] is None:
@@ -264,17 +282,27 @@ def console_enabled(mode, stdin):
     return stdin in ("tty", "pipe", "file")
 
 
-def _console_log_path(options):
+def log_target(options, console):
     """
-    Where logs go when they would otherwise share stdout with the console:
-    under C{twistd -n} with no C{--logfile} and no C{--logger}.
+    C{(path or "-", format)} for the peer's own log observer, or C{None} to
+    leave logging to twistd (its C{--logfile} or C{--logger}, or its
+    defaults).
+
+    Under C{twistd -n} with a console and no log option, logs go to
+    C{<state-dir>/p2ppeer.log} rather than to stdout, where the console
+    writes.
     """
     parent = getattr(options, "parent", None)
-    if parent is None or not parent.get("nodaemon"):
+    if parent is None or parent.get("logfile") or parent.get("logger"):
         return None
-    if parent.get("logfile") or parent.get("logger"):
-        return None
-    return os.path.join(options["state-dir"], CONSOLE_LOG_NAME)
+    log_format = options["log-format"]
+    if options["log-file"] is not None:
+        return options["log-file"], log_format
+    if console and parent.get("nodaemon"):
+        return os.path.join(options["state-dir"], CONSOLE_LOG_NAME), log_format
+    if log_format != "text":
+        return ("-" if parent.get("nodaemon") else "twistd.log"), log_format
+    return None
 
 
 def makeService(options, reactor=None):
@@ -287,5 +315,5 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     console = console_enabled(options["console"], stdin)
-    options["console-log-path"] = _console_log_path(options) if console else None
+    options["log-target"] = log_target(options, console)
     return PeerService(options, reactor, console_enabled=console, quiet_console=stdin != "tty")

@@ -1,0 +1,428 @@
+"""
+L{twisted_p2p.tap}: the options, each refusal in its own words, and the
+service tree L{makeService} builds (constructed, never started).
+"""
+
+import os
+import random
+import socket
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from twisted_p2p import service as service_module
+from twisted_p2p import tap, transfer
+from twisted_p2p.service import ConsoleService, DiscoveryService, PeerService
+
+HOST = "127.0.0.1"
+
+
+def free_transfer_base():
+    """
+    A port T with T to T+3 free for TCP on 127.0.0.1, from 20000-32000 (below
+    the ephemeral range, so the UDP port from L{free_udp_port} cannot clash).
+    """
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - 4)
+        sockets = []
+        try:
+            for port in range(base, base + 4):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind((HOST, port))
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+        return base
+    pytest.fail("no four consecutive free TCP ports in 20000-32000")
+
+
+def free_udp_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """
+    A working directory with a shared/ folder.
+    """
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shared").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def ports():
+    return free_transfer_base(), free_udp_port()
+
+
+def parse(*args):
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def refusal(*args):
+    with pytest.raises(usage.UsageError) as e:
+        parse(*args)
+    return str(e.value)
+
+
+def good_args(ports, *extra):
+    base, discovery = ports
+    return (
+        "--transfer-port", str(base),
+        "--discovery-port", str(discovery),
+        "--host", HOST,
+        *extra,
+    )
+
+
+# -- refusals -----------------------------------------------------------------
+
+
+def test_transfer_port_is_required(folder):
+    assert refusal() == "--transfer-port is required, for example --transfer-port 27101"
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "65533", "65535", "70000"])
+def test_transfer_port_out_of_range(folder, port):
+    assert refusal("--transfer-port", port) == (
+        f"--transfer-port {port} is out of range: the peer uses T to T+3, "
+        "so T must be from 1 to 65532"
+    )
+
+
+@pytest.mark.parametrize("port", ["abc", "27101.5", "", "0x6a00"])
+def test_transfer_port_not_a_number(folder, port):
+    assert refusal("--transfer-port", port) == (
+        f"--transfer-port must be a whole number, not {port!r}"
+    )
+
+
+def test_short_transfer_port_option(folder):
+    assert refusal("-t", "x") == "--transfer-port must be a whole number, not 'x'"
+
+
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_discovery_port_out_of_range(folder, port):
+    assert refusal("--transfer-port", "20000", "--discovery-port", port) == (
+        f"--discovery-port {port} is out of range (1 to 65535)"
+    )
+
+
+def test_discovery_port_not_a_number(folder):
+    assert refusal("--transfer-port", "20000", "--discovery-port", "udp") == (
+        "--discovery-port must be a whole number, not 'udp'"
+    )
+
+
+@pytest.mark.parametrize("discovery", [20000, 20001, 20002, 20003])
+def test_discovery_port_clashes_with_the_transfer_ports(folder, discovery):
+    assert refusal("--transfer-port", "20000", "--discovery-port", str(discovery)) == (
+        f"--discovery-port {discovery} clashes with the transfer ports 20000-20003; "
+        "choose a discovery port outside that range"
+    )
+
+
+@pytest.mark.parametrize("discovery", [19999, 20004])
+def test_discovery_port_next_to_the_transfer_ports(tmp_path, monkeypatch, discovery):
+    # No shared folder: getting as far as the folder check means the ports
+    # passed.
+    monkeypatch.chdir(tmp_path)
+    message = refusal("--transfer-port", "20000", "--discovery-port", str(discovery))
+    assert message.startswith("the shared folder shared does not exist")
+
+
+@pytest.mark.parametrize("key", ["host", "broadcast"])
+@pytest.mark.parametrize("value", ["nope", "::1", "256.1.1.1", "10.0.0"])
+def test_bad_address(folder, key, value):
+    assert refusal("--transfer-port", "20000", f"--{key}", value) == (
+        f"--{key} {value!r} is not an IPv4 address"
+    )
+
+
+def test_host_not_of_this_machine(folder, ports):
+    base, discovery = ports
+    message = refusal(
+        "--transfer-port", str(base), "--discovery-port", str(discovery), "--host", "192.0.2.1"
+    )
+    assert message == "--host 192.0.2.1 is not an address of this machine"
+
+
+@pytest.mark.parametrize(
+    "interval, message",
+    [
+        ("0", "--announce-interval must be more than 0 and at most 3600 seconds"),
+        ("-1", "--announce-interval must be more than 0 and at most 3600 seconds"),
+        ("3601", "--announce-interval must be more than 0 and at most 3600 seconds"),
+        ("nan", "--announce-interval must be a finite number of seconds"),
+        ("inf", "--announce-interval must be a finite number of seconds"),
+        ("soon", "--announce-interval must be a number of seconds, not 'soon'"),
+    ],
+)
+def test_bad_announce_interval(folder, interval, message):
+    assert refusal("--transfer-port", "20000", "--announce-interval", interval) == message
+
+
+@pytest.mark.parametrize("timeout", ["5", "4", "0"])
+def test_peer_timeout_not_longer_than_the_interval(folder, timeout):
+    assert refusal("--transfer-port", "20000", "--peer-timeout", timeout) == (
+        "--peer-timeout must be longer than --announce-interval (5 s), "
+        "or every peer would expire between announcements"
+    )
+
+
+def test_bad_console_mode(folder):
+    assert refusal("--transfer-port", "20000", "--console", "maybe") == (
+        "--console must be auto, on or off, not 'maybe'"
+    )
+
+
+def test_missing_shared_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert refusal("--transfer-port", "20000") == (
+        "the shared folder shared does not exist; create it or pass --shared"
+    )
+    assert refusal("--transfer-port", "20000", "--shared", "elsewhere") == (
+        "the shared folder elsewhere does not exist; create it or pass --shared"
+    )
+
+
+def test_downloads_and_shared_the_same(folder):
+    assert refusal("--transfer-port", "20000", "--downloads", "shared") == (
+        "--downloads and --shared must be different folders"
+    )
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_transfer_port_in_use(folder, ports, offset):
+    base, _ = ports
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        busy.bind((HOST, base + offset))
+        busy.listen(1)
+        assert refusal(*good_args(ports)) == (
+            f"port {base + offset} is already in use: stop what uses it or "
+            "pass another --transfer-port"
+        )
+    finally:
+        busy.close()
+
+
+def test_under_twistd_a_refusal_is_one_sentence(folder, capsys):
+    options = tap.Options()
+    options.parent = {"nodaemon": True, "logfile": None, "logger": None}
+    with pytest.raises(SystemExit) as e:
+        options.parseOptions([])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == (
+        "twistd p2ppeer: error: --transfer-port is required, for example --transfer-port 27101\n"
+    )
+
+
+# -- accepted -----------------------------------------------------------------
+
+
+def test_good_options(folder, ports):
+    base, discovery = ports
+    options = parse(*good_args(ports))
+    assert options["transfer-port"] == base
+    assert options["discovery-port"] == discovery
+    assert options["host"] == HOST
+    assert options["broadcast"] == "255.255.255.255"
+    assert options["announce-interval"] == 5.0
+    assert options["shared"] == str(folder / "shared")
+    # Created when missing.
+    assert options["downloads"] == str(folder / "downloads")
+    assert options["state-dir"] == str(folder / ".p2ppeer")
+    assert os.path.isdir(folder / "downloads")
+    assert os.path.isdir(folder / ".p2ppeer")
+
+
+def test_peer_timeout_defaults_to_three_intervals(folder, ports):
+    assert parse(*good_args(ports))["peer-timeout"] == 15.0
+    assert parse(*good_args(ports, "--announce-interval", "2"))["peer-timeout"] == 6.0
+    assert parse(*good_args(ports, "--announce-interval", "0.5"))["peer-timeout"] == 1.5
+
+
+def test_peer_timeout_given(folder, ports):
+    assert parse(*good_args(ports, "--peer-timeout", "7.5"))["peer-timeout"] == 7.5
+
+
+def test_settings_file(folder, ports):
+    base, discovery = ports
+    (folder / "conf").mkdir()
+    (folder / "conf" / "files").mkdir()
+    (folder / "conf" / "peer.toml").write_text(
+        f'transfer-port = {base}\ndiscovery-port = {discovery}\nhost = "{HOST}"\n'
+        'shared = "files"\nannounce-interval = 2\n'
+    )
+    options = parse("--config", "conf/peer.toml", "--announce-interval", "3")
+    assert options["transfer-port"] == base
+    # Relative to the file's folder.
+    assert options["shared"] == str(folder / "conf" / "files")
+    # The command line wins.
+    assert options["announce-interval"] == 3.0
+    assert options["peer-timeout"] == 9.0
+
+
+def test_settings_file_unknown_key(folder):
+    (folder / "peer.toml").write_text("transfer_port = 27101\n")
+    message = refusal("--config", "peer.toml")
+    assert message.startswith("peer.toml: unknown setting 'transfer_port' (known: ")
+
+
+def test_settings_file_wrong_type(folder):
+    (folder / "peer.toml").write_text('transfer-port = "27101"\n')
+    assert refusal("--config", "peer.toml") == (
+        "peer.toml: setting 'transfer-port' must be an integer, not str '27101'"
+    )
+
+
+def test_settings_file_missing(folder):
+    assert refusal("--config", "nowhere.toml") == (
+        "cannot read the settings file nowhere.toml: No such file or directory"
+    )
+
+
+# -- makeService ----------------------------------------------------------------
+
+
+@pytest.fixture
+def global_reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def stdin_is(monkeypatch, kind):
+    monkeypatch.setattr(service_module, "stdin_kind", lambda fd=0: kind)
+
+
+def test_make_service(folder, ports, global_reactor, monkeypatch):
+    stdin_is(monkeypatch, "tty")
+    base, discovery = ports
+    options = parse(*good_args(ports, "--console", "on"))
+    peer = tap.makeService(options, global_reactor)
+    assert isinstance(peer, PeerService)
+    assert isinstance(peer, MultiService)
+    assert not peer.running
+    children = list(peer)
+    assert [type(c) for c in children] == [
+        TimerService,
+        StreamServerEndpointService,
+        StreamServerEndpointService,
+        StreamServerEndpointService,
+        StreamServerEndpointService,
+        DiscoveryService,
+        ConsoleService,
+    ]
+    port_services = children[1:5]
+    assert [(s.endpoint._port, s.endpoint._interface) for s in port_services] == [
+        (base + offset, HOST) for offset in range(4)
+    ]
+    assert [type(s.factory) for s in port_services] == [
+        transfer.ReceiverFactory,
+        transfer.SenderFactory,
+        transfer.NotSupportedFactory,
+        transfer.NotSupportedFactory,
+    ]
+    assert port_services[0].factory.inbox is peer.inbox
+    assert port_services[1].factory.uploads is peer.uploads
+    # No parent: logs stay where twistd puts them.
+    assert options["log-target"] is None
+    # The peer id is kept in the state dir.
+    assert open(folder / ".p2ppeer" / "peer-id").read().strip() == peer.peer_id
+
+
+def test_make_service_without_a_console(folder, ports, global_reactor, monkeypatch):
+    stdin_is(monkeypatch, "tty")
+    options = parse(*good_args(ports, "--console", "off"))
+    peer = tap.makeService(options, global_reactor)
+    assert not any(isinstance(c, ConsoleService) for c in peer)
+    assert len(list(peer)) == 6
+
+
+@pytest.mark.parametrize(
+    "stdin, console", [("tty", True), ("pipe", True), ("file", True), ("null", False), ("closed", False)]
+)
+def test_make_service_console_auto(folder, ports, global_reactor, monkeypatch, stdin, console):
+    stdin_is(monkeypatch, stdin)
+    peer = tap.makeService(parse(*good_args(ports)), global_reactor)
+    assert any(isinstance(c, ConsoleService) for c in peer) == console
+
+
+@pytest.mark.parametrize(
+    "mode, stdin, enabled",
+    [
+        ("off", "tty", False),
+        ("on", "null", True),
+        ("on", "closed", False),
+        ("auto", "tty", True),
+        ("auto", "pipe", True),
+        ("auto", "file", True),
+        ("auto", "null", False),
+        ("auto", "closed", False),
+    ],
+)
+def test_console_enabled(mode, stdin, enabled):
+    assert tap.console_enabled(mode, stdin) == enabled
+
+
+def test_console_log_under_twistd_nodaemon(folder, ports, global_reactor, monkeypatch):
+    stdin_is(monkeypatch, "tty")
+    options = parse(*good_args(ports, "--console", "on"))
+    options.parent = {"nodaemon": True, "logfile": None, "logger": None}
+    tap.makeService(options, global_reactor)
+    assert options["log-target"] == (str(folder / ".p2ppeer" / "p2ppeer.log"), "text")
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [
+        {"nodaemon": False, "logfile": None, "logger": None},
+        {"nodaemon": True, "logfile": "peer.log", "logger": None},
+        {"nodaemon": True, "logfile": None, "logger": "some.observer"},
+    ],
+)
+def test_no_console_log_otherwise(folder, ports, global_reactor, monkeypatch, parent):
+    stdin_is(monkeypatch, "tty")
+    options = parse(*good_args(ports, "--console", "on"))
+    options.parent = parent
+    tap.makeService(options, global_reactor)
+    assert options["log-target"] is None
+
+
+@pytest.mark.parametrize(
+    "extra, parent, target",
+    [
+        (["--log-file", "peer.log"], {"nodaemon": True}, ("peer.log", "text")),
+        (["--log-format", "json"], {"nodaemon": True}, ("-", "json")),
+        (["--log-format", "json"], {"nodaemon": False}, ("twistd.log", "json")),
+        (["--log-file", "-", "--log-format", "json"], {"nodaemon": True}, ("-", "json")),
+    ],
+)
+def test_log_options(folder, ports, global_reactor, monkeypatch, extra, parent, target):
+    stdin_is(monkeypatch, "null")
+    options = parse(*good_args(ports, *extra))
+    options.parent = dict({"logfile": None, "logger": None}, **parent)
+    tap.makeService(options, global_reactor)
+    assert options["log-target"] == target
+
+
+def test_log_options_clash_with_twistd_logfile(folder, ports):
+    options = tap.Options()
+    options.parent = {"nodaemon": True, "logfile": "twistd.log", "logger": None}
+    with pytest.raises(SystemExit):
+        options.parseOptions(list(good_args(ports, "--log-format", "json")))
