@@ -103,7 +103,7 @@ def run(peer, line):
     The lines a command says, and its Deferred.
     """
     said = []
-    d = Commands(peer).run(line, said.append)
+    d = Commands(peer).run(line, lambda event: said.extend(event["text"].splitlines()))
     return said, d
 
 
@@ -176,7 +176,7 @@ def test_download_by_name():
     assert (name, file_id, peers) == ("movie.bin", MOVIE.file_id, (ALICE, BOB))
     assert said == []
     # The download reports through the same say().
-    report("download movie.bin: 10%")
+    report({"event": "download-progress", "text": "download movie.bin: 10%"})
     assert said == ["download movie.bin: 10%"]
     assert not d.called
     started.callback("movie.bin")

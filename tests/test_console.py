@@ -26,7 +26,7 @@ class FakeCommands:
 
     def run(self, line, say):
         self.lines.append(line)
-        say(f"ran {line}")
+        say({"event": "test", "text": f"ran {line}"})
         return defer.succeed(None)
 
 

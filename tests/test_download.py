@@ -128,6 +128,7 @@ class Harness:
         self.clock = task.Clock()
         self.inbox = Inbox()
         self.lines = []
+        self.events = []
         self.claimed = {}
         self.storage = PartialFile(str(self.folder), self.manifest.file_id)
         self.download = Download(
@@ -140,8 +141,12 @@ class Harness:
             self.storage,
             run_now,
             self.clock,
-            self.lines.append,
+            self.report,
         )
+
+    def report(self, event):
+        self.events.append(event)
+        self.lines.extend(event["text"].splitlines())
 
     def open_client(self, peer):
         client = self.clients[peer.host]

@@ -103,7 +103,9 @@ async def test_peers_find_each_other_and_download(two_peers, tmp_path):
     assert [p.peer_id for p in offer.peers] == [b.peer_id]
 
     lines = []
-    final = await a.downloads.start(offer.name, offer.file_id, offer.peers, lines.append)
+    final = await a.downloads.start(
+        offer.name, offer.file_id, offer.peers, lambda e: lines.append(e["text"])
+    )
     assert final == "data.bin"
     with open(tmp_path / "a" / "downloads" / "data.bin", "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(payload).digest()
@@ -132,7 +134,9 @@ async def test_download_never_overwrites(two_peers, tmp_path):
     await wait_for(lambda: any(o.name == "data.bin" for o in a.catalog.offers()))
     offer = [o for o in a.catalog.offers() if o.name == "data.bin"][0]
     lines = []
-    final = await a.downloads.start(offer.name, offer.file_id, offer.peers, lines.append)
+    final = await a.downloads.start(
+        offer.name, offer.file_id, offer.peers, lambda e: lines.append(e["text"])
+    )
     assert final == "data (1).bin"
     assert existing.read_bytes() == b"mine, keep it"
     assert (tmp_path / "a" / "downloads" / "data (1).bin").read_bytes() == payload

@@ -1,11 +1,12 @@
 """
-The command layer: parse a command line, act on the peer, and say what
-happened, one line at a time, to whichever face asked (the stdio console
-today, a control socket later).
+The command layer: parse a command line, act on the peer, and report what
+happened as events (see C{events.py}) to whichever face asked: the stdio
+console, or the control socket that C{p2ppeer-ctl} talks to.
 """
 
 from twisted.internet import defer
 
+from twisted_p2p import events
 from twisted_p2p.download import DownloadFailed, human_size
 
 HELP = [
@@ -13,8 +14,10 @@ HELP = [
     "  list             files here and on every known peer",
     "  peers            the peers this one knows",
     "  download <file>  fetch a file (by name, or by id prefix) into downloads/",
+    "  status           the downloads in progress",
+    "  cancel <file>    stop a download",
     "  help             this text",
-    "  exit             say goodbye to the other peers and stop",
+    "  exit             say goodbye to the other peers and stop (also: stop)",
 ]
 
 
@@ -27,10 +30,10 @@ class CommandError(Exception):
 
 class Commands:
     """
-    Carries out console commands against a peer.
+    Carries out commands against a peer, for every face.
 
     @param peer: the L{PeerService} (its C{index}, C{table}, C{catalog},
-        C{downloads} and C{shutdown}).
+        C{downloads}, C{clock} and C{shutdown}).
     """
 
     def __init__(self, peer):
@@ -41,17 +44,20 @@ class Commands:
             "peers": (self.peers, 0),
             "download": (self.download, 1),
             "get": (self.download, 1),
+            "status": (self.status, 0),
+            "cancel": (self.cancel, 1),
             "help": (self.help, 0),
             "?": (self.help, 0),
             "exit": (self.exit, 0),
             "quit": (self.exit, 0),
+            "stop": (self.exit, 0),
         }
 
-    def run(self, line, say):
+    def run(self, line, emit):
         """
-        Carry out one command line, calling C{say(text)} for each line of
-        output.  Returns a Deferred that fires when the command (a download,
-        say) is over; it never fails: errors are said.
+        Carry out one command line, calling C{emit(event)} for everything
+        there is to say.  Returns a Deferred that fires when the command (a
+        download, say) is over; it never fails: errors are emitted.
         """
         words = line.strip().split(None, 1)
         if not words:
@@ -66,24 +72,23 @@ class Commands:
                 raise CommandError(f"{name} needs an argument: {name} <file>")
             if not arguments and rest:
                 raise CommandError(f"{name} takes no argument")
-            d = defer.maybeDeferred(method, rest, say) if arguments else defer.maybeDeferred(
-                method, say
-            )
+            args = (rest, emit) if arguments else (emit,)
+            d = defer.maybeDeferred(method, *args)
         except CommandError as e:
-            say(f"error: {e}")
+            emit(events.error(str(e)))
             return defer.succeed(None)
-        return d.addErrback(self._said, say)
+        return d.addErrback(self._failed, emit)
 
     @staticmethod
-    def _said(failure, say):
+    def _failed(failure, emit):
         failure.trap(CommandError, DownloadFailed)
-        say(f"error: {failure.getErrorMessage()}")
+        if not getattr(failure.value, "reported", False):
+            emit(events.error(failure.getErrorMessage()))
 
-    def help(self, say):
-        for line in HELP:
-            say(line)
+    def help(self, emit):
+        emit(events.event("help", "\n".join(HELP)))
 
-    def list(self, say):
+    def list(self, emit):
         rows = {}
         for local in self._peer.index.files():
             row = rows.setdefault(local.file_id, [local.name, local.size, []])
@@ -92,31 +97,44 @@ class Commands:
         for offer in self._peer.catalog.offers():
             row = rows.setdefault(offer.file_id, [offer.name, offer.size, []])
             row[2].extend(p.label for p in offer.peers)
-        if not rows:
-            say(f"no files here or on {len(self._peer.table)} known peer(s)")
-            return
-        table = [("NAME", "SIZE", "ID", "WHERE")]
-        for file_id, (name, size, where) in sorted(rows.items(), key=lambda r: (r[1][0], r[0])):
-            table.append((name, human_size(size), file_id[:8], ", ".join(where)))
-        for line in _columns(table):
-            say(line)
-
-    def peers(self, say):
-        peers = self._peer.table.peers()
-        if not peers:
-            say("no peers known yet")
-            return
-        now = self._peer.clock.seconds()
-        table = [("PEER", "ID", "FILES", "LAST HEARD")]
-        for peer in peers:
-            files = len(self._peer.catalog.files_of(peer.peer_id))
-            table.append(
-                (peer.label, peer.short_id, str(files), f"{now - peer.last_seen:.0f} s ago")
+        files = [
+            {"name": name, "size": size, "id": file_id, "where": where}
+            for file_id, (name, size, where) in sorted(
+                rows.items(), key=lambda r: (r[1][0], r[0])
             )
-        for line in _columns(table):
-            say(line)
+        ]
+        if not files:
+            text = f"no files here or on {len(self._peer.table)} known peer(s)"
+        else:
+            table = [("NAME", "SIZE", "ID", "WHERE")]
+            for f in files:
+                table.append((f["name"], human_size(f["size"]), f["id"][:8], ", ".join(f["where"])))
+            text = "\n".join(_columns(table))
+        emit(events.event("list", text, files=files))
 
-    def download(self, wanted, say):
+    def peers(self, emit):
+        now = self._peer.clock.seconds()
+        peers = [
+            {
+                "peer": peer.label,
+                "id": peer.peer_id,
+                "host": peer.host,
+                "transfer_port": peer.transfer_port,
+                "files": len(self._peer.catalog.files_of(peer.peer_id)),
+                "last_heard": round(now - peer.last_seen, 1),
+            }
+            for peer in self._peer.table.peers()
+        ]
+        if not peers:
+            text = "no peers known yet"
+        else:
+            table = [("PEER", "ID", "FILES", "LAST HEARD")]
+            for p in peers:
+                table.append((p["peer"], p["id"][:8], str(p["files"]), f"{p['last_heard']:.0f} s ago"))
+            text = "\n".join(_columns(table))
+        emit(events.event("peers", text, peers=peers))
+
+    def download(self, wanted, emit):
         offers = self._peer.catalog.offers()
         matches = [o for o in offers if o.name == wanted]
         if not matches and len(wanted) >= 4:
@@ -136,10 +154,38 @@ class Commands:
         offer = matches[0]
         if self._peer.index.by_id(offer.file_id) is not None:
             raise CommandError(f"{offer.name} is already here")
-        return self._peer.downloads.start(offer.name, offer.file_id, offer.peers, say)
+        return self._peer.downloads.start(offer.name, offer.file_id, offer.peers, emit)
 
-    def exit(self, say):
-        say("bye")
+    def status(self, emit):
+        transfers = [d.status() for d in self._peer.downloads.active.values()]
+        if not transfers:
+            text = "no downloads in progress"
+        else:
+            table = [("FILE", "DONE", "RATE", "SOURCES", "ETA")]
+            for t in transfers:
+                eta = "?" if t["eta"] is None else f"{t['eta']} s"
+                table.append(
+                    (t["file"], f"{t['percent']}%", f"{human_size(t['rate'])}/s", str(t["sources"]), eta)
+                )
+            text = "\n".join(_columns(table))
+        emit(events.event("status", text, transfers=transfers))
+
+    def cancel(self, wanted, emit):
+        active = self._peer.downloads.active
+        matches = [
+            d for d in active.values()
+            if d.name == wanted or (len(wanted) >= 4 and d.file_id.startswith(wanted.lower()))
+        ]
+        if not matches:
+            raise CommandError(f"no download of {wanted!r} is in progress; 'status' lists them")
+        if len(matches) > 1:
+            raise CommandError(f"several downloads match {wanted!r}; cancel one by its id")
+        download = matches[0]
+        emit(events.event("cancelled", f"cancelled {download.name}", file=download.name, id=download.file_id))
+        download.cancel()
+
+    def exit(self, emit):
+        emit(events.event("bye", "bye"))
         self._peer.shutdown()
 
 

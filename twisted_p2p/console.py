@@ -36,6 +36,8 @@ class ConsoleProtocol(LineReceiver):
         self._rest = b""
         self.detached = False
         self._can_write = True
+        self._prompt_visible = False
+        self._leaving = False
 
     def connectionMade(self):
         for line in self._greeting:
@@ -55,6 +57,7 @@ class ConsoleProtocol(LineReceiver):
             LineReceiver.dataReceived(self, rest)
 
     def lineLengthExceeded(self, line):
+        self._prompt_visible = False
         self.say(f"error: a command is at most {self.MAX_LENGTH} bytes")
         end = line.find(self.delimiter)
         if end < 0:
@@ -67,20 +70,43 @@ class ConsoleProtocol(LineReceiver):
         try:
             text = line.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError:
+            self._prompt_visible = False
             self.say("error: a command must be UTF-8 text")
             self._show_prompt()
             return
-        d = self._commands.run(text, self.say)
+        self._prompt_visible = False  # the user's Enter moved to a new line
+        d = self._commands.run(text, self.emit)
         d.addErrback(lambda f: log.failure("A console command failed", f))
         self._show_prompt()
 
+    def emit(self, event):
+        """
+        Print an event's text.  On a terminal, a line that arrives while the
+        prompt is shown (download progress, say) is written over the prompt,
+        which is then drawn again below it.
+        """
+        if event.get("event") == "bye":
+            self._leaving = True
+        redraw = self._prompt and self._prompt_visible
+        if redraw:
+            self._write(b"\r\x1b[K")
+            self._prompt_visible = False
+        for line in event["text"].splitlines() or [""]:
+            self.say(line)
+        if redraw:
+            self._show_prompt()
+
     def say(self, text):
+        self._write(text.encode("utf-8", "replace") + b"\n")
+
+    def _write(self, data):
         if self._can_write and self.transport is not None:
-            self.transport.write(text.encode("utf-8", "replace") + b"\n")
+            self.transport.write(data)
 
     def _show_prompt(self):
-        if self._prompt and self._can_write and self.transport is not None:
-            self.transport.write(b"p2p> ")
+        if self._prompt and not self._leaving and not self._prompt_visible:
+            self._write(b"p2p> ")
+            self._prompt_visible = True
 
     def readConnectionLost(self):
         self.detached = True

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from twisted_p2p import wire
+from twisted_p2p import events, wire
 from twisted_p2p.client import PeerRefused, fetch_manifest
 from twisted_p2p.limits import REQUEST_BATCH, REQUEST_TIMEOUT, SOURCE_WINDOW
 from twisted_p2p.manifest import ManifestMismatch
@@ -25,10 +25,22 @@ PROGRESS_INTERVAL = 1.0
 MAX_STRIKES = 3
 
 
+def _seconds(elapsed):
+    """
+    A duration for people: two decimals under ten seconds, so that a fast
+    download does not say "0.0 s".
+    """
+    return f"{elapsed:.2f} s" if elapsed < 10 else f"{elapsed:.0f} s"
+
+
 class DownloadFailed(Exception):
     """
     A download that cannot complete; the message is for the user.
+
+    @ivar reported: whether a C{download-failed} event already told the user.
     """
+
+    reported = False
 
 
 def human_size(n):
@@ -144,11 +156,46 @@ class Download:
         self.final_name = None
         self._progress = None
         self._finishing = False
+        self._cancelled = False
         self.done = defer.Deferred()
 
     @property
     def size(self):
         return self.manifest.size if self.manifest else None
+
+    def status(self):
+        """
+        Where this download stands: C{file}, C{id}, C{size}, C{bytes}
+        verified, C{percent}, C{rate} (bytes/s), C{sources} in use and
+        C{eta} (seconds, or C{None} while unknown).
+        """
+        size = self.size
+        elapsed = max(self._clock.seconds() - self.started, 1e-6)
+        rate = self.bytes_verified / elapsed
+        if size is None:
+            percent, eta = 0, None
+        else:
+            percent = 100 if size == 0 else 100 * self.bytes_verified // size
+            eta = round((size - self.bytes_verified) / rate) if rate > 0 else None
+        return {
+            "file": self.name,
+            "id": self.file_id,
+            "size": size,
+            "bytes": self.bytes_verified,
+            "percent": percent,
+            "rate": round(rate),
+            "sources": sum(1 for s in self.sources if s.usable),
+            "eta": eta,
+        }
+
+    def _emit(self, kind, text, **fields):
+        """
+        Tell the user (through C{report}) and, but for progress, the log.
+        """
+        e = events.event(kind, text, file=self.name, id=self.file_id, **fields)
+        if kind != "download-progress":
+            log.info("{text}", **e)
+        self._report(e)
 
     def start(self):
         """
@@ -183,9 +230,13 @@ class Download:
             )
         await self._run(self.storage.open, self.manifest.size)
         self._missing.extend(range(self.manifest.chunk_count))
-        self._report(
+        self._emit(
+            "download-started",
             f"download {self.name}: {human_size(self.manifest.size)} in "
-            f"{self.manifest.chunk_count} chunks from {len(self.sources)} peer(s)"
+            f"{self.manifest.chunk_count} chunks from {len(self.sources)} peer(s)",
+            size=self.manifest.size,
+            chunks=self.manifest.chunk_count,
+            sources=len(self.sources),
         )
         self._progress = LoopingCall(self._show_progress)
         self._progress.clock = self._clock
@@ -241,12 +292,18 @@ class Download:
             self._schedule()
 
     def _request_refused(self, failure, request):
+        if request not in self._requests:
+            # Over already: the download finished or stopped and closed
+            # this connection itself.
+            return
         source = request.source
         if failure.check(PeerRefused) and failure.value.code == "unreachable":
-            self._report(
+            self._emit(
+                "source-unreachable",
                 f"download {self.name}: {source.peer.label} could not connect back to "
                 f"our receiver port {self._receiver_port}; a firewall may block it, "
-                "or --host is not an address that peer can reach"
+                "or --host is not an address that peer can reach",
+                peer=source.peer.label,
             )
             source.usable = False
         elif failure.check(PeerRefused) and failure.value.code == "busy":
@@ -326,9 +383,12 @@ class Download:
         )
         if source.strikes >= MAX_STRIKES and source.usable:
             source.usable = False
-            self._report(
+            self._emit(
+                "peer-banned",
                 f"download {self.name}: {source.peer.label} sent bad data "
-                f"{source.strikes} times and is no longer asked"
+                f"{source.strikes} times and is no longer asked",
+                peer=source.peer.label,
+                strikes=source.strikes,
             )
 
     # the end
@@ -345,9 +405,14 @@ class Download:
             size = self.manifest.size
             where = os.path.join(os.path.basename(self.storage.folder), final_name)
             renamed = "" if final_name == self.name else f" ({self.name} already existed)"
-            self._report(
+            self._emit(
+                "download-finished",
                 f"downloaded {self.name} to {where}{renamed}: {human_size(size)} in "
-                f"{elapsed:.1f} s ({human_size(size / elapsed)}/s)"
+                f"{_seconds(elapsed)} ({human_size(size / elapsed)}/s)",
+                path=where,
+                size=size,
+                seconds=round(elapsed, 3),
+                rate=round(size / elapsed),
             )
             self.done.callback(result)
 
@@ -359,6 +424,7 @@ class Download:
         d.addCallbacks(completed, failed)
 
     def cancel(self):
+        self._cancelled = True
         self._fail(DownloadFailed(f"download {self.name} was cancelled"))
 
     def _fail(self, failure_or_error):
@@ -371,6 +437,11 @@ class Download:
         self._stop()
         if self.manifest is not None:
             self._run(self.storage.discard).addErrback(lambda f: None)
+        if self._cancelled:
+            self._emit("download-cancelled", f"download {self.name} cancelled")
+        else:
+            self._emit("download-failed", f"error: {error}", reason=str(error))
+        error.reported = True
         self.done.errback(error)
 
     def _stop(self):
@@ -390,9 +461,15 @@ class Download:
         elapsed = max(self._clock.seconds() - self.started, 1e-6)
         percent = 100 * self.bytes_verified // self.manifest.size
         sources = sum(1 for s in self.sources if s.usable)
-        self._report(
+        self._emit(
+            "download-progress",
             f"download {self.name}: {percent}% of {human_size(self.manifest.size)} "
-            f"at {human_size(self.bytes_verified / elapsed)}/s from {sources} peer(s)"
+            f"at {human_size(self.bytes_verified / elapsed)}/s from {sources} peer(s)",
+            percent=percent,
+            bytes=self.bytes_verified,
+            size=self.manifest.size,
+            rate=round(self.bytes_verified / elapsed),
+            sources=sources,
         )
 
 
