@@ -480,7 +480,8 @@ class Downloads:
 
     @param make_download: C{make_download(name, file_id, peers, report)}
         giving an unstarted L{Download}.
-    @param index: the L{SharedIndex} that finished files join.
+    @param index: the L{SharedIndex} that finished files join, or C{None}
+        when finished downloads are not offered.
     """
 
     def __init__(self, make_download, index):
@@ -502,7 +503,8 @@ class Downloads:
 
         def finished(result):
             final_name, signature = result
-            self._index.add(download.storage.folder, final_name, download.manifest, signature)
+            if self._index is not None:
+                self._index.add(download.storage.folder, final_name, download.manifest, signature)
             return final_name
 
         def ended(result):

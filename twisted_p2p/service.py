@@ -203,8 +203,11 @@ class PeerService(MultiService):
         self.instance_id = secrets.token_hex(8)
         self._threads = reactor.getThreadPool()
 
+        offered = [settings["shared"]]
+        if settings["share-downloads"]:
+            offered.append(settings["downloads"])
         self.index = index.SharedIndex(
-            [settings["shared"], settings["downloads"]],
+            offered,
             os.path.join(state_dir, "hashes.json"),
             self.run_in_thread,
         )
@@ -223,9 +226,16 @@ class PeerService(MultiService):
         self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
         self.inbox = transfer.Inbox()
         self.uploads = Uploads(
-            self.index, self._connect, lambda *a: self.run_in_thread(read_range, *a)
+            self.index,
+            self._connect,
+            lambda *a: self.run_in_thread(read_range, *a),
+            max_uploads=settings["max-uploads"],
+            max_rate=settings["max-upload-rate"],
+            clock=reactor,
         )
-        self.downloads = download.Downloads(self._make_download, self.index)
+        self.downloads = download.Downloads(
+            self._make_download, self.index if settings["share-downloads"] else None
+        )
         self.commands = Commands(self)
         self.table.subscribe(_PeerLog())
 

@@ -11,6 +11,7 @@ import tomllib
 
 from twisted.python import usage
 
+from twisted_p2p.limits import MAX_UPLOADS
 from twisted_p2p.logs import LOG_FORMATS
 
 #: The UDP port every peer on a network shares for discovery, unless told
@@ -34,6 +35,9 @@ SETTINGS = {
     "downloads": ("downloads", (str,)),
     "state-dir": (".p2ppeer", (str,)),
     "console": ("auto", (str,)),
+    "max-upload-rate": ("0", (str, int)),
+    "max-uploads": (MAX_UPLOADS, (int,)),
+    "share-downloads": ("yes", (str, bool)),
     "log-file": (None, (str,)),
     "log-format": ("text", (str,)),
 }
@@ -81,6 +85,13 @@ class Options(usage.Options):
         ["console", None, None,
          "auto, on or off. auto: a console when stdin is a terminal, a pipe or "
          "a file; none for /dev/null or a closed stdin [default: auto]."],
+        ["max-upload-rate", None, None,
+         "Upload limit for the whole peer, in bytes per second, with an optional "
+         "K, M or G suffix (25M = 25,000,000); 0 for no limit [default: 0]."],
+        ["max-uploads", None, None,
+         f"Chunk streams served at once; more requests are told to retry [default: {MAX_UPLOADS}]."],
+        ["share-downloads", None, None,
+         "yes or no: offer finished downloads to the other peers [default: yes]."],
         ["log-file", None, None,
          "Where to log ('-' for stdout); reopened on SIGHUP, for logrotate. "
          "[default: twistd's choice; under -n with a console, <state-dir>/p2ppeer.log]"],
@@ -138,6 +149,15 @@ class Options(usage.Options):
                     "or every peer would expire between announcements"
                 )
         self["peer-timeout"] = timeout
+        self["max-upload-rate"] = parse_rate(self["max-upload-rate"])
+        uploads = _whole(self, "max-uploads")
+        if not 1 <= uploads <= 10000:
+            raise usage.UsageError("--max-uploads must be from 1 to 10000")
+        self["max-uploads"] = uploads
+        share = str(self["share-downloads"]).lower()
+        if share not in ("yes", "no", "true", "false"):
+            raise usage.UsageError(f"--share-downloads must be yes or no, not {self['share-downloads']!r}")
+        self["share-downloads"] = share in ("yes", "true")
         if self["console"] not in CONSOLE_MODES:
             raise usage.UsageError(f"--console must be auto, on or off, not {self['console']!r}")
         if self["log-format"] not in LOG_FORMATS:
@@ -169,7 +189,7 @@ class Options(usage.Options):
         for key, (default, _) in SETTINGS.items():
             if self[key] is None:
                 self[key] = from_file.get(key, default)
-            if isinstance(self[key], (int, float)):
+            if isinstance(self[key], (int, float)) and not isinstance(self[key], bool):
                 self[key] = str(self[key])
 
     def _check_folders(self):
@@ -221,12 +241,41 @@ def load_settings(path):
             known = ", ".join(SETTINGS)
             raise usage.UsageError(f"{path}: unknown setting {key!r} (known: {known})")
         kinds = SETTINGS[key][1]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            wanted = " or ".join({int: "an integer", float: "a number", str: "a string"}[k] for k in kinds)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+            wanted = " or ".join(names[k] for k in kinds)
             raise usage.UsageError(
                 f"{path}: setting {key!r} must be {wanted}, not {type(value).__name__} {value!r}"
             )
     return settings
+
+
+_RATE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def parse_rate(text):
+    """
+    Bytes per second from C{text} such as C{"25M"} or C{"500000"}; C{None}
+    for no limit (C{"0"}).
+
+    @raise usage.UsageError: not a rate.
+    """
+    value = str(text).strip().upper().removesuffix("B/S").removesuffix("/S")
+    unit = value[-1:] if value[-1:] in ("K", "M", "G") else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        rate = float(number) * _RATE_UNITS[unit]
+    except ValueError:
+        raise usage.UsageError(
+            f"--max-upload-rate must be bytes per second such as 500000, 800K or 25M, not {text!r}"
+        )
+    if rate != rate or rate < 0 or rate == float("inf"):
+        raise usage.UsageError("--max-upload-rate must be 0 (no limit) or more")
+    if rate == 0:
+        return None
+    if rate < 1024:
+        raise usage.UsageError("--max-upload-rate below 1K would stall transfers; use at least 1K")
+    return int(rate)
 
 
 def _whole(options, key):

@@ -41,8 +41,12 @@ class Uploads:
         Deferred of bytes (a thread, in production).
     """
 
-    def __init__(self, index, connect, read_chunk, max_uploads=MAX_UPLOADS):
+    def __init__(
+        self, index, connect, read_chunk, max_uploads=MAX_UPLOADS, max_rate=None, clock=None
+    ):
         self._index = index
+        self._max_rate = max_rate
+        self._clock = clock
         self._connect = connect
         self._read_chunk = read_chunk
         self._max_uploads = max_uploads
