@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from twisted_p2p import service as service_module
 from twisted_p2p import tap, transfer
-from twisted_p2p.service import ConsoleService, DiscoveryService, PeerService
+from twisted_p2p.service import ConsoleService, ControlService, DiscoveryService, PeerService
 
 HOST = "127.0.0.1"
 
@@ -326,6 +326,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
         StreamServerEndpointService,
         StreamServerEndpointService,
         DiscoveryService,
+        ControlService,
         ConsoleService,
     ]
     port_services = children[1:5]
@@ -351,7 +352,7 @@ def test_make_service_without_a_console(folder, ports, global_reactor, monkeypat
     options = parse(*good_args(ports, "--console", "off"))
     peer = tap.makeService(options, global_reactor)
     assert not any(isinstance(c, ConsoleService) for c in peer)
-    assert len(list(peer)) == 6
+    assert len(list(peer)) == 7
 
 
 @pytest.mark.parametrize(

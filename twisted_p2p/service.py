@@ -7,7 +7,8 @@ lifetimes.  Its children start in this order and stop in the reverse one:
  1. the index of C{shared/} and C{downloads/} (first scan, then re-scans);
  2. the four transfer ports, T to T+3;
  3. discovery (stops by saying goodbye, while the ports are still up);
- 4. the console, if any.
+ 4. the control socket for C{p2ppeer-ctl};
+ 5. the console, if any.
 """
 
 import os
@@ -18,14 +19,14 @@ import sys
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from twisted_p2p import catalog, client, console, discovery, download, index, logs, transfer
+from twisted_p2p import catalog, client, console, control, discovery, download, index, logs, transfer
 from twisted_p2p.commands import Commands
 from twisted_p2p.limits import RESCAN_INTERVAL
 from twisted_p2p.peers import PeerTable
@@ -156,6 +157,40 @@ class DiscoveryService(Service):
         )
 
 
+class ControlService(Service):
+    """
+    Owns the control socket in the state dir.  It listens in startService,
+    after twistd has dropped privileges, so the socket belongs to the peer's
+    user; mode 0600 keeps other users out.  A lock file next to it tells a
+    stale socket (removed) from one a running peer holds (an error).
+    """
+
+    def __init__(self, reactor, path, commands):
+        self._reactor = reactor
+        self.path = path
+        self._commands = commands
+        self._port = None
+
+    def startService(self):
+        Service.startService(self)
+        endpoint = UNIXServerEndpoint(self._reactor, self.path, mode=0o600, wantPID=True)
+        d = endpoint.listen(control.ControlFactory(self._commands))
+        failures = []
+        d.addCallbacks(lambda port: setattr(self, "_port", port), failures.append)
+        if failures:
+            sys.stderr.write(
+                f"twistd p2ppeer: error: cannot open the control socket {self.path}: "
+                "another peer may be running with this --state-dir\n"
+            )
+            raise SystemExit(1)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+
+
 class ConsoleService(Service):
     """
     Owns the stdio console, if there is a stdin to read.
@@ -257,6 +292,9 @@ class PeerService(MultiService):
             port_service.setServiceParent(self)
         DiscoveryService(
             reactor, self.discovery, self.host, settings["discovery-port"]
+        ).setServiceParent(self)
+        ControlService(
+            reactor, os.path.join(state_dir, control.SOCKET_NAME), self.commands
         ).setServiceParent(self)
         if console_enabled:
             ConsoleService(reactor, self._make_console, quiet_console).setServiceParent(self)

@@ -202,12 +202,19 @@ class Options(usage.Options):
         for key in ("downloads", "state-dir"):
             path = os.path.abspath(self[key])
             try:
-                os.makedirs(path, exist_ok=True)
+                # A new state dir is private: it holds the control socket.
+                os.makedirs(path, mode=0o700 if key == "state-dir" else 0o777, exist_ok=True)
             except OSError as e:
                 raise usage.UsageError(f"cannot create the --{key} folder {path}: {e.strerror}")
             if not os.access(path, os.W_OK | os.X_OK):
                 raise usage.UsageError(f"the --{key} folder {path} is not writable")
             self[key] = path
+        control_socket = os.path.join(self["state-dir"], "control.sock")
+        if len(control_socket.encode()) > 100:
+            raise usage.UsageError(
+                f"the --state-dir path {self['state-dir']} is too long for a control "
+                "socket (UNIX sockets allow about 100 bytes); choose a shorter one"
+            )
         if self["downloads"] == self["shared"]:
             raise usage.UsageError("--downloads and --shared must be different folders")
 

@@ -1,0 +1,170 @@
+"""
+C{p2ppeer-ctl}: control a running peer through its control socket.
+
+A plain blocking client: it sends one request and prints the events that
+come back, as text or, with C{--json}, as JSON lines.  Exit status: 0 when
+the command succeeded, 1 when it failed (an error, a failed download), 2
+when the peer could not be reached.
+"""
+
+import argparse
+import errno
+import json
+import os
+import socket
+import sys
+
+from twisted_p2p.control import SOCKET_NAME
+
+COMMANDS = {
+    "list": 0,
+    "peers": 0,
+    "download": 1,
+    "status": 0,
+    "cancel": 1,
+    "stop": 0,
+}
+
+#: Seconds to wait for the peer to answer (a download with --wait may take
+#: longer: then there is no limit).
+ANSWER_TIMEOUT = 30.0
+
+
+class CtlError(Exception):
+    """
+    The peer could not be reached; the message says what to check.
+    """
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(
+        prog="p2ppeer-ctl",
+        description="Control a running twisted-p2p peer through its control socket.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--state-dir",
+        default=".p2ppeer",
+        help="the peer's --state-dir; its control socket is in it [default: .p2ppeer]",
+    )
+    where.add_argument("--socket", help="the control socket's path")
+    parser.add_argument("--json", action="store_true", help="print events as JSON lines")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="download: wait, showing progress, until the download is over",
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), help="what to do")
+    parser.add_argument("argument", nargs="*", help="the file, for download and cancel")
+    args = parser.parse_intermixed_args(argv)
+    wanted = COMMANDS[args.command]
+    if wanted and not args.argument:
+        parser.error(f"{args.command} needs a file name or id")
+    if not wanted and args.argument:
+        parser.error(f"{args.command} takes no argument")
+    if args.wait and args.command != "download":
+        parser.error("--wait goes with download")
+    return args
+
+
+def socket_path(args):
+    if args.socket:
+        return args.socket
+    return os.path.join(args.state_dir, SOCKET_NAME)
+
+
+def connect(path, state_dir):
+    """
+    A socket connected to the peer at C{path}.
+
+    @raise CtlError: with a sentence naming the likely cause.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except FileNotFoundError:
+        sock.close()
+        raise CtlError(
+            f"no control socket at {path}: is the peer running, and is its "
+            f"state dir {state_dir}? (pass --state-dir or --socket)"
+        )
+    except ConnectionRefusedError:
+        sock.close()
+        raise CtlError(
+            f"the control socket {path} is stale: no peer is running on it "
+            f"(start the peer, or check --state-dir {state_dir})"
+        )
+    except PermissionError:
+        sock.close()
+        raise CtlError(f"permission denied on {path}: run p2ppeer-ctl as the peer's user")
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.ENOTSOCK:
+            raise CtlError(f"{path} is not a socket")
+        raise CtlError(f"cannot connect to {path}: {e.strerror}")
+    return sock
+
+
+def events_from(sock):
+    """
+    The events the peer sends, one JSON object per line, until it closes.
+    """
+    buffer = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+
+
+def run(argv, out=sys.stdout, err=sys.stderr):
+    """
+    Run C{p2ppeer-ctl} with C{argv}; returns the exit status.
+    """
+    args = parse_arguments(argv)
+    command = " ".join([args.command, *args.argument])
+    path = socket_path(args)
+    try:
+        sock = connect(path, args.state_dir)
+    except CtlError as e:
+        err.write(f"p2ppeer-ctl: {e}\n")
+        return 2
+    with sock:
+        waiting = args.command == "download" and args.wait
+        sock.settimeout(None if waiting else ANSWER_TIMEOUT)
+        sock.sendall(json.dumps({"command": command, "wait": args.wait}).encode() + b"\n")
+        ok = None
+        try:
+            for event in events_from(sock):
+                if event.get("event") == "end":
+                    ok = bool(event.get("ok"))
+                    continue
+                if args.json:
+                    out.write(json.dumps(event) + "\n")
+                else:
+                    out.write(str(event.get("text", "")) + "\n")
+                out.flush()
+        except socket.timeout:
+            err.write(f"p2ppeer-ctl: the peer did not answer within {ANSWER_TIMEOUT:.0f} s\n")
+            return 2
+        except (OSError, ValueError) as e:
+            err.write(f"p2ppeer-ctl: the connection to the peer broke: {e}\n")
+            return 2
+    if ok is None:
+        if args.command == "stop":
+            return 0  # the peer went away, as asked
+        err.write("p2ppeer-ctl: the peer closed the connection before answering (is it stopping?)\n")
+        return 2
+    return 0 if ok else 1
+
+
+def main():
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
