@@ -340,9 +340,9 @@ class PeerService(MultiService):
         SIGHUP: re-scan the shared folders now, and reopen the log file (for
         logrotate).
         """
-        log.info("SIGHUP: re-scanning shared folders and reopening the log", event="hangup")
         if self.log_file is not None:
             self.log_file.reopen()
+        log.info("SIGHUP: re-scanning shared folders and reopening the log", event="hangup")
         self.index.rescan()
 
     def stopService(self):
