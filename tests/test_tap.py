@@ -263,15 +263,15 @@ def test_peer_timeout_given(folder, ports):
 def test_settings_file(folder, ports):
     base, discovery = ports
     (folder / "conf").mkdir()
-    (folder / "conf" / "files").mkdir()
+    (folder / "files").mkdir()
     (folder / "conf" / "peer.toml").write_text(
         f'transfer-port = {base}\ndiscovery-port = {discovery}\nhost = "{HOST}"\n'
         'shared = "files"\nannounce-interval = 2\n'
     )
     options = parse("--config", "conf/peer.toml", "--announce-interval", "3")
     assert options["transfer-port"] == base
-    # Relative to the file's folder.
-    assert options["shared"] == str(folder / "conf" / "files")
+    # Relative to the working directory, not to the file's folder.
+    assert options["shared"] == str(folder / "files")
     # The command line wins.
     assert options["announce-interval"] == 3.0
     assert options["peer-timeout"] == 9.0

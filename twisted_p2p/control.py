@@ -59,10 +59,17 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
             self.emit(events.error(f"a request must be a JSON object with a command ({e})"))
             self._end()
             return
-        self._waiting_for_start = not wait and command.split()[:1] in (["download"], ["get"])
-        d = self.factory.commands.run(command, self.emit)
-        d.addErrback(lambda f: log.failure("A control command failed", f))
+        # Lower case, as the command layer reads it: "Download x" is a download.
+        self._waiting_for_start = not wait and command.lower().split()[:1] in (["download"], ["get"])
+        d = defer.maybeDeferred(self.factory.commands.run, command, self.emit)
+        d.addErrback(self._command_failed)
         d.addBoth(lambda _: self._end())
+
+    def _command_failed(self, failure):
+        # The command layer reports errors as events; a failure here is a bug,
+        # and the client must not be told "ok".
+        log.failure("A control command failed", failure)
+        self.emit(events.error("the command failed unexpectedly; see the peer's log"))
 
     def emit(self, event):
         if self._ended or self.transport is None:

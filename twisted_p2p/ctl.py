@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 
 from twisted_p2p.control import SOCKET_NAME
@@ -77,6 +78,8 @@ def connect(path, state_dir):
     """
     A socket connected to the peer at C{path}.
 
+    @param state_dir: the state dir C{path} was found from, for the message;
+        C{None} when the path was given with C{--socket}.
     @raise CtlError: with a sentence naming the likely cause.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -84,15 +87,21 @@ def connect(path, state_dir):
         sock.connect(path)
     except FileNotFoundError:
         sock.close()
+        if state_dir is None:
+            raise CtlError(f"no control socket at {path}: is the peer running? (check --socket)")
         raise CtlError(
             f"no control socket at {path}: is the peer running, and is its "
             f"state dir {state_dir}? (pass --state-dir or --socket)"
         )
     except ConnectionRefusedError:
         sock.close()
+        # Linux refuses a connection to a file that is not a socket too.
+        if not _is_socket(path):
+            raise CtlError(f"{path} is not a socket")
+        where = "--socket" if state_dir is None else f"--state-dir {state_dir}"
         raise CtlError(
             f"the control socket {path} is stale: no peer is running on it "
-            f"(start the peer, or check --state-dir {state_dir})"
+            f"(start the peer, or check {where})"
         )
     except PermissionError:
         sock.close()
@@ -101,8 +110,16 @@ def connect(path, state_dir):
         sock.close()
         if e.errno == errno.ENOTSOCK:
             raise CtlError(f"{path} is not a socket")
-        raise CtlError(f"cannot connect to {path}: {e.strerror}")
+        # Some errors (a path too long for a UNIX socket) have no strerror.
+        raise CtlError(f"cannot connect to {path}: {e.strerror or e}")
     return sock
+
+
+def _is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True  # gone meanwhile: let the caller's message stand
 
 
 def events_from(sock):
@@ -118,7 +135,10 @@ def events_from(sock):
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             if line.strip():
-                yield json.loads(line)
+                event = json.loads(line)
+                if not isinstance(event, dict):
+                    raise ValueError(f"not an event: {line[:80]!r}")
+                yield event
 
 
 def run(argv, out=sys.stdout, err=sys.stderr):
@@ -129,16 +149,18 @@ def run(argv, out=sys.stdout, err=sys.stderr):
     command = " ".join([args.command, *args.argument])
     path = socket_path(args)
     try:
-        sock = connect(path, args.state_dir)
+        sock = connect(path, None if args.socket else args.state_dir)
     except CtlError as e:
         err.write(f"p2ppeer-ctl: {e}\n")
         return 2
     with sock:
         waiting = args.command == "download" and args.wait
         sock.settimeout(None if waiting else ANSWER_TIMEOUT)
-        sock.sendall(json.dumps({"command": command, "wait": args.wait}).encode() + b"\n")
         ok = None
         try:
+            # Inside the try: a peer that closes at once (it is stopping)
+            # breaks the send, and that is a message, not a traceback.
+            sock.sendall(json.dumps({"command": command, "wait": args.wait}).encode() + b"\n")
             for event in events_from(sock):
                 if event.get("event") == "end":
                     ok = bool(event.get("ok"))

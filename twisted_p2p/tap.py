@@ -175,17 +175,18 @@ class Options(usage.Options):
     def _apply_settings_file(self):
         """
         Fill every setting the command line left unset from the C{--config}
-        file, then from the defaults.  Relative paths in the file are relative
-        to the file's folder.
+        file, then from the defaults.  Relative paths in the file are, like
+        those on the command line, relative to the working directory: one
+        settings file in /etc serves a peer run in its own folder (systemd's
+        WorkingDirectory, supervisor's directory).
         """
         from_file = {}
         path = self["config"]
         if path is not None:
             from_file = load_settings(path)
-            base = os.path.dirname(os.path.abspath(path))
             for key in ("shared", "downloads", "state-dir", "log-file"):
                 if key in from_file and from_file[key] != "-":
-                    from_file[key] = os.path.join(base, os.path.expanduser(from_file[key]))
+                    from_file[key] = os.path.expanduser(from_file[key])
         for key, (default, _) in SETTINGS.items():
             if self[key] is None:
                 self[key] = from_file.get(key, default)
