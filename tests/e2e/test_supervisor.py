@@ -7,12 +7,10 @@ import configparser
 import hashlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

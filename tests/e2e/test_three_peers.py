@@ -12,7 +12,6 @@ stage.  Timings are printed (run with C{-s} to see them).
 import hashlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
