@@ -19,8 +19,8 @@ OTHER_INSTANCE = "2" * 16
 REV1 = "1" * 16
 REV2 = "2" * 16
 REV3 = "3" * 16
-ALICE_ADDR = ("10.0.0.1", 5000)
-BOB_ADDR = ("10.0.0.2", 5000)
+ALICE_ADDR = ("192.0.2.1", 5000)
+BOB_ADDR = ("192.0.2.2", 5000)
 FILE_X = "ab" * 32
 FILE_Y = "cd" * 32
 
@@ -85,13 +85,13 @@ class TestFetching:
         NetworkCatalog(table, lambda peer: seen.append(peer) or defer.Deferred(), clock)
         table.heard(Announce(ALICE, INSTANCE, 4000, REV1), *ALICE_ADDR)
         assert seen == [table.get(ALICE)]
-        assert seen[0].label == "10.0.0.1:4000"
+        assert seen[0].label == "192.0.2.1:4000"
 
     def test_same_revision_does_not_refetch(self, w):
         w.announce()
         w.fetch.last(ALICE).callback((REV1, []))
         w.announce()
-        w.announce(address=("10.0.0.9", 5000))  # "changed" address, same revision
+        w.announce(address=("192.0.2.9", 5000))  # "changed" address, same revision
         w.announce(port=4100)
         assert len(w.fetch.calls) == 1
 
@@ -133,7 +133,7 @@ class TestFetching:
         w.announce(rev=REV2)
         # The answer was made before the peer moved on to REV2.
         w.fetch.last(ALICE).callback((REV1, []))
-        w.announce(address=("10.0.0.9", 5000), rev=REV2)
+        w.announce(address=("192.0.2.9", 5000), rev=REV2)
         assert len(w.fetch.calls) == 2
 
     def test_refresh_of_unknown_peer_does_nothing(self, w):
