@@ -11,9 +11,11 @@ lifetimes.  Its children start in this order and stop in the reverse one:
  5. the console, if any.
 """
 
+import errno
 import os
 import secrets
 import signal
+import stat
 import sys
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -47,8 +49,6 @@ def stdin_kind(fd=0):
     A closed fd 0 is given /dev/null, so that no socket opened later takes
     fd 0 and is mistaken for a console.
     """
-    import stat
-
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
@@ -420,12 +420,10 @@ class PeerService(MultiService):
 def _listen_error_sentence(error):
     port = error.port
     why = error.socketError
-    errno = getattr(why, "errno", None)
-    import errno as errnos
-
-    if errno == errnos.EADDRINUSE:
+    code = getattr(why, "errno", None)
+    if code == errno.EADDRINUSE:
         return f"port {port} is already in use; choose another --transfer-port or stop the program using it"
-    if errno == errnos.EACCES:
+    if code == errno.EACCES:
         return (
             f"port {port} is below 1024 and needs privilege; choose a --transfer-port "
             "of 1024 or more, or run with CAP_NET_BIND_SERVICE"
