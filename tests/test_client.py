@@ -54,18 +54,6 @@ def sent_headers(transport):
     return headers
 
 
-@pytest.fixture(params=["all at once", "one byte at a time"])
-def feed(request):
-    def whole(protocol, data):
-        protocol.dataReceived(data)
-
-    def bytewise(protocol, data):
-        for i in range(len(data)):
-            protocol.dataReceived(data[i : i + 1])
-
-    return whole if request.param == "all at once" else bytewise
-
-
 @pytest.fixture
 def connected():
     client = SenderClient()

@@ -3,7 +3,6 @@ L{ConsoleProtocol} on a StringTransport, fed all at once and one byte at a
 time.
 """
 
-import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -28,18 +27,6 @@ class FakeCommands:
         self.lines.append(line)
         say({"event": "test", "text": f"ran {line}"})
         return defer.succeed(None)
-
-
-@pytest.fixture(params=["all at once", "one byte at a time"])
-def feed(request):
-    def whole(protocol, data):
-        protocol.dataReceived(data)
-
-    def bytewise(protocol, data):
-        for i in range(len(data)):
-            protocol.dataReceived(data[i : i + 1])
-
-    return whole if request.param == "all at once" else bytewise
 
 
 def console(commands=None, **kwargs):

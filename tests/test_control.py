@@ -86,18 +86,6 @@ class RaisingCommands:
         raise ZeroDivisionError("division by zero")
 
 
-@pytest.fixture(params=["all at once", "one byte at a time"])
-def feed(request):
-    def whole(protocol, data):
-        protocol.dataReceived(data)
-
-    def bytewise(protocol, data):
-        for i in range(len(data)):
-            protocol.dataReceived(data[i : i + 1])
-
-    return whole if request.param == "all at once" else bytewise
-
-
 def connect(commands, clock=None):
     """
     A L{ControlProtocol} from a L{ControlFactory}, connected to a
