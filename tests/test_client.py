@@ -385,3 +385,61 @@ def test_fetch_manifest_wrong_answer_type():
     client = CannedClient(lambda header: ({"t": "catalog", "id": ID_A}, b""))
     with pytest.raises(wire.ProtocolError):
         fetch(client, ID_A)
+
+
+# -- fetch_have -------------------------------------------------------------------
+
+from twisted_p2p.client import fetch_have  # noqa: E402
+from twisted_p2p.limits import HAVE_PAGE  # noqa: E402
+
+
+def test_fetch_have_of_a_whole_file():
+    client = CannedClient(lambda h: ({"t": "have", "id": ID_A, "all": True}, b""))
+    assert result_of(defer.ensureDeferred(fetch_have(client, ID_A, 10))) is None
+    assert client.calls == [{"t": "have", "v": 1, "id": ID_A, "start": 0}]
+
+
+def test_fetch_have_in_pages(monkeypatch):
+    monkeypatch.setattr("twisted_p2p.client.HAVE_PAGE", 8)
+
+    def answer(header):
+        start = header["start"]
+        count = min(8, 11 - start)
+        bits = bytes([0b10000001]) if start == 0 else bytes([0b100])
+        return {"t": "have", "id": ID_A, "start": start, "count": count}, bits
+
+    client = CannedClient(answer)
+    held = result_of(defer.ensureDeferred(fetch_have(client, ID_A, 11)))
+    assert held == bytearray([1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1])
+    assert [c["start"] for c in client.calls] == [0, 8]
+
+
+@pytest.mark.parametrize(
+    "reply, body",
+    [
+        ({"t": "have", "id": ID_A, "start": 0, "count": 10}, b"\x00"),
+        ({"t": "have", "id": ID_A, "start": 0, "count": 11}, b"\x00\x00"),
+        ({"t": "have", "id": ID_A, "start": 8, "count": 2}, b"\x00"),
+        ({"t": "have", "id": ID_A, "start": 0, "count": 0}, b""),
+        ({"t": "have", "id": ID_A, "start": 0}, b"\x00\x00"),
+        ({"t": "have", "id": ID_B, "all": True}, b""),
+        ({"t": "manifest", "id": ID_A, "all": True}, b""),
+    ],
+)
+def test_fetch_have_rejects_a_malformed_answer(reply, body):
+    client = CannedClient(lambda h: (reply, body))
+    with pytest.raises(wire.ProtocolError):
+        result_of(defer.ensureDeferred(fetch_have(client, ID_A, 10)))
+
+
+def test_have_page_fits_a_frame():
+    from twisted_p2p.limits import MAX_FRAME
+
+    assert HAVE_PAGE % 8 == 0 and HAVE_PAGE // 8 + 1024 < MAX_FRAME
+
+
+def test_parse_catalog_accepts_partial_entries():
+    answer = catalog({"id": ID_A, "name": "a.txt", "size": 3, "partial": True})
+    assert parse_catalog(answer) == ("0123456789abcdef", [(ID_A, "a.txt", 3)])
+    with pytest.raises(wire.ProtocolError):
+        parse_catalog(catalog({"id": ID_A, "name": "a.txt", "size": 3, "partial": "yes"}))

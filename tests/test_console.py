@@ -181,3 +181,84 @@ def test_end_of_input_with_real_commands_does_not_shut_down():
     protocol.readConnectionLost()
     assert peer.shutdowns == 0
     assert transport.value() == b""
+
+
+# -- download progress -----------------------------------------------------------
+
+from twisted.internet import task  # noqa: E402
+
+from twisted_p2p.console import PLAIN_PROGRESS_INTERVAL, progress_bar  # noqa: E402
+
+
+def progress(percent, file_id="f1", name="big.bin", rate=1 << 20, eta=7):
+    return {
+        "event": "download-progress",
+        "text": f"download {name}: {percent}% of 64.0 MiB at 1.0 MiB/s from 2 peer(s)",
+        "file": name, "id": file_id, "percent": percent, "rate": rate,
+        "sources": 2, "eta": eta,
+    }
+
+
+def test_progress_bar_text():
+    assert progress_bar([progress(50)]) == (
+        "big.bin [############------------] 50% 1.0 MiB/s from 2 peer(s), 7 s left"
+    )
+    assert progress_bar([progress(5, "f1"), progress(80, "f2", "other.iso")]) == (
+        "big.bin 5% 1.0 MiB/s | other.iso 80% 1.0 MiB/s"
+    )
+
+
+def test_on_a_terminal_the_bar_is_redrawn_in_place_above_the_prompt():
+    protocol, transport, _ = console(prompt=True)
+    transport.clear()
+    protocol.emit(progress(10))
+    first = transport.value()
+    # Drawn once on the prompt's line, and the prompt below it.
+    assert first == b"\r\x1b[K" + progress_bar([progress(10)]).encode() + b"\np2p> "
+    transport.clear()
+    protocol.emit(progress(20))
+    # Then only redrawn where it is: cursor saved, up one line, restored.
+    assert transport.value() == (
+        b"\x1b7\x1b[1A\r\x1b[K" + progress_bar([progress(20)]).encode() + b"\x1b8"
+    )
+    transport.clear()
+    # A line for the user goes above the bar, which is drawn again below it.
+    protocol.emit({"event": "download-finished", "id": "f1", "text": "downloaded big.bin"})
+    assert transport.value() == b"\r\x1b[K\x1b[1A\r\x1b[Kdownloaded big.bin\np2p> "
+
+
+def test_a_bar_stays_while_another_download_ends():
+    protocol, transport, _ = console(prompt=True)
+    protocol.emit(progress(10, "f1"))
+    protocol.emit(progress(30, "f2", "other.iso"))
+    transport.clear()
+    protocol.emit({"event": "download-failed", "id": "f2", "text": "error: no room"})
+    assert transport.value() == (
+        b"\r\x1b[K\x1b[1A\r\x1b[Kerror: no room\n"
+        + progress_bar([progress(10, "f1")]).encode() + b"\np2p> "
+    )
+
+
+def test_after_a_command_the_bar_is_drawn_anew():
+    protocol, transport, _ = console(prompt=True)
+    protocol.emit(progress(10))
+    protocol.dataReceived(b"list\n")
+    transport.clear()
+    protocol.emit(progress(20))
+    # The old bar scrolled up with the command: a new one, not a redraw.
+    assert transport.value().startswith(b"\r\x1b[K" + progress_bar([progress(20)]).encode())
+
+
+def test_on_a_pipe_progress_is_a_plain_line_every_few_seconds():
+    clock = task.Clock()
+    protocol, transport, _ = console(clock=clock)
+    for second in range(12):
+        protocol.emit(progress(second))
+        protocol.emit(progress(second, "f2", "other.iso"))
+        clock.advance(1)
+    lines = output(transport)
+    shown = 12 // PLAIN_PROGRESS_INTERVAL + 1
+    assert len([line for line in lines if "big.bin" in line]) == shown
+    assert len([line for line in lines if "other.iso" in line]) == shown
+    assert lines[0] == progress(0)["text"]
+    assert b"\x1b" not in transport.value()

@@ -4,6 +4,7 @@ L{PartialFile}: chunks are handed in as the receiver port would, through
 C{inbox.claim(token, host).deliver(index, data)}.
 """
 
+import errno
 import os
 import random
 
@@ -12,16 +13,28 @@ from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 
+from twisted_p2p import wire
 from twisted_p2p.client import PeerRefused
 from twisted_p2p.download import (
     MAX_STRIKES,
+    Bans,
     PROGRESS_INTERVAL,
     Download,
     DownloadFailed,
     Downloads,
     human_size,
 )
-from twisted_p2p.limits import REQUEST_BATCH, REQUEST_TIMEOUT, SOURCE_WINDOW
+from twisted_p2p.limits import (
+    BUSY_BACKOFF_MAX,
+    BUSY_BACKOFF_MIN,
+    ENDGAME_STALL,
+    HAVE_REFRESH,
+    MAX_TIMEOUTS,
+    REQUEST_BATCH,
+    REQUEST_TIMEOUT,
+    SOURCE_WINDOW,
+    TIMEOUT_REST,
+)
 from twisted_p2p.manifest import CHUNK_SIZE, hash_file
 from twisted_p2p.storage import PartialFile
 from twisted_p2p.transfer import Inbox
@@ -52,6 +65,7 @@ def run_now(f, *args, **kwargs):
 class FakePeer:
     def __init__(self, host, transfer_port=7000):
         self.host = host
+        self.peer_id = host
         self.label = f"{host}:{transfer_port}"
         self.sender_port = transfer_port + 1
 
@@ -63,9 +77,12 @@ class FakeClient:
     test fires, or refused with C{refuse_gets}.
     """
 
-    def __init__(self, manifest=None, refuse_gets=None):
+    def __init__(self, manifest=None, refuse_gets=None, have=None):
         self.manifest = manifest
         self.refuse_gets = refuse_gets
+        #: None: the whole file; else the set of chunks held (a partial).
+        self.have = have
+        self.have_asked = 0
         self.gets = []
         self.closed = False
         self._closed = defer.Deferred()
@@ -84,6 +101,14 @@ class FakeClient:
                 "count": len(hashes),
             }
             return defer.succeed((reply, b"".join(hashes)))
+        if header["t"] == "have":
+            self.have_asked += 1
+            if self.have is None:
+                return defer.succeed(({"t": "have", "id": header["id"], "all": True}, b""))
+            count = self.manifest.chunk_count
+            flags = bytes(1 if i in self.have else 0 for i in range(count))
+            reply = {"t": "have", "id": header["id"], "start": 0, "count": count}
+            return defer.succeed((reply, wire.pack_bits(flags)))
         assert header["t"] == "get"
         assert header["port"] == RECEIVER_PORT
         if self.refuse_gets is not None:
@@ -115,7 +140,8 @@ class Harness:
     One download of C{content} from C{hosts}, with everything it needs.
     """
 
-    def __init__(self, tmp_path, content, hosts=("10.0.0.2",), name="movie.bin", clients=None):
+    def __init__(self, tmp_path, content, hosts=("10.0.0.2",), name="movie.bin", clients=None,
+                 bans=None, storage=None, have=None):
         source = tmp_path / "source"
         source.mkdir(exist_ok=True)
         (source / name).write_bytes(content)
@@ -124,13 +150,16 @@ class Harness:
         self.folder = tmp_path / "downloads"
         self.folder.mkdir(exist_ok=True)
         self.peers = [FakePeer(host) for host in hosts]
-        self.clients = clients or {host: FakeClient(self.manifest) for host in hosts}
+        have = have or {}
+        self.clients = clients or {
+            host: FakeClient(self.manifest, have=have.get(host)) for host in hosts
+        }
         self.clock = task.Clock()
         self.inbox = Inbox()
         self.lines = []
         self.events = []
         self.claimed = {}
-        self.storage = PartialFile(str(self.folder), self.manifest.file_id)
+        self.storage = (storage or PartialFile)(str(self.folder), self.manifest.file_id)
         self.download = Download(
             name,
             self.manifest.file_id,
@@ -142,6 +171,7 @@ class Harness:
             run_now,
             self.clock,
             self.report,
+            bans=bans,
         )
 
     def report(self, event):
@@ -318,19 +348,19 @@ def test_a_source_that_keeps_sending_bad_data_is_dropped(tmp_path):
     assert h.download.sources[0].strikes == MAX_STRIKES
     dropped = [line for line in h.lines if "bad data" in line]
     assert dropped == [
-        f"download movie.bin: {bad}:7000 sent bad data {MAX_STRIKES} times and is no longer asked"
+        f"{bad}:7000 sent bad data {MAX_STRIKES} times and is banned for this session"
     ]
-    # Now chunk 0 goes to the good source, and the bad one is asked nothing new.
+    assert h.download.bans.is_banned(bad)
+    # Now everything it still owed goes to the good source at once, and the
+    # bad one is asked nothing new.
     gets_of_bad = len(bad_client.gets)
-    assert good_client.requested() == [0]
+    assert sorted(good_client.requested()) == [0, 1, 2]
+    assert all(h.inbox.claim(header["token"], bad) is None for header, _ in bad_client.gets)
 
-    # More bad data still on its way from the dropped source: rejected, said once.
+    # More bad data still on its way from the banned source: dropped, said once.
     assert h.send(bad, 0, 1, data=garbage)
     assert [line for line in h.lines if "bad data" in line] == dropped
-    assert good_client.requested() == [0, 1]
-    # The dropped source says "done"; what it still owed goes to the good one.
-    h.claimed[bad_client.gets[0][0]["token"]].finished()
-    assert sorted(good_client.requested()) == [0, 1, 2]
+    assert h.download.bans.strikes(bad) == MAX_STRIKES
     assert len(bad_client.gets) == gets_of_bad
 
     for number in range(len(good_client.gets)):
@@ -348,26 +378,64 @@ def test_a_request_that_times_out_is_asked_again(tmp_path):
     h.clock.advance(REQUEST_TIMEOUT - 0.5)
     assert len(client.gets) == 1
     h.clock.advance(0.5)
-    # Only the chunk that never came is asked again, under a new token.
+    # The source rests first (there is no other to ask), then only the
+    # chunk that never came is asked again, under a new token.
+    assert len(client.gets) == 1
+    h.clock.advance(TIMEOUT_REST)
     assert [header["chunks"] for header, _ in client.gets] == [[0, 1], [1]]
     assert client.gets[1][0]["token"] != first_token
-    assert not h.claimed[first_token].accepts(1, CHUNK_SIZE)
     assert h.inbox.claim(first_token, "10.0.0.2") is None
-    assert h.download.sources[0].strikes == 1
+    assert h.download.sources[0].timeouts == 1
     assert h.send("10.0.0.2", 1, 1)
     assert result_of(done)[0] == "movie.bin"
+    assert h.downloaded("movie.bin") == h.content
+
+
+def test_every_chunk_that_arrives_restarts_the_timeout(tmp_path):
+    h = Harness(tmp_path, content_of(3 * CHUNK_SIZE))
+    h.start()
+    client = h.clients["10.0.0.2"]
+    h.clock.advance(REQUEST_TIMEOUT - 1)
+    assert h.send("10.0.0.2", 0, 0)
+    h.clock.advance(REQUEST_TIMEOUT - 1)
+    assert h.send("10.0.0.2", 0, 1)
+    h.clock.advance(REQUEST_TIMEOUT - 1)
+    assert len(client.gets) == 1
+    assert h.download.sources[0].timeouts == 0
+
+
+def test_a_timed_out_request_goes_to_another_source(tmp_path):
+    slow, fast = "10.0.0.2", "10.0.0.3"
+    h = Harness(tmp_path, content_of(20 * CHUNK_SIZE), hosts=(slow, fast))
+    done = h.start()
+    slow_chunks = set(h.clients[slow].requested())
+    # The fast source delivers everything it is asked, as it is asked.
+    def serve_fast():
+        for number, (header, _) in enumerate(h.clients[fast].gets):
+            expectation = h.expectation(fast, header)
+            for index in header["chunks"]:
+                if index not in expectation.arrived:
+                    h.send(fast, number, index)
+    serve_fast()
+    assert not done.called
+    h.clock.advance(REQUEST_TIMEOUT)
+    serve_fast()
+    assert result_of(done)[0] == "movie.bin"
+    # What the slow one was asked was fetched from the fast one.
+    assert slow_chunks <= set(h.clients[fast].requested())
     assert h.downloaded("movie.bin") == h.content
 
 
 def test_a_source_that_times_out_too_often_is_dropped(tmp_path):
     h = Harness(tmp_path, content_of(CHUNK_SIZE))
     done = h.start()
-    for _ in range(MAX_STRIKES):
+    for _ in range(MAX_TIMEOUTS):
         h.clock.advance(REQUEST_TIMEOUT)
+        h.clock.advance(TIMEOUT_REST)
     with pytest.raises(DownloadFailed) as e:
         result_of(done)
     assert str(e.value) == "no peer is left to download movie.bin from"
-    assert len(h.clients["10.0.0.2"].gets) == MAX_STRIKES
+    assert len(h.clients["10.0.0.2"].gets) == MAX_TIMEOUTS
     assert os.listdir(h.folder) == []
 
 
@@ -451,7 +519,13 @@ def test_progress_lines(tmp_path):
     assert h.lines[-1] == "download movie.bin: 0% of 1.0 MiB at 0 B/s from 1 peer(s)"
     assert h.send("10.0.0.2", 0, 0)
     h.clock.advance(PROGRESS_INTERVAL)
-    assert h.lines[-1] == "download movie.bin: 25% of 1.0 MiB at 128.0 KiB/s from 1 peer(s)"
+    # The rate is over the last seconds: 256 KiB in the last one.
+    assert h.lines[-1] == (
+        "download movie.bin: 25% of 1.0 MiB at 256.0 KiB/s from 1 peer(s), 3 s left"
+    )
+    progress = h.events[-1]
+    assert progress["event"] == "download-progress"
+    assert (progress["percent"], progress["bytes"], progress["eta"]) == (25, CHUNK_SIZE, 3)
     for index in (1, 2, 3):
         assert h.send("10.0.0.2", 0, index)
     assert result_of(done)[0] == "movie.bin"
@@ -497,6 +571,13 @@ def test_a_dropped_sender_connection_is_not_asked_again(tmp_path):
 class FakeIndex:
     def __init__(self):
         self.added = []
+        self.partials = {}
+
+    def add_partial(self, name, manifest, path, chunks):
+        self.partials[manifest.file_id] = (name, path, chunks)
+
+    def remove_partial(self, file_id):
+        self.partials.pop(file_id, None)
 
     def add(self, folder, name, manifest, signature):
         self.added.append((folder, name, manifest))
@@ -535,3 +616,305 @@ def test_downloads_cancel_all(tmp_path):
 )
 def test_human_size(n, text):
     assert human_size(n) == text
+
+
+# -- the swarm scheduler -------------------------------------------------------
+
+
+def serve(h, host, skip=()):
+    """
+    Everything asked of C{host} so far and not yet sent, sent (but C{skip}).
+    """
+    client = h.clients[host]
+    for number, (header, _) in enumerate(client.gets):
+        expectation = h.expectation(host, header)
+        if expectation is None:
+            continue
+        for index in header["chunks"]:
+            if index not in expectation.arrived and index not in skip:
+                h.send(host, number, index)
+
+
+def test_rarest_chunks_go_first(tmp_path):
+    full, a, b = "10.0.0.2", "10.0.0.3", "10.0.0.4"
+    # Availability: 0-4 on a and full (2), 5-9 on all three (3), 10-14 on b
+    # and full (2), 15-19 on full only (1).
+    h = Harness(tmp_path, content_of(20 * CHUNK_SIZE), hosts=(full, a, b),
+                have={a: set(range(10)), b: set(range(5, 15))})
+    h.start()
+    assert h.clients[full].gets[0][0]["chunks"] == [15, 16, 17, 18, 19, 0, 1, 2]
+    assert h.clients[full].gets[1][0]["chunks"] == [3, 4, 10, 11, 12, 13, 14, 5]
+    # The partial holders are asked only for what they hold.
+    assert set(h.clients[a].requested()) <= set(range(10))
+    assert set(h.clients[b].requested()) <= set(range(5, 15))
+    assert sorted(h.clients[full].requested() + h.clients[a].requested()
+                  + h.clients[b].requested()) == list(range(20))
+
+
+def test_a_partial_holder_is_asked_again_what_it_has(tmp_path):
+    partial = "10.0.0.3"
+    h = Harness(tmp_path, content_of(4 * CHUNK_SIZE), hosts=(partial,),
+                have={partial: {0, 1}})
+    done = h.start()
+    client = h.clients[partial]
+    assert client.requested() == [0, 1]
+    serve(h, partial)
+    # Nothing else is held yet: the download waits rather than fails.
+    h.clock.advance(PROGRESS_INTERVAL)
+    assert not done.called
+    client.have = {0, 1, 2, 3}
+    h.clock.advance(HAVE_REFRESH)
+    assert client.requested() == [0, 1, 2, 3]
+    serve(h, partial)
+    assert result_of(done)[0] == "movie.bin"
+    assert h.downloaded("movie.bin") == h.content
+
+
+def test_a_partial_holder_missing_chunks_is_asked_again_later(tmp_path):
+    partial = "10.0.0.3"
+    h = Harness(tmp_path, content_of(2 * CHUNK_SIZE), hosts=(partial,),
+                have={partial: {0, 1}})
+    client = h.clients[partial]
+    client.refuse_gets = PeerRefused("missing-chunks", "not yet")
+    done = h.start()
+    assert len(client.gets) == 1
+    asked = client.have_asked
+    assert asked == 2  # at the start, and again at once after the refusal
+    client.refuse_gets = None
+    h.clock.advance(BUSY_BACKOFF_MIN)
+    assert len(client.gets) == 2
+    serve(h, partial)
+    assert result_of(done)[0] == "movie.bin"
+
+
+class FakeTransport:
+    disconnecting = False
+
+    def loseConnection(self):
+        self.disconnecting = True
+
+
+def test_endgame_asks_a_second_source_and_cancels_the_loser(tmp_path):
+    slow, fast = "10.0.0.2", "10.0.0.3"
+    h = Harness(tmp_path, content_of(2 * CHUNK_SIZE), hosts=(slow, fast))
+    done = h.start()
+    assert h.clients[slow].requested() == [0, 1]
+    assert h.clients[fast].gets == []
+    slow_request = h.expectation(slow, h.clients[slow].gets[0][0])
+    slow_transport = FakeTransport()
+    slow_request.attach(slow_transport)
+    # Not stalled long enough yet: no second copy.
+    h.clock.advance(ENDGAME_STALL - PROGRESS_INTERVAL)
+    assert h.clients[fast].gets == []
+    h.clock.advance(PROGRESS_INTERVAL)
+    assert h.clients[fast].requested() == [0, 1]
+    # Each chunk at most twice in flight: nobody else is asked.
+    h.clock.advance(ENDGAME_STALL)
+    assert len(h.clients[fast].gets) == 1 and len(h.clients[slow].gets) == 1
+
+    assert h.send(fast, 0, 0, done=False)
+    assert slow_request.pending == {1} and not slow_transport.disconnecting
+    assert h.send(fast, 0, 1)
+    # Both chunks came from the fast source: the slow copy is cancelled.
+    assert slow_transport.disconnecting
+    assert h.inbox.claim(h.clients[slow].gets[0][0]["token"], slow) is None
+    assert result_of(done)[0] == "movie.bin"
+    assert h.downloaded("movie.bin") == h.content
+    assert h.download.by_source() == {f"{slow}:7000": 0, f"{fast}:7000": 2 * CHUNK_SIZE}
+    # A late copy from the loser is dropped quietly.
+    assert slow_request.accepts(0, CHUNK_SIZE)
+    result_of(slow_request.deliver(0, h.chunk(0)))
+    assert h.download.bytes_wasted == CHUNK_SIZE
+
+
+def test_a_busy_source_rests_longer_each_time(tmp_path):
+    h = Harness(tmp_path, content_of(CHUNK_SIZE))
+    client = h.clients["10.0.0.2"]
+    client.refuse_gets = PeerRefused("busy", "too many")
+    done = h.start()
+    assert len(client.gets) == 1
+    rest = BUSY_BACKOFF_MIN
+    for asked in range(2, 6):
+        # Not asked again at once: only once the rest is over.
+        h.clock.advance(rest * 0.99)
+        assert len(client.gets) == asked - 1
+        h.clock.advance(rest * 0.01)
+        assert len(client.gets) == asked
+        rest = min(2 * rest, BUSY_BACKOFF_MAX)
+    client.refuse_gets = None
+    h.clock.advance(rest)
+    assert h.send("10.0.0.2", len(client.gets) - 1, 0)
+    assert result_of(done)[0] == "movie.bin"
+
+
+def test_strikes_count_for_the_session_and_the_ban_is_said_once(tmp_path):
+    liar, honest = "10.0.0.9", "10.0.0.2"
+    bans = Bans()
+    garbage = b"\xee" * CHUNK_SIZE
+    for folder in ("one", "two", "three"):
+        (tmp_path / folder).mkdir()
+    first = Harness(tmp_path / "one", content_of(3 * CHUNK_SIZE, seed=1),
+                    hosts=(liar, honest), bans=bans)
+    first.start()
+    assert first.send(liar, 0, 0, data=garbage)
+    assert first.send(liar, 0, 1, data=garbage)
+    assert bans.strikes(liar) == 2 and not bans.is_banned(liar)
+
+    second = Harness(tmp_path / "two", content_of(2 * CHUNK_SIZE, seed=2),
+                     hosts=(liar, honest), bans=bans)
+    done = second.start()
+    assert second.send(liar, 0, 0, data=garbage)
+    assert bans.is_banned(liar)
+    said = [line for line in first.lines + second.lines if "banned" in line]
+    assert said == [f"{liar}:7000 sent bad data 3 times and is banned for this session"]
+    # The other download stops asking it too.
+    first.clock.advance(PROGRESS_INTERVAL)
+    gets_of_liar = len(first.clients[liar].gets)
+    serve(first, honest)
+    assert len(first.clients[liar].gets) == gets_of_liar
+    serve(second, honest)
+    assert result_of(done)[0] == "movie.bin"
+
+    # A later download does not even connect to it.
+    third = Harness(tmp_path / "three", content_of(CHUNK_SIZE, seed=3),
+                    hosts=(liar, honest), bans=bans)
+    third.start()
+    assert third.clients[liar].gets == [] and third.clients[liar].have_asked == 0
+    assert [s.peer.host for s in third.download.sources] == [honest]
+
+
+def test_resume_after_a_crash_fetches_only_what_is_missing(tmp_path):
+    content = content_of(4 * CHUNK_SIZE + 7)
+    h = Harness(tmp_path, content)
+    h.start()
+    assert h.send("10.0.0.2", 0, 0)
+    assert h.send("10.0.0.2", 0, 3)
+    # The process dies here: nothing is closed or flushed by us.
+    again = Harness(tmp_path, content)
+    done = again.start()
+    assert again.lines[0] == (
+        "download movie.bin: 1.0 MiB in 5 chunks from 1 peer(s), "
+        "resuming with 512.0 KiB already here"
+    )
+    assert again.clients["10.0.0.2"].requested() == [1, 2, 4]
+    assert again.download.status()["percent"] == 2 * CHUNK_SIZE * 100 // len(content)
+    serve(again, "10.0.0.2")
+    assert result_of(done)[0] == "movie.bin"
+    assert again.downloaded("movie.bin") == content
+    assert os.listdir(again.folder) == ["movie.bin"]
+    assert again.events[-1]["resumed"] == 2 * CHUNK_SIZE
+    assert again.events[-1]["received"] == len(content) - 2 * CHUNK_SIZE
+
+
+def test_resume_fetches_again_a_marked_chunk_whose_bytes_are_wrong(tmp_path):
+    content = content_of(3 * CHUNK_SIZE)
+    h = Harness(tmp_path, content)
+    h.start()
+    assert h.send("10.0.0.2", 0, 0)
+    assert h.send("10.0.0.2", 0, 1)
+    # As after a power loss: the map says chunk 1 is here, the bytes are not.
+    with open(h.storage.path, "r+b") as f:
+        f.seek(CHUNK_SIZE + 10)
+        f.write(b"\0\0\0")
+    again = Harness(tmp_path, content)
+    done = again.start()
+    assert again.clients["10.0.0.2"].requested() == [1, 2]
+    serve(again, "10.0.0.2")
+    assert again.downloaded(result_of(done)[0]) == content
+
+
+class FullDisk(PartialFile):
+    """
+    A partial file on a disk with room for C{room} chunks.
+    """
+
+    room = 1
+
+    def write(self, offset, data):
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= 1
+        PartialFile.write(self, offset, data)
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_partial(tmp_path):
+    content = content_of(3 * CHUNK_SIZE)
+    h = Harness(tmp_path, content, storage=FullDisk)
+    done = h.start()
+    assert h.send("10.0.0.2", 0, 0)
+    assert h.send("10.0.0.2", 0, 1)
+    with pytest.raises(DownloadFailed) as e:
+        result_of(done)
+    assert str(e.value) == (
+        f"could not write movie.bin: no space left in the downloads folder {h.folder}; "
+        "free some space, then download again to resume"
+    )
+    assert h.lines[-1] == f"error: {e.value}"
+    assert h.events[-1]["event"] == "download-failed"
+    # What was verified stays, for the resume.
+    assert sorted(os.listdir(h.folder)) == [
+        os.path.basename(h.storage.map_path), os.path.basename(h.storage.path)
+    ]
+    assert len(h.inbox) == 0 and h.clock.getDelayedCalls() == []
+    again = Harness(tmp_path, content)
+    done = again.start()
+    assert again.clients["10.0.0.2"].requested() == [1, 2]
+    serve(again, "10.0.0.2")
+    assert again.downloaded(result_of(done)[0]) == content
+
+
+def test_a_vanished_downloads_folder_fails_clearly(tmp_path):
+    h = Harness(tmp_path, content_of(CHUNK_SIZE))
+    h.folder.rmdir()
+    done = h.start()
+    with pytest.raises(DownloadFailed) as e:
+        result_of(done)
+    assert str(e.value) == (
+        f"could not start movie.bin: the downloads folder {h.folder} is gone; "
+        "create it again, then download again"
+    )
+
+
+def test_pause_keeps_the_partial_for_a_resume(tmp_path):
+    h = Harness(tmp_path, content_of(2 * CHUNK_SIZE))
+    done = h.start()
+    assert h.send("10.0.0.2", 0, 0)
+    h.download.pause()
+    with pytest.raises(DownloadFailed):
+        result_of(done)
+    assert h.events[-1]["event"] == "download-stopped"
+    assert h.lines[-1] == "download movie.bin stopped at 50%; download it again to resume"
+    assert os.path.exists(h.storage.path) and os.path.exists(h.storage.map_path)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_downloads_offer_the_verified_chunks_while_they_run(tmp_path):
+    h = Harness(tmp_path, content_of(2 * CHUNK_SIZE))
+    index = FakeIndex()
+    downloads = Downloads(lambda name, file_id, peers, report: h.download, index)
+    d = downloads.start("movie.bin", h.manifest.file_id, h.peers, h.lines.append)
+    name, path, chunks = index.partials[h.manifest.file_id]
+    assert (name, path) == ("movie.bin", h.storage.path)
+    assert 0 not in chunks
+    assert h.send("10.0.0.2", 0, 0, done=False)
+    assert 0 in chunks and 1 not in chunks
+    assert h.send("10.0.0.2", 0, 1)
+    assert result_of(d) == "movie.bin"
+    # Whole now: offered as a file, no longer as a partial.
+    assert index.partials == {}
+    assert [added[1] for added in index.added] == ["movie.bin"]
+
+
+def test_status_has_sources_rate_and_eta(tmp_path):
+    a, b = "10.0.0.2", "10.0.0.3"
+    h = Harness(tmp_path, content_of(2 * SOURCE_WINDOW * CHUNK_SIZE), hosts=(a, b))
+    h.start()
+    h.clock.advance(1)
+    serve(h, a, skip=range(SOURCE_WINDOW, 2 * SOURCE_WINDOW))
+    h.clock.advance(1)
+    status = h.download.status()
+    assert status["sources"] == 2
+    assert status["percent"] == 50
+    assert status["by_source"] == {f"{a}:7000": SOURCE_WINDOW * CHUNK_SIZE, f"{b}:7000": 0}
+    assert status["rate"] == SOURCE_WINDOW * CHUNK_SIZE
+    assert status["eta"] == 1

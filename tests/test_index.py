@@ -511,3 +511,26 @@ class TestOverlappingScans:
         threads.run_all()
         assert fired == [None]
         assert names(index) == [("late.txt", "shared")]
+
+
+# -- partial downloads ------------------------------------------------------------
+
+
+def test_partial_downloads_change_the_revision(folders):
+    from twisted_p2p.manifest import Manifest
+    from twisted_p2p.storage import ChunkMap
+
+    index = scanned(folders)
+    calls = []
+    index.on_change(lambda: calls.append(index.revision))
+    manifest = Manifest.build(10, [b"\1" * 32])
+    before = index.revision
+    index.add_partial("part.bin", manifest, "/d/.p2ppeer-x.part", ChunkMap(1))
+    assert calls == [index.revision] and index.revision != before
+    assert [p.name for p in index.partials()] == ["part.bin"]
+    assert index.partial_by_id(manifest.file_id).path == "/d/.p2ppeer-x.part"
+    assert index.by_id(manifest.file_id) is None
+    index.remove_partial(manifest.file_id)
+    index.remove_partial(manifest.file_id)
+    assert calls[-1] == before and len(calls) == 2
+    assert index.partials() == []

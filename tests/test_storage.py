@@ -93,3 +93,183 @@ def test_discard_removes_the_partial(tmp_path):
     partial.discard()
     PartialFile(str(tmp_path), "f" * 64).discard()
     assert listing(tmp_path) == []
+
+
+# -- the chunk map: resume after a crash ----------------------------------------
+
+import errno  # noqa: E402
+
+import pytest  # noqa: E402
+
+from twisted_p2p.manifest import CHUNK_SIZE, Manifest  # noqa: E402
+from twisted_p2p.storage import ChunkMap, StorageError, describe_os_error  # noqa: E402
+
+
+def manifest_of(content):
+    import hashlib
+
+    hashes = [
+        hashlib.sha256(content[i : i + CHUNK_SIZE]).digest()
+        for i in range(0, len(content), CHUNK_SIZE)
+    ]
+    return Manifest.build(len(content), hashes)
+
+
+CONTENT = bytes(range(256)) * (5 * CHUNK_SIZE // 256) + b"tail"
+
+
+def chunk(index):
+    return CONTENT[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE]
+
+
+def test_stored_chunks_survive_a_crash(tmp_path):
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    assert partial.open(manifest.size, manifest) == []
+    for index in (0, 3, 5):
+        partial.store(index, index * CHUNK_SIZE, chunk(index))
+    assert list(partial.chunks.indexes()) == [0, 3, 5]
+    # No close: as after SIGKILL, only what the kernel got is there.
+    again = PartialFile(str(tmp_path), manifest.file_id)
+    assert again.open(manifest.size, manifest) == [0, 3, 5]
+    assert again.chunks.verified == 3
+    again.close()
+    partial.close()
+
+
+def test_a_chunk_is_written_before_it_is_marked(tmp_path, monkeypatch):
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    writes = []
+    real_pwrite = os.pwrite
+
+    def recording_pwrite(fd, data, offset):
+        writes.append("map" if fd == partial.chunks._fd else "data")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    partial.store(2, 2 * CHUNK_SIZE, chunk(2))
+    assert writes == ["data", "map"]
+    partial.discard()
+
+
+def test_a_marked_chunk_that_does_not_verify_is_unmarked(tmp_path):
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    partial.store(1, CHUNK_SIZE, chunk(1))
+    partial.store(4, 4 * CHUNK_SIZE, chunk(4))
+    partial.write(CHUNK_SIZE, b"\xff")  # as after a power loss
+    partial.close()
+    again = PartialFile(str(tmp_path), manifest.file_id)
+    assert again.open(manifest.size, manifest) == [4]
+    again.close()
+    # The map on disk says so too.
+    third = PartialFile(str(tmp_path), manifest.file_id)
+    assert third.open(manifest.size, manifest) == [4]
+    third.discard()
+
+
+@pytest.mark.parametrize("damage", ["foreign id", "short", "garbage", "empty"])
+def test_a_damaged_or_foreign_map_counts_as_empty(tmp_path, damage):
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    partial.store(0, 0, chunk(0))
+    partial.close()
+    with open(partial.map_path, "r+b") as f:
+        data = bytearray(f.read())
+        if damage == "foreign id":
+            data[8] ^= 1
+        elif damage == "short":
+            data = data[:-1]
+        elif damage == "garbage":
+            data = bytearray(os.urandom(len(data)))
+        else:
+            data = bytearray()
+        f.seek(0)
+        f.truncate()
+        f.write(data)
+    again = PartialFile(str(tmp_path), manifest.file_id)
+    assert again.open(manifest.size, manifest) == []
+    again.discard()
+
+
+def test_bits_past_the_last_chunk_are_ignored(tmp_path):
+    manifest = manifest_of(CONTENT)  # 6 chunks: two spare bits
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    partial.close()
+    with open(partial.map_path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\xc0")
+    again = PartialFile(str(tmp_path), manifest.file_id)
+    assert again.open(manifest.size, manifest) == []
+    assert again.chunks.verified == 0
+    again.discard()
+
+
+def test_complete_and_discard_remove_the_map(tmp_path):
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    for index in range(manifest.chunk_count):
+        partial.store(index, index * CHUNK_SIZE, chunk(index))
+    final, _ = partial.complete("whole.bin")
+    assert listing(tmp_path) == ["whole.bin"]
+    assert (tmp_path / final).read_bytes() == CONTENT
+    other = PartialFile(str(tmp_path), manifest.file_id)
+    other.open(manifest.size, manifest)
+    other.discard()
+    assert listing(tmp_path) == ["whole.bin"]
+
+
+def test_chunk_map_snapshot_is_the_wire_bitmap():
+    chunks = ChunkMap(10)
+    for index in (0, 3, 9):
+        chunks.set(index)
+    assert chunks.snapshot() == bytes([0b00001001, 0b00000010])
+    assert 3 in chunks and 4 not in chunks
+    chunks.set(3, False)
+    assert list(chunks.indexes()) == [0, 9] and chunks.verified == 2
+
+
+@pytest.mark.parametrize(
+    "code, says",
+    [
+        (errno.ENOSPC, "no space left in the downloads folder /d; free some space"),
+        (errno.EDQUOT, "no space left in the downloads folder /d"),
+        (errno.EACCES, "the downloads folder /d is not writable"),
+        (errno.EROFS, "the downloads folder /d is not writable"),
+        (errno.ENOENT, "the downloads folder /d is gone"),
+        (errno.EIO, "cannot write in the downloads folder /d"),
+    ],
+)
+def test_os_errors_in_words(code, says):
+    assert says in describe_os_error(OSError(code, os.strerror(code)), "/d")
+
+
+def test_a_vanished_folder_is_a_storage_error(tmp_path):
+    folder = tmp_path / "downloads"
+    partial = PartialFile(str(folder), FILE_ID)
+    with pytest.raises(StorageError) as e:
+        partial.open(10)
+    assert str(e.value) == (
+        f"the downloads folder {folder} is gone; create it again, then download again"
+    )
+
+
+def test_a_full_disk_is_a_storage_error(tmp_path, monkeypatch):
+    partial = PartialFile(str(tmp_path), FILE_ID)
+    partial.open(10)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(StorageError) as e:
+        partial.write(0, b"x")
+    assert "no space left" in str(e.value)
+    monkeypatch.undo()
+    partial.discard()

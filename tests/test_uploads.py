@@ -49,6 +49,8 @@ def make_file(folder, name, size, seed):
 class FakeIndex:
     def __init__(self, files):
         self._files = list(files)
+        self._partials = {}
+        self.rescans = 0
         self.revision = REVISION
 
     def files(self):
@@ -59,6 +61,15 @@ class FakeIndex:
             if f.file_id == file_id:
                 return f
         return None
+
+    def partials(self):
+        return sorted(self._partials.values(), key=lambda p: p.name)
+
+    def partial_by_id(self, file_id):
+        return self._partials.get(file_id)
+
+    def rescan(self):
+        self.rescans += 1
 
 
 class FakeConnect:
@@ -94,9 +105,9 @@ class FakeReader:
     def __init__(self):
         self.reads = []
 
-    def __call__(self, path, offset, length):
+    def __call__(self, path, offset, length, signature=None):
         self.reads.append((path, offset, length))
-        return read_range(path, offset, length)
+        return read_range(path, offset, length, signature)
 
 
 @pytest.fixture
@@ -355,3 +366,188 @@ def test_read_range_short_read(tmp_path):
 def test_read_range_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_range(str(tmp_path / "gone"), 0, 1)
+
+
+# -- the token bucket ------------------------------------------------------------
+
+from twisted_p2p.index import PartialLocal  # noqa: E402
+from twisted_p2p.storage import ChunkMap  # noqa: E402
+from twisted_p2p.uploads import FileChanged, TokenBucket  # noqa: E402
+
+
+def fired_at(clock, d):
+    times = []
+    d.addCallback(lambda _: times.append(clock.seconds()))
+    return times
+
+
+def test_token_bucket_lets_a_burst_through_then_paces():
+    clock = task.Clock()
+    clock.advance(100)
+    bucket = TokenBucket(1000, clock, burst=500)
+    assert bucket.take(500).called
+    second = fired_at(clock, bucket.take(500))
+    third = fired_at(clock, bucket.take(1000))
+    assert second == [] and third == []
+    clock.advance(0.5)
+    assert second == [100.5] and third == []
+    clock.advance(1.0)
+    assert third == [101.5]
+    # After a quiet spell the burst is there again, but no more than it.
+    clock.advance(10)
+    assert bucket.take(500).called
+    assert not bucket.take(1).called
+
+
+def test_token_bucket_wait_can_be_cancelled():
+    clock = task.Clock()
+    bucket = TokenBucket(1000, clock, burst=0)
+    d = bucket.take(100)
+    d.addErrback(lambda f: None)
+    d.cancel()
+    assert clock.getDelayedCalls() == []
+
+
+def test_token_bucket_needs_a_rate():
+    with pytest.raises(ValueError):
+        TokenBucket(0, task.Clock())
+
+
+def stream(uploads, connect, local, chunks, token):
+    """A get served to its end on a StringTransport; the transport."""
+    uploads.handle(get(local.file_id, chunks, token=token), REQUESTER)
+    _, _, pusher, connected = connect.calls[-1]
+    transport = StringTransport()
+    pusher.makeConnection(transport)
+    connected.callback(pusher)
+    return transport
+
+
+def chunk_bytes(transport):
+    return sum(len(body) for header, body in sent_frames(transport) if header["t"] == "chunk")
+
+
+def test_every_stream_shares_one_upload_rate(files, connect):
+    clock = task.Clock()
+    rate = 2 * CHUNK_SIZE  # bytes per second, for the whole peer
+    uploads = Uploads(FakeIndex(files), connect, FakeReader(), max_rate=rate, clock=clock)
+    five = files[2]
+    one = stream(uploads, connect, five, [0, 1, 2, 3, 4], "ab" * 16)
+    two = stream(uploads, connect, five, [0, 1, 2, 3, 4], "cd" * 16)
+    burst = uploads.bucket._burst
+    # 10 chunks in all, at 2 a second: 4 seconds after the first burst.
+    for second in range(1, 4):
+        clock.advance(1)
+        sent = chunk_bytes(one) + chunk_bytes(two)
+        # Never more than the rate allows (plus one burst), never far less.
+        assert sent <= rate * second + burst
+        assert sent >= rate * second - CHUNK_SIZE
+    # Both streams got their turn.
+    assert chunk_bytes(one) > 0 and chunk_bytes(two) > 0
+    clock.advance(10)
+    assert chunk_bytes(one) == chunk_bytes(two) == five.size
+    assert uploads.active == 0
+
+
+def test_a_stream_stopped_while_waiting_for_the_rate_leaves_nothing_behind(files, connect):
+    clock = task.Clock()
+    uploads = Uploads(FakeIndex(files), connect, FakeReader(), max_rate=1024, clock=clock)
+    transport = stream(uploads, connect, files[2], [0, 1, 2], TOKEN)
+    assert clock.getDelayedCalls()
+    pusher = connect.calls[-1][2]
+    pusher.connectionLost(Failure(ConnectionRefusedError()))
+    assert clock.getDelayedCalls() == []
+    assert uploads.active == 0
+    assert transport.disconnecting
+
+
+# -- partial downloads and the "have" request ------------------------------------
+
+
+@pytest.fixture
+def partial(files):
+    """The file five.bin as a partial download holding chunks 1 and 3."""
+    five = files[2]
+    chunks = ChunkMap(five.manifest.chunk_count)
+    chunks.set(1)
+    chunks.set(3)
+    return PartialLocal("five.bin", five.manifest, five.path, chunks)
+
+
+@pytest.fixture
+def partial_uploads(partial, connect):
+    index = FakeIndex([])
+    index._partials[partial.file_id] = partial
+    return Uploads(index, connect, FakeReader(), max_uploads=2)
+
+
+def test_have_of_a_whole_file(uploads, files):
+    reply, body = uploads.handle(wire.request("have", id=files[0].file_id, start=0), REQUESTER)
+    assert reply == {"t": "have", "id": files[0].file_id, "all": True} and body == b""
+
+
+def test_have_of_a_partial_download(partial_uploads, partial):
+    reply, body = partial_uploads.handle(
+        wire.request("have", id=partial.file_id, start=0), REQUESTER
+    )
+    assert reply == {"t": "have", "id": partial.file_id, "start": 0, "count": 5}
+    assert body == bytes([0b00001010])
+
+
+@pytest.mark.parametrize("start", [3, 5, -8, "0", None])
+def test_have_with_a_bad_start(partial_uploads, partial, start):
+    with pytest.raises(wire.ProtocolError):
+        partial_uploads.handle(wire.request("have", id=partial.file_id, start=start), REQUESTER)
+
+
+def test_have_of_an_unknown_file(uploads):
+    with pytest.raises(RequestRefused) as e:
+        uploads.handle(wire.request("have", id="ab" * 32, start=0), REQUESTER)
+    assert e.value.code == "unknown-file"
+
+
+def test_catalog_lists_partial_downloads(partial_uploads, partial):
+    reply, _ = partial_uploads.handle(wire.request("catalog"), REQUESTER)
+    assert reply["files"] == [
+        {"id": partial.file_id, "name": "five.bin", "size": partial.size, "partial": True}
+    ]
+
+
+def test_get_serves_only_verified_chunks_of_a_partial(partial_uploads, partial, connect):
+    with pytest.raises(RequestRefused) as e:
+        partial_uploads.handle(get(partial.file_id, [1, 2]), REQUESTER)
+    assert e.value.code == "missing-chunks"
+    assert connect.calls == []
+    transport = stream(partial_uploads, connect, partial, [3, 1], TOKEN)
+    with open(partial.path, "rb") as f:
+        content = f.read()
+    assert [(h["t"], h.get("i")) for h, _ in sent_frames(transport)] == [
+        ("hello", None), ("chunk", 3), ("chunk", 1), ("done", None)
+    ]
+    assert sent_frames(transport)[1][1] == content[3 * CHUNK_SIZE : 4 * CHUNK_SIZE]
+
+
+def test_a_file_changed_while_served_is_indexed_again(files, connect):
+    index = FakeIndex(files)
+    uploads = Uploads(index, connect, FakeReader())
+    three = files[0]
+    with open(three.path, "r+b") as f:
+        f.write(b"changed")
+    os.utime(three.path, ns=(1, 1))
+    transport = stream(uploads, connect, three, [0, 1], TOKEN)
+    assert [h["t"] for h, _ in sent_frames(transport)] == ["hello"]
+    assert transport.disconnecting
+    assert index.rescans == 1
+    assert uploads.active == 0
+
+
+def test_read_range_checks_the_signature(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    from twisted_p2p.index import file_signature
+
+    signature = file_signature(os.stat(path))
+    assert read_range(str(path), 2, 3, signature) == b"234"
+    path.write_bytes(b"01234567890")
+    with pytest.raises(FileChanged):
+        read_range(str(path), 2, 3, signature)

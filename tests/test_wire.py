@@ -351,3 +351,19 @@ def test_decode_frame_fuzz(frame):
 def test_frame_round_trip_fuzz(extra, kind, body):
     header = dict(extra, t=kind)
     assert wire.decode_frame(wire.encode_frame(header, body)) == (header, body)
+
+
+# -- chunk maps -----------------------------------------------------------------
+
+
+@given(st.lists(st.booleans(), max_size=100))
+def test_pack_and_expand_bits_round_trip(flags):
+    flags = bytes(flags)
+    packed = wire.pack_bits(flags)
+    assert len(packed) == (len(flags) + 7) // 8
+    assert wire.expand_bits(packed, len(flags)) == flags
+
+
+def test_bit_order_is_least_significant_first():
+    assert wire.pack_bits([1, 0, 0, 0, 0, 0, 0, 0, 0, 1]) == b"\x01\x02"
+    assert wire.expand_bits(b"\xff", 3) == b"\x01\x01\x01"

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 
 from twisted_p2p import wire
-from twisted_p2p.limits import MANIFEST_PAGE, MAX_CATALOG_FILES, MAX_FILE_SIZE
+from twisted_p2p.limits import HAVE_PAGE, MANIFEST_PAGE, MAX_CATALOG_FILES, MAX_FILE_SIZE
 from twisted_p2p.manifest import HASH_SIZE, Manifest, chunk_count
 from twisted_p2p.names import is_legal_name
 from twisted_p2p.transfer import FramedProtocol
@@ -79,6 +79,9 @@ def parse_catalog(header):
     """
     C{(revision, [(file_id, name, size)])} from a catalog answer.  Entries
     with an illegal name are left out; anything else malformed is an error.
+    An entry's optional C{partial} flag (a partial download the peer serves)
+    is checked but not returned: a download asks every source which chunks
+    it has (see L{fetch_have}).
     """
     if header["t"] != "catalog":
         raise wire.ProtocolError("expected a catalog")
@@ -90,6 +93,8 @@ def parse_catalog(header):
         file_id = wire.file_id_field(entry)
         name = wire.text_field(entry, "name", max_length=1024)
         size = wire.int_field(entry, "size", 0, MAX_FILE_SIZE)
+        if not isinstance(entry.get("partial", False), bool):
+            raise wire.ProtocolError("field 'partial' is not true or false")
         if is_legal_name(name):
             files.append((file_id, name, size))
     return revision, files
@@ -126,3 +131,27 @@ async def fetch_manifest(client, file_id):
         if len(hashes) >= total or count == 0:
             break
     return Manifest.build(size, hashes, file_id)
+
+
+async def fetch_have(client, file_id, chunk_count):
+    """
+    Which chunks of C{file_id} the peer holds: C{None} for all of them, else
+    one byte per chunk (1 = held), fetched page by page.
+    """
+    held = bytearray()
+    while len(held) < chunk_count:
+        start = len(held)
+        header, body = await client.call(wire.request("have", id=file_id, start=start))
+        if header["t"] != "have" or header.get("id") != file_id:
+            raise wire.ProtocolError("expected the chunk map we asked for")
+        if header.get("all") is True:
+            if start:
+                raise wire.ProtocolError("a whole file after a partial page")
+            return None
+        if wire.int_field(header, "start", 0, chunk_count) != start:
+            raise wire.ProtocolError("a chunk map page we did not ask for")
+        count = wire.int_field(header, "count", 1, min(HAVE_PAGE, chunk_count - start))
+        if len(body) != (count + 7) // 8:
+            raise wire.ProtocolError("chunk map page of the wrong length")
+        held += wire.expand_bits(body, count)
+    return held

@@ -1,6 +1,25 @@
 """
-One download: its manifest, its chunk map, its sources, and the scheduling
-of chunk requests over them.
+Downloads: one file's swarm download (its chunk map, its sources, and the
+scheduling of chunk requests over them), and the set of downloads in
+progress.
+
+The scheduler in brief (PROTOCOL.md has the wire side):
+
+ - every source that holds chunks of the file is used at once, full copies
+   and partial ones alike (a partial holder says which chunks it has, and is
+   asked again every L{HAVE_REFRESH} seconds);
+ - each source has a window of at most L{SOURCE_WINDOW} chunks in flight, so
+   a faster source, whose chunks come back sooner, is asked more often;
+ - the rarest chunks (held by the fewest usable sources) go first;
+ - near the end, a chunk whose request has made no progress for
+   L{ENDGAME_STALL} seconds is asked of a second source as well, and
+   whichever copy arrives first cancels the other;
+ - a request that makes no progress for L{REQUEST_TIMEOUT} seconds is given
+   up, and its source rests, so its chunks go to the others; a "busy" source
+   rests too, for longer each time it says so;
+ - a chunk that fails verification is fetched again, and is a strike against
+   the peer that sent it: after L{MAX_STRIKES}, the peer is banned for the
+   session (see L{Bans}).
 """
 
 import os
@@ -12,17 +31,40 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twisted_p2p import events, wire
-from twisted_p2p.client import PeerRefused, fetch_manifest
-from twisted_p2p.limits import REQUEST_BATCH, REQUEST_TIMEOUT, SOURCE_WINDOW
-from twisted_p2p.manifest import ManifestMismatch
+from twisted_p2p.client import PeerRefused, fetch_have, fetch_manifest
+from twisted_p2p.limits import (
+    BUSY_BACKOFF_MAX,
+    BUSY_BACKOFF_MIN,
+    ENDGAME_COPIES,
+    ENDGAME_STALL,
+    HAVE_REFRESH,
+    MAX_STRIKES,
+    MAX_TIMEOUTS,
+    REQUEST_BATCH,
+    REQUEST_TIMEOUT,
+    SOURCE_WINDOW,
+    TIMEOUT_REST,
+)
+from twisted_p2p.storage import StorageError
 
 log = Logger()
 
-#: Seconds between progress lines.
+#: Seconds between progress events.
 PROGRESS_INTERVAL = 1.0
 
-#: Verification failures after which a source is no longer asked.
-MAX_STRIKES = 3
+#: Progress samples the rate is measured over (one per progress event).
+RATE_WINDOW = 5
+
+# What each chunk is doing, one byte per chunk in Download._state.
+_QUEUED, _FLIGHT, _VERIFYING, _HAVE = 0, 1, 2, 3
+
+#: In a pick array, a chunk that is not to be asked for.
+_NOT_PICKABLE = 0xFF
+#: Availability counts stop here (below _NOT_PICKABLE).
+_MAX_LEVEL = 0xFE
+
+_UP = bytes(min(b + 1, _MAX_LEVEL) if b != _NOT_PICKABLE else b for b in range(256))
+_DOWN = bytes(max(b - 1, 0) if b != _NOT_PICKABLE else b for b in range(256))
 
 
 def _seconds(elapsed):
@@ -31,16 +73,6 @@ def _seconds(elapsed):
     download does not say "0.0 s".
     """
     return f"{elapsed:.2f} s" if elapsed < 10 else f"{elapsed:.0f} s"
-
-
-class DownloadFailed(Exception):
-    """
-    A download that cannot complete; the message is for the user.
-
-    @ivar reported: whether a C{download-failed} event already told the user.
-    """
-
-    reported = False
 
 
 def human_size(n):
@@ -55,18 +87,70 @@ def human_size(n):
             return f"{n:.1f} {unit}"
 
 
+class DownloadFailed(Exception):
+    """
+    A download that cannot complete; the message is for the user.
+
+    @ivar reported: whether a C{download-failed} event already told the user.
+    """
+
+    reported = False
+
+
+class Bans:
+    """
+    Owns the strikes against peers that sent bad data, for the whole session
+    (every download shares one), and the list of peers banned for it.
+    """
+
+    def __init__(self, max_strikes=MAX_STRIKES):
+        self._max = max_strikes
+        self._strikes = {}
+        self._banned = set()
+
+    def strike(self, peer_key):
+        """
+        One more strike; whether this one banned the peer.
+        """
+        self._strikes[peer_key] = self._strikes.get(peer_key, 0) + 1
+        if self._strikes[peer_key] >= self._max and peer_key not in self._banned:
+            self._banned.add(peer_key)
+            return True
+        return False
+
+    def strikes(self, peer_key):
+        return self._strikes.get(peer_key, 0)
+
+    def is_banned(self, peer_key):
+        return peer_key in self._banned
+
+
 class _Source:
     """
     One peer we draw chunks from, over one connection to its sender port.
+
+    @ivar has: C{None} for a full copy, else one byte per chunk (1 = held).
+    @ivar pick: for a partial holder, its own pick array (see
+        L{Download._key}); C{None} for a full copy.
     """
 
     def __init__(self, peer, client):
         self.peer = peer
+        self.key = getattr(peer, "peer_id", None) or peer.label
         self.client = client
+        self.has = None
+        self.pick = None
+        self.counted = False
         self.in_flight = 0
         self.strikes = 0
+        self.timeouts = 0
         self.usable = True
         self.received = 0
+        self.rest_until = 0.0
+        self.backoff = 0.0
+
+    def holds(self, index):
+        return self.has is None or self.has[index] == 1
 
 
 class Request:
@@ -75,22 +159,35 @@ class Request:
     The receiver port hands its data here (see L{Inbox}).
     """
 
-    def __init__(self, download, source, chunks):
+    def __init__(self, download, source, chunks, now):
         self.download = download
         self.source = source
         self.token = secrets.token_hex(16)
         self.host = source.peer.host
+        self.asked = frozenset(chunks)
         self.pending = set(chunks)
+        self.arrived = set()
+        self.last_progress = now
         self.timeout = None
+        self.transport = None
 
     def accepts(self, index, length):
+        # A chunk cancelled since (another copy won) is still accepted, and
+        # dropped: the sender did nothing wrong by sending what it was asked.
         return (
-            index in self.pending
+            index in self.asked
+            and index not in self.arrived
             and length == self.download.manifest.chunk_length(index)
         )
 
+    def attach(self, transport):
+        """
+        The data connection of this request (from the receiver port).
+        """
+        self.transport = transport
+
     def deliver(self, index, data):
-        self.pending.discard(index)
+        self.arrived.add(index)
         return self.download._chunk_arrived(self, index, data)
 
     def finished(self):
@@ -99,16 +196,22 @@ class Request:
     def lost(self):
         self.download._request_ended(self)
 
+    def close(self):
+        if self.transport is not None and not self.transport.disconnecting:
+            self.transport.loseConnection()
+
 
 class Download:
     """
-    Owns one file's download from first manifest to final rename.
+    Owns one file's download from first manifest to final rename: the chunk
+    map, the sources, the requests in flight.  See the module docstring.
 
-    Chunks are requested in batches from every source that holds the file,
-    with at most L{SOURCE_WINDOW} chunks in flight per source, so a faster
-    source is asked more often.  Each chunk is verified against the manifest
-    in a thread before it is written.  A request that stalls, or a source
-    that drops, puts its chunks back in the queue for the others.
+    Chunk bookkeeping is in three arrays of one byte per chunk: C{_state}
+    (queued, in flight, being verified, verified), C{_avail} (usable sources
+    that hold it) and C{_key}, the pick array: the chunk's availability if
+    it is queued, else L{_NOT_PICKABLE}.  Picking the rarest chunks is then a
+    C{find} of the lowest level in C{_key} (a partial holder has its own pick
+    array, masked by what it holds).  Memory is a few bytes per chunk.
 
     @param name: the display name, used for the final file name.
     @param file_id: what we download.
@@ -119,7 +222,7 @@ class Download:
     @param storage: a L{PartialFile}-like object (blocking methods).
     @param run_in_thread: C{deferToThread} or a stand-in.
     @param clock: an L{IReactorTime}.
-    @param report: C{report(line)} for progress and outcome lines.
+    @param report: C{report(event)} for progress and outcome events.
     """
 
     def __init__(
@@ -134,6 +237,8 @@ class Download:
         run_in_thread,
         clock,
         report,
+        bans=None,
+        index=None,
     ):
         self.name = name
         self.file_id = file_id
@@ -145,17 +250,30 @@ class Download:
         self._run = run_in_thread
         self._clock = clock
         self._report = report
+        self.bans = bans if bans is not None else Bans()
+        self._index = index
         self.manifest = None
         self.sources = []
-        self._missing = deque()
         self._requests = set()
+        self._in_flight = {}
+        self._state = self._avail = self._key = None
+        self._partial_sources = []
         self.have = 0
         self.bytes_received = 0
         self.bytes_verified = 0
+        self.bytes_resumed = 0
+        self.bytes_wasted = 0
         self.started = clock.seconds()
+        self._samples = deque(maxlen=RATE_WINDOW + 1)
         self.final_name = None
-        self._progress = None
+        self._ticker = None
+        self._wake = None
+        self._refreshing = set()
+        self._last_refresh = 0.0
         self._finishing = False
+        self._scheduling = False
+        self._schedule_again = False
+        self._stopped = False
         self._cancelled = False
         self.done = defer.Deferred()
 
@@ -163,15 +281,26 @@ class Download:
     def size(self):
         return self.manifest.size if self.manifest else None
 
+    # -- what it looks like ------------------------------------------------
+
+    def _rate(self):
+        now = self._clock.seconds()
+        fetched = self.bytes_verified - self.bytes_resumed
+        if self._samples:
+            then, before = self._samples[0]
+            if now - then > 0:
+                return (fetched - before) / (now - then)
+        return fetched / max(now - self.started, 1e-6)
+
     def status(self):
         """
         Where this download stands: C{file}, C{id}, C{size}, C{bytes}
-        verified, C{percent}, C{rate} (bytes/s), C{sources} in use and
-        C{eta} (seconds, or C{None} while unknown).
+        verified (resumed ones included), C{percent}, C{rate} (bytes/s over
+        the last few seconds), C{sources} in use, C{eta} (seconds, or
+        C{None} while unknown) and C{by_source} (verified bytes per peer).
         """
         size = self.size
-        elapsed = max(self._clock.seconds() - self.started, 1e-6)
-        rate = self.bytes_verified / elapsed
+        rate = self._rate()
         if size is None:
             percent, eta = 0, None
         else:
@@ -184,9 +313,19 @@ class Download:
             "bytes": self.bytes_verified,
             "percent": percent,
             "rate": round(rate),
-            "sources": sum(1 for s in self.sources if s.usable),
+            "sources": sum(1 for s in self.sources if self._usable(s)),
             "eta": eta,
+            "by_source": self.by_source(),
         }
+
+    def by_source(self):
+        """
+        Verified bytes from each peer, by label.
+        """
+        counts = {}
+        for s in self.sources:
+            counts[s.peer.label] = counts.get(s.peer.label, 0) + s.received
+        return counts
 
     def _emit(self, kind, text, **fields):
         """
@@ -197,10 +336,12 @@ class Download:
             log.info("{text}", **e)
         self._report(e)
 
+    # -- starting ------------------------------------------------------------
+
     def start(self):
         """
-        Start the download.  L{done} fires with the final name, or fails with
-        L{DownloadFailed}.
+        Start the download.  L{done} fires with C{(final name, signature)}, or
+        fails with L{DownloadFailed}.
         """
         defer.ensureDeferred(self._begin()).addErrback(self._fail)
         return self.done
@@ -208,70 +349,303 @@ class Download:
     async def _begin(self):
         first_error = None
         for peer in self._peers:
-            try:
-                client = await self._open_client(peer)
-            except Exception as e:
-                first_error = first_error or f"{peer.label}: {e}"
-                continue
-            source = _Source(peer, client)
-            if self.manifest is None:
-                try:
-                    self.manifest = await fetch_manifest(client, self.file_id)
-                except (PeerRefused, wire.ProtocolError, ManifestMismatch, Exception) as e:
-                    first_error = first_error or f"{peer.label}: {e}"
-                    client.close()
-                    continue
-            self.sources.append(source)
-            client.when_closed().addCallback(self._source_closed, source)
+            source = await self._connect(peer)
+            if isinstance(source, str):
+                first_error = first_error or source
+            elif source is not None:
+                self.sources.append(source)
+            if self._stopped:
+                return
         if self.manifest is None:
             raise DownloadFailed(
                 f"no peer could give the manifest of {self.name}"
                 + (f" ({first_error})" if first_error else "")
             )
-        await self._run(self.storage.open, self.manifest.size)
-        self._missing.extend(range(self.manifest.chunk_count))
+        count = self.manifest.chunk_count
+        self._state = bytearray(count)
+        self._avail = bytearray(count)
+        self._key = bytearray(count)
+        try:
+            resumed = await self._run(self.storage.open, self.manifest.size, self.manifest)
+        except StorageError as e:
+            raise DownloadFailed(f"could not start {self.name}: {e}")
+        if self._stopped:
+            self._run(self.storage.close)
+            return
+        for index in resumed or ():
+            self._state[index] = _HAVE
+            self._key[index] = _NOT_PICKABLE
+            self.have += 1
+            self.bytes_resumed += self.manifest.chunk_length(index)
+        self.bytes_verified = self.bytes_resumed
+        for source in self.sources:
+            self._count_source(source)
+        if self._index is not None and getattr(self.storage, "chunks", None) is not None:
+            self._index.add_partial(self.name, self.manifest, self.storage.path, self.storage.chunks)
+        resumed_text = (
+            f", resuming with {human_size(self.bytes_resumed)} already here"
+            if self.bytes_resumed
+            else ""
+        )
         self._emit(
             "download-started",
             f"download {self.name}: {human_size(self.manifest.size)} in "
-            f"{self.manifest.chunk_count} chunks from {len(self.sources)} peer(s)",
+            f"{count} chunks from {len(self.sources)} peer(s){resumed_text}",
             size=self.manifest.size,
-            chunks=self.manifest.chunk_count,
+            chunks=count,
             sources=len(self.sources),
+            resumed=self.bytes_resumed,
         )
-        self._progress = LoopingCall(self._show_progress)
-        self._progress.clock = self._clock
-        self._progress.start(PROGRESS_INTERVAL, now=False)
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = self._clock
+        self._ticker.start(PROGRESS_INTERVAL, now=False)
         self._schedule()
 
-    # scheduling
+    async def _connect(self, peer):
+        """
+        A L{_Source} for C{peer}, with the manifest fetched if we have none
+        yet and what the peer holds; an error text, or C{None} for a peer
+        banned this session.
+        """
+        key = getattr(peer, "peer_id", None) or peer.label
+        if self.bans.is_banned(key):
+            return None
+        try:
+            client = await self._open_client(peer)
+        except Exception as e:
+            return f"{peer.label}: {e}"
+        source = _Source(peer, client)
+        try:
+            if self.manifest is None:
+                self.manifest = await fetch_manifest(client, self.file_id)
+            if self.manifest.chunk_count:
+                has = await fetch_have(client, self.file_id, self.manifest.chunk_count)
+                if has is not None:
+                    source.has = has
+        except Exception as e:
+            client.close()
+            return f"{peer.label}: {e}"
+        client.when_closed().addCallback(self._source_closed, source)
+        return source
+
+    # -- availability ----------------------------------------------------------
+
+    def _set_key(self, index):
+        """
+        Bring chunk C{index}'s place in every pick array up to date.
+        """
+        level = self._avail[index] if self._state[index] == _QUEUED else _NOT_PICKABLE
+        self._key[index] = level
+        for source in self._partial_sources:
+            if source.has[index]:
+                source.pick[index] = level
+
+    def _count_source(self, source):
+        """
+        Count what C{source} holds in the availability of each chunk.
+        """
+        if source.counted or not self._usable(source):
+            return
+        source.counted = True
+        if source.has is None:
+            self._avail = self._avail.translate(_UP)
+            self._key = self._key.translate(_UP)
+            for other in self._partial_sources:
+                other.pick = other.pick.translate(_UP)
+            return
+        source.pick = bytearray([_NOT_PICKABLE]) * len(self._state)
+        self._partial_sources.append(source)
+        self._add_holdings(source, range(len(self._state)))
+
+    def _add_holdings(self, source, indexes):
+        has = source.has
+        for index in indexes:
+            if has[index]:
+                if self._avail[index] < _MAX_LEVEL:
+                    self._avail[index] += 1
+                self._set_key(index)
+
+    def _uncount_source(self, source):
+        if not source.counted:
+            return
+        source.counted = False
+        if source.has is None:
+            self._avail = self._avail.translate(_DOWN)
+            self._key = self._key.translate(_DOWN)
+            for other in self._partial_sources:
+                other.pick = other.pick.translate(_DOWN)
+            return
+        self._partial_sources.remove(source)
+        has = source.has
+        for index in range(len(self._state)):
+            if has[index]:
+                if self._avail[index]:
+                    self._avail[index] -= 1
+                self._set_key(index)
+        source.pick = None
+
+    def _update_holdings(self, source, has):
+        """
+        A partial holder's new chunk map (it has verified more since).
+        """
+        if has is None:
+            # It completed its copy.
+            self._uncount_source(source)
+            source.has = None
+            self._count_source(source)
+            return
+        old = source.has
+        if old is None:
+            return  # a full copy does not become partial
+        lost = any(old[i] and not has[i] for i in range(len(has)))
+        if lost or not source.counted:
+            self._uncount_source(source)
+            source.has = has
+            self._count_source(source)
+            return
+        new = [i for i in range(len(has)) if has[i] and not old[i]]
+        source.has = has
+        self._add_holdings(source, new)
+
+    def _usable(self, source):
+        return source.usable and not self.bans.is_banned(source.key)
+
+    def _drop(self, source):
+        """
+        Stop asking C{source} for anything, and give what it still owes to
+        the others (it is banned: nothing it sends is wanted).
+        """
+        source.usable = False
+        self._uncount_source(source)
+        for request in [r for r in self._requests if r.source is source]:
+            request.close()
+            self._request_ended(request)
+
+    # -- scheduling ------------------------------------------------------------
 
     def _schedule(self):
-        if self.done.called or self._finishing:
+        # A request refused at once calls back in here: run again after the
+        # current pass instead of inside it.
+        if self._scheduling:
+            self._schedule_again = True
+            return
+        self._scheduling = True
+        try:
+            self._schedule_again = True
+            while self._schedule_again:
+                self._schedule_again = False
+                self._schedule_once()
+        finally:
+            self._scheduling = False
+
+    def _schedule_once(self):
+        if self.done.called or self._finishing or self._stopped or self.manifest is None:
             return
         if self.have == self.manifest.chunk_count:
             self._finish()
             return
+        now = self._clock.seconds()
+        resting = []
         for source in self.sources:
-            while source.usable and self._missing and self._batch_fits(source):
-                self._request(source)
-        if not self._requests and not any(s.usable for s in self.sources):
-            self._fail(DownloadFailed(f"no peer is left to download {self.name} from"))
+            if source.counted and not self._usable(source):
+                self._drop(source)
+            if not self._usable(source):
+                continue
+            if source.rest_until > now:
+                resting.append(source.rest_until)
+                continue
+            # Checked again each time: a request refused at once makes the
+            # source rest, or unusable.
+            while (
+                self._usable(source)
+                and source.rest_until <= now
+                and source.in_flight < SOURCE_WINDOW
+            ):
+                room = min(REQUEST_BATCH, SOURCE_WINDOW - source.in_flight)
+                chunks = self._pick(source, room) or self._endgame_pick(source, room, now)
+                if not chunks:
+                    break
+                self._request(source, chunks)
+        if resting:
+            self._wake_at(min(resting))
+        if not self._requests and not resting and not self._verifying():
+            usable = [s for s in self.sources if self._usable(s)]
+            if not usable:
+                self._fail(DownloadFailed(f"no peer is left to download {self.name} from"))
+            elif not self._partial_sources and self._key.find(0) >= 0:
+                index = self._key.find(0)
+                self._fail(
+                    DownloadFailed(
+                        f"no peer left has chunk {index} of {self.name}; "
+                        "download again when one that has the whole file is back"
+                    )
+                )
 
-    def _batch_size(self):
-        return min(REQUEST_BATCH, SOURCE_WINDOW, len(self._missing))
+    def _verifying(self):
+        return self._state.find(_VERIFYING) >= 0
 
-    def _batch_fits(self, source):
-        # A whole batch or nothing: never more than SOURCE_WINDOW in flight.
-        return source.in_flight + self._batch_size() <= SOURCE_WINDOW
+    def _pick(self, source, count):
+        """
+        Up to C{count} queued chunks that C{source} holds, rarest first, then
+        in file order.
+        """
+        key = source.pick if source.pick is not None else self._key
+        levels = min(_MAX_LEVEL, sum(1 for s in self.sources if s.counted))
+        picked = []
+        for level in range(1, levels + 1):
+            position = 0
+            while len(picked) < count:
+                position = key.find(level, position)
+                if position < 0:
+                    break
+                picked.append(position)
+                position += 1
+            if len(picked) >= count:
+                break
+        return picked
 
-    def _request(self, source):
-        batch = []
-        size = self._batch_size()
-        while len(batch) < size:
-            batch.append(self._missing.popleft())
-        request = Request(self, source, batch)
+    def _endgame_pick(self, source, count, now):
+        """
+        Nothing is left to ask for but chunks in flight elsewhere: take the
+        ones whose requests have stalled longest, for a second copy.
+        """
+        candidates = []
+        for index, requests in self._in_flight.items():
+            if (
+                self._state[index] != _FLIGHT
+                or len(requests) >= ENDGAME_COPIES
+                or not source.holds(index)
+                or any(r.source is source for r in requests)
+            ):
+                continue
+            progress = max(r.last_progress for r in requests)
+            if now - progress >= ENDGAME_STALL:
+                candidates.append((progress, index))
+        candidates.sort()
+        return [index for _, index in candidates[:count]]
+
+    def _wake_at(self, when):
+        if self._wake is not None and self._wake.active():
+            if self._wake.getTime() <= when:
+                return
+            self._wake.cancel()
+        self._wake = self._clock.callLater(
+            max(0.0, when - self._clock.seconds()), self._woken
+        )
+
+    def _woken(self):
+        self._wake = None
+        self._schedule()
+
+    def _request(self, source, chunks):
+        request = Request(self, source, chunks, self._clock.seconds())
         self._requests.add(request)
-        source.in_flight += len(batch)
+        for index in chunks:
+            self._in_flight.setdefault(index, []).append(request)
+            if self._state[index] == _QUEUED:
+                self._state[index] = _FLIGHT
+                self._set_key(index)
+        source.in_flight += len(chunks)
         self._inbox.expect(request)
         request.timeout = self._clock.callLater(
             REQUEST_TIMEOUT, self._request_timed_out, request
@@ -279,16 +653,30 @@ class Download:
         header = wire.request(
             "get",
             id=self.file_id,
-            chunks=batch,
+            chunks=list(chunks),
             port=self._receiver_port,
             token=request.token,
         )
         d = source.client.call(header)
-        d.addErrback(self._request_refused, request)
+        d.addCallbacks(self._request_accepted, self._request_refused,
+                       callbackArgs=(request,), errbackArgs=(request,))
+
+    def _request_accepted(self, _, request):
+        request.source.backoff = 0.0
+
+    def _rest(self, source, seconds):
+        source.rest_until = max(source.rest_until, self._clock.seconds() + seconds)
 
     def _source_closed(self, _, source):
+        if source.usable and not self._stopped and not self.done.called:
+            log.info(
+                "Lost the connection to {peer}; downloading {name} from the others",
+                peer=source.peer.label,
+                name=self.name,
+            )
         source.usable = False
-        if self.manifest is not None and self._missing:
+        if self.manifest is not None and not self.done.called:
+            self._uncount_source(source)
             self._schedule()
 
     def _request_refused(self, failure, request):
@@ -297,7 +685,10 @@ class Download:
             # this connection itself.
             return
         source = request.source
-        if failure.check(PeerRefused) and failure.value.code == "unreachable":
+        code = failure.value.code if failure.check(PeerRefused) else None
+        if not source.usable:
+            pass  # the connection is gone, and it was said once (_source_closed)
+        elif code == "unreachable":
             self._emit(
                 "source-unreachable",
                 f"download {self.name}: {source.peer.label} could not connect back to "
@@ -306,8 +697,14 @@ class Download:
                 peer=source.peer.label,
             )
             source.usable = False
-        elif failure.check(PeerRefused) and failure.value.code == "busy":
-            pass
+        elif code == "busy":
+            # Not the source's fault: ask it again later, later each time.
+            source.backoff = min(max(2 * source.backoff, BUSY_BACKOFF_MIN), BUSY_BACKOFF_MAX)
+            self._rest(source, source.backoff)
+        elif code == "missing-chunks":
+            # A partial holder we asked for chunks it has not got (any more).
+            self._rest(source, BUSY_BACKOFF_MIN)
+            self._refresh_holdings(source)
         else:
             log.info(
                 "{peer} refused a request: {error}",
@@ -319,10 +716,35 @@ class Download:
 
     def _request_timed_out(self, request):
         request.timeout = None
-        request.source.strikes += 1
-        if request.source.strikes >= MAX_STRIKES:
-            request.source.usable = False
+        if request not in self._requests:
+            return
+        source = request.source
+        source.timeouts += 1
+        log.info(
+            "{peer} sent nothing of {name} for {seconds:.0f} s; asking the others",
+            peer=source.peer.label,
+            name=self.name,
+            seconds=REQUEST_TIMEOUT,
+        )
+        if source.timeouts >= MAX_TIMEOUTS:
+            source.usable = False
+        else:
+            self._rest(source, TIMEOUT_REST)
+        request.close()
         self._request_ended(request)
+
+    def _forget(self, request, index):
+        """
+        C{request} no longer waits for chunk C{index}.
+        """
+        request.pending.discard(index)
+        request.source.in_flight -= 1
+        requests = self._in_flight.get(index)
+        if requests is not None:
+            if request in requests:
+                requests.remove(request)
+            if not requests:
+                del self._in_flight[index]
 
     def _request_ended(self, request):
         if request not in self._requests:
@@ -331,49 +753,80 @@ class Download:
         self._inbox.withdraw(request.token)
         if request.timeout is not None and request.timeout.active():
             request.timeout.cancel()
-        request.source.in_flight -= len(request.pending)
-        # Chunks that never came go to the front of the queue.
-        self._missing.extendleft(sorted(request.pending, reverse=True))
-        request.pending = set()
+        request.timeout = None
+        for index in sorted(request.pending):
+            self._forget(request, index)
+            if self._state[index] == _FLIGHT and index not in self._in_flight:
+                self._state[index] = _QUEUED
+                self._set_key(index)
         self._schedule()
 
+    def _cancel(self, request):
+        """
+        Another copy of the last chunk C{request} waited for has arrived:
+        drop its data connection, and its token.
+        """
+        request.close()
+        self._request_ended(request)
+
     def _chunk_arrived(self, request, index, data):
+        if index not in request.pending:
+            # Cancelled: another source's copy came first.
+            self.bytes_wasted += len(data)
+            return defer.succeed(None)
         source = request.source
-        source.in_flight -= 1
+        self._forget(request, index)
         self.bytes_received += len(data)
+        request.last_progress = self._clock.seconds()
+        if request.timeout is not None and request.timeout.active():
+            request.timeout.reset(REQUEST_TIMEOUT)
+        if self._state[index] in (_VERIFYING, _HAVE) or self._stopped or self.done.called:
+            self.bytes_wasted += len(data)
+            return defer.succeed(None)
+        self._state[index] = _VERIFYING
+        for other in list(self._in_flight.pop(index, ())):
+            other.pending.discard(index)
+            other.source.in_flight -= 1
+            if not other.pending:
+                self._cancel(other)
         manifest = self.manifest
         offset = manifest.chunk_offset(index)
         storage = self.storage
 
-        def verify_and_write():
+        def verify_and_store():
             if not manifest.verify_chunk(index, data):
                 return False
-            storage.write(offset, data)
+            storage.store(index, offset, data)
             return True
 
-        d = self._run(verify_and_write)
+        d = self._run(verify_and_store)
 
         def stored(ok):
+            if self.done.called or self._stopped:
+                return
             if ok:
+                self._state[index] = _HAVE
                 self.have += 1
                 self.bytes_verified += len(data)
                 source.received += len(data)
             else:
+                self._state[index] = _QUEUED
+                self._set_key(index)
                 self._reject(source, index)
             self._schedule()
 
         def failed(failure):
-            self._missing.appendleft(index)
-            self._fail(
-                DownloadFailed(
-                    f"could not write {self.name}: {failure.getErrorMessage()}"
-                )
-            )
+            if self.done.called or self._stopped:
+                return
+            self._state[index] = _QUEUED
+            self._set_key(index)
+            error = failure.value
+            reason = str(error) if isinstance(error, StorageError) else failure.getErrorMessage()
+            self._fail(DownloadFailed(f"could not write {self.name}: {reason}"))
 
         return d.addCallbacks(stored, failed)
 
     def _reject(self, source, index):
-        self._missing.append(index)
         source.strikes += 1
         log.warn(
             "Chunk {index} of {name} from {peer} failed verification",
@@ -381,20 +834,45 @@ class Download:
             name=self.name,
             peer=source.peer.label,
         )
-        if source.strikes >= MAX_STRIKES and source.usable:
-            source.usable = False
+        if self.bans.strike(source.key):
             self._emit(
                 "peer-banned",
-                f"download {self.name}: {source.peer.label} sent bad data "
-                f"{source.strikes} times and is no longer asked",
+                f"{source.peer.label} sent bad data {self.bans.strikes(source.key)} times "
+                "and is banned for this session",
                 peer=source.peer.label,
-                strikes=source.strikes,
+                strikes=self.bans.strikes(source.key),
+            )
+        if self.bans.is_banned(source.key):
+            self._drop(source)
+
+    def _refresh_holdings(self, source):
+        if source in self._refreshing or not source.usable or source.has is None:
+            return
+        self._refreshing.add(source)
+        d = defer.ensureDeferred(
+            fetch_have(source.client, self.file_id, self.manifest.chunk_count)
+        )
+
+        def got(has):
+            if self._usable(source) and not self.done.called:
+                self._update_holdings(source, has)
+                self._schedule()
+
+        def failed(failure):
+            log.info(
+                "Could not ask {peer} which chunks it has: {error}",
+                peer=source.peer.label,
+                error=failure.getErrorMessage(),
             )
 
-    # the end
+        d.addCallbacks(got, failed)
+        d.addBoth(lambda _: self._refreshing.discard(source))
+
+    # -- the end ---------------------------------------------------------------
 
     def _finish(self):
         self._finishing = True
+        self._withdraw_partial()
         d = self._run(self.storage.complete, self.name)
 
         def completed(result):
@@ -405,6 +883,7 @@ class Download:
             size = self.manifest.size
             where = os.path.join(os.path.basename(self.storage.folder), final_name)
             renamed = "" if final_name == self.name else f" ({self.name} already existed)"
+            by_source = self.by_source()
             self._emit(
                 "download-finished",
                 f"downloaded {self.name} to {where}{renamed}: {human_size(size)} in "
@@ -413,21 +892,55 @@ class Download:
                 size=size,
                 seconds=round(elapsed, 3),
                 rate=round(size / elapsed),
+                by_source=by_source,
+                received=self.bytes_received,
+                resumed=self.bytes_resumed,
+                wasted=self.bytes_wasted,
+            )
+            log.info(
+                "Bytes of {file} by source: {counts}; received {received} B, "
+                "resumed {resumed} B, wasted {wasted} B",
+                event="download-sources",
+                file=self.name,
+                counts=", ".join(f"{label}={n}" for label, n in sorted(by_source.items())),
+                by_source=by_source,
+                received=self.bytes_received,
+                resumed=self.bytes_resumed,
+                wasted=self.bytes_wasted,
             )
             self.done.callback(result)
 
         def failed(failure):
-            self._fail(
-                DownloadFailed(f"could not complete {self.name}: {failure.getErrorMessage()}")
-            )
+            error = failure.value
+            reason = str(error) if isinstance(error, StorageError) else failure.getErrorMessage()
+            self._fail(DownloadFailed(f"could not complete {self.name}: {reason}"))
 
         d.addCallbacks(completed, failed)
 
     def cancel(self):
+        """
+        Stop, and throw away what was downloaded.
+        """
         self._cancelled = True
         self._fail(DownloadFailed(f"download {self.name} was cancelled"))
 
-    def _fail(self, failure_or_error):
+    def pause(self):
+        """
+        Stop, keeping every verified chunk for a later resume (the peer is
+        shutting down).
+        """
+        if self.done.called:
+            return
+        percent = self.status()["percent"]
+        self._fail(
+            DownloadFailed(
+                f"download {self.name} stopped at {percent}%; "
+                "download it again to resume"
+            ),
+            kind="download-stopped",
+        )
+
+    def _fail(self, failure_or_error, kind="download-failed"):
         if self.done.called:
             return
         error = getattr(failure_or_error, "value", failure_or_error)
@@ -435,69 +948,104 @@ class Download:
             log.failure("Download of {name} failed", failure_or_error, name=self.name)
             error = DownloadFailed(f"download {self.name} failed: {error}")
         self._stop()
+        self._withdraw_partial()
         if self.manifest is not None:
-            self._run(self.storage.discard).addErrback(lambda f: None)
+            # Kept for a resume, unless cancelled or there is nothing in it.
+            keep = not self._cancelled and self.have > 0
+            release = self.storage.close if keep else self.storage.discard
+            self._run(release).addErrback(lambda f: None)
         if self._cancelled:
             self._emit("download-cancelled", f"download {self.name} cancelled")
+        elif kind == "download-stopped":
+            self._emit(kind, str(error), reason=str(error))
         else:
-            self._emit("download-failed", f"error: {error}", reason=str(error))
+            self._emit(kind, f"error: {error}", reason=str(error))
         error.reported = True
         self.done.errback(error)
 
+    def _withdraw_partial(self):
+        if self._index is not None and self.manifest is not None:
+            self._index.remove_partial(self.file_id)
+
     def _stop(self):
-        if self._progress is not None and self._progress.running:
-            self._progress.stop()
+        self._stopped = True
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
         for request in list(self._requests):
             self._inbox.withdraw(request.token)
             if request.timeout is not None and request.timeout.active():
                 request.timeout.cancel()
+            request.close()
         self._requests.clear()
+        self._in_flight.clear()
         for source in self.sources:
             source.client.close()
+
+    def _tick(self):
+        """
+        Every L{PROGRESS_INTERVAL}: a progress event, a look at stalled
+        requests (the endgame) and at what partial holders have gained.
+        """
+        now = self._clock.seconds()
+        self._samples.append((now, self.bytes_verified - self.bytes_resumed))
+        if now - self._last_refresh >= HAVE_REFRESH:
+            self._last_refresh = now
+            for source in self._partial_sources:
+                self._refresh_holdings(source)
+        self._show_progress()
+        self._schedule()
 
     def _show_progress(self):
         if self.manifest is None or self.manifest.size == 0:
             return
-        elapsed = max(self._clock.seconds() - self.started, 1e-6)
-        percent = 100 * self.bytes_verified // self.manifest.size
-        sources = sum(1 for s in self.sources if s.usable)
+        status = self.status()
+        eta = "" if status["eta"] is None else f", {status['eta']} s left"
         self._emit(
             "download-progress",
-            f"download {self.name}: {percent}% of {human_size(self.manifest.size)} "
-            f"at {human_size(self.bytes_verified / elapsed)}/s from {sources} peer(s)",
-            percent=percent,
-            bytes=self.bytes_verified,
-            size=self.manifest.size,
-            rate=round(self.bytes_verified / elapsed),
-            sources=sources,
+            f"download {self.name}: {status['percent']}% of {human_size(self.manifest.size)} "
+            f"at {human_size(status['rate'])}/s from {status['sources']} peer(s){eta}",
+            percent=status["percent"],
+            bytes=status["bytes"],
+            size=status["size"],
+            rate=status["rate"],
+            sources=status["sources"],
+            eta=status["eta"],
         )
 
 
 class Downloads:
     """
-    Owns the downloads in progress: starts them, keeps one per file, and
-    hands finished files to the index so they are offered in turn.
+    Owns the downloads in progress: starts them, keeps one per file, hands
+    finished files to the index so they are offered in turn, and shares one
+    L{Bans} between them for the session.
 
     @param make_download: C{make_download(name, file_id, peers, report)}
         giving an unstarted L{Download}.
-    @param index: the L{SharedIndex} that finished files join, or C{None}
-        when finished downloads are not offered.
+    @param index: the L{SharedIndex} that finished files join, and partial
+        ones are offered from, or C{None} when downloads are not offered.
     """
 
     def __init__(self, make_download, index):
         self._make = make_download
         self._index = index
+        self.bans = Bans()
         self.active = {}
 
     def start(self, name, file_id, peers, report):
         """
-        Start downloading C{file_id}; a Deferred of the final name.
+        Start (or resume) downloading C{file_id}; a Deferred of the final
+        name.
 
         @raise DownloadFailed: it is already being downloaded.
         """
         if file_id in self.active:
             raise DownloadFailed(f"{name} is already being downloaded")
         download = self._make(name, file_id, peers, report)
+        download.bans = self.bans
+        download._index = self._index
         self.active[file_id] = download
         d = download.start()
 
@@ -514,5 +1062,9 @@ class Downloads:
         return d.addCallback(finished).addBoth(ended)
 
     def cancel_all(self):
+        """
+        Stop every download, keeping what each has verified, so that the
+        next C{download} of the same file resumes it (the peer is stopping).
+        """
         for download in list(self.active.values()):
-            download.cancel()
+            download.pause()

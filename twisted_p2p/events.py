@@ -26,4 +26,6 @@ def is_failure(e):
     """
     Whether an event reports a failure (a script should exit non-zero).
     """
-    return e.get("event") in ("error", "download-failed", "download-cancelled")
+    return e.get("event") in (
+        "error", "download-failed", "download-cancelled", "download-stopped"
+    )

@@ -45,6 +45,31 @@ class LocalFile:
         return self.manifest.size
 
 
+@dataclass(frozen=True, eq=False)
+class PartialLocal:
+    """
+    A download in progress whose verified chunks we offer: where its bytes
+    are, its manifest, and its chunk map (a L{twisted_p2p.storage.ChunkMap},
+    which grows as chunks are verified).
+    """
+
+    name: str
+    manifest: Manifest
+    path: str
+    chunks: object
+
+    @property
+    def file_id(self):
+        return self.manifest.file_id
+
+    @property
+    def size(self):
+        return self.manifest.size
+
+    def holds(self, index):
+        return index in self.chunks
+
+
 def file_signature(stat):
     """
     What tells us a file changed without reading it.
@@ -75,11 +100,13 @@ def scan_folder(folder):
     return found
 
 
-def revision_of(files):
+def revision_of(files, partials=()):
     """
     A short digest that changes whenever the offered files change.
     """
     listing = sorted((f.file_id, f.name, f.size) for f in files)
+    if partials:
+        listing.append(sorted(("partial", p.file_id, p.name, p.size) for p in partials))
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
@@ -98,6 +125,7 @@ class SharedIndex:
         self._run = run_in_thread
         self._files = {}
         self._by_id = {}
+        self._partials = {}
         self._cache = None
         self.revision = revision_of([])
         self._scanning = None
@@ -115,6 +143,31 @@ class SharedIndex:
 
     def by_id(self, file_id):
         return self._by_id.get(file_id)
+
+    # partial downloads
+
+    def add_partial(self, name, manifest, path, chunks):
+        """
+        Offer the verified chunks of a download in progress.
+        """
+        self._partials[manifest.file_id] = PartialLocal(name, manifest, path, chunks)
+        self._update_revision()
+
+    def remove_partial(self, file_id):
+        if self._partials.pop(file_id, None) is not None:
+            self._update_revision()
+
+    def partial_by_id(self, file_id):
+        return self._partials.get(file_id)
+
+    def partials(self):
+        """
+        The partial downloads we offer, but for files we also hold whole.
+        """
+        return sorted(
+            (p for p in self._partials.values() if p.file_id not in self._by_id),
+            key=lambda p: (p.name, p.file_id),
+        )
 
     def rescan(self):
         """
@@ -197,8 +250,12 @@ class SharedIndex:
         for f in self.files():
             by_id.setdefault(f.file_id, f)
         self._by_id = by_id
-        revision = revision_of(files.values())
-        if changed and revision != self.revision:
+        if changed:
+            self._update_revision()
+
+    def _update_revision(self):
+        revision = revision_of(self._files.values(), self.partials())
+        if revision != self.revision:
             self.revision = revision
             for listener in list(self._listeners):
                 listener()

@@ -56,9 +56,43 @@ SOURCE_WINDOW = 16
 #: Chunks asked for in one request.
 REQUEST_BATCH = 8
 
-#: A request whose chunks have not all arrived after this long is given up
-#: and its chunks go back into the queue (seconds).
-REQUEST_TIMEOUT = 30.0
+#: A request that has made no progress (no chunk arrived) for this long is
+#: given up, and its chunks go back into the queue for other sources
+#: (seconds).  Every chunk that arrives starts the count again.
+REQUEST_TIMEOUT = 10.0
 
 #: Simultaneous incoming requests one peer serves; more get "busy".
 MAX_UPLOADS = 32
+
+#: Verification failures after which a peer is banned for the session.
+MAX_STRIKES = 3
+
+#: Requests of one download that may time out on one source before it is
+#: no longer asked.
+MAX_TIMEOUTS = 3
+
+#: Seconds a source rests after a request to it timed out, so that its
+#: chunks go to the others first.
+TIMEOUT_REST = 5.0
+
+#: First and longest rest after a "busy" answer (doubling in between).
+BUSY_BACKOFF_MIN = 0.25
+BUSY_BACKOFF_MAX = 8.0
+
+#: Near the end, a chunk whose request has made no progress for this long is
+#: asked of another source too (seconds); the first copy to arrive wins.
+ENDGAME_STALL = 2.0
+
+#: Requests a chunk may be in at once (the endgame's duplicates included).
+ENDGAME_COPIES = 2
+
+#: Seconds between asking a partial holder which chunks it has now.
+HAVE_REFRESH = 2.0
+
+#: Chunks described by one "have" answer: a 128 KiB bitmap, under MAX_FRAME.
+HAVE_PAGE = 8 * 128 * 1024
+
+#: Burst of the upload token bucket, in bytes: two chunks, so a stream is
+#: never held back to less than a chunk at a time, and the rate stays true
+#: over any second.
+UPLOAD_BURST = 2 * CHUNK_SIZE

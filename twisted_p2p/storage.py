@@ -1,41 +1,208 @@
 """
-Storage of downloads: a hidden partial file written at chunk offsets, made
-durable and renamed into place only once every chunk is verified.
+Storage of downloads: a hidden partial file written at chunk offsets, a small
+chunk map beside it that says which chunks are verified (so that a download
+resumes after a crash), and the partial file made durable and renamed into
+place only once every chunk is verified.
 
-All methods block; the download runs them in a thread.
+All methods of L{PartialFile} block; the download runs them in a thread.
+
+Resume and ordering.  A chunk's bytes are written to the partial file
+I{before} its bit is set in the map file, each with C{pwrite}, and neither is
+fsynced per chunk.  A process that dies (C{exit}, SIGTERM, SIGKILL) loses
+nothing the kernel has: both writes are in the page cache, in that order, so
+a bit is never set for bytes that were not written.  After a power loss the
+two files may disagree, so on reopening every chunk the map marks is
+verified again against the manifest; one that fails is fetched again.
 """
 
+import errno
 import os
+import threading
 
 from twisted_p2p.index import file_signature
 from twisted_p2p.names import free_name
 
 PARTIAL_PREFIX = ".p2ppeer-"
 PARTIAL_SUFFIX = ".part"
+MAP_SUFFIX = ".map"
+
+#: The chunk map file: this magic, the 32-byte file id, the size as 8 bytes
+#: big-endian, then one bit per chunk (chunk i is bit i % 8 of byte i // 8).
+MAP_MAGIC = b"p2pmap1\n"
+_MAP_HEADER = len(MAP_MAGIC) + 32 + 8
+
+
+class StorageError(Exception):
+    """
+    The downloads folder cannot take the download; the message is one
+    sentence for the user (what failed, where, and the likely fix).
+    """
+
+
+def describe_os_error(error, folder):
+    """
+    One sentence about an C{OSError} met while writing into C{folder}.
+    """
+    where = f"the downloads folder {folder}"
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left in {where}; free some space, then download again to resume"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where} is not writable ({error.strerror}); fix its permissions, then download again"
+    if code == errno.ENOENT:
+        return f"{where} is gone; create it again, then download again"
+    return f"cannot write in {where}: {error.strerror or error}"
+
+
+def _storage_errors(method):
+    """
+    Turn an C{OSError} of C{method} into a L{StorageError} that says what to do.
+    """
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            raise StorageError(describe_os_error(e, self.folder)) from e
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+class ChunkMap:
+    """
+    Which chunks of one file are verified: a bitmap in memory, mirrored to a
+    small file.  Safe to use from several threads.
+    """
+
+    def __init__(self, count):
+        self.count = count
+        self._bits = bytearray((count + 7) // 8)
+        self._lock = threading.Lock()
+        self._fd = None
+        self.verified = 0
+
+    def __contains__(self, index):
+        return bool(self._bits[index >> 3] & (1 << (index & 7)))
+
+    def indexes(self):
+        """
+        The verified chunk indexes, in order.
+        """
+        bits = bytes(self._bits)
+        for byte_index, byte in enumerate(bits):
+            if byte:
+                for bit in range(8):
+                    if byte & (1 << bit):
+                        yield byte_index * 8 + bit
+
+    def snapshot(self):
+        """
+        The bitmap as bytes (for the wire: see the C{have} answer).
+        """
+        with self._lock:
+            return bytes(self._bits)
+
+    def set(self, index, value=True):
+        with self._lock:
+            byte = self._bits[index >> 3]
+            mask = 1 << (index & 7)
+            new = (byte | mask) if value else (byte & ~mask)
+            if new == byte:
+                return
+            self._bits[index >> 3] = new
+            self.verified += 1 if value else -1
+            if self._fd is not None:
+                os.pwrite(self._fd, bytes([new]), _MAP_HEADER + (index >> 3))
+
+    def load(self, fd, file_id, size):
+        """
+        Read the map from C{fd}; an unreadable or foreign one counts as empty
+        (and is rewritten).  Then keep writing changes to C{fd}.
+        """
+        header = MAP_MAGIC + bytes.fromhex(file_id) + size.to_bytes(8, "big")
+        stored = os.pread(fd, _MAP_HEADER + len(self._bits), 0)
+        if stored[:_MAP_HEADER] == header and len(stored) == _MAP_HEADER + len(self._bits):
+            bits = bytearray(stored[_MAP_HEADER:])
+            # Bits past the last chunk are damage, not chunks.
+            if self.count % 8:
+                bits[-1] &= (1 << (self.count % 8)) - 1
+            self._bits = bits
+        else:
+            self._bits = bytearray(len(self._bits))
+        self.verified = sum(bin(b).count("1") for b in self._bits)
+        # Written in full now, so that setting a bit later never needs a new
+        # block (a full disk fails here, at the start, not in the middle).
+        os.ftruncate(fd, 0)
+        data = header + bytes(self._bits)
+        view = memoryview(data)
+        offset = 0
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+        self._fd = fd
+
+    def detach(self):
+        fd, self._fd = self._fd, None
+        return fd
 
 
 class PartialFile:
     """
-    Owns one download's bytes on disk until they are complete.
+    Owns one download's bytes on disk until they are complete: the partial
+    file and its chunk map.
 
     The partial file lives in the downloads folder itself (hidden, so it is
     never offered or listed), so that the final rename stays on one
     filesystem and is atomic.
+
+    Every method may raise L{StorageError} for a full, unwritable or vanished
+    folder; the partial data is then kept, for a later resume.
     """
 
     def __init__(self, folder, file_id):
         self.folder = folder
-        self.path = os.path.join(folder, f"{PARTIAL_PREFIX}{file_id[:32]}{PARTIAL_SUFFIX}")
+        self.file_id = file_id
+        base = os.path.join(folder, f"{PARTIAL_PREFIX}{file_id[:32]}")
+        self.path = base + PARTIAL_SUFFIX
+        self.map_path = base + MAP_SUFFIX
         self._fd = None
+        self.chunks = None
 
-    def open(self, size):
+    @_storage_errors
+    def open(self, size, manifest=None):
         """
         Create (or reopen) the partial file at its full C{size}; unwritten
-        ranges are holes.
-        """
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        os.ftruncate(self._fd, size)
+        ranges are holes.  With a C{manifest}, the chunk map is loaded too,
+        and every chunk it marks is verified again (see the module
+        docstring).
 
+        @return: the indexes of the chunks already verified.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            if manifest is not None:
+                self.chunks = ChunkMap(manifest.chunk_count)
+                map_fd = os.open(self.map_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    self.chunks.load(map_fd, manifest.file_id, size)
+                except BaseException:
+                    os.close(map_fd)
+                    raise
+                for index in list(self.chunks.indexes()):
+                    data = os.pread(fd, manifest.chunk_length(index), manifest.chunk_offset(index))
+                    if not manifest.verify_chunk(index, data):
+                        self.chunks.set(index, False)
+        except BaseException:
+            self._close_map()
+            os.close(fd)
+            raise
+        self._fd = fd
+        return list(self.chunks.indexes()) if self.chunks is not None else []
+
+    @_storage_errors
     def write(self, offset, data):
         view = memoryview(data)
         while view:
@@ -43,11 +210,28 @@ class PartialFile:
             view = view[written:]
             offset += written
 
+    @_storage_errors
+    def store(self, index, offset, data):
+        """
+        Write verified chunk C{index} at C{offset}, then mark it in the map:
+        in that order, so the map never claims bytes that are not there.
+        """
+        self.write(offset, data)
+        if self.chunks is not None:
+            self.chunks.set(index)
+
+    def read(self, offset, length):
+        """
+        C{length} bytes from C{offset} (to serve a verified chunk).
+        """
+        return os.pread(self._fd, length, offset)
+
+    @_storage_errors
     def complete(self, name):
         """
         Make the file durable and give it its final name in the folder, never
         replacing a file that is already there: C{name} becomes C{name (1)}
-        and so on.
+        and so on.  The chunk map goes once the file has its name.
 
         @return: C{(final name, signature)}.
         """
@@ -71,16 +255,39 @@ class PartialFile:
                 os.unlink(self.path)
             break
         _fsync_folder(self.folder)
+        self._close_map()
+        _unlink(self.map_path)
         return final, file_signature(os.stat(target))
 
-    def discard(self):
+    def close(self):
+        """
+        Let go of the files and keep them, for a later resume.
+        """
+        self._close_map()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+
+    def discard(self):
+        """
+        Let go of the files and remove them (a cancelled download).
+        """
+        self.close()
+        _unlink(self.path)
+        _unlink(self.map_path)
+
+    def _close_map(self):
+        if self.chunks is not None:
+            fd = self.chunks.detach()
+            if fd is not None:
+                os.close(fd)
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_folder(folder):

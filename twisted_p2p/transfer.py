@@ -179,16 +179,23 @@ class _ChunkStream:
     """
     Streams chunks from disk to a transport, one read in flight at a time,
     pausing when the transport's buffer is full.  Memory stays at one chunk.
+
+    With C{pace} (a L{TokenBucket}'s C{take}), each chunk's bytes are taken
+    from the bucket before the chunk is read: the stream waits on the clock,
+    holding no data, until the peer's upload rate allows it.
     """
 
-    def __init__(self, protocol, local_file, chunks, read_chunk):
+    def __init__(self, protocol, local_file, chunks, read_chunk, pace=None):
         self._protocol = protocol
         self._file = local_file
         self._chunks = deque(chunks)
         self._read_chunk = read_chunk
+        self._pace = pace
         self._paused = False
         self._stopped = False
-        self._reading = False
+        self._reading = None
+        self.chunks_sent = 0
+        self.bytes_sent = 0
         self.done = defer.Deferred()
 
     def start(self):
@@ -204,10 +211,13 @@ class _ChunkStream:
 
     def stopProducing(self):
         self._stopped = True
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            reading.cancel()
         self._finish(False)
 
     def _pump(self):
-        if self._paused or self._stopped or self._reading:
+        if self._paused or self._stopped or self._reading is not None:
             return
         if not self._chunks:
             self._protocol.send({"t": "done"})
@@ -215,21 +225,26 @@ class _ChunkStream:
             return
         index = self._chunks.popleft()
         manifest = self._file.manifest
-        self._reading = True
-        d = self._read_chunk(
-            self._file.path, manifest.chunk_offset(index), manifest.chunk_length(index)
-        )
+        offset, length = manifest.chunk_offset(index), manifest.chunk_length(index)
+        d = self._pace(length) if self._pace is not None else defer.succeed(None)
+        # Set before the callbacks: a read that is done at once clears it.
+        self._reading = d
+        d.addCallback(lambda _: self._read_chunk(self._file.path, offset, length))
         d.addCallbacks(self._read, self._read_failed, callbackArgs=(index,))
 
     def _read(self, data, index):
-        self._reading = False
+        self._reading = None
         if self._stopped:
             return
         self._protocol.send({"t": "chunk", "i": index}, data)
+        self.chunks_sent += 1
+        self.bytes_sent += len(data)
         self._pump()
 
     def _read_failed(self, failure):
-        self._reading = False
+        self._reading = None
+        if self._stopped:
+            return  # cancelled by stopProducing
         log.warn(
             "Could not read {path} to send it: {error}",
             path=self._file.path,
@@ -254,9 +269,9 @@ class ChunkPusher(FramedProtocol):
     with the request's token, then the chunks, then "done".
     """
 
-    def __init__(self, token, local_file, chunks, read_chunk):
+    def __init__(self, token, local_file, chunks, read_chunk, pace=None):
         self.token = token
-        self.stream = _ChunkStream(self, local_file, chunks, read_chunk)
+        self.stream = _ChunkStream(self, local_file, chunks, read_chunk, pace)
 
     def connectionMade(self):
         FramedProtocol.connectionMade(self)
@@ -302,6 +317,11 @@ class ReceiverProtocol(FramedProtocol):
             self.expectation = self.factory.inbox.claim(token, host)
             if self.expectation is None:
                 raise wire.ProtocolError("a token nobody handed out")
+            attach = getattr(self.expectation, "attach", None)
+            if attach is not None:
+                # So that the download can drop this connection when it no
+                # longer wants what comes on it (a duplicate that lost).
+                attach(self.transport)
             self.setTimeout(IDLE_TIMEOUT)
             return
         if kind == "chunk":

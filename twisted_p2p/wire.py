@@ -221,3 +221,31 @@ def _json_object(data):
     if not isinstance(message, dict):
         raise ProtocolError("not a JSON object")
     return message
+
+
+# -- chunk maps ------------------------------------------------------------
+#
+# A chunk map on the wire (the "have" answer) and on disk is a bitmap: chunk
+# i is bit i % 8 (least significant first) of byte i // 8.
+
+_BITS = [bytes((byte >> bit) & 1 for bit in range(8)) for byte in range(256)]
+
+
+def expand_bits(bitmap, count):
+    """
+    One byte per chunk (1 held, 0 not) for the first C{count} chunks of
+    C{bitmap}; bits past C{count} are ignored.
+    """
+    return bytearray(b"".join(_BITS[b] for b in bitmap)[:count])
+
+
+def pack_bits(flags):
+    """
+    The bitmap of C{flags}, one byte (0 or 1) per chunk.
+    """
+    flags = bytes(flags)
+    out = bytearray((len(flags) + 7) // 8)
+    for i in range(0, len(flags), 8):
+        group = flags[i : i + 8]
+        out[i // 8] = sum(1 << bit for bit, flag in enumerate(group) if flag)
+    return bytes(out)
