@@ -6,6 +6,7 @@ over a fake client.
 import struct
 
 import pytest
+from support import frame, result_of, sent_headers
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
@@ -16,42 +17,15 @@ from twisted_p2p.client import (
     PeerRefused,
     SenderClient,
     fetch_catalog,
+    fetch_have,
     fetch_manifest,
     parse_catalog,
 )
-from twisted_p2p.limits import MAX_CATALOG_FILES, MAX_FILE_SIZE
+from twisted_p2p.limits import HAVE_PAGE, MAX_CATALOG_FILES, MAX_FILE_SIZE
 from twisted_p2p.manifest import CHUNK_SIZE, Manifest, ManifestMismatch
 
 ID_A = "a" * 64
 ID_B = "b" * 64
-
-
-def result_of(d):
-    """
-    The result of a Deferred that has already fired; a failure is raised.
-    """
-    results = []
-    # A success is passed on, so the result can be asked for again.
-    d.addBoth(lambda r: results.append(r) or (None if isinstance(r, Failure) else r))
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def frame(header, body=b""):
-    payload = wire.encode_frame(header, body)
-    return struct.pack("!I", len(payload)) + payload
-
-
-def sent_headers(transport):
-    data = transport.value()
-    headers = []
-    while data:
-        (length,) = struct.unpack("!I", data[:4])
-        headers.append(wire.decode_frame(data[4 : 4 + length])[0])
-        data = data[4 + length :]
-    return headers
 
 
 @pytest.fixture
@@ -388,9 +362,6 @@ def test_fetch_manifest_wrong_answer_type():
 
 
 # -- fetch_have -------------------------------------------------------------------
-
-from twisted_p2p.client import fetch_have  # noqa: E402
-from twisted_p2p.limits import HAVE_PAGE  # noqa: E402
 
 
 def test_fetch_have_of_a_whole_file():

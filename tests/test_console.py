@@ -3,13 +3,13 @@ L{ConsoleProtocol} on a StringTransport, fed all at once and one byte at a
 time.
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twisted_p2p.commands import Commands
-from twisted_p2p.console import ConsoleProtocol
+from twisted_p2p.console import PLAIN_PROGRESS_INTERVAL, ConsoleProtocol, progress_bar
 from twisted_p2p.limits import MAX_COMMAND_LINE
 
 TOO_LONG = f"error: a command is at most {MAX_COMMAND_LINE} bytes"
@@ -184,10 +184,6 @@ def test_end_of_input_with_real_commands_does_not_shut_down():
 
 
 # -- download progress -----------------------------------------------------------
-
-from twisted.internet import task  # noqa: E402
-
-from twisted_p2p.console import PLAIN_PROGRESS_INTERVAL, progress_bar  # noqa: E402
 
 
 def progress(percent, file_id="f1", name="big.bin", rate=1 << 20, eta=7):

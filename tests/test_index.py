@@ -8,9 +8,9 @@ import json
 import os
 
 import pytest
+from support import result_of
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
 
 from twisted_p2p import index as index_module
 from twisted_p2p.index import SharedIndex, file_signature, revision_of, scan_folder
@@ -20,18 +20,6 @@ from twisted_p2p.manifest import hash_file
 
 def run_now(f, *args, **kwargs):
     return defer.maybeDeferred(f, *args, **kwargs)
-
-
-def result_of(d):
-    """
-    The result a Deferred already has; fail the test if it has none yet.
-    """
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 class ManualThreads:

@@ -2,10 +2,21 @@
 L{PartialFile}: a download's bytes on disk until they are complete.
 """
 
+import errno
 import os
 
+import pytest
+
 from twisted_p2p.index import file_signature
-from twisted_p2p.storage import PARTIAL_PREFIX, PARTIAL_SUFFIX, PartialFile
+from twisted_p2p.manifest import CHUNK_SIZE, Manifest
+from twisted_p2p.storage import (
+    PARTIAL_PREFIX,
+    PARTIAL_SUFFIX,
+    ChunkMap,
+    PartialFile,
+    StorageError,
+    describe_os_error,
+)
 
 FILE_ID = "0123456789abcdef" * 4
 
@@ -96,13 +107,6 @@ def test_discard_removes_the_partial(tmp_path):
 
 
 # -- the chunk map: resume after a crash ----------------------------------------
-
-import errno  # noqa: E402
-
-import pytest  # noqa: E402
-
-from twisted_p2p.manifest import CHUNK_SIZE, Manifest  # noqa: E402
-from twisted_p2p.storage import ChunkMap, StorageError, describe_os_error  # noqa: E402
 
 
 def manifest_of(content):

@@ -7,6 +7,7 @@ import json
 import struct
 
 import pytest
+from support import frame, framed, sent_frames, sent_headers
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -31,51 +32,6 @@ TOKEN = "ab" * 16
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-def framed(payload):
-    """
-    C{payload} with its Int32 length prefix, as it travels.
-    """
-    return struct.pack("!I", len(payload)) + payload
-
-
-def frame(header, body=b""):
-    return framed(wire.encode_frame(header, body))
-
-
-def sent_frames(transport):
-    """
-    The C{(header, body)} of every frame written to C{transport}.
-    """
-    data = transport.value()
-    frames = []
-    while data:
-        (length,) = struct.unpack("!I", data[:4])
-        assert len(data) >= 4 + length, "a partial frame was written"
-        frames.append(wire.decode_frame(data[4 : 4 + length]))
-        data = data[4 + length :]
-    return frames
-
-
-def sent_headers(transport):
-    return [header for header, _ in sent_frames(transport)]
-
-
-@pytest.fixture(params=["all at once", "one byte at a time"])
-def feed(request):
-    """
-    C{feed(protocol, data)}: deliver C{data} whole, or one byte per call.
-    """
-
-    def whole(protocol, data):
-        protocol.dataReceived(data)
-
-    def bytewise(protocol, data):
-        for i in range(len(data)):
-            protocol.dataReceived(data[i : i + 1])
-
-    return whole if request.param == "all at once" else bytewise
 
 
 def connect(factory, clock, host=PEER_HOST):

@@ -8,6 +8,7 @@ import random
 import struct
 
 import pytest
+from support import result_of
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import StringTransport
@@ -15,27 +16,15 @@ from twisted.python.failure import Failure
 
 from twisted_p2p import uploads as uploads_module
 from twisted_p2p import wire
-from twisted_p2p.index import LocalFile
+from twisted_p2p.index import LocalFile, PartialLocal
 from twisted_p2p.manifest import CHUNK_SIZE, hash_file
+from twisted_p2p.storage import ChunkMap
 from twisted_p2p.transfer import ChunkPusher, RequestRefused
-from twisted_p2p.uploads import Uploads, read_range
+from twisted_p2p.uploads import FileChanged, TokenBucket, Uploads, read_range
 
 REQUESTER = "10.0.0.2"
 TOKEN = "ab" * 16
 REVISION = "0123456789abcdef"
-
-
-def result_of(d):
-    """
-    The result of a Deferred that has already fired; a failure is raised.
-    """
-    results = []
-    # A success is passed on, so the result can be asked for again.
-    d.addBoth(lambda r: results.append(r) or (None if isinstance(r, Failure) else r))
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def make_file(folder, name, size, seed):
@@ -369,10 +358,6 @@ def test_read_range_missing_file(tmp_path):
 
 
 # -- the token bucket ------------------------------------------------------------
-
-from twisted_p2p.index import PartialLocal  # noqa: E402
-from twisted_p2p.storage import ChunkMap  # noqa: E402
-from twisted_p2p.uploads import FileChanged, TokenBucket  # noqa: E402
 
 
 def fired_at(clock, d):
