@@ -141,7 +141,7 @@ class Harness:
     """
 
     def __init__(self, tmp_path, content, hosts=("10.0.0.2",), name="movie.bin", clients=None,
-                 bans=None, storage=None, have=None):
+                 bans=None, storage=None, have=None, index=None):
         source = tmp_path / "source"
         source.mkdir(exist_ok=True)
         (source / name).write_bytes(content)
@@ -172,6 +172,7 @@ class Harness:
             self.clock,
             self.report,
             bans=bans,
+            index=index,
         )
 
     def report(self, event):
@@ -586,7 +587,7 @@ class FakeIndex:
 def test_downloads_adds_the_finished_file_to_the_index(tmp_path):
     h = Harness(tmp_path, content_of(10))
     index = FakeIndex()
-    downloads = Downloads(lambda name, file_id, peers, report: h.download, index)
+    downloads = Downloads(lambda name, file_id, peers, report, bans, index: h.download, index)
     d = downloads.start("movie.bin", h.manifest.file_id, h.peers, h.lines.append)
     assert list(downloads.active) == [h.manifest.file_id]
     with pytest.raises(DownloadFailed) as e:
@@ -601,7 +602,7 @@ def test_downloads_adds_the_finished_file_to_the_index(tmp_path):
 def test_downloads_cancel_all(tmp_path):
     h = Harness(tmp_path, content_of(10))
     index = FakeIndex()
-    downloads = Downloads(lambda name, file_id, peers, report: h.download, index)
+    downloads = Downloads(lambda name, file_id, peers, report, bans, index: h.download, index)
     d = downloads.start("movie.bin", h.manifest.file_id, h.peers, h.lines.append)
     downloads.cancel_all()
     with pytest.raises(DownloadFailed):
@@ -889,9 +890,9 @@ def test_pause_keeps_the_partial_for_a_resume(tmp_path):
 
 
 def test_downloads_offer_the_verified_chunks_while_they_run(tmp_path):
-    h = Harness(tmp_path, content_of(2 * CHUNK_SIZE))
     index = FakeIndex()
-    downloads = Downloads(lambda name, file_id, peers, report: h.download, index)
+    h = Harness(tmp_path, content_of(2 * CHUNK_SIZE), index=index)
+    downloads = Downloads(lambda name, file_id, peers, report, bans, index: h.download, index)
     d = downloads.start("movie.bin", h.manifest.file_id, h.peers, h.lines.append)
     name, path, chunks = index.partials[h.manifest.file_id]
     assert (name, path) == ("movie.bin", h.storage.path)

@@ -1,7 +1,8 @@
 """
-Downloads: one file's swarm download (its chunk map, its sources, and the
-scheduling of chunk requests over them), and the set of downloads in
-progress.
+Downloads: one file's swarm download (its sources, and the scheduling of
+chunk requests over them), and the set of downloads in progress.  Which
+chunks to ask for, and of whom, is the pure L{ChunkLedger}'s business
+(L{twisted_p2p.chunkmap}); here is the asking.
 
 The scheduler in brief (PROTOCOL.md has the wire side):
 
@@ -31,12 +32,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twisted_p2p import events, wire
+from twisted_p2p.chunkmap import ChunkLedger
 from twisted_p2p.client import PeerRefused, fetch_have, fetch_manifest
 from twisted_p2p.limits import (
     BUSY_BACKOFF_MAX,
     BUSY_BACKOFF_MIN,
-    ENDGAME_COPIES,
-    ENDGAME_STALL,
     HAVE_REFRESH,
     MAX_STRIKES,
     MAX_TIMEOUTS,
@@ -54,17 +54,6 @@ PROGRESS_INTERVAL = 1.0
 
 #: Progress samples the rate is measured over (one per progress event).
 RATE_WINDOW = 5
-
-# What each chunk is doing, one byte per chunk in Download._state.
-_QUEUED, _FLIGHT, _VERIFYING, _HAVE = 0, 1, 2, 3
-
-#: In a pick array, a chunk that is not to be asked for.
-_NOT_PICKABLE = 0xFF
-#: Availability counts stop here (below _NOT_PICKABLE).
-_MAX_LEVEL = 0xFE
-
-_UP = bytes(min(b + 1, _MAX_LEVEL) if b != _NOT_PICKABLE else b for b in range(256))
-_DOWN = bytes(max(b - 1, 0) if b != _NOT_PICKABLE else b for b in range(256))
 
 
 def _seconds(elapsed):
@@ -129,9 +118,8 @@ class _Source:
     """
     One peer we draw chunks from, over one connection to its sender port.
 
-    @ivar has: C{None} for a full copy, else one byte per chunk (1 = held).
-    @ivar pick: for a partial holder, its own pick array (see
-        L{Download._key}); C{None} for a full copy.
+    @ivar has: what it held when we connected: C{None} for a full copy, else
+        one byte per chunk (1 = held).  The ledger follows it from there.
     """
 
     def __init__(self, peer, client):
@@ -139,18 +127,12 @@ class _Source:
         self.key = getattr(peer, "peer_id", None) or peer.label
         self.client = client
         self.has = None
-        self.pick = None
-        self.counted = False
-        self.in_flight = 0
         self.strikes = 0
         self.timeouts = 0
         self.usable = True
         self.received = 0
         self.rest_until = 0.0
         self.backoff = 0.0
-
-    def holds(self, index):
-        return self.has is None or self.has[index] == 1
 
 
 class Request:
@@ -159,17 +141,22 @@ class Request:
     The receiver port hands its data here (see L{Inbox}).
     """
 
-    def __init__(self, download, source, chunks, now):
+    def __init__(self, download, source, chunks):
         self.download = download
         self.source = source
         self.token = secrets.token_hex(16)
         self.host = source.peer.host
         self.asked = frozenset(chunks)
-        self.pending = set(chunks)
         self.arrived = set()
-        self.last_progress = now
         self.timeout = None
         self.transport = None
+
+    @property
+    def pending(self):
+        """
+        The chunks this request still waits for.
+        """
+        return self.download._ledger.pending(self)
 
     def accepts(self, index, length):
         # A chunk cancelled since (another copy won) is still accepted, and
@@ -203,15 +190,12 @@ class Request:
 
 class Download:
     """
-    Owns one file's download from first manifest to final rename: the chunk
-    map, the sources, the requests in flight.  See the module docstring.
-
-    Chunk bookkeeping is in three arrays of one byte per chunk: C{_state}
-    (queued, in flight, being verified, verified), C{_avail} (usable sources
-    that hold it) and C{_key}, the pick array: the chunk's availability if
-    it is queued, else L{_NOT_PICKABLE}.  Picking the rarest chunks is then a
-    C{find} of the lowest level in C{_key} (a partial holder has its own pick
-    array, masked by what it holds).  Memory is a few bytes per chunk.
+    Owns one file's download from first manifest to final rename: the
+    sources, the requests in flight, their timeouts and rests, and the
+    verifying and storing of what arrives.  See the module docstring.  Its
+    L{ChunkLedger} (made once the manifest is known and the partial file
+    open) keeps which chunk is where, and picks what to ask for; the ledger
+    counts the usable sources only.
 
     @param name: the display name, used for the final file name.
     @param file_id: what we download.
@@ -223,6 +207,10 @@ class Download:
     @param run_in_thread: C{deferToThread} or a stand-in.
     @param clock: an L{IReactorTime}.
     @param report: C{report(event)} for progress and outcome events.
+    @param bans: the session's L{Bans} (shared by every download); a fresh
+        one if C{None}.
+    @param index: the L{SharedIndex} that offers the verified chunks while
+        the download runs, or C{None}.
     """
 
     def __init__(
@@ -255,10 +243,7 @@ class Download:
         self.manifest = None
         self.sources = []
         self._requests = set()
-        self._in_flight = {}
-        self._state = self._avail = self._key = None
-        self._partial_sources = []
-        self.have = 0
+        self._ledger = None
         self.bytes_received = 0
         self.bytes_verified = 0
         self.bytes_resumed = 0
@@ -280,6 +265,13 @@ class Download:
     @property
     def size(self):
         return self.manifest.size if self.manifest else None
+
+    @property
+    def have(self):
+        """
+        How many chunks are verified (resumed ones included).
+        """
+        return self._ledger.have if self._ledger is not None else 0
 
     # -- what it looks like ------------------------------------------------
 
@@ -362,9 +354,6 @@ class Download:
                 + (f" ({first_error})" if first_error else "")
             )
         count = self.manifest.chunk_count
-        self._state = bytearray(count)
-        self._avail = bytearray(count)
-        self._key = bytearray(count)
         try:
             resumed = await self._run(self.storage.open, self.manifest.size, self.manifest)
         except StorageError as e:
@@ -372,14 +361,13 @@ class Download:
         if self._stopped:
             self._run(self.storage.close)
             return
-        for index in resumed or ():
-            self._state[index] = _HAVE
-            self._key[index] = _NOT_PICKABLE
-            self.have += 1
-            self.bytes_resumed += self.manifest.chunk_length(index)
+        resumed = list(resumed or ())
+        self._ledger = ChunkLedger(count, verified=resumed)
+        self.bytes_resumed = sum(self.manifest.chunk_length(index) for index in resumed)
         self.bytes_verified = self.bytes_resumed
         for source in self.sources:
-            self._count_source(source)
+            if self._usable(source):
+                self._ledger.add_source(source, source.has)
         if self._index is not None and getattr(self.storage, "chunks", None) is not None:
             self._index.add_partial(self.name, self.manifest, self.storage.path, self.storage.chunks)
         resumed_text = (
@@ -428,84 +416,7 @@ class Download:
         client.when_closed().addCallback(self._source_closed, source)
         return source
 
-    # -- availability ----------------------------------------------------------
-
-    def _set_key(self, index):
-        """
-        Bring chunk C{index}'s place in every pick array up to date.
-        """
-        level = self._avail[index] if self._state[index] == _QUEUED else _NOT_PICKABLE
-        self._key[index] = level
-        for source in self._partial_sources:
-            if source.has[index]:
-                source.pick[index] = level
-
-    def _count_source(self, source):
-        """
-        Count what C{source} holds in the availability of each chunk.
-        """
-        if source.counted or not self._usable(source):
-            return
-        source.counted = True
-        if source.has is None:
-            self._avail = self._avail.translate(_UP)
-            self._key = self._key.translate(_UP)
-            for other in self._partial_sources:
-                other.pick = other.pick.translate(_UP)
-            return
-        source.pick = bytearray([_NOT_PICKABLE]) * len(self._state)
-        self._partial_sources.append(source)
-        self._add_holdings(source, range(len(self._state)))
-
-    def _add_holdings(self, source, indexes):
-        has = source.has
-        for index in indexes:
-            if has[index]:
-                if self._avail[index] < _MAX_LEVEL:
-                    self._avail[index] += 1
-                self._set_key(index)
-
-    def _uncount_source(self, source):
-        if not source.counted:
-            return
-        source.counted = False
-        if source.has is None:
-            self._avail = self._avail.translate(_DOWN)
-            self._key = self._key.translate(_DOWN)
-            for other in self._partial_sources:
-                other.pick = other.pick.translate(_DOWN)
-            return
-        self._partial_sources.remove(source)
-        has = source.has
-        for index in range(len(self._state)):
-            if has[index]:
-                if self._avail[index]:
-                    self._avail[index] -= 1
-                self._set_key(index)
-        source.pick = None
-
-    def _update_holdings(self, source, has):
-        """
-        A partial holder's new chunk map (it has verified more since).
-        """
-        if has is None:
-            # It completed its copy.
-            self._uncount_source(source)
-            source.has = None
-            self._count_source(source)
-            return
-        old = source.has
-        if old is None:
-            return  # a full copy does not become partial
-        lost = any(old[i] and not has[i] for i in range(len(has)))
-        if lost or not source.counted:
-            self._uncount_source(source)
-            source.has = has
-            self._count_source(source)
-            return
-        new = [i for i in range(len(has)) if has[i] and not old[i]]
-        source.has = has
-        self._add_holdings(source, new)
+    # -- sources --------------------------------------------------------------
 
     def _usable(self, source):
         return source.usable and not self.bans.is_banned(source.key)
@@ -516,7 +427,7 @@ class Download:
         the others (it is banned: nothing it sends is wanted).
         """
         source.usable = False
-        self._uncount_source(source)
+        self._ledger.remove_source(source)
         for request in [r for r in self._requests if r.source is source]:
             request.close()
             self._request_ended(request)
@@ -539,15 +450,16 @@ class Download:
             self._scheduling = False
 
     def _schedule_once(self):
-        if self.done.called or self._finishing or self._stopped or self.manifest is None:
+        ledger = self._ledger
+        if self.done.called or self._finishing or self._stopped or ledger is None:
             return
-        if self.have == self.manifest.chunk_count:
+        if ledger.complete:
             self._finish()
             return
         now = self._clock.seconds()
         resting = []
         for source in self.sources:
-            if source.counted and not self._usable(source):
+            if source in ledger and not self._usable(source):
                 self._drop(source)
             if not self._usable(source):
                 continue
@@ -559,70 +471,28 @@ class Download:
             while (
                 self._usable(source)
                 and source.rest_until <= now
-                and source.in_flight < SOURCE_WINDOW
+                and ledger.in_flight(source) < SOURCE_WINDOW
             ):
-                room = min(REQUEST_BATCH, SOURCE_WINDOW - source.in_flight)
-                chunks = self._pick(source, room) or self._endgame_pick(source, room, now)
+                room = min(REQUEST_BATCH, SOURCE_WINDOW - ledger.in_flight(source))
+                chunks = ledger.pick(source, room) or ledger.endgame_pick(source, room, now)
                 if not chunks:
                     break
                 self._request(source, chunks)
         if resting:
             self._wake_at(min(resting))
-        if not self._requests and not resting and not self._verifying():
-            usable = [s for s in self.sources if self._usable(s)]
-            if not usable:
+        if not self._requests and not resting and not ledger.verifying():
+            # Nothing more is coming.  A chunk nobody holds fails the
+            # download, unless partial holders are left: they may get it yet.
+            index = ledger.first_unheld()
+            if not any(self._usable(s) for s in self.sources):
                 self._fail(DownloadFailed(f"no peer is left to download {self.name} from"))
-            elif not self._partial_sources and self._key.find(0) >= 0:
-                index = self._key.find(0)
+            elif index is not None and not ledger.partial_sources():
                 self._fail(
                     DownloadFailed(
                         f"no peer left has chunk {index} of {self.name}; "
                         "download again when one that has the whole file is back"
                     )
                 )
-
-    def _verifying(self):
-        return self._state.find(_VERIFYING) >= 0
-
-    def _pick(self, source, count):
-        """
-        Up to C{count} queued chunks that C{source} holds, rarest first, then
-        in file order.
-        """
-        key = source.pick if source.pick is not None else self._key
-        levels = min(_MAX_LEVEL, sum(1 for s in self.sources if s.counted))
-        picked = []
-        for level in range(1, levels + 1):
-            position = 0
-            while len(picked) < count:
-                position = key.find(level, position)
-                if position < 0:
-                    break
-                picked.append(position)
-                position += 1
-            if len(picked) >= count:
-                break
-        return picked
-
-    def _endgame_pick(self, source, count, now):
-        """
-        Nothing is left to ask for but chunks in flight elsewhere: take the
-        ones whose requests have stalled longest, for a second copy.
-        """
-        candidates = []
-        for index, requests in self._in_flight.items():
-            if (
-                self._state[index] != _FLIGHT
-                or len(requests) >= ENDGAME_COPIES
-                or not source.holds(index)
-                or any(r.source is source for r in requests)
-            ):
-                continue
-            progress = max(r.last_progress for r in requests)
-            if now - progress >= ENDGAME_STALL:
-                candidates.append((progress, index))
-        candidates.sort()
-        return [index for _, index in candidates[:count]]
 
     def _wake_at(self, when):
         if self._wake is not None and self._wake.active():
@@ -638,14 +508,9 @@ class Download:
         self._schedule()
 
     def _request(self, source, chunks):
-        request = Request(self, source, chunks, self._clock.seconds())
+        request = Request(self, source, chunks)
         self._requests.add(request)
-        for index in chunks:
-            self._in_flight.setdefault(index, []).append(request)
-            if self._state[index] == _QUEUED:
-                self._state[index] = _FLIGHT
-                self._set_key(index)
-        source.in_flight += len(chunks)
+        self._ledger.ask(request, source, chunks, self._clock.seconds())
         self._inbox.expect(request)
         request.timeout = self._clock.callLater(
             REQUEST_TIMEOUT, self._request_timed_out, request
@@ -675,8 +540,8 @@ class Download:
                 name=self.name,
             )
         source.usable = False
-        if self.manifest is not None and not self.done.called:
-            self._uncount_source(source)
+        if self._ledger is not None and not self.done.called:
+            self._ledger.remove_source(source)
             self._schedule()
 
     def _request_refused(self, failure, request):
@@ -733,19 +598,6 @@ class Download:
         request.close()
         self._request_ended(request)
 
-    def _forget(self, request, index):
-        """
-        C{request} no longer waits for chunk C{index}.
-        """
-        request.pending.discard(index)
-        request.source.in_flight -= 1
-        requests = self._in_flight.get(index)
-        if requests is not None:
-            if request in requests:
-                requests.remove(request)
-            if not requests:
-                del self._in_flight[index]
-
     def _request_ended(self, request):
         if request not in self._requests:
             return
@@ -754,11 +606,7 @@ class Download:
         if request.timeout is not None and request.timeout.active():
             request.timeout.cancel()
         request.timeout = None
-        for index in sorted(request.pending):
-            self._forget(request, index)
-            if self._state[index] == _FLIGHT and index not in self._in_flight:
-                self._state[index] = _QUEUED
-                self._set_key(index)
+        self._ledger.end(request)
         self._schedule()
 
     def _cancel(self, request):
@@ -770,25 +618,22 @@ class Download:
         self._request_ended(request)
 
     def _chunk_arrived(self, request, index, data):
-        if index not in request.pending:
+        if not self._ledger.arrived(request, index, self._clock.seconds()):
             # Cancelled: another source's copy came first.
             self.bytes_wasted += len(data)
             return defer.succeed(None)
         source = request.source
-        self._forget(request, index)
         self.bytes_received += len(data)
-        request.last_progress = self._clock.seconds()
         if request.timeout is not None and request.timeout.active():
             request.timeout.reset(REQUEST_TIMEOUT)
-        if self._state[index] in (_VERIFYING, _HAVE) or self._stopped or self.done.called:
+        over = self._stopped or self.done.called
+        answered = None if over else self._ledger.begin_verifying(index)
+        if answered is None:
+            # Over, or another copy is verified or being verified.
             self.bytes_wasted += len(data)
             return defer.succeed(None)
-        self._state[index] = _VERIFYING
-        for other in list(self._in_flight.pop(index, ())):
-            other.pending.discard(index)
-            other.source.in_flight -= 1
-            if not other.pending:
-                self._cancel(other)
+        for other in answered:
+            self._cancel(other)
         manifest = self.manifest
         offset = manifest.chunk_offset(index)
         storage = self.storage
@@ -805,21 +650,18 @@ class Download:
             if self.done.called or self._stopped:
                 return
             if ok:
-                self._state[index] = _HAVE
-                self.have += 1
+                self._ledger.verified(index)
                 self.bytes_verified += len(data)
                 source.received += len(data)
             else:
-                self._state[index] = _QUEUED
-                self._set_key(index)
+                self._ledger.requeue(index)
                 self._reject(source, index)
             self._schedule()
 
         def failed(failure):
             if self.done.called or self._stopped:
                 return
-            self._state[index] = _QUEUED
-            self._set_key(index)
+            self._ledger.requeue(index)
             error = failure.value
             reason = str(error) if isinstance(error, StorageError) else failure.getErrorMessage()
             self._fail(DownloadFailed(f"could not write {self.name}: {reason}"))
@@ -829,9 +671,11 @@ class Download:
     def _reject(self, source, index):
         source.strikes += 1
         log.warn(
-            "Chunk {index} of {name} from {peer} failed verification",
+            "Chunk {index} of {file} from {peer} failed verification",
+            event="chunk-rejected",
+            file=self.name,
+            id=self.file_id,
             index=index,
-            name=self.name,
             peer=source.peer.label,
         )
         if self.bans.strike(source.key):
@@ -846,7 +690,11 @@ class Download:
             self._drop(source)
 
     def _refresh_holdings(self, source):
-        if source in self._refreshing or not source.usable or source.has is None:
+        if (
+            source in self._refreshing
+            or not source.usable
+            or not self._ledger.is_partial(source)
+        ):
             return
         self._refreshing.add(source)
         d = defer.ensureDeferred(
@@ -855,7 +703,7 @@ class Download:
 
         def got(has):
             if self._usable(source) and not self.done.called:
-                self._update_holdings(source, has)
+                self._ledger.update_source(source, has)
                 self._schedule()
 
         def failed(failure):
@@ -980,7 +828,6 @@ class Download:
                 request.timeout.cancel()
             request.close()
         self._requests.clear()
-        self._in_flight.clear()
         for source in self.sources:
             source.client.close()
 
@@ -993,7 +840,7 @@ class Download:
         self._samples.append((now, self.bytes_verified - self.bytes_resumed))
         if now - self._last_refresh >= HAVE_REFRESH:
             self._last_refresh = now
-            for source in self._partial_sources:
+            for source in self._ledger.partial_sources():
                 self._refresh_holdings(source)
         self._show_progress()
         self._schedule()
@@ -1022,8 +869,9 @@ class Downloads:
     finished files to the index so they are offered in turn, and shares one
     L{Bans} between them for the session.
 
-    @param make_download: C{make_download(name, file_id, peers, report)}
-        giving an unstarted L{Download}.
+    @param make_download: C{make_download(name, file_id, peers, report,
+        bans, index)} giving an unstarted L{Download} that shares C{bans} and
+        offers its verified chunks through C{index}.
     @param index: the L{SharedIndex} that finished files join, and partial
         ones are offered from, or C{None} when downloads are not offered.
     """
@@ -1043,9 +891,7 @@ class Downloads:
         """
         if file_id in self.active:
             raise DownloadFailed(f"{name} is already being downloaded")
-        download = self._make(name, file_id, peers, report)
-        download.bans = self.bans
-        download._index = self._index
+        download = self._make(name, file_id, peers, report, self.bans, self._index)
         self.active[file_id] = download
         d = download.start()
 

@@ -386,7 +386,7 @@ class PeerService(MultiService):
 
         return defer.ensureDeferred(fetch())
 
-    def _make_download(self, name, file_id, peers, report):
+    def _make_download(self, name, file_id, peers, report, bans, index):
         return download.Download(
             name,
             file_id,
@@ -398,6 +398,8 @@ class PeerService(MultiService):
             self.run_in_thread,
             self.reactor,
             report,
+            bans=bans,
+            index=index,
         )
 
     def _make_console(self, quiet):
