@@ -6,9 +6,12 @@ L{PeerTable}, a L{Clock}, and a fetch whose Deferreds the test fires.
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 
+from twisted_p2p import catalog as catalog_module
 from twisted_p2p.catalog import RETRY_DELAY, NetworkCatalog, Offer
-from twisted_p2p.peers import PeerTable
+from twisted_p2p.limits import CATALOG_RETRY_MAX, MAX_CATALOG_ENTRIES
+from twisted_p2p.peers import Peer, PeerTable
 from twisted_p2p.wire import Announce, Goodbye
 
 TIMEOUT = 30.0
@@ -46,11 +49,11 @@ class FakeFetch:
 
 
 class World:
-    def __init__(self):
+    def __init__(self, **kwargs):
         self.clock = Clock()
         self.table = PeerTable(self.clock, TIMEOUT)
         self.fetch = FakeFetch()
-        self.catalog = NetworkCatalog(self.table, self.fetch, self.clock)
+        self.catalog = NetworkCatalog(self.table, self.fetch, self.clock, **kwargs)
 
     def announce(self, peer_id=ALICE, rev=REV1, address=None, instance=INSTANCE, port=4000):
         if address is None:
@@ -133,7 +136,7 @@ class TestFetching:
         w.announce(rev=REV2)
         # The answer was made before the peer moved on to REV2.
         w.fetch.last(ALICE).callback((REV1, []))
-        w.announce(address=("192.0.2.9", 5000), rev=REV2)
+        w.announce(port=4100, rev=REV2)  # "changed", same revision
         assert len(w.fetch.calls) == 2
 
     def test_refresh_of_unknown_peer_does_nothing(self, w):
@@ -207,13 +210,42 @@ class TestRetry:
         w.clock.advance(RETRY_DELAY * 10)
         assert len(w.fetch.calls) == 2
 
-    def test_keeps_retrying_while_failing(self, w):
+    def test_keeps_retrying_while_failing_ever_more_slowly(self, w):
         w.announce()
-        for attempt in range(1, 4):
+        waits = []
+        for attempt in range(1, 10):
             assert len(w.fetch.calls) == attempt
             w.fetch.last(ALICE).errback(ConnectionRefusedError())
-            w.clock.advance(RETRY_DELAY)
-        assert len(w.fetch.calls) == 4
+            (retry,) = [c for c in w.clock.getDelayedCalls() if c.func == w.catalog._retry]
+            waits.append(retry.getTime() - w.clock.seconds())
+            while retry.active():
+                w.announce()  # keep Alice alive
+                w.clock.advance(min(10.0, retry.getTime() - w.clock.seconds()))
+        assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0, 60.0]
+        assert waits[0] == RETRY_DELAY and waits[-1] == CATALOG_RETRY_MAX
+
+    def test_success_resets_the_retry_wait(self, w):
+        w.announce()
+        for _ in range(3):
+            w.fetch.last(ALICE).errback(ConnectionRefusedError())
+            w.clock.advance(RETRY_DELAY * 4)
+            w.announce()
+        w.fetch.last(ALICE).callback((REV1, []))
+        w.announce(rev=REV2)
+        w.fetch.last(ALICE).errback(ConnectionRefusedError())
+        calls = len(w.fetch.calls)
+        w.clock.advance(RETRY_DELAY)
+        assert len(w.fetch.calls) == calls + 1
+
+    def test_one_retry_at_most_per_peer(self, w):
+        w.announce()
+        w.fetch.last(ALICE).errback(ConnectionRefusedError())
+        w.announce(rev=REV2)  # a fetch now, while the retry waits
+        w.fetch.last(ALICE).errback(ConnectionRefusedError())
+        w.announce(BOB)
+        w.fetch.last(BOB).errback(ConnectionRefusedError())
+        retries = [c for c in w.clock.getDelayedCalls() if c.func == w.catalog._retry]
+        assert sorted(c.args for c in retries) == [(ALICE,), (BOB,)]
 
     def test_no_retry_for_a_peer_that_left(self, w):
         w.announce()
@@ -283,3 +315,77 @@ class TestOffers:
         w.goodbye(ALICE)
         (offer,) = w.catalog.offers()
         assert offer.peers == (w.table.get(BOB),)
+
+    def test_offers_never_compare_peers(self, w, monkeypatch):
+        # Finding a peer in a list by equality made offers() cost
+        # peers^2 x files: 25 s for 1,000 peers of 240 shared files each.
+        def no_comparisons(self, other):
+            raise AssertionError("offers() compared two peers")
+
+        monkeypatch.setattr(Peer, "__eq__", no_comparisons)
+        shared = files(*[(f"{n:064x}", f"f{n}", n) for n in range(20)])
+        peer_ids = [f"{n + 1:032x}" for n in range(30)]
+        for n, peer_id in enumerate(peer_ids):
+            w.announce(peer_id, address=(f"192.0.2.{n + 101}", 5000))
+            w.fetch.last(peer_id).callback((REV1, shared))
+        offers = w.catalog.offers()
+        assert len(offers) == 20
+        assert all(len(o.peers) == 30 for o in offers)
+        assert [p.peer_id for p in offers[0].peers] == peer_ids
+        assert [p.peer_id for p in w.catalog.sources(f"{7:064x}")] == peer_ids
+
+
+def entries(prefix, count):
+    return files(*[(f"{prefix}{n:063x}", f"{prefix}{n}", 1) for n in range(count)])
+
+
+class TestEntryLimit:
+    @pytest.fixture
+    def logged(self, monkeypatch):
+        events = []
+        monkeypatch.setattr(catalog_module, "log", Logger(observer=events.append))
+        return events
+
+    def test_default_limit(self):
+        assert NetworkCatalog(PeerTable(Clock(), 1), FakeFetch(), Clock())._max_entries == (
+            MAX_CATALOG_ENTRIES
+        )
+
+    def test_a_catalog_over_the_limit_keeps_what_fits_logged_once(self, logged):
+        w = World(max_entries=5)
+        w.announce(ALICE)
+        w.fetch.last(ALICE).callback((REV1, entries("a", 3)))
+        w.announce(BOB)
+        w.fetch.last(BOB).callback((REV1, entries("b", 4)))
+        assert w.catalog.files_of(ALICE) == entries("a", 3)
+        assert w.catalog.files_of(BOB) == entries("b", 2)
+        assert sum(len(o.peers) for o in w.catalog.offers()) == 5
+        warnings = [e for e in logged if e["log_level"].name == "warn"]
+        assert len(warnings) == 1
+        assert (warnings[0]["kept"], warnings[0]["offered"], warnings[0]["limit"]) == (2, 4, 5)
+        # Bob's next revision is cut the same way, without a second warning.
+        w.announce(BOB, rev=REV2)
+        w.fetch.last(BOB).callback((REV2, entries("c", 4)))
+        assert w.catalog.files_of(BOB) == entries("c", 2)
+        assert len([e for e in logged if e["log_level"].name == "warn"]) == 1
+
+    def test_a_peer_refetched_counts_its_old_entries_as_room(self, logged):
+        w = World(max_entries=5)
+        w.announce(ALICE)
+        w.fetch.last(ALICE).callback((REV1, entries("a", 5)))
+        w.announce(ALICE, rev=REV2)
+        w.fetch.last(ALICE).callback((REV2, entries("b", 5)))
+        assert w.catalog.files_of(ALICE) == entries("b", 5)
+        assert logged == [e for e in logged if e["log_level"].name != "warn"]
+
+    def test_room_comes_back_when_a_peer_leaves(self, logged):
+        w = World(max_entries=5)
+        w.announce(ALICE)
+        w.fetch.last(ALICE).callback((REV1, entries("a", 5)))
+        w.announce(BOB)
+        w.fetch.last(BOB).callback((REV1, entries("b", 3)))
+        assert w.catalog.files_of(BOB) == []
+        w.goodbye(ALICE)
+        w.announce(BOB, rev=REV2)
+        w.fetch.last(BOB).callback((REV2, entries("b", 3)))
+        assert w.catalog.files_of(BOB) == entries("b", 3)

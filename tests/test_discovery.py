@@ -12,7 +12,12 @@ from twisted.internet.task import Clock
 
 from twisted_p2p import wire
 from twisted_p2p.discovery import Discovery, DiscoveryProtocol
-from twisted_p2p.limits import MAX_DATAGRAM
+from twisted_p2p.limits import (
+    MAX_DATAGRAM,
+    MAX_PEERS_PER_HOST,
+    NEWCOMER_REPLY_BURST,
+    NEWCOMER_REPLY_RATE,
+)
 from twisted_p2p.peers import PeerTable
 
 OUR_ID = "0" * 32
@@ -198,14 +203,34 @@ class TestHearing:
         h.feed(alice(), ("192.168.1.21", 51234))
         assert h.net.sent[-1][1] == ("192.168.1.21", 51234)
 
-    def test_changed_address_updates_the_single_entry(self, h):
+    def test_restart_at_a_changed_address_updates_the_single_entry(self, h):
         h.feed(alice())
-        h.feed(alice(port=4100), ("192.168.1.99", 40002))
+        h.feed(alice(instance=OTHER_INSTANCE, port=4100), ("192.168.1.99", 40002))
         assert len(h.table) == 1
         peer = h.table.get(ALICE)
         assert (peer.host, peer.udp_port, peer.transfer_port) == ("192.168.1.99", 40002, 4100)
+        assert h.observer.events == [("joined", ALICE), ("changed", ALICE, None)]
+
+    def test_same_instance_from_another_address_is_counted_and_ignored(self, h):
+        h.feed(alice())
+        h.feed(alice(port=4100), ("192.168.1.99", 40002))
+        peer = h.table.get(ALICE)
+        assert (peer.host, peer.udp_port, peer.transfer_port) == (*ALICE_ADDR, 4000)
         assert len(h.net.sent) == 1
-        assert h.observer.events == [("joined", ALICE), ("changed", ALICE, REV)]
+        assert h.discovery.dropped == Counter({"moved without restart": 1})
+        assert h.observer.events == [("joined", ALICE)]
+
+    def test_replayed_announce_then_goodbye_does_not_evict(self, h):
+        # /tmp/r/evict.py: replay Alice's announce from elsewhere, then say
+        # goodbye for her from there.
+        attacker = ("192.168.1.66", 31999)
+        h.feed(alice())
+        h.feed(alice(), attacker)
+        h.feed(wire.Goodbye(ALICE, INSTANCE), attacker)
+        assert ALICE in h.table
+        assert h.discovery.dropped == Counter(
+            {"moved without restart": 1, "unmatched goodbye": 1}
+        )
 
     def test_expiry_after_timeout_not_before(self, h):
         h.feed(alice())
@@ -275,6 +300,56 @@ class TestHearing:
         assert len(h.table) == 0
         assert h.net.sent == []
         assert h.discovery.dropped == Counter({"our id, other instance": 1})
+
+
+def some_id(n):
+    return f"{n + 1:032x}"
+
+
+class TestFloods:
+    def test_new_ids_beyond_the_table_limit_are_counted_and_not_answered(self):
+        h = Harness()
+        h.table = PeerTable(h.clock, TIMEOUT, max_peers=2)
+        h.discovery.table = h.table
+        for n in range(5):
+            h.feed(wire.Announce(some_id(n), INSTANCE, 4000, REV), (f"10.0.0.{n}", 5000))
+        assert len(h.table) == 2
+        assert h.discovery.dropped == Counter({"peer table full": 3})
+        assert len(h.net.sent) == 2
+
+    def test_newcomer_replies_are_rate_limited(self, h):
+        # Every id from its own address, so that only the reply limit bites.
+        def newcomer(n):
+            address = (f"10.{n // 250}.0.{n % 250}", 5000)
+            h.feed(wire.Announce(some_id(n), INSTANCE, 4000, REV), address)
+
+        for n in range(NEWCOMER_REPLY_BURST + 10):
+            newcomer(n)
+        assert len(h.net.sent) == NEWCOMER_REPLY_BURST
+        assert h.discovery.dropped == Counter({"newcomer reply held back": 10})
+        # Tokens come back with time, at the set rate, never above the burst.
+        h.clock.advance(1.0)
+        for n in range(100, 100 + int(NEWCOMER_REPLY_RATE) + 5):
+            newcomer(n)
+        assert len(h.net.sent) == NEWCOMER_REPLY_BURST + int(NEWCOMER_REPLY_RATE)
+        h.clock.advance(3600)
+        for n in range(200, 200 + NEWCOMER_REPLY_BURST + 1):
+            newcomer(n)
+        assert len(h.net.sent) == 2 * NEWCOMER_REPLY_BURST + int(NEWCOMER_REPLY_RATE)
+
+    def test_known_peers_stay_through_a_flood(self, h):
+        h.feed(alice())
+        flooded = 0
+        for _ in range(int(3 * TIMEOUT / INTERVAL)):
+            for n in range(MAX_PEERS_PER_HOST + 10):
+                h.feed(wire.Announce(some_id(n), INSTANCE, 4000, REV), ("10.9.9.9", 6000 + n))
+            flooded += 10
+            h.clock.advance(INTERVAL)
+            h.feed(alice())
+        assert ALICE in h.table
+        assert h.observer.events.count(("joined", ALICE)) == 1
+        assert len(h.table) == 1 + MAX_PEERS_PER_HOST
+        assert h.discovery.dropped["peer table full"] == flooded
 
 
 class TestBadDatagrams:

@@ -5,6 +5,7 @@ Tests for L{twisted_p2p.peers}: the peer table, its expiry and its observers.
 import pytest
 from twisted.internet.task import Clock
 
+from twisted_p2p.limits import MAX_PEERS, MAX_PEERS_PER_HOST
 from twisted_p2p.peers import Peer, PeerTable
 from twisted_p2p.wire import Announce, Goodbye
 
@@ -104,17 +105,47 @@ class TestHeard:
         assert table.get(ALICE).revision == REV2
         assert recorder.events[-1] == ("changed", ALICE, REV)
 
-    @pytest.mark.parametrize(
-        "host, udp_port, transfer_port",
-        [("10.0.0.9", 5000, 4000), ("10.0.0.1", 5009, 4000), ("10.0.0.1", 5000, 4009)],
-    )
-    def test_changed_address(self, table, recorder, host, udp_port, transfer_port):
+    def test_changed_transfer_port(self, table, recorder):
         table.heard(announce(), "10.0.0.1", 5000)
-        assert table.heard(announce(port=transfer_port), host, udp_port) == "changed"
+        assert table.heard(announce(port=4009), "10.0.0.1", 5000) == "changed"
         assert len(table) == 1
-        peer = table.get(ALICE)
-        assert (peer.host, peer.udp_port, peer.transfer_port) == (host, udp_port, transfer_port)
+        assert table.get(ALICE).transfer_port == 4009
         assert recorder.events == [("joined", ALICE), ("changed", ALICE, REV)]
+
+    @pytest.mark.parametrize("host, udp_port", [("10.0.0.9", 5000), ("10.0.0.1", 5009)])
+    def test_same_instance_from_another_address_is_ignored(
+        self, table, recorder, clock, host, udp_port
+    ):
+        table.heard(announce(), "10.0.0.1", 5000)
+        clock.advance(10)
+        outcome = table.heard(announce(port=4009, rev=REV2), host, udp_port)
+        assert outcome == "moved"
+        peer = table.get(ALICE)
+        assert (peer.host, peer.udp_port, peer.transfer_port, peer.revision) == (
+            "10.0.0.1",
+            5000,
+            4000,
+            REV,
+        )
+        # Not a refresh either: the entry still expires on the real peer's clock.
+        assert peer.last_seen == 0
+        clock.advance(TIMEOUT - 10)
+        assert ALICE not in table
+        assert recorder.events == [("joined", ALICE), ("left", ALICE, "timed out")]
+
+    def test_restart_from_another_address_moves_the_entry(self, table, recorder):
+        table.heard(announce(), "10.0.0.1", 5000)
+        outcome = table.heard(announce(instance=OTHER_INSTANCE, port=4009), "10.0.0.9", 5009)
+        assert outcome == "restarted"
+        peer = table.get(ALICE)
+        assert (peer.host, peer.udp_port, peer.transfer_port) == ("10.0.0.9", 5009, 4009)
+        assert recorder.events == [("joined", ALICE), ("changed", ALICE, None)]
+
+    def test_new_address_after_expiry_is_taken(self, table, clock):
+        table.heard(announce(), "10.0.0.1", 5000)
+        clock.advance(TIMEOUT)
+        assert table.heard(announce(), "10.0.0.9", 5009) == "new"
+        assert (table.get(ALICE).host, table.get(ALICE).udp_port) == ("10.0.0.9", 5009)
 
     def test_two_peers(self, table, recorder):
         table.heard(announce(ALICE), "10.0.0.2", 5000)
@@ -201,11 +232,21 @@ class TestGoodbye:
         assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.1", 5000) is False
         assert ALICE in table
 
-    def test_goodbye_from_new_address_after_move(self, table):
+    def test_goodbye_from_new_address_after_restart_elsewhere(self, table):
         table.heard(announce(), "10.0.0.1", 5000)
-        table.heard(announce(), "10.0.0.2", 5000)
+        table.heard(announce(instance=OTHER_INSTANCE), "10.0.0.2", 5000)
         assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.1", 5000) is False
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.2", 5000) is True
+        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "10.0.0.1", 5000) is False
+        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "10.0.0.2", 5000) is True
+
+    def test_replayed_announce_cannot_open_the_way_for_a_goodbye(self, table, recorder):
+        # An attacker who heard Alice's announce replays it from its own
+        # address, then says goodbye for her from there.
+        table.heard(announce(), "10.0.0.1", 5000)
+        assert table.heard(announce(), "10.0.0.66", 6666) == "moved"
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.66", 6666) is False
+        assert ALICE in table
+        assert recorder.events == [("joined", ALICE)]
 
     def test_goodbye_unknown(self, table, recorder):
         assert table.goodbye(Goodbye(BOB, INSTANCE), "10.0.0.1", 5000) is False
@@ -229,6 +270,62 @@ class TestForgetAndClear:
         assert clock.getDelayedCalls() == []
         clock.advance(TIMEOUT * 2)
         assert [e[0] for e in recorder.events] == ["joined", "joined"]
+
+
+def peer_id(n):
+    return f"{n:032x}"
+
+
+class TestBounds:
+    def test_new_ids_beyond_the_limit_are_refused(self, clock):
+        table = PeerTable(clock, TIMEOUT, max_peers=3, max_per_host=3)
+        recorder = Recorder(table)
+        table.subscribe(recorder)
+        for n in range(3):
+            assert table.heard(announce(peer_id(n)), f"10.0.0.{n}", 5000) == "new"
+        assert table.heard(announce(peer_id(3)), "10.0.0.3", 5000) == "full"
+        assert len(table) == 3
+        assert peer_id(3) not in table
+        assert len(recorder.events) == 3
+        # Peers already known are still refreshed and still change.
+        clock.advance(TIMEOUT - 1)
+        assert table.heard(announce(peer_id(0)), "10.0.0.0", 5000) == "same"
+        assert table.heard(announce(peer_id(1), rev=REV2), "10.0.0.1", 5000) == "changed"
+        restart = announce(peer_id(2), instance=OTHER_INSTANCE)
+        assert table.heard(restart, "10.0.0.2", 5000) == "restarted"
+        clock.advance(1)
+        assert len(table) == 3
+        # Room again once one has gone.
+        table.forget(peer_id(0), "test")
+        assert table.heard(announce(peer_id(3)), "10.0.0.3", 5000) == "new"
+
+    def test_one_host_cannot_take_the_whole_table(self):
+        table = PeerTable(Clock(), TIMEOUT, max_peers=10, max_per_host=2)
+        assert table.heard(announce(peer_id(0)), "10.0.0.1", 5000) == "new"
+        assert table.heard(announce(peer_id(1)), "10.0.0.1", 5001) == "new"
+        assert table.heard(announce(peer_id(2)), "10.0.0.1", 5002) == "full"
+        assert table.heard(announce(peer_id(3)), "10.0.0.2", 5000) == "new"
+        assert len(table) == 3
+
+    def test_per_host_room_follows_restarts_and_departures(self):
+        table = PeerTable(Clock(), TIMEOUT, max_peers=10, max_per_host=1)
+        table.heard(announce(peer_id(0)), "10.0.0.1", 5000)
+        # Peer 0 restarts on another host: its old host has room again.
+        table.heard(announce(peer_id(0), instance=OTHER_INSTANCE), "10.0.0.2", 5000)
+        assert table.heard(announce(peer_id(1)), "10.0.0.1", 5000) == "new"
+        assert table.heard(announce(peer_id(2)), "10.0.0.2", 5000) == "full"
+        table.goodbye(Goodbye(peer_id(0), OTHER_INSTANCE), "10.0.0.2", 5000)
+        assert table.heard(announce(peer_id(2)), "10.0.0.2", 5000) == "new"
+        table.clear()
+        assert table.heard(announce(peer_id(3)), "10.0.0.1", 5000) == "new"
+
+    def test_default_limits(self, table):
+        for n in range(MAX_PEERS_PER_HOST + 1):
+            table.heard(announce(peer_id(n)), "10.0.0.1", 5000 + n)
+        assert len(table) == MAX_PEERS_PER_HOST
+        for n in range(MAX_PEERS + 1):
+            table.heard(announce(peer_id(1000 + n)), f"10.1.{n // 250}.{n % 250}", 5000)
+        assert len(table) == MAX_PEERS
 
 
 def test_several_observers_all_told(table):

@@ -277,3 +277,108 @@ def test_a_full_disk_is_a_storage_error(tmp_path, monkeypatch):
     assert "no space left" in str(e.value)
     monkeypatch.undo()
     partial.discard()
+
+
+# -- planted files: never write through a symlink or into another file's inode --
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """
+    A folder beside downloads/ with a file that must stay untouched.
+    """
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "precious").write_bytes(b"keep me")
+    return folder
+
+
+@pytest.fixture
+def downloads(tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    return folder
+
+
+def plant(path, target, how):
+    if how == "symlink":
+        os.symlink(target, path)
+    else:
+        os.link(target, path)
+
+
+@pytest.mark.parametrize("how", ["symlink", "hard link"])
+@pytest.mark.parametrize("which", ["part", "map"])
+def test_a_planted_link_is_replaced_not_followed(downloads, outside, how, which):
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(downloads), manifest.file_id)
+    precious = outside / "precious"
+    plant(partial.path if which == "part" else partial.map_path, precious, how)
+    assert partial.open(manifest.size, manifest) == []
+    for index in range(manifest.chunk_count):
+        partial.store(index, index * CHUNK_SIZE, chunk(index))
+    final, _ = partial.complete("whole.bin")
+    assert precious.read_bytes() == b"keep me"
+    assert os.stat(precious).st_nlink == 1
+    assert listing(downloads) == ["whole.bin"]
+    assert not os.path.islink(downloads / final)
+    assert (downloads / final).read_bytes() == CONTENT
+    assert os.stat(downloads / final).st_nlink == 1
+
+
+def test_a_dangling_symlink_creates_nothing_outside(downloads, outside):
+    partial = PartialFile(str(downloads), FILE_ID)
+    os.symlink(outside / "created", partial.path)
+    partial.open(10)
+    partial.write(0, b"x" * 10)
+    assert listing(outside) == ["precious"]
+    assert not os.path.islink(partial.path)
+    partial.discard()
+    assert listing(downloads) == []
+
+
+def test_a_symlink_planted_before_completion_is_not_linked_into_place(downloads, outside):
+    partial = PartialFile(str(downloads), FILE_ID)
+    partial.open(3)
+    partial.write(0, b"new")
+    os.unlink(partial.path)
+    os.symlink(outside / "precious", partial.path)
+    with pytest.raises(StorageError) as e:
+        partial.complete("report.pdf")
+    assert "replaced" in str(e.value)
+    assert not os.path.lexists(downloads / "report.pdf")
+    assert (outside / "precious").read_bytes() == b"keep me"
+    assert os.stat(outside / "precious").st_nlink == 1
+
+
+def test_a_swap_between_check_and_link_is_undone(downloads, outside, monkeypatch):
+    partial = PartialFile(str(downloads), FILE_ID)
+    partial.open(3)
+    partial.write(0, b"new")
+    real_link = os.link
+
+    def swapping_link(src, dst, **kwargs):
+        os.unlink(src)
+        os.symlink(outside / "precious", src)
+        return real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", swapping_link)
+    with pytest.raises(StorageError):
+        partial.complete("report.pdf")
+    assert not os.path.lexists(downloads / "report.pdf")
+    assert (outside / "precious").read_bytes() == b"keep me"
+
+
+def test_a_leftover_partial_linked_to_a_finished_download_is_not_reused(downloads):
+    # A crash between link() and unlink() in complete(): the partial name is
+    # a second link to the finished file, which must not be written again.
+    partial = PartialFile(str(downloads), FILE_ID)
+    partial.open(3)
+    partial.write(0, b"abc")
+    partial.complete("done.txt")
+    os.link(downloads / "done.txt", partial.path)
+    again = PartialFile(str(downloads), FILE_ID)
+    again.open(3)
+    again.write(0, b"xyz")
+    assert (downloads / "done.txt").read_bytes() == b"abc"
+    again.discard()

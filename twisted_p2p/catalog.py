@@ -6,10 +6,13 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from twisted_p2p.limits import CATALOG_RETRY_MAX, CATALOG_RETRY_MIN, MAX_CATALOG_ENTRIES
+
 log = Logger()
 
-#: Seconds before a failed catalog fetch is tried again.
-RETRY_DELAY = 2.0
+#: Seconds before a failed catalog fetch is first tried again; each further
+#: failure doubles the wait, up to L{CATALOG_RETRY_MAX}.
+RETRY_DELAY = CATALOG_RETRY_MIN
 
 
 @dataclass(frozen=True)
@@ -37,20 +40,28 @@ class NetworkCatalog:
     new revision has its catalog fetched again; a peer that leaves takes its
     files with it.
 
+    At most C{max_entries} catalog entries are kept across all peers: a
+    peer whose catalog would go over keeps only what fits (logged once).
+
     @param table: the L{PeerTable}.
     @param fetch: C{fetch(peer)} giving a Deferred of C{(revision, files)}
         where files are C{(file_id, name, size)}.
     @param clock: an L{IReactorTime}, for retries.
     """
 
-    def __init__(self, table, fetch, clock):
+    def __init__(self, table, fetch, clock, max_entries=MAX_CATALOG_ENTRIES):
         self._table = table
         self._fetch = fetch
         self._clock = clock
+        self._max_entries = max_entries
         self._files = {}
+        self._file_ids = {}
+        self._entries = 0
+        self._cut = set()
         self._revisions = {}
         self._fetching = {}
         self._retries = {}
+        self._failures = {}
         table.subscribe(self)
 
     # PeerTable observer
@@ -63,8 +74,10 @@ class NetworkCatalog:
             self.refresh(peer.peer_id)
 
     def left(self, peer, reason):
-        self._files.pop(peer.peer_id, None)
+        self._store(peer.peer_id, [])
+        self._cut.discard(peer.peer_id)
         self._revisions.pop(peer.peer_id, None)
+        self._failures.pop(peer.peer_id, None)
         retry = self._retries.pop(peer.peer_id, None)
         if retry is not None and retry.active():
             retry.cancel()
@@ -91,8 +104,32 @@ class NetworkCatalog:
         if peer_id not in self._table:
             return
         revision, files = result
-        self._files[peer_id] = list(files)
+        files = list(files)
+        room = self._max_entries - (self._entries - len(self._files.get(peer_id, ())))
+        if len(files) > room:
+            if peer_id not in self._cut:
+                self._cut.add(peer_id)
+                peer = self._table.get(peer_id)
+                log.warn(
+                    "Keeping {kept} of the {offered} files {peer} offers: the catalog "
+                    "holds at most {limit} entries across all peers",
+                    kept=max(room, 0),
+                    offered=len(files),
+                    peer=peer.label,
+                    limit=self._max_entries,
+                )
+            files = files[: max(room, 0)]
+        self._store(peer_id, files)
         self._revisions[peer_id] = revision
+        self._failures.pop(peer_id, None)
+
+    def _store(self, peer_id, files):
+        self._entries -= len(self._files.pop(peer_id, ()))
+        self._file_ids.pop(peer_id, None)
+        if files:
+            self._files[peer_id] = files
+            self._file_ids[peer_id] = {file_id for file_id, _, _ in files}
+            self._entries += len(files)
 
     def _failed(self, failure, peer):
         log.info(
@@ -100,10 +137,11 @@ class NetworkCatalog:
             peer=peer.label,
             error=failure.getErrorMessage(),
         )
-        if peer.peer_id in self._table and peer.peer_id not in self._retries:
-            self._retries[peer.peer_id] = self._clock.callLater(
-                RETRY_DELAY, self._retry, peer.peer_id
-            )
+        peer_id = peer.peer_id
+        if peer_id in self._table and peer_id not in self._retries:
+            failures = self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
+            delay = min(RETRY_DELAY * 2 ** min(failures - 1, 16), CATALOG_RETRY_MAX)
+            self._retries[peer_id] = self._clock.callLater(delay, self._retry, peer_id)
 
     def _retry(self, peer_id):
         del self._retries[peer_id]
@@ -119,15 +157,22 @@ class NetworkCatalog:
     def offers(self):
         """
         Every file content the known peers offer, one L{Offer} per id.
+
+        Linear in the number of catalog entries: the peers of each file are
+        kept in a dict by id, in the table's address order.
         """
         by_id = {}
         for peer in self._table.peers():
             for file_id, name, size in self._files.get(peer.peer_id, ()):
-                entry = by_id.setdefault(file_id, [name, size, []])
-                if peer not in entry[2]:
-                    entry[2].append(peer)
+                entry = by_id.get(file_id)
+                if entry is None:
+                    entry = by_id[file_id] = (name, size, {})
+                entry[2].setdefault(peer.peer_id, peer)
         return sorted(
-            (Offer(fid, name, size, tuple(peers)) for fid, (name, size, peers) in by_id.items()),
+            (
+                Offer(fid, name, size, tuple(peers.values()))
+                for fid, (name, size, peers) in by_id.items()
+            ),
             key=lambda o: (o.name, o.file_id),
         )
 
@@ -136,9 +181,10 @@ class NetworkCatalog:
 
     def sources(self, file_id):
         """
-        The known peers that hold C{file_id}.
+        The known peers that hold C{file_id}, in address order.
         """
-        for offer in self.offers():
-            if offer.file_id == file_id:
-                return list(offer.peers)
-        return []
+        return [
+            peer
+            for peer in self._table.peers()
+            if file_id in self._file_ids.get(peer.peer_id, ())
+        ]

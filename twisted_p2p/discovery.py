@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twisted_p2p import wire
+from twisted_p2p.limits import NEWCOMER_REPLY_BURST, NEWCOMER_REPLY_RATE
 
 log = Logger()
 
@@ -35,10 +36,25 @@ class Discovery:
     @param revision: a callable giving our current catalog revision.
     @param broadcast: C{(address, port)} announcements go to.
     @param interval: seconds between announcements.
+
+    Datagrams that change nothing are counted in C{dropped}, by reason; so
+    are unicast replies to newcomers held back because more than
+    L{NEWCOMER_REPLY_BURST} came at once (such a newcomer still hears our
+    next periodic announce).
     """
 
     def __init__(
-        self, clock, table, peer_id, instance_id, transfer_port, revision, broadcast, interval
+        self,
+        clock,
+        table,
+        peer_id,
+        instance_id,
+        transfer_port,
+        revision,
+        broadcast,
+        interval,
+        reply_burst=NEWCOMER_REPLY_BURST,
+        reply_rate=NEWCOMER_REPLY_RATE,
     ):
         self._clock = clock
         self.table = table
@@ -51,6 +67,10 @@ class Discovery:
         self.dropped = Counter()
         self._send = None
         self._loop = None
+        self._reply_burst = reply_burst
+        self._reply_rate = reply_rate
+        self._reply_tokens = float(reply_burst)
+        self._reply_refilled = clock.seconds()
 
     def attach(self, send):
         """
@@ -131,9 +151,32 @@ class Discovery:
                 self.dropped["unmatched goodbye"] += 1
             return
         outcome = self.table.heard(message, host, port)
-        if outcome in ("new", "restarted"):
+        if outcome == "full":
+            self.dropped["peer table full"] += 1
+        elif outcome == "moved":
+            self.dropped["moved without restart"] += 1
+        elif outcome in ("new", "restarted"):
             # A newcomer learns of us now, not one interval from now.
-            self.announce(to=(host, port))
+            if self._take_reply_token():
+                self.announce(to=(host, port))
+            else:
+                self.dropped["newcomer reply held back"] += 1
+
+    def _take_reply_token(self):
+        """
+        A token bucket for newcomer replies, so that a flood of invented ids
+        does not make us flood back.
+        """
+        now = self._clock.seconds()
+        elapsed = max(0.0, now - self._reply_refilled)
+        self._reply_refilled = now
+        self._reply_tokens = min(
+            float(self._reply_burst), self._reply_tokens + elapsed * self._reply_rate
+        )
+        if self._reply_tokens < 1.0:
+            return False
+        self._reply_tokens -= 1.0
+        return True
 
 
 class DiscoveryProtocol(DatagramProtocol):

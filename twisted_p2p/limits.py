@@ -25,9 +25,19 @@ MAX_HEADER = 64 * 1024
 #: Chunk hashes sent per manifest page: 8192 x 32 bytes = 256 KiB < MAX_FRAME.
 MANIFEST_PAGE = 8192
 
-#: Files listed in one catalog answer.  A catalog entry is ~200 bytes of JSON,
-#: and the answer must fit in one frame.
-MAX_CATALOG_FILES = 1000
+#: Files one peer's catalog lists, and the most we keep of another's.  The
+#: catalog is fetched in pages, so this bounds memory and round trips, not
+#: frame size.
+MAX_CATALOG_FILES = 10_000
+
+#: JSON bytes of catalog entries in one catalog page.  An entry is at most
+#: ~900 bytes (a 255-byte name, escaped to \uXXXX, is at most 765), so a page
+#: always holds at least one and stays far under MAX_HEADER.
+CATALOG_PAGE_BYTES = 32 * 1024
+
+#: Remote text (an error message) is cut to this many characters before a
+#: user sees it.
+MAX_REMOTE_TEXT = 200
 
 #: Largest file we index or download: 2**40 bytes (1 TiB) -- 4 million chunks.
 MAX_FILE_SIZE = 1 << 40
@@ -36,7 +46,12 @@ MAX_FILE_SIZE = 1 << 40
 MAX_CHUNKS_PER_REQUEST = 64
 
 #: A transfer connection that says nothing for this long is dropped (seconds).
+#: A chunk stream, which never hears anything, counts chunks sent instead.
 IDLE_TIMEOUT = 60.0
+
+#: Requests the sender port queues on one connection behind the one it is
+#: answering; past this it stops reading the connection until one is answered.
+MAX_QUEUED_REQUESTS = 8
 
 #: A data connection must present its token within this many seconds.
 HELLO_TIMEOUT = 10.0
@@ -96,3 +111,30 @@ HAVE_PAGE = 8 * 128 * 1024
 #: never held back to less than a chunk at a time, and the rate stays true
 #: over any second.
 UPLOAD_BURST = 2 * CHUNK_SIZE
+
+# -- Peer table and network catalog bounds (spoofed announces cannot grow
+# -- memory or CPU without limit).
+
+#: Peers kept in the peer table.  Announces are unauthenticated datagrams, so
+#: anyone on the LAN can invent peer ids; beyond this many, new ids are
+#: dropped (and counted) while the peers already known are still refreshed.
+MAX_PEERS = 256
+
+#: Peers kept per source address: peers on one host share its address, and
+#: a dozen peers on one machine is already a lot.
+MAX_PEERS_PER_HOST = 16
+
+#: Unicast replies to newcomers (new ids or restarts): a burst of this many,
+#: refilled at NEWCOMER_REPLY_RATE per second.  A newcomer that is not
+#: answered still hears our next periodic announce.
+NEWCOMER_REPLY_BURST = 32
+NEWCOMER_REPLY_RATE = 8.0
+
+#: Catalog entries kept across all peers (~40 MB, and under a second to
+#: list); a peer whose catalog would go over this keeps only what fits.
+MAX_CATALOG_ENTRIES = 100_000
+
+#: First and longest wait before a failed catalog fetch is tried again
+#: (doubling in between), so an unreachable peer costs little.
+CATALOG_RETRY_MIN = 2.0
+CATALOG_RETRY_MAX = 60.0

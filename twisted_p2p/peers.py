@@ -2,7 +2,10 @@
 The peer table: who is out there, and who has gone quiet.
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
+
+from twisted_p2p.limits import MAX_PEERS, MAX_PEERS_PER_HOST
 
 
 @dataclass
@@ -11,7 +14,8 @@ class Peer:
     One known peer, as last heard.
 
     C{host} and C{udp_port} are where its datagrams come from; a goodbye is
-    honoured only from there.  Its transfer ports are derived from
+    honoured only from there, and they change only when the peer restarts
+    (see L{PeerTable.heard}).  Its transfer ports are derived from
     C{transfer_port} on C{host}.
     """
 
@@ -47,14 +51,21 @@ class PeerTable:
     Observers registered with L{subscribe} get C{joined(peer)},
     C{changed(peer, old_revision)} and C{left(peer, reason)} calls.
 
+    The table is bounded, because anyone on the LAN can invent peer ids: at
+    most C{max_peers} entries, and at most C{max_per_host} from one source
+    address.  Peers already known are refreshed whatever the count.
+
     @param clock: an L{IReactorTime}, for expiry.
     @param timeout: seconds of silence after which a peer is dropped.
     """
 
-    def __init__(self, clock, timeout):
+    def __init__(self, clock, timeout, max_peers=MAX_PEERS, max_per_host=MAX_PEERS_PER_HOST):
         self._clock = clock
         self._timeout = timeout
+        self._max_peers = max_peers
+        self._max_per_host = max_per_host
         self._peers = {}
+        self._per_host = Counter()
         self._observers = []
 
     def subscribe(self, observer):
@@ -83,13 +94,23 @@ class PeerTable:
         """
         Record an announce from C{(host, udp_port)}.
 
+        An entry's address changes only with a new instance id (a restart):
+        while it is alive, an announce naming its current instance from
+        another address is ignored, so that nobody can move a peer to their
+        own address and then say goodbye for it from there.
+
         @return: C{"new"} for a peer id we did not know, C{"restarted"} for a
             known one with a new instance id, C{"changed"} for a changed
-            address, port or revision, else C{"same"}.
+            transfer port or revision, C{"same"} for a refresh; or, for an
+            announce that changed nothing, C{"full"} (a new id and no room
+            for it, overall or for its host) or C{"moved"} (the current
+            instance from another address).
         """
         now = self._clock.seconds()
         peer = self._peers.get(announce.peer_id)
         if peer is None:
+            if len(self._peers) >= self._max_peers or self._per_host[host] >= self._max_per_host:
+                return "full"
             peer = Peer(
                 announce.peer_id,
                 announce.instance_id,
@@ -100,23 +121,30 @@ class PeerTable:
                 now,
             )
             self._peers[peer.peer_id] = peer
+            self._per_host[host] += 1
             self._arm(peer)
             self._tell("joined", peer)
             return "new"
 
+        restarted = peer.instance_id != announce.instance_id
+        if not restarted and (peer.host, peer.udp_port) != (host, udp_port):
+            return "moved"
         old_revision = peer.revision
-        before = (peer.instance_id, peer.host, peer.udp_port, peer.transfer_port)
+        old_transfer_port = peer.transfer_port
+        if peer.host != host:
+            self._per_host[peer.host] -= 1
+            if not self._per_host[peer.host]:
+                del self._per_host[peer.host]
+            self._per_host[host] += 1
         peer.instance_id = announce.instance_id
         peer.host, peer.udp_port = host, udp_port
         peer.transfer_port = announce.transfer_port
         peer.revision = announce.revision
         peer.last_seen = now
         self._arm(peer)
-        if before[0] != announce.instance_id:
+        if restarted:
             outcome = "restarted"
-        elif before[1:] != (host, udp_port, announce.transfer_port):
-            outcome = "changed"
-        elif old_revision != announce.revision:
+        elif (old_transfer_port, old_revision) != (announce.transfer_port, announce.revision):
             outcome = "changed"
         else:
             return "same"
@@ -158,6 +186,7 @@ class PeerTable:
             if peer.expiry is not None and peer.expiry.active():
                 peer.expiry.cancel()
         self._peers.clear()
+        self._per_host.clear()
 
     def _arm(self, peer):
         if peer.expiry is not None and peer.expiry.active():
@@ -174,4 +203,7 @@ class PeerTable:
         if peer.expiry is not None and peer.expiry.active():
             peer.expiry.cancel()
         del self._peers[peer.peer_id]
+        self._per_host[peer.host] -= 1
+        if not self._per_host[peer.host]:
+            del self._per_host[peer.host]
         self._tell("left", peer, reason)

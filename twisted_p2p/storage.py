@@ -13,10 +13,17 @@ nothing the kernel has: both writes are in the page cache, in that order, so
 a bit is never set for bytes that were not written.  After a power loss the
 two files may disagree, so on reopening every chunk the map marks is
 verified again against the manifest; one that fails is fetched again.
+
+Planted files.  Anyone who can write in the downloads folder could put a
+symlink (or a hard link to a file elsewhere) where the partial file or its
+map will be.  Both are opened without following symlinks and must be regular
+files with one link; anything else is removed and the file made afresh, and
+the name linked into place on completion is checked to be our own file.
 """
 
 import errno
 import os
+import stat
 import threading
 
 from twisted_p2p.index import file_signature
@@ -179,13 +186,13 @@ class PartialFile:
 
         @return: the indexes of the chunks already verified.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open_own(self.path)
         try:
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
             if manifest is not None:
                 self.chunks = ChunkMap(manifest.chunk_count)
-                map_fd = os.open(self.map_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                map_fd = _open_own(self.map_path)
                 try:
                     self.chunks.load(map_fd, manifest.file_id, size)
                 except BaseException:
@@ -236,14 +243,21 @@ class PartialFile:
         @return: C{(final name, signature)}.
         """
         os.fsync(self._fd)
+        ours = os.fstat(self._fd)
         os.close(self._fd)
         self._fd = None
+        # The partial file's name must still be our file, not something
+        # planted in its place since it was opened.
+        if not _same_file(_lstat(self.path), ours):
+            raise OSError(errno.EEXIST, "the partial file was removed or replaced", self.path)
         while True:
             final = free_name(self.folder, name)
             target = os.path.join(self.folder, final)
             try:
-                # link() fails if the name exists, where rename() would replace.
-                os.link(self.path, target)
+                # link() fails if the name exists, where rename() would
+                # replace; without following a symlink swapped in since the
+                # check above.
+                os.link(self.path, target, follow_symlinks=False)
             except FileExistsError:
                 continue
             except OSError:
@@ -254,10 +268,16 @@ class PartialFile:
             else:
                 os.unlink(self.path)
             break
+        linked = _lstat(target)
+        if not _same_file(linked, ours):
+            # Lost a race with whoever swapped the partial file: take back
+            # the name we gave it.
+            _unlink(target)
+            raise OSError(errno.EEXIST, "the partial file was removed or replaced", self.path)
         _fsync_folder(self.folder)
         self._close_map()
         _unlink(self.map_path)
-        return final, file_signature(os.stat(target))
+        return final, file_signature(linked)
 
     def close(self):
         """
@@ -281,6 +301,49 @@ class PartialFile:
             fd = self.chunks.detach()
             if fd is not None:
                 os.close(fd)
+
+
+def _open_own(path):
+    """
+    Open our file at C{path} for reading and writing, creating it if need
+    be, and never through a symlink: what is there must be a regular file
+    with no other link, or it is removed and the file created afresh.
+
+    @return: the file descriptor.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        # ELOOP: a symlink (EMLINK on some BSDs); EISDIR, ENXIO and the like:
+        # something else that is not ours.
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO):
+            raise
+        _unlink(path)
+    else:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            return fd
+        os.close(fd)
+        _unlink(path)
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+
+
+def _lstat(path):
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _same_file(info, ours):
+    return (
+        info is not None
+        and stat.S_ISREG(info.st_mode)
+        and (info.st_dev, info.st_ino) == (ours.st_dev, ours.st_ino)
+    )
 
 
 def _unlink(path):
