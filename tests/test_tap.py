@@ -10,6 +10,7 @@ import socket
 import pytest
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
+from twisted.internet import defer, task
 from twisted.python import usage
 
 from twisted_p2p import service as service_module
@@ -427,3 +428,41 @@ def test_log_options_clash_with_twistd_logfile(folder, ports):
     options.parent = {"nodaemon": True, "logfile": "twistd.log", "logger": None}
     with pytest.raises(SystemExit):
         options.parseOptions(list(good_args(ports, "--log-format", "json")))
+
+
+# -- catalog fetches ------------------------------------------------------------
+
+
+class ClockReactor(task.Clock):
+    """
+    Enough of a reactor to build a PeerService and run its timers.
+    """
+
+    def getThreadPool(self):
+        return None
+
+
+def test_catalog_fetches_are_limited_and_timed_out(folder, ports, monkeypatch):
+    clock = ClockReactor()
+    peer = PeerService(parse(*good_args(ports)), clock, console_enabled=False)
+    opened = []
+
+    def never_answers(p):
+        d = defer.Deferred()
+        opened.append(d)
+        return d
+
+    monkeypatch.setattr(peer, "_open_client", never_answers)
+    results = [peer._fetch_catalog(object()) for _ in range(service_module.CATALOG_FETCHES + 3)]
+    # Only so many at once; the rest wait for a place.
+    assert len(opened) == service_module.CATALOG_FETCHES
+    clock.advance(service_module.CATALOG_FETCH_TIMEOUT)
+    # The silent ones time out and give their places to the others.
+    failed = []
+    for d in results[: service_module.CATALOG_FETCHES]:
+        d.addErrback(lambda f: failed.append(f.type))
+    assert failed == [defer.TimeoutError] * service_module.CATALOG_FETCHES
+    assert len(opened) == service_module.CATALOG_FETCHES + 3
+    for d in results[service_module.CATALOG_FETCHES :]:
+        d.addErrback(lambda f: None)
+    clock.advance(service_module.CATALOG_FETCH_TIMEOUT)

@@ -40,6 +40,10 @@ log = Logger()
 #: Seconds to wait for a TCP connection to a peer.
 CONNECT_TIMEOUT = 5
 
+#: Catalog fetches under way at once, and the seconds each may take.
+CATALOG_FETCHES = 8
+CATALOG_FETCH_TIMEOUT = 20
+
 
 def stdin_kind(fd=0):
     """
@@ -258,6 +262,7 @@ class PeerService(MultiService):
             settings["announce-interval"],
         )
         self.index.on_change(self.discovery.revision_changed)
+        self._catalog_fetches = defer.DeferredSemaphore(CATALOG_FETCHES)
         self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
         self.inbox = transfer.Inbox()
         self.uploads = Uploads(
@@ -377,6 +382,13 @@ class PeerService(MultiService):
         return self._connect(peer.host, peer.sender_port, client.SenderClient())
 
     def _fetch_catalog(self, peer):
+        """
+        Fetch C{peer}'s catalog: at most L{CATALOG_FETCHES} at once, so that
+        many peers (or invented ones) cannot hold many catalogs in memory
+        together, and each within L{CATALOG_FETCH_TIMEOUT}, so that a peer
+        that never answers does not hold a place.
+        """
+
         async def fetch():
             sender = await self._open_client(peer)
             try:
@@ -384,7 +396,11 @@ class PeerService(MultiService):
             finally:
                 sender.close()
 
-        return defer.ensureDeferred(fetch())
+        def limited():
+            d = defer.ensureDeferred(fetch())
+            return d.addTimeout(CATALOG_FETCH_TIMEOUT, self.reactor)
+
+        return self._catalog_fetches.run(limited)
 
     def _make_download(self, name, file_id, peers, report, bans, index):
         return download.Download(
