@@ -4,6 +4,7 @@ Helpers shared by the unit tests: Deferred results and transfer frames.
 
 import struct
 
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twisted_p2p import wire
@@ -55,3 +56,53 @@ def sent_headers(transport):
     The headers of every frame written to C{transport}.
     """
     return [header for header, _ in sent_frames(transport)]
+
+
+class BufferedTransport(StringTransport):
+    """
+    A StringTransport that behaves like a TCP transport under load: what is
+    written stays in a buffer until L{drain} (the peer reads it), a streaming
+    producer is paused once the buffer holds more than C{bufferSize} bytes
+    and resumed when it drains, and while the protocol has paused reading,
+    L{deliver} hands it nothing.
+    """
+
+    bufferSize = 64 * 1024
+
+    def __init__(self, *args, **kwargs):
+        StringTransport.__init__(self, *args, **kwargs)
+        self.buffered = 0
+        self.most_buffered = 0
+        self.producer_paused = False
+        self.unread = b""
+
+    def write(self, data):
+        StringTransport.write(self, data)
+        self.buffered += len(data)
+        self.most_buffered = max(self.most_buffered, self.buffered)
+        if self.producer is not None and self.buffered > self.bufferSize:
+            if not self.producer_paused:
+                self.producer_paused = True
+                self.producer.pauseProducing()
+
+    def drain(self):
+        """
+        The peer reads everything written so far.
+        """
+        self.buffered = 0
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+
+    def deliver(self, protocol, data=b"", piece=None):
+        """
+        Queue C{data} from the peer and hand it to C{protocol}, C{piece}
+        bytes per dataReceived (all at once if C{None}), as long as reading
+        is not paused.  What is not handed over stays in L{unread}.
+        """
+        self.unread += data
+        while self.unread and self.producerState == "producing" and not self.disconnecting:
+            size = len(self.unread) if piece is None else piece
+            chunk, self.unread = self.unread[:size], self.unread[size:]
+            protocol.dataReceived(chunk)
+

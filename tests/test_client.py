@@ -14,8 +14,10 @@ from twisted.python.failure import Failure
 
 from twisted_p2p import wire
 from twisted_p2p.client import (
+    CatalogChanged,
     PeerRefused,
     SenderClient,
+    clean_text,
     fetch_catalog,
     fetch_have,
     fetch_manifest,
@@ -204,6 +206,14 @@ def test_parse_catalog_rejects_a_malformed_entry(entry):
         pytest.param({"t": "manifest", "rev": "0" * 16, "files": []}, id="not a catalog"),
         pytest.param({"t": "catalog", "files": []}, id="no revision"),
         pytest.param({"t": "catalog", "rev": "0" * 17, "files": []}, id="long revision"),
+        pytest.param({"t": "catalog", "rev": "\x1b[2J" + "0" * 12, "files": []}, id="escape in revision"),
+        pytest.param({"t": "catalog", "rev": "0" * 16, "files": [], "total": 1}, id="total, no start"),
+        pytest.param({"t": "catalog", "rev": "0" * 16, "files": [], "start": 0, "total": -1}, id="negative total"),
+        pytest.param(
+            {"t": "catalog", "rev": "0" * 16, "start": 0, "total": 0,
+             "files": [{"id": ID_A, "name": "a", "size": 1}]},
+            id="more files than total",
+        ),
         pytest.param({"t": "catalog", "rev": "0" * 16}, id="no files"),
         pytest.param({"t": "catalog", "rev": "0" * 16, "files": {}}, id="files not a list"),
         pytest.param(
@@ -223,7 +233,167 @@ def test_fetch_catalog():
     client = CannedClient(lambda header: (answer, b""))
     d = defer.ensureDeferred(fetch_catalog(client))
     assert result_of(d) == ("0123456789abcdef", [(ID_A, "a.txt", 3)])
-    assert client.calls == [{"t": "catalog", "v": 1}]
+    assert client.calls == [{"t": "catalog", "v": 1, "start": 0}]
+
+
+REV_1 = "1" * 16
+REV_2 = "2" * 16
+
+
+def entry(i, name=None):
+    return {"id": f"{i:064x}", "name": name or f"f{i}", "size": i}
+
+
+def paged(entries, page, rev=lambda call: REV_1, total=None):
+    """
+    An answer function serving C{entries} C{page} at a time; C{rev(n)} is
+    the revision of the n-th call.
+    """
+    calls = []
+
+    def answer(header):
+        assert header["t"] == "catalog" and header["v"] == 1
+        start = header["start"]
+        calls.append(start)
+        return {
+            "t": "catalog",
+            "rev": rev(len(calls) - 1),
+            "start": start,
+            "total": len(entries) if total is None else total(len(calls) - 1),
+            "files": entries[start : start + page],
+        }, b""
+
+    return answer
+
+
+def fetch_all(client):
+    return result_of(defer.ensureDeferred(fetch_catalog(client)))
+
+
+def test_fetch_catalog_in_pages():
+    entries = [entry(i) for i in range(7)]
+    entries[3] = entry(3, name="../bad")  # left out, but counted for paging
+    entries[5] = dict(entry(5), partial=True)
+    client = CannedClient(paged(entries, 3))
+    revision, files = fetch_all(client)
+    assert revision == REV_1
+    assert files == [(e["id"], e["name"], e["size"]) for e in entries if e["name"] != "../bad"]
+    assert [c["start"] for c in client.calls] == [0, 3, 6]
+
+
+def test_fetch_catalog_of_an_old_peer():
+    """
+    A peer from before paging ignores "start" and answers the whole
+    catalog, without "start" and "total".
+    """
+    client = CannedClient(lambda h: (catalog(entry(1), entry(2)), b""))
+    assert fetch_all(client) == ("0123456789abcdef", [(entry(1)["id"], "f1", 1), (entry(2)["id"], "f2", 2)])
+    assert len(client.calls) == 1
+
+
+def test_fetch_catalog_empty():
+    client = CannedClient(paged([], 3))
+    assert fetch_all(client) == (REV_1, [])
+    assert len(client.calls) == 1
+
+
+def test_fetch_catalog_starts_over_once_when_the_revision_changes():
+    entries = [entry(i) for i in range(5)]
+    client = CannedClient(paged(entries, 2, rev=lambda n: REV_1 if n < 2 else REV_2))
+    revision, files = fetch_all(client)
+    assert revision == REV_2 and len(files) == 5
+    assert [c["start"] for c in client.calls] == [0, 2, 4, 0, 2, 4]
+
+
+def test_fetch_catalog_gives_up_when_the_revision_keeps_changing():
+    entries = [entry(i) for i in range(5)]
+    client = CannedClient(paged(entries, 2, rev=lambda n: f"{n:016x}"))
+    with pytest.raises(CatalogChanged):
+        fetch_all(client)
+    assert [c["start"] for c in client.calls] == [0, 2, 0, 2]
+
+
+def test_fetch_catalog_keeps_at_most_the_cap(monkeypatch):
+    monkeypatch.setattr("twisted_p2p.client.MAX_CATALOG_FILES", 4)
+    entries = [entry(i) for i in range(100)]
+    client = CannedClient(paged(entries, 3))
+    revision, files = fetch_all(client)
+    assert [f[2] for f in files] == [0, 1, 2, 3]
+    assert [c["start"] for c in client.calls] == [0, 3]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(paged([entry(i) for i in range(5)], 2, total=lambda n: 5 + n), id="total changes"),
+        pytest.param(
+            lambda h: ({"t": "catalog", "rev": REV_1, "start": 0, "total": 5, "files": []}, b""),
+            id="empty page before the end",
+        ),
+        pytest.param(
+            lambda h: ({"t": "catalog", "rev": REV_1, "start": 1, "total": 5, "files": [entry(1)]}, b""),
+            id="a page not asked for",
+        ),
+    ],
+)
+def test_fetch_catalog_rejects_broken_pages(answer):
+    client = CannedClient(answer)
+    with pytest.raises(wire.ProtocolError):
+        fetch_all(client)
+    assert len(client.calls) <= 3
+
+
+def test_fetch_catalog_of_2000_files_over_the_wire(feed):
+    """
+    A real sender port, serving 2,000 files with long non-ASCII names (over
+    600 KB of catalog: far more than one frame holds), to a real client.
+    """
+    from types import SimpleNamespace
+
+    from twisted.internet.address import IPv4Address
+
+    from twisted_p2p.transfer import SenderFactory
+    from twisted_p2p.uploads import Uploads
+
+    shared = [
+        SimpleNamespace(file_id=f"{i:064x}", name="\u00e9" * 120 + f" {i:05}", size=i)
+        for i in range(2000)
+    ]
+
+    class Index:
+        revision = REV_1
+
+        def files(self):
+            return shared
+
+        def partials(self):
+            return []
+
+    clock = task.Clock()
+    uploads = Uploads(Index(), connect=None, read_chunk=None)
+    server = SenderFactory(uploads).buildProtocol(None)
+    server.callLater = clock.callLater
+    server_transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 4000))
+    server.makeConnection(server_transport)
+    client = SenderClient()
+    client.callLater = clock.callLater
+    client_transport = StringTransport()
+    client.makeConnection(client_transport)
+
+    d = defer.ensureDeferred(fetch_catalog(client))
+    for _ in range(100):  # one round trip per page
+        if d.called:
+            break
+        data = client_transport.value()
+        client_transport.clear()
+        feed(server, data)
+        data = server_transport.value()
+        server_transport.clear()
+        feed(client, data)
+    revision, files = result_of(d)
+    assert revision == REV_1
+    assert files == [(f.file_id, f.name, f.size) for f in shared]
+    assert not client_transport.disconnecting and not server_transport.disconnecting
 
 
 # -- fetch_manifest -----------------------------------------------------------------
@@ -414,3 +584,57 @@ def test_parse_catalog_accepts_partial_entries():
     assert parse_catalog(answer) == ("0123456789abcdef", [(ID_A, "a.txt", 3)])
     with pytest.raises(wire.ProtocolError):
         parse_catalog(catalog({"id": ID_A, "name": "a.txt", "size": 3, "partial": "yes"}))
+
+
+def test_fetch_have_rejects_short_pages(monkeypatch):
+    """
+    A peer answering one chunk per page (to stall a download with slow
+    round trips) fails the call: every page but the last is full.
+    """
+    monkeypatch.setattr("twisted_p2p.client.HAVE_PAGE", 8)
+
+    def answer(header):
+        return {"t": "have", "id": ID_A, "start": header["start"], "count": 1}, b"\x01"
+
+    client = CannedClient(answer)
+    with pytest.raises(wire.ProtocolError):
+        result_of(defer.ensureDeferred(fetch_have(client, ID_A, 20)))
+    assert len(client.calls) == 1
+
+
+# -- remote text --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("try later", "try later"),
+        ("\x1b[2J\x1b[31mowned", "?[2J?[31mowned"),
+        ("line\nforged: peer said hi\r", "line?forged: peer said hi?"),
+        ("evil\u202etxt.exe", "evil?txt.exe"),
+        ("zero\u200bwidth\u2028sep", "zero?width?sep"),
+        ("private\ue000 \U0010ffff", "private? ?"),
+        ("caf\u00e9 \u65e5\u672c", "caf\u00e9 \u65e5\u672c"),
+    ],
+)
+def test_clean_text(text, shown):
+    assert clean_text(text) == shown
+
+
+def test_clean_text_cuts_long_text():
+    assert clean_text("x" * 1000) == "x" * 199 + "\u2026"
+    assert clean_text("x" * 200) == "x" * 200
+
+
+def test_error_answer_text_is_cleaned(connected, feed):
+    client, transport = connected
+    refused = client.call(wire.request("get"))
+    message = "\x1b[2J\x1b[Hdone\n2099-01-01 [p2p] forged log line" + "!" * 900
+    feed(client, frame({"t": "error", "code": "busy\x07", "message": message}))
+    with pytest.raises(PeerRefused) as e:
+        result_of(refused)
+    assert e.value.code == "busy?"
+    assert e.value.message.startswith("?[2J?[Hdone?2099-01-01 [p2p] forged log line!!")
+    assert len(e.value.message) == 200
+    assert str(e.value) == e.value.message
+    assert not any(ord(ch) < 32 for ch in e.value.message)

@@ -42,6 +42,8 @@ ILLEGAL = [
     "a\x7fb",
     "a\u200bb",  # zero-width space: format character
     "a\u202eb",  # right-to-left override
+    "a\u2028b",  # line separator: would break a listing's line
+    "a\u2029b",  # paragraph separator
     "\ue000",  # private use
     "a\ud800b",  # lone surrogate: not UTF-8
     "trailing ",

@@ -7,7 +7,7 @@ import json
 import struct
 
 import pytest
-from support import frame, framed, sent_frames, sent_headers
+from support import BufferedTransport, frame, framed, sent_frames, sent_headers
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -15,7 +15,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twisted_p2p import wire
-from twisted_p2p.limits import HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADER
+from twisted_p2p.limits import (
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_FRAME,
+    MAX_HEADER,
+    MAX_QUEUED_REQUESTS,
+)
 from twisted_p2p.manifest import CHUNK_SIZE, Manifest
 from twisted_p2p.transfer import (
     ChunkPusher,
@@ -34,10 +40,10 @@ TOKEN = "ab" * 16
 # -- helpers -----------------------------------------------------------------
 
 
-def connect(factory, clock, host=PEER_HOST):
+def connect(factory, clock, host=PEER_HOST, transport_class=StringTransport):
     protocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))
     protocol.callLater = clock.callLater
-    transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+    transport = transport_class(peerAddress=IPv4Address("TCP", host, 40000))
     protocol.makeConnection(transport)
     return protocol, transport
 
@@ -206,6 +212,132 @@ def test_sender_idle_timeout_aborts():
     assert transport.disconnected
     protocol.connectionLost(Failure(ConnectionDone()))
     assert clock.getDelayedCalls() == []
+
+
+class EndlessUploads:
+    """
+    An uploads owner that answers every request: at once with a body of
+    C{body_size} bytes, or (C{slow}) with a Deferred the test fires.
+    """
+
+    def __init__(self, body_size=0, slow=False):
+        self.body_size = body_size
+        self.slow = slow
+        self.calls = []
+        self.pending = []
+
+    def handle(self, header, host):
+        self.calls.append(header["n"])
+        answer = ({"t": "ok", "n": header["n"]}, b"x" * self.body_size)
+        if not self.slow:
+            return answer
+        d = defer.Deferred()
+        self.pending.append((d, answer))
+        return d
+
+
+def flood(count):
+    return b"".join(frame(wire.request("manifest", n=n)) for n in range(count))
+
+
+@pytest.mark.parametrize("piece", [4096, 1, 7], ids=["4 KiB reads", "bytewise", "7 bytes"])
+def test_sender_stops_reading_while_the_requester_does_not_read(piece):
+    """
+    Pipelined requests from a requester that never reads its answers: the
+    sender answers until the write buffer is full, then reads nothing more
+    (the kernel holds the rest) until the buffer drains.
+    """
+    uploads = EndlessUploads(body_size=16 * 1024)
+    protocol, transport = connect(
+        SenderFactory(uploads), task.Clock(), transport_class=BufferedTransport
+    )
+    assert transport.producer is not None and transport.streaming
+    transport.deliver(protocol, flood(1000), piece)
+    assert transport.producerState == "paused"
+    # Written: at most what fills the buffer, plus the answer that tipped it.
+    assert transport.most_buffered <= transport.bufferSize + 16 * 1024 + 100
+    assert len(uploads.calls) <= 5
+    assert len(protocol._requests) <= MAX_QUEUED_REQUESTS
+    assert transport.unread
+
+    # Each drain lets a few more through; in the end every request is
+    # answered, in order, and the buffer never held more than before.
+    for _ in range(1000):
+        if len(uploads.calls) == 1000:
+            break
+        transport.drain()
+        transport.deliver(protocol, piece=piece)
+    assert uploads.calls == list(range(1000))
+    assert [h["n"] for h in sent_headers(transport)] == list(range(1000))
+    assert transport.most_buffered <= transport.bufferSize + 16 * 1024 + 100
+
+
+@pytest.mark.parametrize("piece", [None, 1], ids=["all at once", "bytewise"])
+def test_sender_queues_at_most_a_few_requests_behind_a_slow_answer(piece):
+    uploads = EndlessUploads(slow=True)
+    protocol, transport = connect(
+        SenderFactory(uploads), task.Clock(), transport_class=BufferedTransport
+    )
+    transport.deliver(protocol, flood(100), piece)
+    assert uploads.calls == [0]
+    assert len(protocol._requests) == MAX_QUEUED_REQUESTS
+    assert transport.producerState == "paused"
+
+    # One answer lets one more request in.
+    d, answer = uploads.pending.pop(0)
+    d.callback(answer)
+    transport.deliver(protocol, piece=piece)
+    assert uploads.calls == [0, 1]
+    assert len(protocol._requests) == MAX_QUEUED_REQUESTS
+    assert transport.producerState == "paused"
+
+    while uploads.pending:
+        d, answer = uploads.pending.pop(0)
+        d.callback(answer)
+        transport.deliver(protocol, piece=piece)
+    assert uploads.calls == list(range(100))
+    assert [h["n"] for h in sent_headers(transport)] == list(range(100))
+    assert transport.producerState == "producing"
+    assert not transport.disconnecting
+
+
+def test_sender_reading_stays_paused_while_the_queue_is_full():
+    """
+    A drained write buffer does not resume reading while the request queue
+    is still full.
+    """
+    uploads = EndlessUploads(slow=True)
+    protocol, transport = connect(
+        SenderFactory(uploads), task.Clock(), transport_class=BufferedTransport
+    )
+    transport.deliver(protocol, flood(20))
+    transport.producer.pauseProducing()
+    transport.producer.resumeProducing()
+    assert transport.producerState == "paused"
+    transport.deliver(protocol)
+    assert len(protocol._requests) == MAX_QUEUED_REQUESTS
+
+
+def test_sender_not_read_is_dropped_by_the_idle_timeout():
+    clock = task.Clock()
+    uploads = EndlessUploads(body_size=128 * 1024)
+    protocol, transport = connect(SenderFactory(uploads), clock, transport_class=BufferedTransport)
+    transport.deliver(protocol, flood(10))
+    assert uploads.calls == [0]
+    clock.advance(IDLE_TIMEOUT)
+    assert transport.disconnected
+
+
+def test_sender_bad_request_unregisters_the_write_gate(feed):
+    """
+    Otherwise a full buffer that drains would resume the gate instead of
+    closing the connection.
+    """
+    uploads = FakeUploads(wire.ProtocolError("field 'id' is malformed"))
+    protocol, transport = sender(uploads, task.Clock())
+    feed(protocol, frame(wire.request("manifest", id="x")))
+    assert transport.disconnecting
+    assert transport.producer is None
 
 
 # -- T: receiver ---------------------------------------------------------------
@@ -427,10 +559,10 @@ class FakeReader:
         return d
 
 
-def pusher(chunks, size=3 * CHUNK_SIZE - 100):
+def pusher(chunks, size=3 * CHUNK_SIZE - 100, clock=None, pace=None):
     reader = FakeReader()
-    protocol = ChunkPusher(TOKEN, FakeLocalFile(size), chunks, reader)
-    protocol.callLater = task.Clock().callLater
+    protocol = ChunkPusher(TOKEN, FakeLocalFile(size), chunks, reader, pace=pace)
+    protocol.callLater = (clock or task.Clock()).callLater
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport, reader
@@ -504,6 +636,69 @@ def test_pusher_drops_a_receiver_that_talks_back():
     protocol, transport, reader = pusher([0])
     protocol.dataReceived(frame({"t": "hello"}))
     assert transport.disconnecting
+
+
+def test_pusher_sending_chunks_is_not_idle():
+    """
+    The receiver never talks: every chunk sent restarts the idle timeout, so
+    a slow upload is not cut after IDLE_TIMEOUT.
+    """
+    clock = task.Clock()
+    protocol, transport, reader = pusher([0, 1, 2], clock=clock)
+    for i, length in enumerate([CHUNK_SIZE, CHUNK_SIZE, CHUNK_SIZE - 100]):
+        clock.advance(IDLE_TIMEOUT - 1)
+        assert not transport.disconnected
+        reader.reads[i][1].callback(b"x" * length)
+    assert [h["t"] for h in sent_headers(transport)] == ["hello", "chunk", "chunk", "chunk", "done"]
+    assert not transport.disconnected
+
+
+def test_pusher_stalled_is_dropped_by_the_idle_timeout():
+    clock = task.Clock()
+    protocol, transport, reader = pusher([0, 1], clock=clock)
+    reader.reads[0][1].callback(b"x" * CHUNK_SIZE)
+    transport.producer.pauseProducing()  # the receiver stopped reading
+    clock.advance(IDLE_TIMEOUT - 1)
+    assert not transport.disconnected
+    clock.advance(1)
+    assert transport.disconnected
+
+
+def test_pusher_waiting_on_the_upload_rate_is_not_idle():
+    """
+    A stream waiting for the token bucket (its own peer's rate) does not
+    count that time against the receiver; the timeout runs again after.
+    """
+    clock = task.Clock()
+    waits = []
+
+    def pace(n):
+        d = defer.Deferred()
+        waits.append(d)
+        return d
+
+    protocol, transport, reader = pusher([0, 1], clock=clock, pace=pace)
+    clock.advance(5 * IDLE_TIMEOUT)
+    assert not transport.disconnected
+    waits[0].callback(CHUNK_SIZE)
+    reader.reads[0][1].callback(b"x" * CHUNK_SIZE)
+    clock.advance(5 * IDLE_TIMEOUT)
+    assert not transport.disconnected
+    waits[1].callback(CHUNK_SIZE)
+    # The read never finishes: now the timeout runs.
+    clock.advance(IDLE_TIMEOUT)
+    assert transport.disconnected
+
+
+def test_pusher_receiver_that_talks_back_stops_the_stream():
+    protocol, transport, reader = pusher([0, 1])
+    done = []
+    protocol.stream.done.addCallback(done.append)
+    transport.producer.pauseProducing()
+    protocol.dataReceived(frame({"t": "hello"}))
+    assert transport.disconnecting
+    assert transport.producer is None
+    assert done == [False]
 
 
 # -- T+2, T+3 ------------------------------------------------------------------

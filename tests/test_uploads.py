@@ -6,6 +6,7 @@ connect.
 import os
 import random
 import struct
+from types import SimpleNamespace
 
 import pytest
 from support import result_of
@@ -17,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted_p2p import uploads as uploads_module
 from twisted_p2p import wire
 from twisted_p2p.index import LocalFile, PartialLocal
+from twisted_p2p.limits import CATALOG_PAGE_BYTES, MAX_HEADER
 from twisted_p2p.manifest import CHUNK_SIZE, hash_file
 from twisted_p2p.storage import ChunkMap
 from twisted_p2p.transfer import ChunkPusher, RequestRefused
@@ -131,6 +133,8 @@ def test_catalog_lists_every_file(uploads, files):
         {
             "t": "catalog",
             "rev": REVISION,
+            "start": 0,
+            "total": 3,
             "files": [
                 {"id": empty.file_id, "name": "empty.txt", "size": 0},
                 {"id": five.file_id, "name": "five.bin", "size": 4 * CHUNK_SIZE + 1},
@@ -145,6 +149,92 @@ def test_catalog_is_capped(uploads, monkeypatch):
     monkeypatch.setattr(uploads_module, "MAX_CATALOG_FILES", 2)
     header, _ = uploads.handle(wire.request("catalog"), REQUESTER)
     assert [f["name"] for f in header["files"]] == ["empty.txt", "five.bin"]
+    assert header["total"] == 2
+
+
+def many_files(count, name_of=lambda i: f"file {i:05}.bin"):
+    """
+    Stand-ins for C{count} shared files: the catalog needs only id, name
+    and size.
+    """
+    return [
+        SimpleNamespace(file_id=f"{i:064x}", name=name_of(i), size=i) for i in range(count)
+    ]
+
+
+def catalog_pages(uploads):
+    """
+    Every page of the catalog, fetched as a requester does.
+    """
+    pages = []
+    start = 0
+    while True:
+        header, body = uploads.handle(wire.request("catalog", start=start), REQUESTER)
+        assert body == b""
+        pages.append(header)
+        start += len(header["files"])
+        if start >= header["total"]:
+            return pages
+
+
+#: The longest legal name with the longest JSON: 2-byte UTF-8 characters,
+#: each escaped to six bytes.
+WIDE_NAME = "\u00e9" * 121
+
+
+@pytest.mark.parametrize(
+    "name_of",
+    [
+        pytest.param(lambda i: f"file {i:05}.bin", id="short names"),
+        pytest.param(lambda i: f"{WIDE_NAME}{i:05}.bin", id="widest names"),
+    ],
+)
+def test_catalog_in_pages_under_the_header_limit(connect, name_of):
+    assert CATALOG_PAGE_BYTES <= MAX_HEADER // 2
+    shared = many_files(2000, name_of)
+    assert len(shared[0].name.encode("utf-8")) <= 255
+    uploads = Uploads(FakeIndex(shared), connect, FakeReader())
+    pages = catalog_pages(uploads)
+    assert len(pages) > 1
+    for page in pages:
+        assert page["rev"] == REVISION and page["total"] == 2000
+        assert page["files"]
+        # Far under the limit, so a future field or two still fits.
+        assert len(wire.encode_frame(page)) <= CATALOG_PAGE_BYTES + 256
+    listed = [entry for page in pages for entry in page["files"]]
+    assert [e["name"] for e in listed] == sorted(f.name for f in shared)
+    assert [page["start"] for page in pages] == [
+        sum(len(p["files"]) for p in pages[:i]) for i in range(len(pages))
+    ]
+
+
+def test_catalog_page_holds_at_least_one_entry(connect, monkeypatch):
+    monkeypatch.setattr(uploads_module, "CATALOG_PAGE_BYTES", 1)
+    uploads = Uploads(FakeIndex(many_files(3)), connect, FakeReader())
+    assert [len(page["files"]) for page in catalog_pages(uploads)] == [1, 1, 1]
+
+
+def test_catalog_pages_run_on_into_partial_downloads(files, partial, connect, monkeypatch):
+    monkeypatch.setattr(uploads_module, "CATALOG_PAGE_BYTES", 1)
+    index = FakeIndex(files[:2])
+    index._partials[partial.file_id] = partial
+    uploads = Uploads(index, connect, FakeReader())
+    pages = catalog_pages(uploads)
+    assert [(p["start"], p["total"]) for p in pages] == [(0, 3), (1, 3), (2, 3)]
+    assert pages[2]["files"] == [
+        {"id": partial.file_id, "name": "five.bin", "size": partial.size, "partial": True}
+    ]
+
+
+def test_catalog_page_at_the_end_is_empty(uploads):
+    header, _ = uploads.handle(wire.request("catalog", start=3), REQUESTER)
+    assert (header["start"], header["total"], header["files"]) == (3, 3, [])
+
+
+@pytest.mark.parametrize("start", [-1, 4, True, "0", None, 1.0])
+def test_catalog_page_start_out_of_range(uploads, start):
+    with pytest.raises(wire.ProtocolError):
+        uploads.handle(wire.request("catalog", start=start), REQUESTER)
 
 
 def test_manifest_in_pages(uploads, files, monkeypatch):

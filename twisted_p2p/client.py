@@ -2,27 +2,60 @@
 Our side of a peer's sender port: ask, and get answers in order.
 """
 
+import unicodedata
 from collections import deque
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 
 from twisted_p2p import wire
-from twisted_p2p.limits import HAVE_PAGE, MANIFEST_PAGE, MAX_CATALOG_FILES, MAX_FILE_SIZE
+from twisted_p2p.limits import (
+    HAVE_PAGE,
+    MANIFEST_PAGE,
+    MAX_CATALOG_FILES,
+    MAX_FILE_SIZE,
+    MAX_REMOTE_TEXT,
+)
 from twisted_p2p.manifest import HASH_SIZE, Manifest, chunk_count
 from twisted_p2p.names import is_legal_name
 from twisted_p2p.transfer import FramedProtocol
 
+#: Unicode categories that must not reach a terminal or a log line from a
+#: remote peer: controls (escape sequences, newlines), format characters
+#: (bidirectional overrides), line and paragraph separators, private use,
+#: surrogates and unassigned.
+_UNSAFE = frozenset(("Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"))
+
+
+def clean_text(text, limit=MAX_REMOTE_TEXT):
+    """
+    Remote C{text} made safe to show: each character of an L{_UNSAFE}
+    category becomes C{?}, and the text is cut to C{limit} characters (an
+    ellipsis marks the cut).
+    """
+    cleaned = "".join("?" if unicodedata.category(ch) in _UNSAFE else ch for ch in text)
+    if len(cleaned) > limit:
+        cleaned = cleaned[: limit - 1] + "\u2026"
+    return cleaned
+
 
 class PeerRefused(Exception):
     """
-    A peer answered a request with an error.
+    A peer answered a request with an error.  Its code and message are
+    remote text, cleaned (see L{clean_text}) because they reach users.
     """
 
     def __init__(self, code, message):
+        code, message = clean_text(code), clean_text(message)
         Exception.__init__(self, message)
         self.code = code
         self.message = message
+
+
+class CatalogChanged(Exception):
+    """
+    A peer's catalog kept changing while it was fetched page by page.
+    """
 
 
 class SenderClient(FramedProtocol):
@@ -77,17 +110,33 @@ class SenderClient(FramedProtocol):
 
 def parse_catalog(header):
     """
-    C{(revision, [(file_id, name, size)])} from a catalog answer.  Entries
-    with an illegal name are left out; anything else malformed is an error.
-    An entry's optional C{partial} flag (a partial download the peer serves)
-    is checked but not returned: a download asks every source which chunks
-    it has (see L{fetch_have}).
+    C{(revision, [(file_id, name, size)])} from a catalog answer (one page).
+    Entries with an illegal name are left out; anything else malformed is an
+    error.  An entry's optional C{partial} flag (a partial download the peer
+    serves) is checked but not returned: a download asks every source which
+    chunks it has (see L{fetch_have}).
+    """
+    revision, _, _, _, files = _parse_catalog_page(header)
+    return revision, files
+
+
+def _parse_catalog_page(header):
+    """
+    C{(revision, start, total, entries on the page, legal files)} of one
+    catalog page.  An answer without C{start} and C{total} (a peer from
+    before paging) is the whole catalog.
     """
     if header["t"] != "catalog":
         raise wire.ProtocolError("expected a catalog")
-    revision = wire.text_field(header, "rev", max_length=16)
+    revision = wire.revision_field(header)
+    entries = wire.list_field(header, "files", MAX_CATALOG_FILES)
+    if "total" in header:
+        start = wire.int_field(header, "start", 0, 2**31)
+        total = wire.int_field(header, "total", start + len(entries), 2**31)
+    else:
+        start, total = 0, len(entries)
     files = []
-    for entry in wire.list_field(header, "files", MAX_CATALOG_FILES):
+    for entry in entries:
         if not isinstance(entry, dict):
             raise wire.ProtocolError("a catalog entry is not an object")
         file_id = wire.file_id_field(entry)
@@ -97,14 +146,47 @@ def parse_catalog(header):
             raise wire.ProtocolError("field 'partial' is not true or false")
         if is_legal_name(name):
             files.append((file_id, name, size))
-    return revision, files
+    return revision, start, total, len(entries), files
 
 
 async def fetch_catalog(client):
-    header, _ = await client.call(wire.request("catalog"))
-    return parse_catalog(header)
+    """
+    C{(revision, [(file_id, name, size)])}: a peer's catalog, fetched page by
+    page, at most L{MAX_CATALOG_FILES} entries of it.
+
+    Every page must carry the same revision.  If it changes part way, the
+    fetch starts over once; if it changes again, L{CatalogChanged} (the
+    caller tries again later).
+    """
+    for attempt in range(2):
+        try:
+            return await _fetch_catalog_pages(client)
+        except CatalogChanged:
+            if attempt:
+                raise
 
 
+async def _fetch_catalog_pages(client):
+    revision = total = None
+    fetched = 0
+    files = []
+    while True:
+        header, _ = await client.call(wire.request("catalog", start=fetched))
+        page_revision, start, page_total, count, page_files = _parse_catalog_page(header)
+        if revision is None:
+            revision, total = page_revision, page_total
+        elif page_revision != revision:
+            raise CatalogChanged("the catalog changed while it was fetched")
+        elif page_total != total:
+            raise wire.ProtocolError("the catalog changed size but not revision")
+        if start != fetched:
+            raise wire.ProtocolError("a catalog page we did not ask for")
+        fetched += count
+        files.extend(page_files)
+        if fetched >= min(total, MAX_CATALOG_FILES):
+            return revision, files[:MAX_CATALOG_FILES]
+        if not count:
+            raise wire.ProtocolError("an empty catalog page before the end")
 async def fetch_manifest(client, file_id):
     """
     The manifest of C{file_id}, fetched page by page and checked against the
@@ -150,7 +232,12 @@ async def fetch_have(client, file_id, chunk_count):
             return None
         if wire.int_field(header, "start", 0, chunk_count) != start:
             raise wire.ProtocolError("a chunk map page we did not ask for")
-        count = wire.int_field(header, "count", 1, min(HAVE_PAGE, chunk_count - start))
+        # Every page but the last is a full one: a peer cannot stall a
+        # download with a trickle of tiny pages.
+        expected = min(HAVE_PAGE, chunk_count - start)
+        if wire.int_field(header, "count", 0, HAVE_PAGE) != expected:
+            raise wire.ProtocolError("a chunk map page of the wrong size")
+        count = expected
         if len(body) != (count + 7) // 8:
             raise wire.ProtocolError("chunk map page of the wrong length")
         held += wire.expand_bits(body, count)

@@ -42,7 +42,9 @@ def check_name(name):
     if name != name.strip() or name.endswith("."):
         raise BadName("a file name may not start or end with a space, or end with a dot")
     for ch in name:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+        # Zl and Zp are line and paragraph separators: a name must stay on
+        # one line of a listing.
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             raise BadName("a file name may not contain control or unassigned characters")
     return name
 

@@ -24,7 +24,13 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from twisted_p2p import wire
-from twisted_p2p.limits import HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADER
+from twisted_p2p.limits import (
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_FRAME,
+    MAX_HEADER,
+    MAX_QUEUED_REQUESTS,
+)
 
 log = Logger()
 
@@ -108,6 +114,12 @@ class SenderProtocol(FramedProtocol):
     """
     The sender port: answers requests one at a time, in order, from
     C{factory.uploads} (an L{Uploads}).
+
+    Memory per connection is bounded however the requester behaves: reading
+    (parsing) pauses while L{MAX_QUEUED_REQUESTS} requests wait, and while
+    the transport's write buffer is full, i.e. while the requester does not
+    read its answers.  A requester that neither reads nor lets us read is
+    dropped by the idle timeout.
     """
 
     MAX_LENGTH = MAX_HEADER  # requests are headers only
@@ -117,10 +129,50 @@ class SenderProtocol(FramedProtocol):
         self._requests = deque()
         self._busy = False
         self._looping = False
+        self._parsing = False
+        self._writes_blocked = False
+        self._write_gate = _WriteGate(self)
+        self.transport.registerProducer(self._write_gate, True)
+
+    def dataReceived(self, data):
+        # Int32StringReceiver.resumeProducing re-parses from the start of its
+        # buffer: called from inside dataReceived, it would parse frames
+        # twice.  _update_reading needs to know where it is called from.
+        self._parsing = True
+        try:
+            FramedProtocol.dataReceived(self, data)
+        finally:
+            self._parsing = False
 
     def frame_received(self, header, body):
         self._requests.append(header)
         self._answer_next()
+        self._update_reading()
+
+    def writes_blocked(self, blocked):
+        """
+        The transport's write buffer is full (C{True}) or has drained.
+        """
+        self._writes_blocked = blocked
+        self._update_reading()
+
+    def _update_reading(self):
+        """
+        Pause or resume reading the connection, as the request queue and the
+        write buffer allow.
+        """
+        if self.transport is None or self.transport.disconnecting:
+            return
+        hold = self._writes_blocked or len(self._requests) >= MAX_QUEUED_REQUESTS
+        if hold and not self.paused:
+            self.pauseProducing()
+        elif not hold and self.paused:
+            if self._parsing:
+                # The dataReceived loop under us carries on by itself.
+                self.paused = False
+                self.transport.resumeProducing()
+            else:
+                self.resumeProducing()
 
     def _answer_next(self):
         # A loop, not recursion: answers that are ready at once would
@@ -146,6 +198,8 @@ class SenderProtocol(FramedProtocol):
             self.send(reply, body)
 
     def _refuse(self, failure, header):
+        if self.transport.disconnecting:
+            return
         if failure.check(RequestRefused):
             error = failure.value
             self.send({"t": "error", "code": error.code, "message": error.message})
@@ -164,6 +218,39 @@ class SenderProtocol(FramedProtocol):
     def _answered(self, _):
         self._busy = False
         self._answer_next()
+        self._update_reading()
+
+    def protocol_error(self, reason):
+        # A paused producer would keep a closing transport open (it is
+        # resumed, not closed, once the buffer drains): unregister it first.
+        if self.transport is not None and self.transport.producer is self._write_gate:
+            self.transport.unregisterProducer()
+        FramedProtocol.protocol_error(self, reason)
+
+
+@implementer(IPushProducer)
+class _WriteGate:
+    """
+    Registered with a L{SenderProtocol}'s transport, so that a full write
+    buffer pauses reading the requests.
+
+    A separate object, because the protocol's own C{pauseProducing} and
+    C{resumeProducing} (from C{Int32StringReceiver}) pause reading directly,
+    and reading must stay paused while the request queue is full even if
+    the write buffer drains.
+    """
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def pauseProducing(self):
+        self._protocol.writes_blocked(True)
+
+    def resumeProducing(self):
+        self._protocol.writes_blocked(False)
+
+    def stopProducing(self):
+        pass  # the connection is gone; connectionLost cleans up
 
 
 class SenderFactory(Factory):
@@ -226,17 +313,33 @@ class _ChunkStream:
         index = self._chunks.popleft()
         manifest = self._file.manifest
         offset, length = manifest.chunk_offset(index), manifest.chunk_length(index)
-        d = self._pace(length) if self._pace is not None else defer.succeed(None)
+        if self._pace is None:
+            d = defer.succeed(None)
+        else:
+            d = self._pace(length)
+            if not d.called:
+                # Waiting on our own upload rate is not the receiver being
+                # idle: the timeout does not run meanwhile.
+                self._protocol.setTimeout(None)
+                d.addCallback(self._paced)
         # Set before the callbacks: a read that is done at once clears it.
         self._reading = d
         d.addCallback(lambda _: self._read_chunk(self._file.path, offset, length))
         d.addCallbacks(self._read, self._read_failed, callbackArgs=(index,))
+
+    def _paced(self, result):
+        if not self._stopped:
+            self._protocol.setTimeout(self._protocol.idle_timeout)
+        return result
 
     def _read(self, data, index):
         self._reading = None
         if self._stopped:
             return
         self._protocol.send({"t": "chunk", "i": index}, data)
+        # A chunk sent is progress: the receiver has read what came before
+        # (or the write buffer would have paused us).
+        self._protocol.resetTimeout()
         self.chunks_sent += 1
         self.bytes_sent += len(data)
         self._pump()
@@ -267,6 +370,9 @@ class ChunkPusher(FramedProtocol):
     """
     The connection a sender opens to a requester's receiver port: a hello
     with the request's token, then the chunks, then "done".
+
+    The receiver never talks, so the idle timeout counts from the last chunk
+    sent, and stands still while the stream waits on the upload rate.
     """
 
     def __init__(self, token, local_file, chunks, read_chunk, pace=None):
@@ -280,6 +386,12 @@ class ChunkPusher(FramedProtocol):
 
     def frame_received(self, header, body):
         raise wire.ProtocolError("the receiver does not talk back")
+
+    def protocol_error(self, reason):
+        FramedProtocol.protocol_error(self, reason)
+        # Stop streaming too (a paused stream would be resumed, not closed,
+        # once the write buffer drains).
+        self.stream.stopProducing()
 
     def connectionLost(self, reason):
         FramedProtocol.connectionLost(self, reason)

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted_p2p import wire
 from twisted_p2p.index import file_signature
 from twisted_p2p.limits import (
+    CATALOG_PAGE_BYTES,
     HAVE_PAGE,
     MANIFEST_PAGE,
     MAX_CATALOG_FILES,
@@ -135,7 +136,7 @@ class Uploads:
         wire.check_version(header)
         kind = header["t"]
         if kind == "catalog":
-            return self._catalog(), b""
+            return self._catalog(header), b""
         if kind == "manifest":
             return self._manifest(header)
         if kind == "get":
@@ -144,12 +145,36 @@ class Uploads:
             return self._have(header)
         raise wire.ProtocolError(f"unknown request {kind!r}")
 
-    def _catalog(self):
-        files = self._index.files()[:MAX_CATALOG_FILES]
-        entries = [{"id": f.file_id, "name": f.name, "size": f.size} for f in files]
-        for p in self._index.partials()[: MAX_CATALOG_FILES - len(entries)]:
-            entries.append({"id": p.file_id, "name": p.name, "size": p.size, "partial": True})
-        return {"t": "catalog", "rev": self._index.revision, "files": entries}
+    def _catalog(self, header):
+        """
+        One page of the catalog: the entries from C{start} on, as many as fit
+        in L{CATALOG_PAGE_BYTES} of JSON (at least one), and the C{total}.
+        """
+        listed = self._index.files()[:MAX_CATALOG_FILES]
+        partials = self._index.partials()[: MAX_CATALOG_FILES - len(listed)]
+        total = len(listed) + len(partials)
+        # A request without "start" (a peer before paging) gets the first page.
+        start = wire.int_field(header, "start", 0, total) if "start" in header else 0
+        entries = []
+        used = 0
+        for i in range(start, total):
+            if i < len(listed):
+                f = listed[i]
+                entry = {"id": f.file_id, "name": f.name, "size": f.size}
+            else:
+                p = partials[i - len(listed)]
+                entry = {"id": p.file_id, "name": p.name, "size": p.size, "partial": True}
+            used += len(wire.encode_frame(entry))  # its JSON, and a byte for the comma
+            if entries and used > CATALOG_PAGE_BYTES:
+                break
+            entries.append(entry)
+        return {
+            "t": "catalog",
+            "rev": self._index.revision,
+            "start": start,
+            "total": total,
+            "files": entries,
+        }
 
     def _local(self, header):
         """

@@ -76,6 +76,10 @@ def token_field(message, key="token"):
     return text_field(message, key, _TOKEN)
 
 
+def revision_field(message, key="rev"):
+    return text_field(message, key, _REVISION)
+
+
 def list_field(message, key, max_items):
     value = _field(message, key, list)
     if len(value) > max_items:
@@ -161,7 +165,7 @@ def decode_datagram(data):
             peer_id,
             instance_id,
             port_field(message, "port"),
-            text_field(message, "rev", _REVISION),
+            revision_field(message),
         )
     if kind == "goodbye":
         return Goodbye(peer_id, instance_id)
