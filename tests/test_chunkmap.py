@@ -159,7 +159,7 @@ def test_a_partial_holder_that_lost_chunks():
     ledger.update_source("a", flags({0}, 3))
     assert [ledger.availability(i) for i in range(3)] == [1, 0, 1]
     assert ledger.pick("a", 3) == [0]
-    assert ledger.partial_sources() == ["b", "a"]
+    assert ledger.partial_sources() == ["a", "b"]
     assert ledger.first_unheld() == 1
 
 
@@ -167,6 +167,58 @@ def test_an_update_for_a_source_not_counted_is_ignored():
     ledger = ledger_with(2, {})
     ledger.update_source("a", flags({0}, 2))
     assert "a" not in ledger and ledger.availability(0) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(65, 300), full=st.booleans(), data=st.data())
+def test_updates_of_few_or_many_chunks_match_a_ledger_counted_afresh(count, full, data):
+    """
+    A partial holder's update touches only the chunks that changed (or, for
+    many, redoes whole arrays): either way the ledger says what one counting
+    the same holdings from scratch says.
+    """
+    chunk = st.integers(0, count - 1)
+    holdings = data.draw(st.lists(st.sets(chunk), min_size=1, max_size=3), label="holdings")
+    in_flight = sorted(data.draw(st.sets(chunk, max_size=10), label="in flight"))
+    verified = sorted(data.draw(st.sets(chunk, max_size=10), label="verified") - set(in_flight))
+
+    def counted(holdings):
+        ledger = ChunkLedger(count, verified=verified)
+        if full:
+            ledger.add_source("full")
+        for n, held in enumerate(holdings):
+            ledger.add_source(n, flags(held, count))
+        if in_flight:
+            ledger.ask("r", "elsewhere", in_flight, now=0)
+        return ledger
+
+    ledger = counted(holdings)
+    for _ in range(data.draw(st.integers(1, 5), label="updates")):
+        n = data.draw(st.integers(0, len(holdings) - 1), label="holder")
+        flips = data.draw(st.sets(chunk, max_size=3) | st.sets(chunk, min_size=count // 2),
+                          label="flips")
+        holdings[n] = holdings[n] ^ flips
+        ledger.update_source(n, flags(holdings[n], count))
+        fresh = counted(holdings)
+        sources = list(range(len(holdings))) + (["full"] if full else [])
+        assert [ledger.availability(i) for i in range(count)] == [
+            fresh.availability(i) for i in range(count)
+        ]
+        for source in sources:
+            assert ledger.pick(source, count) == fresh.pick(source, count)
+            assert [ledger.holds(source, i) for i in range(count)] == [
+                fresh.holds(source, i) for i in range(count)
+            ]
+        assert ledger.first_unheld() == fresh.first_unheld()
+
+
+def test_holdings_given_as_any_nonzero_bytes_count_as_held():
+    ledger = ChunkLedger(3)
+    ledger.add_source("a", b"\x00\x07\xff")
+    assert [ledger.availability(i) for i in range(3)] == [0, 1, 1]
+    ledger.update_source("a", b"\x02\x00\x01")
+    assert [ledger.availability(i) for i in range(3)] == [1, 0, 1]
+    assert ledger.pick("a", 3) == [0, 2]
 
 
 # -- the endgame -------------------------------------------------------------------

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted_p2p import wire
 from twisted_p2p.client import PeerRefused
 from twisted_p2p.download import (
+    ANSWER_TIMEOUT,
     MAX_STRIKES,
     Bans,
     PROGRESS_INTERVAL,
@@ -62,6 +63,32 @@ def run_now(f, *args, **kwargs):
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
+class Threads:
+    """
+    A stand-in for deferToThread whose calls wait until the test runs them,
+    so that it can see what runs "at once" in other threads.
+    """
+
+    def __init__(self):
+        self.queue = []
+
+    def __call__(self, f, *args, **kwargs):
+        d = defer.Deferred()
+        self.queue.append((f, args, kwargs, d))
+        return d
+
+    def names(self):
+        return [f.__name__ for f, _, _, _ in self.queue]
+
+    def run_next(self):
+        f, args, kwargs, d = self.queue.pop(0)
+        defer.maybeDeferred(f, *args, **kwargs).chainDeferred(d)
+
+    def run_all(self):
+        while self.queue:
+            self.run_next()
+
+
 class FakePeer:
     def __init__(self, host, transfer_port=7000):
         self.host = host
@@ -74,10 +101,13 @@ class FakeClient:
     """
     A sender connection: manifest requests are answered at once from
     C{manifest} (or refused); "get" requests are recorded with a Deferred the
-    test fires, or refused with C{refuse_gets}.
+    test fires, or refused with C{refuse_gets}.  A C{silent} one never
+    answers a manifest or "have" call; a C{holding} one answers them when
+    the test calls L{release}.
     """
 
-    def __init__(self, manifest=None, refuse_gets=None, have=None):
+    def __init__(self, manifest=None, refuse_gets=None, have=None, silent=False,
+                 holding=False):
         self.manifest = manifest
         self.refuse_gets = refuse_gets
         #: None: the whole file; else the set of chunks held (a partial).
@@ -85,9 +115,29 @@ class FakeClient:
         self.have_asked = 0
         self.gets = []
         self.closed = False
+        self.silent = silent
+        self.holding = holding
+        self.held = []
         self._closed = defer.Deferred()
 
     def call(self, header):
+        if header["t"] in ("manifest", "have") and (self.silent or self.holding):
+            d = defer.Deferred()
+            if self.holding:
+                self.held.append((d, header))
+            return d
+        return self._answer(header)
+
+    def release(self):
+        """
+        Answer the calls held so far (but those given up on).
+        """
+        held, self.held = self.held, []
+        for d, header in held:
+            if not d.called:
+                self._answer(header).chainDeferred(d)
+
+    def _answer(self, header):
         if header["t"] == "manifest":
             if self.manifest is None:
                 return defer.fail(PeerRefused("unknown-file", "this peer does not have that file"))
@@ -141,7 +191,7 @@ class Harness:
     """
 
     def __init__(self, tmp_path, content, hosts=("10.0.0.2",), name="movie.bin", clients=None,
-                 bans=None, storage=None, have=None, index=None):
+                 bans=None, storage=None, have=None, index=None, run_in_thread=run_now):
         source = tmp_path / "source"
         source.mkdir(exist_ok=True)
         (source / name).write_bytes(content)
@@ -168,7 +218,7 @@ class Harness:
             self.inbox,
             RECEIVER_PORT,
             self.storage,
-            run_now,
+            run_in_thread,
             self.clock,
             self.report,
             bans=bans,
@@ -919,3 +969,247 @@ def test_status_has_sources_rate_and_eta(tmp_path):
     assert status["by_source"] == {f"{a}:7000": SOURCE_WINDOW * CHUNK_SIZE, f"{b}:7000": 0}
     assert status["rate"] == SOURCE_WINDOW * CHUNK_SIZE
     assert status["eta"] == 1
+
+
+# -- peers that are silent, slow or late ---------------------------------------
+
+
+def test_a_silent_peer_does_not_hold_up_the_others(tmp_path):
+    # It accepts the connection and never answers (listed first, it used to
+    # hold the download up for the idle timeout).
+    silent, good = "10.0.0.2", "10.0.0.3"
+    h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), hosts=(silent, good))
+    h.clients[silent].silent = True
+    done = h.start()
+    assert h.clients[good].requested() == [0, 1, 2]
+    assert h.lines[0] == "download movie.bin: 768.0 KiB in 3 chunks from 1 peer(s)"
+    serve(h, good, skip={2})
+    # Given up on once it has had its time: its connection is closed.
+    h.clock.advance(ANSWER_TIMEOUT - 1)
+    assert not h.clients[silent].closed
+    h.clock.advance(1)
+    assert h.clients[silent].closed
+    assert h.clients[silent].gets == []
+    h.clock.advance(TIMEOUT_REST)  # the good one's last chunk was not sent either
+    serve(h, good)
+    assert h.downloaded(result_of(done)[0]) == h.content
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_download_from_silent_peers_only_fails_after_the_answer_timeout(tmp_path):
+    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=("10.0.0.2", "10.0.0.3"))
+    h.clients["10.0.0.2"].silent = True
+    h.clients["10.0.0.3"].silent = True
+    done = h.start()
+    h.clock.advance(ANSWER_TIMEOUT - 1)
+    assert not done.called
+    h.clock.advance(1)
+    with pytest.raises(DownloadFailed) as e:
+        result_of(done)
+    assert str(e.value) == (
+        f"no peer could give the manifest of movie.bin "
+        f"(10.0.0.2:7000: no answer in {ANSWER_TIMEOUT:.0f} s)"
+    )
+    assert h.clients["10.0.0.2"].closed and h.clients["10.0.0.3"].closed
+    assert os.listdir(h.folder) == []
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_peer_that_answers_later_joins_the_download(tmp_path):
+    late, first = "10.0.0.2", "10.0.0.3"
+    chunks = 2 * SOURCE_WINDOW
+    h = Harness(tmp_path, content_of(chunks * CHUNK_SIZE), hosts=(late, first))
+    h.clients[late].holding = True
+    done = h.start()
+    # The first manifest in starts the download; the late peer's fetch of
+    # it is given up, and it is asked what it holds instead.
+    assert len(h.clients[first].requested()) == SOURCE_WINDOW
+    assert [header["t"] for d, header in h.clients[late].held] == ["manifest", "have"]
+    h.clients[late].release()
+    assert len(h.clients[late].requested()) == SOURCE_WINDOW
+    assert h.download.status()["sources"] == 2
+    serve(h, late)
+    serve(h, first)
+    assert h.downloaded(result_of(done)[0]) == h.content
+    assert h.download.sources[1].received > 0
+
+
+def test_a_peer_refused_at_once_does_not_end_the_wait_for_the_others(tmp_path):
+    h = Harness(tmp_path, content_of(10), hosts=("10.0.0.2", "10.0.0.3"))
+    h.clients["10.0.0.2"] = ConnectionRefusedError("refused")
+    h.clients["10.0.0.3"].holding = True
+    done = h.start()
+    assert not done.called
+    h.clients["10.0.0.3"].release()  # the manifest
+    h.clients["10.0.0.3"].release()  # what it holds
+    assert h.send("10.0.0.3", 0, 0)
+    assert h.downloaded(result_of(done)[0]) == h.content
+
+
+def test_a_download_stopped_while_peers_connect_closes_them(tmp_path):
+    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=("10.0.0.2", "10.0.0.3"))
+    h.clients["10.0.0.2"].silent = True
+    h.clients["10.0.0.3"].silent = True
+    done = h.start()
+    h.download.cancel()
+    with pytest.raises(DownloadFailed):
+        result_of(done)
+    assert h.clients["10.0.0.2"].closed and h.clients["10.0.0.3"].closed
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_partial_holder_that_stops_answering_is_left_out(tmp_path):
+    quiet, other = "10.0.0.2", "10.0.0.3"
+    h = Harness(tmp_path, content_of(4 * CHUNK_SIZE), hosts=(quiet, other),
+                have={quiet: {0, 1}, other: {0, 1}})
+    done = h.start()
+    serve(h, quiet)
+    serve(h, other)
+    h.clients[quiet].silent = True
+    h.clock.advance(HAVE_REFRESH)
+    assert not h.clients[quiet].closed
+    h.clock.advance(ANSWER_TIMEOUT)
+    assert h.clients[quiet].closed
+    assert h.download.status()["sources"] == 1
+    # The other one gets the rest, and gives it.
+    h.clients[other].have = {0, 1, 2, 3}
+    h.clock.advance(HAVE_REFRESH)
+    assert sorted(h.clients[other].requested())[-2:] == [2, 3]
+    serve(h, other)
+    assert h.downloaded(result_of(done)[0]) == h.content
+    assert h.clients[quiet].requested() == [0, 1]
+
+
+def test_a_slow_but_steady_source_completes_the_download(tmp_path):
+    # A sender whose upload limit lets out one chunk every `period` seconds,
+    # taken in turn by the streams we opened: with two requests in flight,
+    # each stream has a chunk only every 2 * period, over the timeout.
+    period = 6.0
+    assert period < REQUEST_TIMEOUT < 2 * period
+    host = "10.0.0.2"
+    chunks = 3 * SOURCE_WINDOW
+    h = Harness(tmp_path, content_of(chunks * CHUNK_SIZE))
+    done = h.start()
+    client = h.clients[host]
+    assert len(client.gets) == SOURCE_WINDOW // REQUEST_BATCH == 2
+    turn = -1
+    most_in_flight = []
+    for _ in range(2 * chunks):
+        if done.called:
+            break
+        h.clock.advance(period)
+        live = []
+        for number, (header, _) in enumerate(client.gets):
+            expectation = h.expectation(host, header)
+            if expectation is not None and expectation.pending:
+                live.append(number)
+        if not live:
+            continue
+        most_in_flight.append(sum(len(h.expectation(host, client.gets[n][0]).pending)
+                                  for n in live))
+        turn = next((n for n in live if n > turn), live[0])
+        pending = h.expectation(host, client.gets[turn][0]).pending
+        assert h.send(host, turn, min(pending))
+    assert h.downloaded(result_of(done)[0]) == h.content
+    source = h.download.sources[0]
+    assert source.timeouts == 0
+    assert h.download.bytes_wasted == 0
+    # It was asked for less at once once found slow.
+    assert min(most_in_flight[2:]) <= REQUEST_BATCH
+
+
+def test_a_window_shrunk_by_slowness_grows_back(tmp_path):
+    a, b = "10.0.0.2", "10.0.0.3"
+    h = Harness(tmp_path, content_of(8 * SOURCE_WINDOW * CHUNK_SIZE), hosts=(a, b))
+    h.start()
+    client = h.clients[a]
+    first, second = (header["chunks"] for header, _ in client.gets)
+    # The first request of `a` is late while its second delivers.
+    h.clock.advance(REQUEST_TIMEOUT / 2)
+    assert h.send(a, 1, second[0], done=False)
+    h.clock.advance(REQUEST_TIMEOUT / 2)
+    source = h.download.sources[0]
+    assert source.window == SOURCE_WINDOW // 2 and source.timeouts == 0
+    # Not given up: it may still come, but it is no reason to ask for more.
+    for index in first:
+        assert h.send(a, 0, index)
+    assert source.window == SOURCE_WINDOW // 2
+    # A request answered in time is.
+    for index in second[1:]:
+        assert h.send(a, 1, index)
+    assert source.window == SOURCE_WINDOW // 2 + 1
+
+
+def test_a_source_silent_on_every_request_still_times_out(tmp_path):
+    # Delivering on one request keeps the others alive only while it lasts.
+    h = Harness(tmp_path, content_of(2 * SOURCE_WINDOW * CHUNK_SIZE))
+    done = h.start()
+    client = h.clients["10.0.0.2"]
+    h.clock.advance(1)
+    assert h.send("10.0.0.2", 1, client.gets[1][0]["chunks"][0], done=False)
+    source = h.download.sources[0]
+    h.clock.advance(REQUEST_TIMEOUT - 1)
+    assert source.timeouts == 0  # the first request: late, kept
+    h.clock.advance(1)
+    # The second request (and the one asked after that chunk) sent nothing
+    # since, nor did the source on any other.
+    assert source.timeouts == 2
+    h.clock.advance(REQUEST_TIMEOUT - 1)
+    # Nor on the first one since it was found late.
+    assert source.timeouts == MAX_TIMEOUTS == 3
+    with pytest.raises(DownloadFailed) as e:
+        result_of(done)
+    assert str(e.value) == "no peer is left to download movie.bin from"
+
+
+# -- storage work in other threads ------------------------------------------------
+
+
+def test_the_partial_is_released_only_after_the_stores_in_flight(tmp_path):
+    threads = Threads()
+    h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), run_in_thread=threads)
+    done = h.start()
+    assert threads.names() == ["open"]
+    threads.run_all()
+    assert h.send("10.0.0.2", 0, 0, done=False)
+    assert threads.names() == ["verify_and_store"]
+    h.download.cancel()
+    # The discard would close the file under the write: it waits.
+    assert threads.names() == ["verify_and_store"]
+    threads.run_next()
+    assert threads.names() == ["discard"]
+    threads.run_all()
+    with pytest.raises(DownloadFailed):
+        result_of(done)
+    assert os.listdir(h.folder) == []
+
+
+def test_a_download_stopped_while_the_partial_opens_releases_it_after(tmp_path):
+    threads = Threads()
+    h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), run_in_thread=threads)
+    done = h.start()
+    h.download.pause()
+    with pytest.raises(DownloadFailed):
+        result_of(done)
+    assert threads.names() == ["open"]
+    threads.run_next()
+    assert threads.names() == ["discard"]
+    threads.run_all()
+    assert os.listdir(h.folder) == []
+    assert h.clients["10.0.0.2"].gets == []
+
+
+def test_a_source_lost_while_the_partial_opens_leaves_the_others(tmp_path):
+    a, b = "10.0.0.2", "10.0.0.3"
+    threads = Threads()
+    h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), hosts=(a, b), run_in_thread=threads)
+    done = h.start()
+    assert threads.names() == ["open"]
+    h.clients[a].drop()
+    threads.run_all()
+    assert not done.called
+    assert h.clients[a].gets == []
+    assert h.clients[b].requested() == [0, 1, 2]
+    serve(h, b)
+    threads.run_all()
+    assert h.downloaded(result_of(done)[0]) == h.content

@@ -22,6 +22,37 @@ _MAX_LEVEL = 0xFE
 _UP = bytes(min(b + 1, _MAX_LEVEL) if b != _NOT_PICKABLE else b for b in range(256))
 _DOWN = bytes(max(b - 1, 0) if b != _NOT_PICKABLE else b for b in range(256))
 
+# Byte tables for whole-array work (bytes.translate), so that a source coming,
+# going or changing costs a few passes in C rather than a Python loop over
+# every chunk.  Arrays are combined as little-endian ints, byte by byte: the
+# operands are chosen so that no byte ever carries or borrows into the next.
+_FLAG = bytes(1 if b else 0 for b in range(256))
+_BELOW_MAX = bytes(1 if b < _MAX_LEVEL else 0 for b in range(256))
+_NOT_HELD = bytes(_NOT_PICKABLE if not b else 0 for b in range(256))
+_NOT_QUEUED = bytes(0 if b == _QUEUED else _NOT_PICKABLE for b in range(256))
+
+#: An update that changes more than one chunk in this many is done with
+#: whole-array operations; fewer, chunk by chunk.
+_SPARSE = 64
+
+
+def _int(array):
+    return int.from_bytes(array, "little")
+
+
+def _array(number, count):
+    return bytearray(number.to_bytes(count, "little"))
+
+
+def _positions(flags):
+    """
+    The indexes of the bytes set to 1 in C{flags} (bytes of 0 and 1).
+    """
+    index = flags.find(1)
+    while index >= 0:
+        yield index
+        index = flags.find(1, index + 1)
+
 
 class _Ask:
     """
@@ -54,7 +85,9 @@ class ChunkLedger:
     chunk's availability if it is queued, else L{_NOT_PICKABLE}.  Picking the
     rarest chunks is then a C{find} of the lowest level in C{_key} (a partial
     holder has its own pick array, masked by what it holds).  Memory is a few
-    bytes per chunk.
+    bytes per chunk.  A source coming or going, or a partial holder's
+    holdings changing much, is counted a whole array at a time (in C); a
+    small change, chunk by chunk; an unchanged one costs a comparison.
 
     @ivar count: how many chunks the file has.
     @ivar have: how many of them are verified.
@@ -173,9 +206,10 @@ class ChunkLedger:
             self._holdings[source] = None
             self._shift(_UP)
             return
-        self._holdings[source] = bytes(has)
-        self._picks[source] = bytearray([_NOT_PICKABLE]) * self.count
-        self._add_holdings(source, range(self.count))
+        has = bytes(has).translate(_FLAG)
+        self._holdings[source] = has
+        self._picks[source] = None  # made by _rebuild_picks
+        self._count(gained=_int(has))
 
     def remove_source(self, source):
         """
@@ -189,29 +223,43 @@ class ChunkLedger:
             self._shift(_DOWN)
             return
         del self._picks[source]
-        for index in range(self.count):
-            if has[index]:
-                if self._avail[index]:
-                    self._avail[index] -= 1
-                self._set_key(index)
+        self._count(lost=_int(has))
 
     def update_source(self, source, has):
         """
         What counted partial holder C{source} holds now (C{None}: every
         chunk, it completed its copy).  A full copy stays one; a source not
         counted is left out.
+
+        Only the chunks that changed are touched: an unchanged answer costs
+        one comparison, a few changes a step each.
         """
         old = self._holdings.get(source)
         if source not in self._holdings or old is None:
             return
-        if has is None or any(old[i] and not has[i] for i in range(len(has))):
-            # Completed, or lost some: count it again from scratch.
+        if has is None:
             self.remove_source(source)
-            self.add_source(source, has)
+            self.add_source(source)
             return
-        new = [i for i in range(len(has)) if has[i] and not old[i]]
-        self._holdings[source] = bytes(has)
-        self._add_holdings(source, new)
+        if has == old:
+            return
+        new = bytes(has).translate(_FLAG)
+        before, after = _int(old), _int(new)
+        lost, gained = before & ~after, after & ~before
+        self._holdings[source] = new
+        if (before ^ after).bit_count() * _SPARSE > self.count:
+            self._count(lost=lost, gained=gained)
+            return
+        pick = self._picks[source]
+        for index in _positions(lost.to_bytes(self.count, "little")):
+            if self._avail[index]:
+                self._avail[index] -= 1
+            pick[index] = _NOT_PICKABLE
+            self._set_key(index)
+        for index in _positions(gained.to_bytes(self.count, "little")):
+            if self._avail[index] < _MAX_LEVEL:
+                self._avail[index] += 1
+            self._set_key(index)
 
     def _shift(self, table):
         """
@@ -222,13 +270,31 @@ class ChunkLedger:
         for source, pick in self._picks.items():
             self._picks[source] = pick.translate(table)
 
-    def _add_holdings(self, source, indexes):
-        has = self._holdings[source]
-        for index in indexes:
-            if has[index]:
-                if self._avail[index] < _MAX_LEVEL:
-                    self._avail[index] += 1
-                self._set_key(index)
+    def _count(self, lost=0, gained=0):
+        """
+        Availability down by one for the chunks flagged in C{lost}, up by one
+        for those in C{gained} (ints of one byte per chunk, 0 or 1), within
+        0 and L{_MAX_LEVEL}; then every pick array made again from it.
+        """
+        if lost:
+            lost &= _int(self._avail.translate(_FLAG))
+            self._avail = _array(_int(self._avail) - lost, self.count)
+        if gained:
+            gained &= _int(self._avail.translate(_BELOW_MAX))
+            self._avail = _array(_int(self._avail) + gained, self.count)
+        self._rebuild_picks()
+
+    def _rebuild_picks(self):
+        """
+        C{_key} and every partial holder's pick array, from C{_avail} and
+        C{_state}, a whole array at a time: a chunk not queued, or not held,
+        is L{_NOT_PICKABLE} (0xFF, which OR-ed onto any level gives itself).
+        """
+        key = _int(self._avail) | _int(self._state.translate(_NOT_QUEUED))
+        self._key = _array(key, self.count)
+        for source in self._picks:
+            not_held = _int(self._holdings[source].translate(_NOT_HELD))
+            self._picks[source] = _array(key | not_held, self.count)
 
     def _set_key(self, index):
         """

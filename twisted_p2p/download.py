@@ -6,18 +6,27 @@ chunks to ask for, and of whom, is the pure L{ChunkLedger}'s business
 
 The scheduler in brief (PROTOCOL.md has the wire side):
 
+ - every peer that offers the file is connected to at once; the first
+   manifest (checked against the file id) starts the download, and the others
+   join it as they answer.  A peer that leaves a manifest or "have" call
+   unanswered for L{ANSWER_TIMEOUT} seconds is left out of this download;
  - every source that holds chunks of the file is used at once, full copies
    and partial ones alike (a partial holder says which chunks it has, and is
    asked again every L{HAVE_REFRESH} seconds);
  - each source has a window of at most L{SOURCE_WINDOW} chunks in flight, so
-   a faster source, whose chunks come back sooner, is asked more often;
+   a faster source, whose chunks come back sooner, is asked more often.  A
+   source whose requests time out while it keeps delivering on others is
+   slow, not gone (its upload rate is shared by its streams): its window is
+   halved, down to L{REQUEST_BATCH}, and grows again by a chunk for each
+   request answered in time;
  - the rarest chunks (held by the fewest usable sources) go first;
  - near the end, a chunk whose request has made no progress for
    L{ENDGAME_STALL} seconds is asked of a second source as well, and
    whichever copy arrives first cancels the other;
- - a request that makes no progress for L{REQUEST_TIMEOUT} seconds is given
-   up, and its source rests, so its chunks go to the others; a "busy" source
-   rests too, for longer each time it says so;
+ - a request that makes no progress for L{REQUEST_TIMEOUT} seconds while its
+   source delivers nothing else either is given up, and its source rests, so
+   its chunks go to the others (after L{MAX_TIMEOUTS}, it is no longer
+   asked); a "busy" source rests too, for longer each time it says so;
  - a chunk that fails verification is fetched again, and is a strike against
    the peer that sent it: after L{MAX_STRIKES}, the peer is banned for the
    session (see L{Bans}).
@@ -28,8 +37,10 @@ import secrets
 from collections import deque
 
 from twisted.internet import defer
+from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_p2p import events, wire
 from twisted_p2p.chunkmap import ChunkLedger
@@ -54,6 +65,14 @@ PROGRESS_INTERVAL = 1.0
 
 #: Progress samples the rate is measured over (one per progress event).
 RATE_WINDOW = 5
+
+#: Seconds a peer has to answer each manifest or "have" call before it is
+#: left out of the download (its connection closed), so that a silent peer
+#: costs the others nothing.
+ANSWER_TIMEOUT = 10.0
+
+#: The smallest window a slow source is shrunk to: one request at a time.
+MIN_WINDOW = REQUEST_BATCH
 
 
 def _seconds(elapsed):
@@ -114,12 +133,30 @@ class Bans:
         return peer_key in self._banned
 
 
+class _Deadline:
+    """
+    A sender connection whose every call fails with L{TimeoutError} unless
+    answered within C{seconds} (the call is cancelled; a late answer is
+    dropped, and the answers after it stay in order).
+    """
+
+    def __init__(self, client, seconds, clock):
+        self._client = client
+        self._seconds = seconds
+        self._clock = clock
+
+    def call(self, header):
+        return self._client.call(header).addTimeout(self._seconds, self._clock)
+
+
 class _Source:
     """
     One peer we draw chunks from, over one connection to its sender port.
 
     @ivar has: what it held when we connected: C{None} for a full copy, else
         one byte per chunk (1 = held).  The ledger follows it from there.
+    @ivar window: chunks it may have in flight now (see the module docstring).
+    @ivar delivered_at: when a chunk last came from it, or C{None}.
     """
 
     def __init__(self, peer, client):
@@ -133,6 +170,8 @@ class _Source:
         self.received = 0
         self.rest_until = 0.0
         self.backoff = 0.0
+        self.window = SOURCE_WINDOW
+        self.delivered_at = None
 
 
 class Request:
@@ -150,6 +189,10 @@ class Request:
         self.arrived = set()
         self.timeout = None
         self.transport = None
+        #: When its current timeout started counting.
+        self.since = download._clock.seconds()
+        #: Whether it ever ran out of time (its source was found slow).
+        self.late = False
 
     @property
     def pending(self):
@@ -178,7 +221,7 @@ class Request:
         return self.download._chunk_arrived(self, index, data)
 
     def finished(self):
-        self.download._request_ended(self)
+        self.download._request_finished(self)
 
     def lost(self):
         self.download._request_ended(self)
@@ -254,6 +297,16 @@ class Download:
         self._ticker = None
         self._wake = None
         self._refreshing = set()
+        # Connections being opened and asked the manifest and holdings.
+        self._connecting = set()
+        self._manifest_fetches = set()
+        # What _begin waits on, once every connection is started: the first
+        # source to join, or none left connecting.
+        self._first_source = None
+        self._connect_errors = {}
+        # Storage work running in a thread (open, store, complete): the
+        # storage is released only once none is left.
+        self._storage_busy = set()
         self._last_refresh = 0.0
         self._finishing = False
         self._scheduling = False
@@ -339,28 +392,31 @@ class Download:
         return self.done
 
     async def _begin(self):
-        first_error = None
         for peer in self._peers:
-            source = await self._connect(peer)
-            if isinstance(source, str):
-                first_error = first_error or source
-            elif source is not None:
-                self.sources.append(source)
-            if self._stopped:
-                return
+            key = getattr(peer, "peer_id", None) or peer.label
+            if self.bans.is_banned(key):
+                continue
+            d = defer.ensureDeferred(self._connect(peer))
+            self._connecting.add(d)
+            d.addBoth(self._connect_ended, d)
+        if not self.sources and self._connecting:
+            self._first_source = defer.Deferred()
+            await self._first_source
+        if self._stopped:
+            return
         if self.manifest is None:
+            errors = [self._connect_errors[p] for p in self._peers if p in self._connect_errors]
             raise DownloadFailed(
                 f"no peer could give the manifest of {self.name}"
-                + (f" ({first_error})" if first_error else "")
+                + (f" ({errors[0]})" if errors else "")
             )
         count = self.manifest.chunk_count
         try:
-            resumed = await self._run(self.storage.open, self.manifest.size, self.manifest)
+            resumed = await self._storage_op(self.storage.open, self.manifest.size, self.manifest)
         except StorageError as e:
             raise DownloadFailed(f"could not start {self.name}: {e}")
         if self._stopped:
-            self._run(self.storage.close)
-            return
+            return  # _fail releases the storage once the open is over
         resumed = list(resumed or ())
         self._ledger = ChunkLedger(count, verified=resumed)
         self.bytes_resumed = sum(self.manifest.chunk_length(index) for index in resumed)
@@ -391,30 +447,101 @@ class Download:
 
     async def _connect(self, peer):
         """
-        A L{_Source} for C{peer}, with the manifest fetched if we have none
-        yet and what the peer holds; an error text, or C{None} for a peer
-        banned this session.
+        Connect to C{peer}, fetch the manifest if there is none yet, and what
+        the peer holds; then it joins the download as a source.  A peer that
+        fails (or is too slow to answer) is recorded in C{_connect_errors}.
         """
-        key = getattr(peer, "peer_id", None) or peer.label
-        if self.bans.is_banned(key):
-            return None
         try:
             client = await self._open_client(peer)
         except Exception as e:
-            return f"{peer.label}: {e}"
+            self._connect_errors[peer] = f"{peer.label}: {e}"
+            return
         source = _Source(peer, client)
+        timed = _Deadline(client, ANSWER_TIMEOUT, self._clock)
         try:
             if self.manifest is None:
-                self.manifest = await fetch_manifest(client, self.file_id)
+                manifest = await self._fetch_manifest(timed)
+                if manifest is not None:
+                    self._got_manifest(manifest)
+            if self._stopped:
+                raise CancelledError()
             if self.manifest.chunk_count:
-                has = await fetch_have(client, self.file_id, self.manifest.chunk_count)
-                if has is not None:
-                    source.has = has
+                source.has = await fetch_have(timed, self.file_id, self.manifest.chunk_count)
         except Exception as e:
             client.close()
-            return f"{peer.label}: {e}"
-        client.when_closed().addCallback(self._source_closed, source)
-        return source
+            if isinstance(e, TimeoutError):
+                e = f"no answer in {ANSWER_TIMEOUT:.0f} s"
+            self._connect_errors[peer] = f"{peer.label}: {e}"
+            return
+        self._join(source)
+
+    async def _fetch_manifest(self, client):
+        """
+        The manifest from C{client}; C{None} if another peer's came first
+        (this fetch is then cancelled).
+        """
+        fetch = defer.ensureDeferred(fetch_manifest(client, self.file_id))
+        self._manifest_fetches.add(fetch)
+        try:
+            return await fetch
+        except CancelledError:
+            if self.manifest is None or self._stopped:
+                raise
+            return None
+        finally:
+            self._manifest_fetches.discard(fetch)
+
+    def _got_manifest(self, manifest):
+        """
+        The first manifest is in: the other fetches of it stop (the peers
+        go on to say what they hold).
+        """
+        if self.manifest is not None or self._stopped:
+            return
+        self.manifest = manifest
+        for fetch in list(self._manifest_fetches):
+            fetch.cancel()
+
+    def _connect_ended(self, result, d):
+        if isinstance(result, Failure):
+            log.failure("Connecting to a source of {name} failed", result, name=self.name)
+        self._connecting.discard(d)
+        if not self._connecting:
+            self._wake_begin()
+        # The last peer to answer (or not) may leave nothing to wait for.
+        self._schedule()
+
+    def _join(self, source):
+        """
+        C{source} answered: it is asked for chunks from now on.
+        """
+        if self._stopped or self.done.called:
+            source.client.close()
+            return
+        self.sources.append(source)
+        source.client.when_closed().addCallback(self._source_closed, source)
+        if self._ledger is not None and self._usable(source):
+            self._ledger.add_source(source, source.has)
+            self._schedule()
+        self._wake_begin()
+
+    def _wake_begin(self):
+        waiting, self._first_source = self._first_source, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def _storage_op(self, f, *args):
+        """
+        C{f(*args)} in a thread, kept in C{_storage_busy} while it runs.
+        """
+        d = self._run(f, *args)
+        self._storage_busy.add(d)
+
+        def settled(result):
+            self._storage_busy.discard(d)
+            return result
+
+        return d.addBoth(settled)
 
     # -- sources --------------------------------------------------------------
 
@@ -471,16 +598,21 @@ class Download:
             while (
                 self._usable(source)
                 and source.rest_until <= now
-                and ledger.in_flight(source) < SOURCE_WINDOW
+                and ledger.in_flight(source) < source.window
             ):
-                room = min(REQUEST_BATCH, SOURCE_WINDOW - ledger.in_flight(source))
+                room = min(REQUEST_BATCH, source.window - ledger.in_flight(source))
                 chunks = ledger.pick(source, room) or ledger.endgame_pick(source, room, now)
                 if not chunks:
                     break
                 self._request(source, chunks)
         if resting:
             self._wake_at(min(resting))
-        if not self._requests and not resting and not ledger.verifying():
+        if (
+            not self._requests
+            and not resting
+            and not ledger.verifying()
+            and not self._connecting
+        ):
             # Nothing more is coming.  A chunk nobody holds fails the
             # download, unless partial holders are left: they may get it yet.
             index = ledger.first_unheld()
@@ -584,6 +716,25 @@ class Download:
         if request not in self._requests:
             return
         source = request.source
+        if source.delivered_at is not None and source.delivered_at > request.since:
+            # Its source delivered on other requests meanwhile: slow (its
+            # upload rate is shared by our streams), not gone.  Keep waiting,
+            # with fewer chunks asked of it at once.
+            request.late = True
+            request.since = self._clock.seconds()
+            request.timeout = self._clock.callLater(
+                REQUEST_TIMEOUT, self._request_timed_out, request
+            )
+            window = max(MIN_WINDOW, source.window // 2)
+            if window < source.window:
+                log.info(
+                    "{peer} is slow; asking it for {window} chunks of {name} at once",
+                    peer=source.peer.label,
+                    window=window,
+                    name=self.name,
+                )
+            source.window = window
+            return
         source.timeouts += 1
         log.info(
             "{peer} sent nothing of {name} for {seconds:.0f} s; asking the others",
@@ -596,6 +747,13 @@ class Download:
         else:
             self._rest(source, TIMEOUT_REST)
         request.close()
+        self._request_ended(request)
+
+    def _request_finished(self, request):
+        source = request.source
+        if request in self._requests and not request.late:
+            # Answered in time: the source may take a little more.
+            source.window = min(SOURCE_WINDOW, source.window + 1)
         self._request_ended(request)
 
     def _request_ended(self, request):
@@ -618,12 +776,15 @@ class Download:
         self._request_ended(request)
 
     def _chunk_arrived(self, request, index, data):
-        if not self._ledger.arrived(request, index, self._clock.seconds()):
+        now = self._clock.seconds()
+        source = request.source
+        source.delivered_at = now
+        if not self._ledger.arrived(request, index, now):
             # Cancelled: another source's copy came first.
             self.bytes_wasted += len(data)
             return defer.succeed(None)
-        source = request.source
         self.bytes_received += len(data)
+        request.since = now
         if request.timeout is not None and request.timeout.active():
             request.timeout.reset(REQUEST_TIMEOUT)
         over = self._stopped or self.done.called
@@ -644,7 +805,7 @@ class Download:
             storage.store(index, offset, data)
             return True
 
-        d = self._run(verify_and_store)
+        d = self._storage_op(verify_and_store)
 
         def stored(ok):
             if self.done.called or self._stopped:
@@ -697,9 +858,8 @@ class Download:
         ):
             return
         self._refreshing.add(source)
-        d = defer.ensureDeferred(
-            fetch_have(source.client, self.file_id, self.manifest.chunk_count)
-        )
+        timed = _Deadline(source.client, ANSWER_TIMEOUT, self._clock)
+        d = defer.ensureDeferred(fetch_have(timed, self.file_id, self.manifest.chunk_count))
 
         def got(has):
             if self._usable(source) and not self.done.called:
@@ -707,11 +867,23 @@ class Download:
                 self._schedule()
 
         def failed(failure):
-            log.info(
-                "Could not ask {peer} which chunks it has: {error}",
-                peer=source.peer.label,
-                error=failure.getErrorMessage(),
+            if not source.usable or self._stopped or self.done.called:
+                return
+            error = (
+                f"no answer in {ANSWER_TIMEOUT:.0f} s"
+                if failure.check(TimeoutError)
+                else failure.getErrorMessage()
             )
+            log.info(
+                "Could not ask {peer} which chunks it has ({error}); "
+                "downloading {name} from the others",
+                peer=source.peer.label,
+                error=error,
+                name=self.name,
+            )
+            source.usable = False
+            source.client.close()
+            self._schedule()
 
         d.addCallbacks(got, failed)
         d.addBoth(lambda _: self._refreshing.discard(source))
@@ -721,7 +893,7 @@ class Download:
     def _finish(self):
         self._finishing = True
         self._withdraw_partial()
-        d = self._run(self.storage.complete, self.name)
+        d = self._storage_op(self.storage.complete, self.name)
 
         def completed(result):
             final_name, _ = result
@@ -801,7 +973,9 @@ class Download:
             # Kept for a resume, unless cancelled or there is nothing in it.
             keep = not self._cancelled and self.have > 0
             release = self.storage.close if keep else self.storage.discard
-            self._run(release).addErrback(lambda f: None)
+            # Never while a store (or the open) still runs in another thread.
+            busy = defer.DeferredList(list(self._storage_busy), consumeErrors=True)
+            busy.addCallback(lambda _: self._run(release)).addErrback(lambda f: None)
         if self._cancelled:
             self._emit("download-cancelled", f"download {self.name} cancelled")
         elif kind == "download-stopped":
@@ -828,6 +1002,8 @@ class Download:
                 request.timeout.cancel()
             request.close()
         self._requests.clear()
+        for d in list(self._connecting):
+            d.cancel()
         for source in self.sources:
             source.client.close()
 
