@@ -2,6 +2,9 @@
 L{Commands} against a fake peer: what each command says.
 """
 
+import types
+from collections import Counter
+
 import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -82,6 +85,7 @@ class FakePeer:
         self.table = FakeTable(list(peers))
         self.catalog = FakeCatalog(list(offers), files_of)
         self.downloads = FakeDownloads()
+        self.discovery = types.SimpleNamespace(dropped=Counter())
         self.clock = task.Clock()
         self.clock.advance(100)
         self.shutdowns = 0
@@ -167,6 +171,17 @@ def test_peers():
 
 def test_no_peers():
     assert run(FakePeer(), "peers")[0] == ["no peers known yet"]
+
+
+def test_peers_says_what_discovery_dropped():
+    peer = FakePeer(peers=[ALICE])
+    peer.discovery.dropped.update({"malformed": 3, "unmatched goodbye": 1})
+    events = []
+    Commands(peer).run("peers", events.append)
+    assert events[0]["text"].splitlines()[-1] == (
+        "discovery datagrams dropped: 3 malformed, 1 unmatched goodbye"
+    )
+    assert events[0]["dropped"] == {"malformed": 3, "unmatched goodbye": 1}
 
 
 def test_download_by_name():

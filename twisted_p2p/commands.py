@@ -132,7 +132,13 @@ class Commands:
             for p in peers:
                 table.append((p["peer"], p["id"][:8], str(p["files"]), f"{p['last_heard']:.0f} s ago"))
             text = "\n".join(_columns(table))
-        emit(events.event("peers", text, peers=peers))
+        # Discovery datagrams dropped, by reason: a sign of a misconfigured
+        # or misbehaving peer on the network.
+        dropped = dict(sorted(self._peer.discovery.dropped.items()))
+        if dropped:
+            counts = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+            text += f"\ndiscovery datagrams dropped: {counts}"
+        emit(events.event("peers", text, peers=peers, dropped=dropped))
 
     def download(self, wanted, emit):
         offers = self._peer.catalog.offers()
