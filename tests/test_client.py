@@ -373,7 +373,7 @@ def test_fetch_catalog_of_2000_files_over_the_wire(feed):
     uploads = Uploads(Index(), connect=None, read_chunk=None)
     server = SenderFactory(uploads).buildProtocol(None)
     server.callLater = clock.callLater
-    server_transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 4000))
+    server_transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 4000))
     server.makeConnection(server_transport)
     client = SenderClient()
     client.callLater = clock.callLater

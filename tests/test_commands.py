@@ -16,8 +16,8 @@ from twisted_p2p.index import LocalFile
 from twisted_p2p.manifest import Manifest
 from twisted_p2p.peers import Peer
 
-ALICE = Peer("a1" * 16, "0" * 16, "10.0.0.2", 27000, 7000, "0" * 16, last_seen=97.0)
-BOB = Peer("b2" * 16, "1" * 16, "10.0.0.3", 27000, 7100, "1" * 16, last_seen=40.0)
+ALICE = Peer("a1" * 16, "0" * 16, "192.0.2.2", 27000, 7000, "0" * 16, last_seen=97.0)
+BOB = Peer("b2" * 16, "1" * 16, "192.0.2.3", 27000, 7100, "1" * 16, last_seen=40.0)
 
 
 def manifest_of(size, seed):
@@ -148,8 +148,8 @@ def test_list_local_and_remote():
     said, _ = run(peer, "list")
     assert said == [
         "NAME       SIZE     ID        WHERE",
-        f"movie.bin  5.0 MiB  {MOVIE.file_id[:8]}  10.0.0.2:7000, 10.0.0.3:7100",
-        f"notes.txt  1.2 KiB  {NOTES.file_id[:8]}  here, 10.0.0.2:7000",
+        f"movie.bin  5.0 MiB  {MOVIE.file_id[:8]}  192.0.2.2:7000, 192.0.2.3:7100",
+        f"notes.txt  1.2 KiB  {NOTES.file_id[:8]}  here, 192.0.2.2:7000",
     ]
     assert run(peer, "ls")[0] == said
 
@@ -163,9 +163,9 @@ def test_peers():
     peer = FakePeer(peers=[ALICE, BOB], files_of={ALICE.peer_id: [("x", "a", 1), ("y", "b", 2)]})
     said, _ = run(peer, "peers")
     assert said == [
-        "PEER           ID        FILES  LAST HEARD",
-        f"10.0.0.2:7000  {ALICE.peer_id[:8]}  2      3 s ago",
-        f"10.0.0.3:7100  {BOB.peer_id[:8]}  0      60 s ago",
+        "PEER            ID        FILES  LAST HEARD",
+        f"192.0.2.2:7000  {ALICE.peer_id[:8]}  2      3 s ago",
+        f"192.0.2.3:7100  {BOB.peer_id[:8]}  0      60 s ago",
     ]
 
 

@@ -30,7 +30,7 @@ REV2 = "f" * 16
 BROADCAST = ("255.255.255.255", 9999)
 INTERVAL = 10.0
 TIMEOUT = 35.0
-ALICE_ADDR = ("192.168.1.20", 40001)
+ALICE_ADDR = ("198.51.100.20", 40001)
 
 
 class FakeDatagrams:
@@ -200,20 +200,20 @@ class TestHearing:
         assert h.observer.events == [("joined", ALICE), ("changed", ALICE, None)]
 
     def test_reply_goes_to_the_sender_port(self, h):
-        h.feed(alice(), ("192.168.1.21", 51234))
-        assert h.net.sent[-1][1] == ("192.168.1.21", 51234)
+        h.feed(alice(), ("198.51.100.21", 51234))
+        assert h.net.sent[-1][1] == ("198.51.100.21", 51234)
 
     def test_restart_at_a_changed_address_updates_the_single_entry(self, h):
         h.feed(alice())
-        h.feed(alice(instance=OTHER_INSTANCE, port=4100), ("192.168.1.99", 40002))
+        h.feed(alice(instance=OTHER_INSTANCE, port=4100), ("198.51.100.99", 40002))
         assert len(h.table) == 1
         peer = h.table.get(ALICE)
-        assert (peer.host, peer.udp_port, peer.transfer_port) == ("192.168.1.99", 40002, 4100)
+        assert (peer.host, peer.udp_port, peer.transfer_port) == ("198.51.100.99", 40002, 4100)
         assert h.observer.events == [("joined", ALICE), ("changed", ALICE, None)]
 
     def test_same_instance_from_another_address_is_counted_and_ignored(self, h):
         h.feed(alice())
-        h.feed(alice(port=4100), ("192.168.1.99", 40002))
+        h.feed(alice(port=4100), ("198.51.100.99", 40002))
         peer = h.table.get(ALICE)
         assert (peer.host, peer.udp_port, peer.transfer_port) == (*ALICE_ADDR, 4000)
         assert len(h.net.sent) == 1
@@ -223,7 +223,7 @@ class TestHearing:
     def test_replayed_announce_then_goodbye_does_not_evict(self, h):
         # /tmp/r/evict.py: replay Alice's announce from elsewhere, then say
         # goodbye for her from there.
-        attacker = ("192.168.1.66", 31999)
+        attacker = ("198.51.100.66", 31999)
         h.feed(alice())
         h.feed(alice(), attacker)
         h.feed(wire.Goodbye(ALICE, INSTANCE), attacker)
@@ -268,7 +268,7 @@ class TestHearing:
     @pytest.mark.parametrize(
         "instance, address",
         [
-            (INSTANCE, ("192.168.1.66", ALICE_ADDR[1])),
+            (INSTANCE, ("198.51.100.66", ALICE_ADDR[1])),
             (INSTANCE, (ALICE_ADDR[0], ALICE_ADDR[1] + 1)),
             (OTHER_INSTANCE, ALICE_ADDR),
         ],
@@ -288,7 +288,7 @@ class TestHearing:
     def test_own_echo_is_ignored(self, h):
         h.discovery.start()
         echo, _ = h.net.sent[0]
-        h.discovery.datagram_received(echo, ("192.168.1.10", 40000))
+        h.discovery.datagram_received(echo, ("198.51.100.10", 40000))
         h.feed(wire.Goodbye(OUR_ID, OUR_INSTANCE))
         assert len(h.table) == 0
         assert len(h.net.sent) == 1
@@ -312,7 +312,7 @@ class TestFloods:
         h.table = PeerTable(h.clock, TIMEOUT, max_peers=2)
         h.discovery.table = h.table
         for n in range(5):
-            h.feed(wire.Announce(some_id(n), INSTANCE, 4000, REV), (f"10.0.0.{n}", 5000))
+            h.feed(wire.Announce(some_id(n), INSTANCE, 4000, REV), (f"192.0.2.{n}", 5000))
         assert len(h.table) == 2
         assert h.discovery.dropped == Counter({"peer table full": 3})
         assert len(h.net.sent) == 2
@@ -342,7 +342,7 @@ class TestFloods:
         flooded = 0
         for _ in range(int(3 * TIMEOUT / INTERVAL)):
             for n in range(MAX_PEERS_PER_HOST + 10):
-                h.feed(wire.Announce(some_id(n), INSTANCE, 4000, REV), ("10.9.9.9", 6000 + n))
+                h.feed(wire.Announce(some_id(n), INSTANCE, 4000, REV), ("203.0.113.9", 6000 + n))
             flooded += 10
             h.clock.advance(INTERVAL)
             h.feed(alice())

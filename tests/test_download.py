@@ -190,7 +190,7 @@ class Harness:
     One download of C{content} from C{hosts}, with everything it needs.
     """
 
-    def __init__(self, tmp_path, content, hosts=("10.0.0.2",), name="movie.bin", clients=None,
+    def __init__(self, tmp_path, content, hosts=("192.0.2.2",), name="movie.bin", clients=None,
                  bans=None, storage=None, have=None, index=None, run_in_thread=run_now):
         source = tmp_path / "source"
         source.mkdir(exist_ok=True)
@@ -284,7 +284,7 @@ def test_download_from_one_source(tmp_path):
     size = 2 * CHUNK_SIZE + 1000
     h = Harness(tmp_path, content_of(size))
     done = h.start()
-    client = h.clients["10.0.0.2"]
+    client = h.clients["192.0.2.2"]
     assert [header["chunks"] for header, _ in client.gets] == [[0, 1, 2]]
     header = client.gets[0][0]
     assert header["id"] == h.manifest.file_id
@@ -292,7 +292,7 @@ def test_download_from_one_source(tmp_path):
     assert h.lines == ["download movie.bin: 513.0 KiB in 3 chunks from 1 peer(s)"]
     client.gets[0][1].callback(({"t": "sending", "token": header["token"]}, b""))
 
-    h.send_all("10.0.0.2", 0)
+    h.send_all("192.0.2.2", 0)
     final_name, signature = result_of(done)
     assert final_name == "movie.bin"
     assert signature[0] == size
@@ -311,16 +311,16 @@ def test_download_byte_identical_when_chunks_come_out_of_order(tmp_path):
     h = Harness(tmp_path, content_of(4 * CHUNK_SIZE - 1))
     done = h.start()
     for index in (3, 1, 0, 2):
-        assert h.send("10.0.0.2", 0, index)
+        assert h.send("192.0.2.2", 0, index)
     assert result_of(done)[0] == "movie.bin"
     assert h.downloaded("movie.bin") == h.content
 
 
 def test_download_from_two_sources(tmp_path):
     chunks = 20
-    h = Harness(tmp_path, content_of(chunks * CHUNK_SIZE), hosts=("10.0.0.2", "10.0.0.3"))
+    h = Harness(tmp_path, content_of(chunks * CHUNK_SIZE), hosts=("192.0.2.2", "192.0.2.3"))
     done = h.start()
-    a, b = h.clients["10.0.0.2"], h.clients["10.0.0.3"]
+    a, b = h.clients["192.0.2.2"], h.clients["192.0.2.3"]
     assert a.gets and b.gets
     assert len(a.requested()) <= SOURCE_WINDOW
     assert len(b.requested()) <= SOURCE_WINDOW
@@ -329,9 +329,9 @@ def test_download_from_two_sources(tmp_path):
     assert h.lines[0] == "download movie.bin: 5.0 MiB in 20 chunks from 2 peer(s)"
     # Each chunk only from the source it was asked of.
     first_of_a = a.gets[0][0]["chunks"][0]
-    b_expectation = h.expectation("10.0.0.3", b.gets[0][0])
+    b_expectation = h.expectation("192.0.2.3", b.gets[0][0])
     assert not b_expectation.accepts(first_of_a, CHUNK_SIZE)
-    for host, client in (("10.0.0.2", a), ("10.0.0.3", b)):
+    for host, client in (("192.0.2.2", a), ("192.0.2.3", b)):
         for number in range(len(client.gets)):
             h.send_all(host, number)
     assert result_of(done)[0] == "movie.bin"
@@ -344,7 +344,7 @@ def test_never_more_than_the_window_in_flight(tmp_path):
     chunks = 40
     h = Harness(tmp_path, content_of(chunks * CHUNK_SIZE - 5))
     done = h.start()
-    client = h.clients["10.0.0.2"]
+    client = h.clients["192.0.2.2"]
     delivered = set()
     while not done.called:
         in_flight = [i for i in client.requested() if i not in delivered]
@@ -352,7 +352,7 @@ def test_never_more_than_the_window_in_flight(tmp_path):
         assert all(len(header["chunks"]) <= REQUEST_BATCH for header, _ in client.gets)
         index = in_flight[0]
         number = next(n for n, (header, _) in enumerate(client.gets) if index in header["chunks"])
-        assert h.send("10.0.0.2", number, index)
+        assert h.send("192.0.2.2", number, index)
         delivered.add(index)
     assert sorted(client.requested()) == list(range(chunks))
     assert result_of(done)[0] == "movie.bin"
@@ -362,14 +362,14 @@ def test_never_more_than_the_window_in_flight(tmp_path):
 def test_corrupt_chunk_is_rejected_and_asked_again(tmp_path):
     h = Harness(tmp_path, content_of(3 * CHUNK_SIZE))
     done = h.start()
-    client = h.clients["10.0.0.2"]
+    client = h.clients["192.0.2.2"]
     bad = bytes(CHUNK_SIZE)
-    assert h.send("10.0.0.2", 0, 1, data=bad)
+    assert h.send("192.0.2.2", 0, 1, data=bad)
     assert [header["chunks"] for header, _ in client.gets] == [[0, 1, 2], [1]]
     assert h.download.have == 0
-    assert h.send("10.0.0.2", 0, 0)
-    assert h.send("10.0.0.2", 0, 2)
-    assert h.send("10.0.0.2", 1, 1)
+    assert h.send("192.0.2.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 2)
+    assert h.send("192.0.2.2", 1, 1)
     assert result_of(done)[0] == "movie.bin"
     assert h.downloaded("movie.bin") == h.content
     assert h.download.sources[0].strikes == 1
@@ -378,12 +378,12 @@ def test_corrupt_chunk_is_rejected_and_asked_again(tmp_path):
 def test_wrong_length_chunk_is_not_accepted(tmp_path):
     h = Harness(tmp_path, content_of(2 * CHUNK_SIZE))
     h.start()
-    assert not h.send("10.0.0.2", 0, 0, data=b"short")
-    assert not h.send("10.0.0.2", 0, 5, data=bytes(CHUNK_SIZE))
+    assert not h.send("192.0.2.2", 0, 0, data=b"short")
+    assert not h.send("192.0.2.2", 0, 5, data=bytes(CHUNK_SIZE))
 
 
 def test_a_source_that_keeps_sending_bad_data_is_dropped(tmp_path):
-    good, bad = "10.0.0.2", "10.0.0.3"
+    good, bad = "192.0.2.2", "192.0.2.3"
     h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), hosts=(bad, good))
     done = h.start()
     bad_client, good_client = h.clients[bad], h.clients[good]
@@ -423,9 +423,9 @@ def test_a_source_that_keeps_sending_bad_data_is_dropped(tmp_path):
 def test_a_request_that_times_out_is_asked_again(tmp_path):
     h = Harness(tmp_path, content_of(2 * CHUNK_SIZE))
     done = h.start()
-    client = h.clients["10.0.0.2"]
+    client = h.clients["192.0.2.2"]
     first_token = client.gets[0][0]["token"]
-    assert h.send("10.0.0.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 0)
     h.clock.advance(REQUEST_TIMEOUT - 0.5)
     assert len(client.gets) == 1
     h.clock.advance(0.5)
@@ -435,9 +435,9 @@ def test_a_request_that_times_out_is_asked_again(tmp_path):
     h.clock.advance(TIMEOUT_REST)
     assert [header["chunks"] for header, _ in client.gets] == [[0, 1], [1]]
     assert client.gets[1][0]["token"] != first_token
-    assert h.inbox.claim(first_token, "10.0.0.2") is None
+    assert h.inbox.claim(first_token, "192.0.2.2") is None
     assert h.download.sources[0].timeouts == 1
-    assert h.send("10.0.0.2", 1, 1)
+    assert h.send("192.0.2.2", 1, 1)
     assert result_of(done)[0] == "movie.bin"
     assert h.downloaded("movie.bin") == h.content
 
@@ -445,18 +445,18 @@ def test_a_request_that_times_out_is_asked_again(tmp_path):
 def test_every_chunk_that_arrives_restarts_the_timeout(tmp_path):
     h = Harness(tmp_path, content_of(3 * CHUNK_SIZE))
     h.start()
-    client = h.clients["10.0.0.2"]
+    client = h.clients["192.0.2.2"]
     h.clock.advance(REQUEST_TIMEOUT - 1)
-    assert h.send("10.0.0.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 0)
     h.clock.advance(REQUEST_TIMEOUT - 1)
-    assert h.send("10.0.0.2", 0, 1)
+    assert h.send("192.0.2.2", 0, 1)
     h.clock.advance(REQUEST_TIMEOUT - 1)
     assert len(client.gets) == 1
     assert h.download.sources[0].timeouts == 0
 
 
 def test_a_timed_out_request_goes_to_another_source(tmp_path):
-    slow, fast = "10.0.0.2", "10.0.0.3"
+    slow, fast = "192.0.2.2", "192.0.2.3"
     h = Harness(tmp_path, content_of(20 * CHUNK_SIZE), hosts=(slow, fast))
     done = h.start()
     slow_chunks = set(h.clients[slow].requested())
@@ -486,20 +486,20 @@ def test_a_source_that_times_out_too_often_is_dropped(tmp_path):
     with pytest.raises(DownloadFailed) as e:
         result_of(done)
     assert str(e.value) == "no peer is left to download movie.bin from"
-    assert len(h.clients["10.0.0.2"].gets) == MAX_TIMEOUTS
+    assert len(h.clients["192.0.2.2"].gets) == MAX_TIMEOUTS
     assert os.listdir(h.folder) == []
 
 
 def test_unreachable_says_firewall_and_host(tmp_path):
-    refused = PeerRefused("unreachable", "could not connect back to 10.0.0.9:7100")
+    refused = PeerRefused("unreachable", "could not connect back to 192.0.2.9:7100")
     h = Harness(tmp_path, content_of(CHUNK_SIZE))
-    h.clients["10.0.0.2"].refuse_gets = refused
+    h.clients["192.0.2.2"].refuse_gets = refused
     done = h.start()
     unreachable = [line for line in h.lines if "could not connect back" in line]
     assert len(unreachable) == 1
     assert "firewall" in unreachable[0]
     assert "--host" in unreachable[0]
-    assert "10.0.0.2:7000" in unreachable[0]
+    assert "192.0.2.2:7000" in unreachable[0]
     assert str(RECEIVER_PORT) in unreachable[0]
     with pytest.raises(DownloadFailed) as e:
         result_of(done)
@@ -508,11 +508,11 @@ def test_unreachable_says_firewall_and_host(tmp_path):
 
 
 def test_unreachable_source_leaves_the_others(tmp_path):
-    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=("10.0.0.2", "10.0.0.3"))
-    h.clients["10.0.0.2"].refuse_gets = PeerRefused("unreachable", "no route")
+    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=("192.0.2.2", "192.0.2.3"))
+    h.clients["192.0.2.2"].refuse_gets = PeerRefused("unreachable", "no route")
     done = h.start()
-    assert h.clients["10.0.0.3"].requested() == [0]
-    assert h.send("10.0.0.3", 0, 0)
+    assert h.clients["192.0.2.3"].requested() == [0]
+    assert h.send("192.0.2.3", 0, 0)
     assert result_of(done)[0] == "movie.bin"
 
 
@@ -520,7 +520,7 @@ def test_an_existing_file_is_not_overwritten(tmp_path):
     h = Harness(tmp_path, content_of(CHUNK_SIZE + 1))
     (h.folder / "movie.bin").write_bytes(b"my own movie")
     done = h.start()
-    h.send_all("10.0.0.2", 0)
+    h.send_all("192.0.2.2", 0)
     final_name, _ = result_of(done)
     assert final_name == "movie (1).bin"
     assert h.downloaded("movie.bin") == b"my own movie"
@@ -530,32 +530,32 @@ def test_an_existing_file_is_not_overwritten(tmp_path):
 
 
 def test_no_peer_gives_the_manifest(tmp_path):
-    h = Harness(tmp_path, content_of(10), hosts=("10.0.0.2", "10.0.0.3", "10.0.0.4"))
-    h.clients["10.0.0.2"] = ConnectionRefusedError("refused")
-    h.clients["10.0.0.3"] = FakeClient(manifest=None)
-    h.clients["10.0.0.4"] = FakeClient(manifest=None)
+    h = Harness(tmp_path, content_of(10), hosts=("192.0.2.2", "192.0.2.3", "192.0.2.4"))
+    h.clients["192.0.2.2"] = ConnectionRefusedError("refused")
+    h.clients["192.0.2.3"] = FakeClient(manifest=None)
+    h.clients["192.0.2.4"] = FakeClient(manifest=None)
     done = h.start()
     with pytest.raises(DownloadFailed) as e:
         result_of(done)
-    assert str(e.value).startswith("no peer could give the manifest of movie.bin (10.0.0.2:7000: ")
-    assert h.clients["10.0.0.3"].closed and h.clients["10.0.0.4"].closed
+    assert str(e.value).startswith("no peer could give the manifest of movie.bin (192.0.2.2:7000: ")
+    assert h.clients["192.0.2.3"].closed and h.clients["192.0.2.4"].closed
     assert os.listdir(h.folder) == []
     assert h.clock.getDelayedCalls() == []
 
 
 def test_a_later_peer_gives_the_manifest(tmp_path):
-    h = Harness(tmp_path, content_of(10), hosts=("10.0.0.2", "10.0.0.3"))
-    h.clients["10.0.0.2"] = FakeClient(manifest=None)
+    h = Harness(tmp_path, content_of(10), hosts=("192.0.2.2", "192.0.2.3"))
+    h.clients["192.0.2.2"] = FakeClient(manifest=None)
     done = h.start()
-    assert h.clients["10.0.0.2"].closed
-    assert h.send("10.0.0.3", 0, 0)
+    assert h.clients["192.0.2.2"].closed
+    assert h.send("192.0.2.3", 0, 0)
     assert h.downloaded(result_of(done)[0]) == h.content
 
 
 def test_an_empty_file(tmp_path):
     h = Harness(tmp_path, b"", name="empty.txt")
     done = h.start()
-    assert h.clients["10.0.0.2"].gets == []
+    assert h.clients["192.0.2.2"].gets == []
     assert result_of(done)[0] == "empty.txt"
     assert h.downloaded("empty.txt") == b""
     assert h.lines[0] == "download empty.txt: 0 B in 0 chunks from 1 peer(s)"
@@ -568,7 +568,7 @@ def test_progress_lines(tmp_path):
     done = h.start()
     h.clock.advance(PROGRESS_INTERVAL)
     assert h.lines[-1] == "download movie.bin: 0% of 1.0 MiB at 0 B/s from 1 peer(s)"
-    assert h.send("10.0.0.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 0)
     h.clock.advance(PROGRESS_INTERVAL)
     # The rate is over the last seconds: 256 KiB in the last one.
     assert h.lines[-1] == (
@@ -578,7 +578,7 @@ def test_progress_lines(tmp_path):
     assert progress["event"] == "download-progress"
     assert (progress["percent"], progress["bytes"], progress["eta"]) == (25, CHUNK_SIZE, 3)
     for index in (1, 2, 3):
-        assert h.send("10.0.0.2", 0, index)
+        assert h.send("192.0.2.2", 0, index)
     assert result_of(done)[0] == "movie.bin"
     # No progress line once it is over.
     lines = len(h.lines)
@@ -589,7 +589,7 @@ def test_progress_lines(tmp_path):
 def test_cancel_discards_the_partial(tmp_path):
     h = Harness(tmp_path, content_of(3 * CHUNK_SIZE))
     done = h.start()
-    assert h.send("10.0.0.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 0)
     assert os.path.exists(h.storage.path)
     h.download.cancel()
     with pytest.raises(DownloadFailed) as e:
@@ -601,18 +601,18 @@ def test_cancel_discards_the_partial(tmp_path):
 
 
 def test_a_dropped_sender_connection_is_not_asked_again(tmp_path):
-    h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), hosts=("10.0.0.2", "10.0.0.3"))
+    h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), hosts=("192.0.2.2", "192.0.2.3"))
     done = h.start()
-    a, b = h.clients["10.0.0.2"], h.clients["10.0.0.3"]
+    a, b = h.clients["192.0.2.2"], h.clients["192.0.2.3"]
     assert a.requested() == [0, 1, 2] and b.gets == []
     a.drop()
-    assert h.send("10.0.0.2", 0, 0, data=bytes(CHUNK_SIZE))
+    assert h.send("192.0.2.2", 0, 0, data=bytes(CHUNK_SIZE))
     # The rejected chunk goes to the other source, not the closed one.
     assert a.requested() == [0, 1, 2]
     assert b.requested() == [0]
-    assert h.send("10.0.0.3", 0, 0)
-    assert h.send("10.0.0.2", 0, 1)
-    assert h.send("10.0.0.2", 0, 2)
+    assert h.send("192.0.2.3", 0, 0)
+    assert h.send("192.0.2.2", 0, 1)
+    assert h.send("192.0.2.2", 0, 2)
     assert result_of(done)[0] == "movie.bin"
 
 
@@ -643,7 +643,7 @@ def test_downloads_adds_the_finished_file_to_the_index(tmp_path):
     with pytest.raises(DownloadFailed) as e:
         downloads.start("movie.bin", h.manifest.file_id, h.peers, h.lines.append)
     assert str(e.value) == "movie.bin is already being downloaded"
-    h.send("10.0.0.2", 0, 0)
+    h.send("192.0.2.2", 0, 0)
     assert result_of(d) == "movie.bin"
     assert index.added == [(str(h.folder), "movie.bin", h.manifest)]
     assert downloads.active == {}
@@ -687,7 +687,7 @@ def serve(h, host, skip=()):
 
 
 def test_rarest_chunks_go_first(tmp_path):
-    full, a, b = "10.0.0.2", "10.0.0.3", "10.0.0.4"
+    full, a, b = "192.0.2.2", "192.0.2.3", "192.0.2.4"
     # Availability: 0-4 on a and full (2), 5-9 on all three (3), 10-14 on b
     # and full (2), 15-19 on full only (1).
     h = Harness(tmp_path, content_of(20 * CHUNK_SIZE), hosts=(full, a, b),
@@ -703,7 +703,7 @@ def test_rarest_chunks_go_first(tmp_path):
 
 
 def test_a_partial_holder_is_asked_again_what_it_has(tmp_path):
-    partial = "10.0.0.3"
+    partial = "192.0.2.3"
     h = Harness(tmp_path, content_of(4 * CHUNK_SIZE), hosts=(partial,),
                 have={partial: {0, 1}})
     done = h.start()
@@ -722,7 +722,7 @@ def test_a_partial_holder_is_asked_again_what_it_has(tmp_path):
 
 
 def test_a_partial_holder_missing_chunks_is_asked_again_later(tmp_path):
-    partial = "10.0.0.3"
+    partial = "192.0.2.3"
     h = Harness(tmp_path, content_of(2 * CHUNK_SIZE), hosts=(partial,),
                 have={partial: {0, 1}})
     client = h.clients[partial]
@@ -746,7 +746,7 @@ class FakeTransport:
 
 
 def test_endgame_asks_a_second_source_and_cancels_the_loser(tmp_path):
-    slow, fast = "10.0.0.2", "10.0.0.3"
+    slow, fast = "192.0.2.2", "192.0.2.3"
     h = Harness(tmp_path, content_of(2 * CHUNK_SIZE), hosts=(slow, fast))
     done = h.start()
     assert h.clients[slow].requested() == [0, 1]
@@ -780,7 +780,7 @@ def test_endgame_asks_a_second_source_and_cancels_the_loser(tmp_path):
 
 def test_a_busy_source_rests_longer_each_time(tmp_path):
     h = Harness(tmp_path, content_of(CHUNK_SIZE))
-    client = h.clients["10.0.0.2"]
+    client = h.clients["192.0.2.2"]
     client.refuse_gets = PeerRefused("busy", "too many")
     done = h.start()
     assert len(client.gets) == 1
@@ -794,12 +794,12 @@ def test_a_busy_source_rests_longer_each_time(tmp_path):
         rest = min(2 * rest, BUSY_BACKOFF_MAX)
     client.refuse_gets = None
     h.clock.advance(rest)
-    assert h.send("10.0.0.2", len(client.gets) - 1, 0)
+    assert h.send("192.0.2.2", len(client.gets) - 1, 0)
     assert result_of(done)[0] == "movie.bin"
 
 
 def test_strikes_count_for_the_session_and_the_ban_is_said_once(tmp_path):
-    liar, honest = "10.0.0.9", "10.0.0.2"
+    liar, honest = "192.0.2.9", "192.0.2.2"
     bans = Bans()
     garbage = b"\xee" * CHUNK_SIZE
     for folder in ("one", "two", "three"):
@@ -838,8 +838,8 @@ def test_resume_after_a_crash_fetches_only_what_is_missing(tmp_path):
     content = content_of(4 * CHUNK_SIZE + 7)
     h = Harness(tmp_path, content)
     h.start()
-    assert h.send("10.0.0.2", 0, 0)
-    assert h.send("10.0.0.2", 0, 3)
+    assert h.send("192.0.2.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 3)
     # The process dies here: nothing is closed or flushed by us.
     again = Harness(tmp_path, content)
     done = again.start()
@@ -847,9 +847,9 @@ def test_resume_after_a_crash_fetches_only_what_is_missing(tmp_path):
         "download movie.bin: 1.0 MiB in 5 chunks from 1 peer(s), "
         "resuming with 512.0 KiB already here"
     )
-    assert again.clients["10.0.0.2"].requested() == [1, 2, 4]
+    assert again.clients["192.0.2.2"].requested() == [1, 2, 4]
     assert again.download.status()["percent"] == 2 * CHUNK_SIZE * 100 // len(content)
-    serve(again, "10.0.0.2")
+    serve(again, "192.0.2.2")
     assert result_of(done)[0] == "movie.bin"
     assert again.downloaded("movie.bin") == content
     assert os.listdir(again.folder) == ["movie.bin"]
@@ -861,16 +861,16 @@ def test_resume_fetches_again_a_marked_chunk_whose_bytes_are_wrong(tmp_path):
     content = content_of(3 * CHUNK_SIZE)
     h = Harness(tmp_path, content)
     h.start()
-    assert h.send("10.0.0.2", 0, 0)
-    assert h.send("10.0.0.2", 0, 1)
+    assert h.send("192.0.2.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 1)
     # As after a power loss: the map says chunk 1 is here, the bytes are not.
     with open(h.storage.path, "r+b") as f:
         f.seek(CHUNK_SIZE + 10)
         f.write(b"\0\0\0")
     again = Harness(tmp_path, content)
     done = again.start()
-    assert again.clients["10.0.0.2"].requested() == [1, 2]
-    serve(again, "10.0.0.2")
+    assert again.clients["192.0.2.2"].requested() == [1, 2]
+    serve(again, "192.0.2.2")
     assert again.downloaded(result_of(done)[0]) == content
 
 
@@ -892,8 +892,8 @@ def test_a_full_disk_fails_clearly_and_keeps_the_partial(tmp_path):
     content = content_of(3 * CHUNK_SIZE)
     h = Harness(tmp_path, content, storage=FullDisk)
     done = h.start()
-    assert h.send("10.0.0.2", 0, 0)
-    assert h.send("10.0.0.2", 0, 1)
+    assert h.send("192.0.2.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 1)
     with pytest.raises(DownloadFailed) as e:
         result_of(done)
     assert str(e.value) == (
@@ -909,8 +909,8 @@ def test_a_full_disk_fails_clearly_and_keeps_the_partial(tmp_path):
     assert len(h.inbox) == 0 and h.clock.getDelayedCalls() == []
     again = Harness(tmp_path, content)
     done = again.start()
-    assert again.clients["10.0.0.2"].requested() == [1, 2]
-    serve(again, "10.0.0.2")
+    assert again.clients["192.0.2.2"].requested() == [1, 2]
+    serve(again, "192.0.2.2")
     assert again.downloaded(result_of(done)[0]) == content
 
 
@@ -929,7 +929,7 @@ def test_a_vanished_downloads_folder_fails_clearly(tmp_path):
 def test_pause_keeps_the_partial_for_a_resume(tmp_path):
     h = Harness(tmp_path, content_of(2 * CHUNK_SIZE))
     done = h.start()
-    assert h.send("10.0.0.2", 0, 0)
+    assert h.send("192.0.2.2", 0, 0)
     h.download.pause()
     with pytest.raises(DownloadFailed):
         result_of(done)
@@ -947,9 +947,9 @@ def test_downloads_offer_the_verified_chunks_while_they_run(tmp_path):
     name, path, chunks = index.partials[h.manifest.file_id]
     assert (name, path) == ("movie.bin", h.storage.path)
     assert 0 not in chunks
-    assert h.send("10.0.0.2", 0, 0, done=False)
+    assert h.send("192.0.2.2", 0, 0, done=False)
     assert 0 in chunks and 1 not in chunks
-    assert h.send("10.0.0.2", 0, 1)
+    assert h.send("192.0.2.2", 0, 1)
     assert result_of(d) == "movie.bin"
     # Whole now: offered as a file, no longer as a partial.
     assert index.partials == {}
@@ -957,7 +957,7 @@ def test_downloads_offer_the_verified_chunks_while_they_run(tmp_path):
 
 
 def test_status_has_sources_rate_and_eta(tmp_path):
-    a, b = "10.0.0.2", "10.0.0.3"
+    a, b = "192.0.2.2", "192.0.2.3"
     h = Harness(tmp_path, content_of(2 * SOURCE_WINDOW * CHUNK_SIZE), hosts=(a, b))
     h.start()
     h.clock.advance(1)
@@ -977,7 +977,7 @@ def test_status_has_sources_rate_and_eta(tmp_path):
 def test_a_silent_peer_does_not_hold_up_the_others(tmp_path):
     # It accepts the connection and never answers (listed first, it used to
     # hold the download up for the idle timeout).
-    silent, good = "10.0.0.2", "10.0.0.3"
+    silent, good = "192.0.2.2", "192.0.2.3"
     h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), hosts=(silent, good))
     h.clients[silent].silent = True
     done = h.start()
@@ -997,9 +997,9 @@ def test_a_silent_peer_does_not_hold_up_the_others(tmp_path):
 
 
 def test_a_download_from_silent_peers_only_fails_after_the_answer_timeout(tmp_path):
-    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=("10.0.0.2", "10.0.0.3"))
-    h.clients["10.0.0.2"].silent = True
-    h.clients["10.0.0.3"].silent = True
+    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=("192.0.2.2", "192.0.2.3"))
+    h.clients["192.0.2.2"].silent = True
+    h.clients["192.0.2.3"].silent = True
     done = h.start()
     h.clock.advance(ANSWER_TIMEOUT - 1)
     assert not done.called
@@ -1008,15 +1008,15 @@ def test_a_download_from_silent_peers_only_fails_after_the_answer_timeout(tmp_pa
         result_of(done)
     assert str(e.value) == (
         f"no peer could give the manifest of movie.bin "
-        f"(10.0.0.2:7000: no answer in {ANSWER_TIMEOUT:.0f} s)"
+        f"(192.0.2.2:7000: no answer in {ANSWER_TIMEOUT:.0f} s)"
     )
-    assert h.clients["10.0.0.2"].closed and h.clients["10.0.0.3"].closed
+    assert h.clients["192.0.2.2"].closed and h.clients["192.0.2.3"].closed
     assert os.listdir(h.folder) == []
     assert h.clock.getDelayedCalls() == []
 
 
 def test_a_peer_that_answers_later_joins_the_download(tmp_path):
-    late, first = "10.0.0.2", "10.0.0.3"
+    late, first = "192.0.2.2", "192.0.2.3"
     chunks = 2 * SOURCE_WINDOW
     h = Harness(tmp_path, content_of(chunks * CHUNK_SIZE), hosts=(late, first))
     h.clients[late].holding = True
@@ -1035,31 +1035,31 @@ def test_a_peer_that_answers_later_joins_the_download(tmp_path):
 
 
 def test_a_peer_refused_at_once_does_not_end_the_wait_for_the_others(tmp_path):
-    h = Harness(tmp_path, content_of(10), hosts=("10.0.0.2", "10.0.0.3"))
-    h.clients["10.0.0.2"] = ConnectionRefusedError("refused")
-    h.clients["10.0.0.3"].holding = True
+    h = Harness(tmp_path, content_of(10), hosts=("192.0.2.2", "192.0.2.3"))
+    h.clients["192.0.2.2"] = ConnectionRefusedError("refused")
+    h.clients["192.0.2.3"].holding = True
     done = h.start()
     assert not done.called
-    h.clients["10.0.0.3"].release()  # the manifest
-    h.clients["10.0.0.3"].release()  # what it holds
-    assert h.send("10.0.0.3", 0, 0)
+    h.clients["192.0.2.3"].release()  # the manifest
+    h.clients["192.0.2.3"].release()  # what it holds
+    assert h.send("192.0.2.3", 0, 0)
     assert h.downloaded(result_of(done)[0]) == h.content
 
 
 def test_a_download_stopped_while_peers_connect_closes_them(tmp_path):
-    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=("10.0.0.2", "10.0.0.3"))
-    h.clients["10.0.0.2"].silent = True
-    h.clients["10.0.0.3"].silent = True
+    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=("192.0.2.2", "192.0.2.3"))
+    h.clients["192.0.2.2"].silent = True
+    h.clients["192.0.2.3"].silent = True
     done = h.start()
     h.download.cancel()
     with pytest.raises(DownloadFailed):
         result_of(done)
-    assert h.clients["10.0.0.2"].closed and h.clients["10.0.0.3"].closed
+    assert h.clients["192.0.2.2"].closed and h.clients["192.0.2.3"].closed
     assert h.clock.getDelayedCalls() == []
 
 
 def test_a_partial_holder_that_stops_answering_is_left_out(tmp_path):
-    quiet, other = "10.0.0.2", "10.0.0.3"
+    quiet, other = "192.0.2.2", "192.0.2.3"
     h = Harness(tmp_path, content_of(4 * CHUNK_SIZE), hosts=(quiet, other),
                 have={quiet: {0, 1}, other: {0, 1}})
     done = h.start()
@@ -1086,7 +1086,7 @@ def test_a_slow_but_steady_source_completes_the_download(tmp_path):
     # each stream has a chunk only every 2 * period, over the timeout.
     period = 6.0
     assert period < REQUEST_TIMEOUT < 2 * period
-    host = "10.0.0.2"
+    host = "192.0.2.2"
     chunks = 3 * SOURCE_WINDOW
     h = Harness(tmp_path, content_of(chunks * CHUNK_SIZE))
     done = h.start()
@@ -1119,7 +1119,7 @@ def test_a_slow_but_steady_source_completes_the_download(tmp_path):
 
 
 def test_a_window_shrunk_by_slowness_grows_back(tmp_path):
-    a, b = "10.0.0.2", "10.0.0.3"
+    a, b = "192.0.2.2", "192.0.2.3"
     h = Harness(tmp_path, content_of(8 * SOURCE_WINDOW * CHUNK_SIZE), hosts=(a, b))
     h.start()
     client = h.clients[a]
@@ -1144,9 +1144,9 @@ def test_a_source_silent_on_every_request_still_times_out(tmp_path):
     # Delivering on one request keeps the others alive only while it lasts.
     h = Harness(tmp_path, content_of(2 * SOURCE_WINDOW * CHUNK_SIZE))
     done = h.start()
-    client = h.clients["10.0.0.2"]
+    client = h.clients["192.0.2.2"]
     h.clock.advance(1)
-    assert h.send("10.0.0.2", 1, client.gets[1][0]["chunks"][0], done=False)
+    assert h.send("192.0.2.2", 1, client.gets[1][0]["chunks"][0], done=False)
     source = h.download.sources[0]
     h.clock.advance(REQUEST_TIMEOUT - 1)
     assert source.timeouts == 0  # the first request: late, kept
@@ -1171,7 +1171,7 @@ def test_the_partial_is_released_only_after_the_stores_in_flight(tmp_path):
     done = h.start()
     assert threads.names() == ["open"]
     threads.run_all()
-    assert h.send("10.0.0.2", 0, 0, done=False)
+    assert h.send("192.0.2.2", 0, 0, done=False)
     assert threads.names() == ["verify_and_store"]
     h.download.cancel()
     # The discard would close the file under the write: it waits.
@@ -1196,11 +1196,11 @@ def test_a_download_stopped_while_the_partial_opens_releases_it_after(tmp_path):
     assert threads.names() == ["discard"]
     threads.run_all()
     assert os.listdir(h.folder) == []
-    assert h.clients["10.0.0.2"].gets == []
+    assert h.clients["192.0.2.2"].gets == []
 
 
 def test_a_source_lost_while_the_partial_opens_leaves_the_others(tmp_path):
-    a, b = "10.0.0.2", "10.0.0.3"
+    a, b = "192.0.2.2", "192.0.2.3"
     threads = Threads()
     h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), hosts=(a, b), run_in_thread=threads)
     done = h.start()

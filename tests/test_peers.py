@@ -65,64 +65,64 @@ def announce(peer_id=ALICE, instance=INSTANCE, port=4000, rev=REV):
 class TestHeard:
     def test_new(self, table, recorder, clock):
         clock.advance(5)
-        assert table.heard(announce(), "10.0.0.1", 5000) == "new"
+        assert table.heard(announce(), "192.0.2.1", 5000) == "new"
         assert len(table) == 1
         assert ALICE in table
         peer = table.get(ALICE)
         assert (peer.peer_id, peer.instance_id, peer.host, peer.udp_port) == (
             ALICE,
             INSTANCE,
-            "10.0.0.1",
+            "192.0.2.1",
             5000,
         )
         assert (peer.transfer_port, peer.revision, peer.last_seen) == (4000, REV, 5)
         assert recorder.events == [("joined", ALICE)]
 
     def test_same(self, table, recorder, clock):
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         clock.advance(3)
-        assert table.heard(announce(), "10.0.0.1", 5000) == "same"
+        assert table.heard(announce(), "192.0.2.1", 5000) == "same"
         assert table.get(ALICE).last_seen == 3
         assert recorder.events == [("joined", ALICE)]
 
     def test_restarted(self, table, recorder):
-        table.heard(announce(), "10.0.0.1", 5000)
-        assert table.heard(announce(instance=OTHER_INSTANCE), "10.0.0.1", 5000) == "restarted"
+        table.heard(announce(), "192.0.2.1", 5000)
+        assert table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.1", 5000) == "restarted"
         assert table.get(ALICE).instance_id == OTHER_INSTANCE
         assert len(table) == 1
         # A restart has no old revision worth comparing with.
         assert recorder.events == [("joined", ALICE), ("changed", ALICE, None)]
 
     def test_restarted_with_new_revision_and_address(self, table, recorder):
-        table.heard(announce(), "10.0.0.1", 5000)
-        outcome = table.heard(announce(instance=OTHER_INSTANCE, rev=REV2), "10.0.0.2", 5001)
+        table.heard(announce(), "192.0.2.1", 5000)
+        outcome = table.heard(announce(instance=OTHER_INSTANCE, rev=REV2), "192.0.2.2", 5001)
         assert outcome == "restarted"
         assert recorder.events[-1] == ("changed", ALICE, None)
 
     def test_changed_revision(self, table, recorder):
-        table.heard(announce(), "10.0.0.1", 5000)
-        assert table.heard(announce(rev=REV2), "10.0.0.1", 5000) == "changed"
+        table.heard(announce(), "192.0.2.1", 5000)
+        assert table.heard(announce(rev=REV2), "192.0.2.1", 5000) == "changed"
         assert table.get(ALICE).revision == REV2
         assert recorder.events[-1] == ("changed", ALICE, REV)
 
     def test_changed_transfer_port(self, table, recorder):
-        table.heard(announce(), "10.0.0.1", 5000)
-        assert table.heard(announce(port=4009), "10.0.0.1", 5000) == "changed"
+        table.heard(announce(), "192.0.2.1", 5000)
+        assert table.heard(announce(port=4009), "192.0.2.1", 5000) == "changed"
         assert len(table) == 1
         assert table.get(ALICE).transfer_port == 4009
         assert recorder.events == [("joined", ALICE), ("changed", ALICE, REV)]
 
-    @pytest.mark.parametrize("host, udp_port", [("10.0.0.9", 5000), ("10.0.0.1", 5009)])
+    @pytest.mark.parametrize("host, udp_port", [("192.0.2.9", 5000), ("192.0.2.1", 5009)])
     def test_same_instance_from_another_address_is_ignored(
         self, table, recorder, clock, host, udp_port
     ):
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         clock.advance(10)
         outcome = table.heard(announce(port=4009, rev=REV2), host, udp_port)
         assert outcome == "moved"
         peer = table.get(ALICE)
         assert (peer.host, peer.udp_port, peer.transfer_port, peer.revision) == (
-            "10.0.0.1",
+            "192.0.2.1",
             5000,
             4000,
             REV,
@@ -134,35 +134,35 @@ class TestHeard:
         assert recorder.events == [("joined", ALICE), ("left", ALICE, "timed out")]
 
     def test_restart_from_another_address_moves_the_entry(self, table, recorder):
-        table.heard(announce(), "10.0.0.1", 5000)
-        outcome = table.heard(announce(instance=OTHER_INSTANCE, port=4009), "10.0.0.9", 5009)
+        table.heard(announce(), "192.0.2.1", 5000)
+        outcome = table.heard(announce(instance=OTHER_INSTANCE, port=4009), "192.0.2.9", 5009)
         assert outcome == "restarted"
         peer = table.get(ALICE)
-        assert (peer.host, peer.udp_port, peer.transfer_port) == ("10.0.0.9", 5009, 4009)
+        assert (peer.host, peer.udp_port, peer.transfer_port) == ("192.0.2.9", 5009, 4009)
         assert recorder.events == [("joined", ALICE), ("changed", ALICE, None)]
 
     def test_new_address_after_expiry_is_taken(self, table, clock):
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         clock.advance(TIMEOUT)
-        assert table.heard(announce(), "10.0.0.9", 5009) == "new"
-        assert (table.get(ALICE).host, table.get(ALICE).udp_port) == ("10.0.0.9", 5009)
+        assert table.heard(announce(), "192.0.2.9", 5009) == "new"
+        assert (table.get(ALICE).host, table.get(ALICE).udp_port) == ("192.0.2.9", 5009)
 
     def test_two_peers(self, table, recorder):
-        table.heard(announce(ALICE), "10.0.0.2", 5000)
-        table.heard(announce(BOB), "10.0.0.1", 5000)
+        table.heard(announce(ALICE), "192.0.2.2", 5000)
+        table.heard(announce(BOB), "192.0.2.1", 5000)
         assert len(table) == 2
         assert [p.peer_id for p in table.peers()] == [BOB, ALICE]
         assert recorder.events == [("joined", ALICE), ("joined", BOB)]
 
     def test_peers_sorted_by_host_then_transfer_port(self, table):
-        table.heard(announce(ALICE, port=4010), "10.0.0.1", 1)
-        table.heard(announce(BOB, port=4000), "10.0.0.1", 2)
+        table.heard(announce(ALICE, port=4010), "192.0.2.1", 1)
+        table.heard(announce(BOB, port=4000), "192.0.2.1", 2)
         assert [p.transfer_port for p in table.peers()] == [4000, 4010]
 
 
 class TestExpiry:
     def test_expires_after_timeout_not_before(self, table, recorder, clock):
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         clock.advance(TIMEOUT - 0.1)
         assert ALICE in table
         clock.advance(0.1)
@@ -170,9 +170,9 @@ class TestExpiry:
         assert recorder.events == [("joined", ALICE), ("left", ALICE, "timed out")]
 
     def test_announce_resets_the_timer(self, table, recorder, clock):
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         clock.advance(20)
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         clock.advance(TIMEOUT - 1)  # t = 49: 29 s after the last announce
         assert ALICE in table
         clock.advance(1)
@@ -181,14 +181,14 @@ class TestExpiry:
 
     def test_one_timer_per_peer(self, table, clock):
         for _ in range(5):
-            table.heard(announce(), "10.0.0.1", 5000)
+            table.heard(announce(), "192.0.2.1", 5000)
             clock.advance(1)
         assert len(clock.getDelayedCalls()) == 1
 
     def test_peers_expire_independently(self, table, clock):
-        table.heard(announce(ALICE), "10.0.0.1", 5000)
+        table.heard(announce(ALICE), "192.0.2.1", 5000)
         clock.advance(10)
-        table.heard(announce(BOB), "10.0.0.2", 5000)
+        table.heard(announce(BOB), "192.0.2.2", 5000)
         clock.advance(TIMEOUT - 10)
         assert ALICE not in table
         assert BOB in table
@@ -197,17 +197,17 @@ class TestExpiry:
         assert clock.getDelayedCalls() == []
 
     def test_rejoin_after_expiry(self, table, recorder, clock):
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         clock.advance(TIMEOUT)
-        assert table.heard(announce(), "10.0.0.1", 5000) == "new"
+        assert table.heard(announce(), "192.0.2.1", 5000) == "new"
         assert [e[0] for e in recorder.events] == ["joined", "left", "joined"]
         assert len(clock.getDelayedCalls()) == 1
 
 
 class TestGoodbye:
     def test_goodbye_drops(self, table, recorder, clock):
-        table.heard(announce(), "10.0.0.1", 5000)
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.1", 5000) is True
+        table.heard(announce(), "192.0.2.1", 5000)
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is True
         assert len(table) == 0
         assert recorder.events[-1] == ("left", ALICE, "said goodbye")
         assert clock.getDelayedCalls() == []
@@ -215,47 +215,47 @@ class TestGoodbye:
     @pytest.mark.parametrize(
         "instance, host, udp_port",
         [
-            (INSTANCE, "10.0.0.66", 5000),
-            (INSTANCE, "10.0.0.1", 5001),
-            (OTHER_INSTANCE, "10.0.0.1", 5000),
+            (INSTANCE, "192.0.2.66", 5000),
+            (INSTANCE, "192.0.2.1", 5001),
+            (OTHER_INSTANCE, "192.0.2.1", 5000),
         ],
     )
     def test_spoofed_goodbye(self, table, recorder, instance, host, udp_port):
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         assert table.goodbye(Goodbye(ALICE, instance), host, udp_port) is False
         assert ALICE in table
         assert recorder.events == [("joined", ALICE)]
 
     def test_goodbye_of_old_instance_after_restart(self, table):
-        table.heard(announce(), "10.0.0.1", 5000)
-        table.heard(announce(instance=OTHER_INSTANCE), "10.0.0.1", 5000)
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.1", 5000) is False
+        table.heard(announce(), "192.0.2.1", 5000)
+        table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.1", 5000)
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is False
         assert ALICE in table
 
     def test_goodbye_from_new_address_after_restart_elsewhere(self, table):
-        table.heard(announce(), "10.0.0.1", 5000)
-        table.heard(announce(instance=OTHER_INSTANCE), "10.0.0.2", 5000)
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.1", 5000) is False
-        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "10.0.0.1", 5000) is False
-        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "10.0.0.2", 5000) is True
+        table.heard(announce(), "192.0.2.1", 5000)
+        table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.2", 5000)
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is False
+        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.1", 5000) is False
+        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.2", 5000) is True
 
     def test_replayed_announce_cannot_open_the_way_for_a_goodbye(self, table, recorder):
         # An attacker who heard Alice's announce replays it from its own
         # address, then says goodbye for her from there.
-        table.heard(announce(), "10.0.0.1", 5000)
-        assert table.heard(announce(), "10.0.0.66", 6666) == "moved"
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "10.0.0.66", 6666) is False
+        table.heard(announce(), "192.0.2.1", 5000)
+        assert table.heard(announce(), "192.0.2.66", 6666) == "moved"
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.66", 6666) is False
         assert ALICE in table
         assert recorder.events == [("joined", ALICE)]
 
     def test_goodbye_unknown(self, table, recorder):
-        assert table.goodbye(Goodbye(BOB, INSTANCE), "10.0.0.1", 5000) is False
+        assert table.goodbye(Goodbye(BOB, INSTANCE), "192.0.2.1", 5000) is False
         assert recorder.events == []
 
 
 class TestForgetAndClear:
     def test_forget(self, table, recorder, clock):
-        table.heard(announce(), "10.0.0.1", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
         table.forget(ALICE, "refused us")
         table.forget(BOB, "never known")
         assert len(table) == 0
@@ -263,8 +263,8 @@ class TestForgetAndClear:
         assert clock.getDelayedCalls() == []
 
     def test_clear_cancels_expiry(self, table, recorder, clock):
-        table.heard(announce(ALICE), "10.0.0.1", 5000)
-        table.heard(announce(BOB), "10.0.0.2", 5000)
+        table.heard(announce(ALICE), "192.0.2.1", 5000)
+        table.heard(announce(BOB), "192.0.2.2", 5000)
         table.clear()
         assert len(table) == 0
         assert clock.getDelayedCalls() == []
@@ -282,46 +282,46 @@ class TestBounds:
         recorder = Recorder(table)
         table.subscribe(recorder)
         for n in range(3):
-            assert table.heard(announce(peer_id(n)), f"10.0.0.{n}", 5000) == "new"
-        assert table.heard(announce(peer_id(3)), "10.0.0.3", 5000) == "full"
+            assert table.heard(announce(peer_id(n)), f"192.0.2.{n}", 5000) == "new"
+        assert table.heard(announce(peer_id(3)), "192.0.2.3", 5000) == "full"
         assert len(table) == 3
         assert peer_id(3) not in table
         assert len(recorder.events) == 3
         # Peers already known are still refreshed and still change.
         clock.advance(TIMEOUT - 1)
-        assert table.heard(announce(peer_id(0)), "10.0.0.0", 5000) == "same"
-        assert table.heard(announce(peer_id(1), rev=REV2), "10.0.0.1", 5000) == "changed"
+        assert table.heard(announce(peer_id(0)), "192.0.2.0", 5000) == "same"
+        assert table.heard(announce(peer_id(1), rev=REV2), "192.0.2.1", 5000) == "changed"
         restart = announce(peer_id(2), instance=OTHER_INSTANCE)
-        assert table.heard(restart, "10.0.0.2", 5000) == "restarted"
+        assert table.heard(restart, "192.0.2.2", 5000) == "restarted"
         clock.advance(1)
         assert len(table) == 3
         # Room again once one has gone.
         table.forget(peer_id(0), "test")
-        assert table.heard(announce(peer_id(3)), "10.0.0.3", 5000) == "new"
+        assert table.heard(announce(peer_id(3)), "192.0.2.3", 5000) == "new"
 
     def test_one_host_cannot_take_the_whole_table(self):
         table = PeerTable(Clock(), TIMEOUT, max_peers=10, max_per_host=2)
-        assert table.heard(announce(peer_id(0)), "10.0.0.1", 5000) == "new"
-        assert table.heard(announce(peer_id(1)), "10.0.0.1", 5001) == "new"
-        assert table.heard(announce(peer_id(2)), "10.0.0.1", 5002) == "full"
-        assert table.heard(announce(peer_id(3)), "10.0.0.2", 5000) == "new"
+        assert table.heard(announce(peer_id(0)), "192.0.2.1", 5000) == "new"
+        assert table.heard(announce(peer_id(1)), "192.0.2.1", 5001) == "new"
+        assert table.heard(announce(peer_id(2)), "192.0.2.1", 5002) == "full"
+        assert table.heard(announce(peer_id(3)), "192.0.2.2", 5000) == "new"
         assert len(table) == 3
 
     def test_per_host_room_follows_restarts_and_departures(self):
         table = PeerTable(Clock(), TIMEOUT, max_peers=10, max_per_host=1)
-        table.heard(announce(peer_id(0)), "10.0.0.1", 5000)
+        table.heard(announce(peer_id(0)), "192.0.2.1", 5000)
         # Peer 0 restarts on another host: its old host has room again.
-        table.heard(announce(peer_id(0), instance=OTHER_INSTANCE), "10.0.0.2", 5000)
-        assert table.heard(announce(peer_id(1)), "10.0.0.1", 5000) == "new"
-        assert table.heard(announce(peer_id(2)), "10.0.0.2", 5000) == "full"
-        table.goodbye(Goodbye(peer_id(0), OTHER_INSTANCE), "10.0.0.2", 5000)
-        assert table.heard(announce(peer_id(2)), "10.0.0.2", 5000) == "new"
+        table.heard(announce(peer_id(0), instance=OTHER_INSTANCE), "192.0.2.2", 5000)
+        assert table.heard(announce(peer_id(1)), "192.0.2.1", 5000) == "new"
+        assert table.heard(announce(peer_id(2)), "192.0.2.2", 5000) == "full"
+        table.goodbye(Goodbye(peer_id(0), OTHER_INSTANCE), "192.0.2.2", 5000)
+        assert table.heard(announce(peer_id(2)), "192.0.2.2", 5000) == "new"
         table.clear()
-        assert table.heard(announce(peer_id(3)), "10.0.0.1", 5000) == "new"
+        assert table.heard(announce(peer_id(3)), "192.0.2.1", 5000) == "new"
 
     def test_default_limits(self, table):
         for n in range(MAX_PEERS_PER_HOST + 1):
-            table.heard(announce(peer_id(n)), "10.0.0.1", 5000 + n)
+            table.heard(announce(peer_id(n)), "192.0.2.1", 5000 + n)
         assert len(table) == MAX_PEERS_PER_HOST
         for n in range(MAX_PEERS + 1):
             table.heard(announce(peer_id(1000 + n)), f"10.1.{n // 250}.{n % 250}", 5000)
@@ -332,12 +332,12 @@ def test_several_observers_all_told(table):
     first, second = Recorder(table), Recorder(table)
     table.subscribe(first)
     table.subscribe(second)
-    table.heard(announce(), "10.0.0.1", 5000)
+    table.heard(announce(), "192.0.2.1", 5000)
     assert first.events == second.events == [("joined", ALICE)]
 
 
 def test_peer_properties():
-    peer = Peer(ALICE, INSTANCE, "192.168.1.5", 5000, 4000, REV, 0.0)
+    peer = Peer(ALICE, INSTANCE, "198.51.100.5", 5000, 4000, REV, 0.0)
     assert peer.short_id == "aaaaaaaa"
-    assert peer.label == "192.168.1.5:4000"
+    assert peer.label == "198.51.100.5:4000"
     assert peer.sender_port == 4001

@@ -32,8 +32,8 @@ from twisted_p2p.transfer import (
     SenderFactory,
 )
 
-PEER_HOST = "10.0.0.2"
-OTHER_HOST = "10.0.0.3"
+PEER_HOST = "192.0.2.2"
+OTHER_HOST = "192.0.2.3"
 TOKEN = "ab" * 16
 
 

@@ -24,7 +24,7 @@ from twisted_p2p.storage import ChunkMap
 from twisted_p2p.transfer import ChunkPusher, RequestRefused
 from twisted_p2p.uploads import FileChanged, TokenBucket, Uploads, read_range
 
-REQUESTER = "10.0.0.2"
+REQUESTER = "192.0.2.2"
 TOKEN = "ab" * 16
 REVISION = "0123456789abcdef"
 
