@@ -18,6 +18,7 @@ from twisted_p2p import wire
 from twisted_p2p.limits import (
     HELLO_TIMEOUT,
     IDLE_TIMEOUT,
+    MAX_CONNECTIONS_PER_HOST,
     MAX_FRAME,
     MAX_HEADER,
     MAX_QUEUED_REQUESTS,
@@ -722,3 +723,33 @@ def test_not_supported_says_so_and_closes():
     assert transport.disconnecting
     # The error is plain JSON a client can read.
     assert json.loads(transport.value()[4:].split(b"\n")[0])["code"] == "not-supported"
+
+
+def test_receiver_refuses_a_big_frame_before_hello(feed):
+    # A stranger (no token yet) cannot make us buffer a chunk-sized frame:
+    # the length prefix alone is enough to drop it.
+    expectation = FakeExpectation()
+    protocol, transport, _ = receiver(expectation, task.Clock())
+    feed(protocol, struct.pack("!I", MAX_HEADER + 1))
+    assert transport.disconnecting
+    assert expectation.delivered == []
+
+
+# -- connections per host ----------------------------------------------------------
+
+
+def test_a_host_gets_at_most_its_share_of_connections():
+    factory = ReceiverFactory(Inbox())
+    limit = MAX_CONNECTIONS_PER_HOST
+    first = [factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000 + i)) for i in range(limit)]
+    assert all(p is not None for p in first)
+    # One more from the same host is refused; Twisted closes it.
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50000)) is None
+    # Other hosts are not affected.
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 50000)) is not None
+    # A closed connection gives its place back.
+    first[0].makeConnection(StringTransport())
+    first[0].connectionLost(Failure(ConnectionDone()))
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50001)) is not None
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50002)) is None
+    assert factory.refused == 2

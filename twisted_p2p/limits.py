@@ -53,6 +53,12 @@ IDLE_TIMEOUT = 60.0
 #: answering; past this it stops reading the connection until one is answered.
 MAX_QUEUED_REQUESTS = 8
 
+#: Connections one host may hold open to each of our TCP ports.  A
+#: downloader uses one per download on T+1, a sender two per download on T;
+#: a host past this is refused, so it cannot hold thousands of half-sent
+#: frames in our memory.
+MAX_CONNECTIONS_PER_HOST = 64
+
 #: A data connection must present its token within this many seconds.
 HELLO_TIMEOUT = 10.0
 

@@ -13,7 +13,7 @@ Every connection speaks frames (see C{wire.py}) and is dropped on the first
 frame that breaks the protocol, or after L{IDLE_TIMEOUT} of silence.
 """
 
-from collections import deque
+from collections import Counter, deque
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -27,6 +27,7 @@ from twisted_p2p import wire
 from twisted_p2p.limits import (
     HELLO_TIMEOUT,
     IDLE_TIMEOUT,
+    MAX_CONNECTIONS_PER_HOST,
     MAX_FRAME,
     MAX_HEADER,
     MAX_QUEUED_REQUESTS,
@@ -105,6 +106,40 @@ class FramedProtocol(Int32StringReceiver, TimeoutMixin):
 
     def connectionLost(self, reason):
         self.setTimeout(None)
+        release = getattr(self.factory, "release", None)
+        if release is not None:
+            release(self)
+
+
+class PerHostLimitedFactory(Factory):
+    """
+    A server factory that refuses a host's connections beyond
+    L{MAX_CONNECTIONS_PER_HOST}, so that one host cannot hold thousands of
+    half-sent frames in our memory.  Its protocols hand their place back
+    when they close (L{FramedProtocol.connectionLost}).
+    """
+
+    noisy = False
+    max_per_host = MAX_CONNECTIONS_PER_HOST
+
+    def buildProtocol(self, addr):
+        counts = self.__dict__.setdefault("_per_host", Counter())
+        host = getattr(addr, "host", None)
+        if counts[host] >= self.max_per_host:
+            self.__dict__["refused"] = self.__dict__.get("refused", 0) + 1
+            return None  # Twisted closes the connection
+        counts[host] += 1
+        protocol = Factory.buildProtocol(self, addr)
+        protocol._limited_host = host
+        return protocol
+
+    def release(self, protocol):
+        host = protocol.__dict__.pop("_limited_host", None)
+        counts = self.__dict__.get("_per_host")
+        if counts is not None and host in counts:
+            counts[host] -= 1
+            if counts[host] <= 0:
+                del counts[host]
 
 
 # -- T+1: sender -------------------------------------------------------------
@@ -253,8 +288,7 @@ class _WriteGate:
         pass  # the connection is gone; connectionLost cleans up
 
 
-class SenderFactory(Factory):
-    noisy = False
+class SenderFactory(PerHostLimitedFactory):
     protocol = SenderProtocol
 
     def __init__(self, uploads):
@@ -413,6 +447,9 @@ class ReceiverProtocol(FramedProtocol):
     """
 
     idle_timeout = HELLO_TIMEOUT
+    # Until a token is shown, frames are headers only: a stranger cannot
+    # make us buffer a whole chunk.
+    MAX_LENGTH = MAX_HEADER
 
     def connectionMade(self):
         FramedProtocol.connectionMade(self)
@@ -434,6 +471,7 @@ class ReceiverProtocol(FramedProtocol):
                 # So that the download can drop this connection when it no
                 # longer wants what comes on it (a duplicate that lost).
                 attach(self.transport)
+            self.MAX_LENGTH = MAX_FRAME
             self.setTimeout(IDLE_TIMEOUT)
             return
         if kind == "chunk":
@@ -463,8 +501,7 @@ class ReceiverProtocol(FramedProtocol):
             self.expectation.lost()
 
 
-class ReceiverFactory(Factory):
-    noisy = False
+class ReceiverFactory(PerHostLimitedFactory):
     protocol = ReceiverProtocol
 
     def __init__(self, inbox):
@@ -525,6 +562,5 @@ class NotSupportedProtocol(FramedProtocol):
         pass
 
 
-class NotSupportedFactory(Factory):
-    noisy = False
+class NotSupportedFactory(PerHostLimitedFactory):
     protocol = NotSupportedProtocol
