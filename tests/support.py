@@ -2,6 +2,7 @@
 Helpers shared by the unit tests: Deferred results and transfer frames.
 """
 
+import socket
 import struct
 
 from twisted.internet.testing import StringTransport
@@ -106,3 +107,17 @@ class BufferedTransport(StringTransport):
             chunk, self.unread = self.unread[:size], self.unread[size:]
             protocol.dataReceived(chunk)
 
+
+
+def can_bind(kind, port, host="127.0.0.1"):
+    """
+    Whether a socket of C{kind} can bind C{(host, port)} now.
+    """
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True

@@ -18,6 +18,7 @@ import sys
 import tomllib
 
 import pytest
+from support import can_bind
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
@@ -50,17 +51,6 @@ def read(path):
         return f.read()
 
 
-def _free(kind, host, port):
-    sock = socket.socket(socket.AF_INET, kind)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return True
-
-
 def free_ports():
     """
     (T, D): T to T+3 free for TCP on every address (the example's host is
@@ -73,9 +63,10 @@ def free_ports():
         discovery = rng.randrange(20000, 32000)
         if base <= discovery <= base + 3:
             continue
-        if all(_free(socket.SOCK_STREAM, "0.0.0.0", port) for port in range(base, base + 4)) and _free(
-            socket.SOCK_DGRAM, "", discovery
-        ):
+        transfer_free = all(
+            can_bind(socket.SOCK_STREAM, port, "0.0.0.0") for port in range(base, base + 4)
+        )
+        if transfer_free and can_bind(socket.SOCK_DGRAM, discovery, ""):
             return base, discovery
     pytest.fail("no free transfer and discovery ports in 20000-32000")
 

@@ -9,17 +9,17 @@ import os
 import random
 
 import pytest
+from support import result_of
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
-from twisted.python.failure import Failure
 
 from twisted_p2p import wire
 from twisted_p2p.client import PeerRefused
 from twisted_p2p.download import (
     ANSWER_TIMEOUT,
     MAX_STRIKES,
-    Bans,
     PROGRESS_INTERVAL,
+    Bans,
     Download,
     DownloadFailed,
     Downloads,
@@ -41,19 +41,6 @@ from twisted_p2p.storage import PartialFile
 from twisted_p2p.transfer import Inbox
 
 RECEIVER_PORT = 7100
-
-
-def result_of(d):
-    """
-    The result of a Deferred that has already fired; a failure is raised.
-    """
-    results = []
-    # A success is passed on, so the result can be asked for again.
-    d.addBoth(lambda r: results.append(r) or (None if isinstance(r, Failure) else r))
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def run_now(f, *args, **kwargs):

@@ -10,21 +10,11 @@ import socket
 
 import pytest
 import pytest_twisted
+from support import can_bind
 from twisted.internet import defer, reactor, task
 
-from twisted_p2p.tap import Options
 from twisted_p2p.service import PeerService
-
-
-def _free(kind, port, host="127.0.0.1"):
-    s = socket.socket(socket.AF_INET, kind)
-    try:
-        s.bind((host, port))
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
+from twisted_p2p.tap import Options
 
 
 def free_ports(count):
@@ -35,7 +25,7 @@ def free_ports(count):
     for _ in range(500):
         base = rng.randrange(20000, 32000 - count)
         if all(
-            _free(socket.SOCK_STREAM, base + i) and _free(socket.SOCK_DGRAM, base + i)
+            can_bind(socket.SOCK_STREAM, base + i) and can_bind(socket.SOCK_DGRAM, base + i)
             for i in range(count)
         ):
             return base
