@@ -37,7 +37,8 @@ class Peer:
     A peer may be heard from several addresses (IPv4 and IPv6, or a host on
     two LANs); L{addresses} holds them all, oldest first.  C{udp_port} and
     C{via} are those of its I{main} address: the first one heard that is
-    still heard, a link-local one only when there is no other.  C{host} is
+    still heard, IPv4 before IPv6, and a link-local one only when there is
+    no other.  C{host} is
     where its transfer ports are reached: the address it advertises
     (C{--advertise-host}), else its main address.
 
@@ -85,8 +86,9 @@ class Peer:
 
 def _rank(address):
     # Link-local addresses need a scope and work on one link only: use them
-    # when nothing else is heard.
-    return 1 if is_link_local(address.host) else 0
+    # when nothing else is heard.  Otherwise IPv4 first, so that a
+    # dual-stack peer is always shown at the same address.
+    return (is_link_local(address.host), ":" in address.host)
 
 
 class PeerTable:

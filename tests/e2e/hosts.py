@@ -94,7 +94,9 @@ class Host:
 
     @property
     def address(self):
-        """Its first address: IPv4 if it has one, else IPv6."""
+        """Its first address: IPv4 if it has one, else IPv6 (None: no links)."""
+        if not self.links:
+            return None
         link = self.links[0]
         return link.ipv4 or link.ipv6
 
@@ -123,6 +125,8 @@ class HostPeer(Peer):
 
     @property
     def label(self):
+        if self.address is None:
+            return f"(no address):{self.transfer_port}"
         if ":" in self.address:
             return f"[{self.address}]:{self.transfer_port}"
         return f"{self.address}:{self.transfer_port}"
