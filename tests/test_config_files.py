@@ -37,7 +37,8 @@ INSTALLED_TWISTD = "/opt/twisted-p2p/bin/twistd"
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 KNOWN = (
-    "transfer-port, discovery-port, host, broadcast, announce-interval, peer-timeout, "
+    "transfer-port, discovery-port, host, broadcast, peer, advertise-host, name, "
+    "max-peers-per-host, announce-interval, peer-timeout, "
     "shared, downloads, state-dir, console, max-upload-rate, max-uploads, "
     "share-downloads, log-file, log-format"
 )
@@ -160,8 +161,10 @@ def test_options_from_the_example(peer_dir):
     options.parseOptions(["--config", path])
     assert options["transfer-port"] == settings["transfer-port"]
     assert options["discovery-port"] == settings["discovery-port"]
-    assert options["host"] == settings["host"] == "0.0.0.0"
-    assert options["broadcast"] == settings["broadcast"] == "255.255.255.255"
+    assert options["host"] == settings["host"] == "any"
+    assert options["broadcast"] == settings["broadcast"] == "auto"
+    assert options["peer"] == [] and "peer" not in settings
+    assert options["max-peers-per-host"] == settings["max-peers-per-host"] == 64
     assert options["announce-interval"] == settings["announce-interval"] == 5.0
     assert options["peer-timeout"] == settings["peer-timeout"] == 15.0
     assert options["shared"] == str(peer_dir / settings["shared"]) == str(peer_dir / "shared")
@@ -243,8 +246,8 @@ def test_underscore_setting_is_unknown(peer_dir):
 
 
 def test_table_is_an_unknown_setting(peer_dir):
-    path = write(peer_dir, '[peer]\nhost = "0.0.0.0"\n')
-    assert refusal(path) == f"{path}: unknown setting 'peer' (known: {KNOWN})"
+    path = write(peer_dir, '[settings]\nhost = "0.0.0.0"\n')
+    assert refusal(path) == f"{path}: unknown setting 'settings' (known: {KNOWN})"
 
 
 @pytest.mark.parametrize(

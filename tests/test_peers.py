@@ -5,7 +5,7 @@ Tests for L{twisted_p2p.peers}: the peer table, its expiry and its observers.
 import pytest
 from twisted.internet.task import Clock
 
-from twisted_p2p.limits import MAX_PEERS, MAX_PEERS_PER_HOST
+from twisted_p2p.limits import MAX_ADDRESSES_PER_PEER, MAX_PEERS, MAX_PEERS_PER_HOST
 from twisted_p2p.peers import Peer, PeerTable
 from twisted_p2p.wire import Announce, Goodbye
 
@@ -113,25 +113,18 @@ class TestHeard:
         assert recorder.events == [("joined", ALICE), ("changed", ALICE, REV)]
 
     @pytest.mark.parametrize("host, udp_port", [("192.0.2.9", 5000), ("192.0.2.1", 5009)])
-    def test_same_instance_from_another_address_is_ignored(
+    def test_same_instance_from_another_address_adds_it(
         self, table, recorder, clock, host, udp_port
     ):
         table.heard(announce(), "192.0.2.1", 5000)
         clock.advance(10)
-        outcome = table.heard(announce(port=4009, rev=REV2), host, udp_port)
-        assert outcome == "moved"
+        assert table.heard(announce(), host, udp_port, "other socket") == "added"
         peer = table.get(ALICE)
-        assert (peer.host, peer.udp_port, peer.transfer_port, peer.revision) == (
-            "192.0.2.1",
-            5000,
-            4000,
-            REV,
-        )
-        # Not a refresh either: the entry still expires on the real peer's clock.
-        assert peer.last_seen == 0
-        clock.advance(TIMEOUT - 10)
-        assert ALICE not in table
-        assert recorder.events == [("joined", ALICE), ("left", ALICE, "timed out")]
+        # The main address stays: nobody can move a peer to their address.
+        assert (peer.host, peer.udp_port, peer.main_address) == ("192.0.2.1", 5000, ("192.0.2.1", 5000))
+        assert list(peer.addresses) == [("192.0.2.1", 5000), (host, udp_port)]
+        assert table.at(host, udp_port) is peer
+        assert recorder.events == [("joined", ALICE)]
 
     def test_restart_from_another_address_moves_the_entry(self, table, recorder):
         table.heard(announce(), "192.0.2.1", 5000)
@@ -207,10 +200,11 @@ class TestExpiry:
 class TestGoodbye:
     def test_goodbye_drops(self, table, recorder, clock):
         table.heard(announce(), "192.0.2.1", 5000)
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is True
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) == "dropped"
         assert len(table) == 0
         assert recorder.events[-1] == ("left", ALICE, "said goodbye")
         assert clock.getDelayedCalls() == []
+        assert table.at("192.0.2.1", 5000) is None
 
     @pytest.mark.parametrize(
         "instance, host, udp_port",
@@ -222,35 +216,113 @@ class TestGoodbye:
     )
     def test_spoofed_goodbye(self, table, recorder, instance, host, udp_port):
         table.heard(announce(), "192.0.2.1", 5000)
-        assert table.goodbye(Goodbye(ALICE, instance), host, udp_port) is False
+        assert table.goodbye(Goodbye(ALICE, instance), host, udp_port) is None
         assert ALICE in table
         assert recorder.events == [("joined", ALICE)]
 
     def test_goodbye_of_old_instance_after_restart(self, table):
         table.heard(announce(), "192.0.2.1", 5000)
         table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.1", 5000)
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is False
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is None
         assert ALICE in table
 
     def test_goodbye_from_new_address_after_restart_elsewhere(self, table):
         table.heard(announce(), "192.0.2.1", 5000)
         table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.2", 5000)
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is False
-        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.1", 5000) is False
-        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.2", 5000) is True
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is None
+        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.1", 5000) is None
+        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.2", 5000) == "dropped"
 
     def test_replayed_announce_cannot_open_the_way_for_a_goodbye(self, table, recorder):
         # An attacker who heard Alice's announce replays it from its own
-        # address, then says goodbye for her from there.
+        # address, then says goodbye for her from there: that drops only
+        # the attacker's address.
         table.heard(announce(), "192.0.2.1", 5000)
-        assert table.heard(announce(), "192.0.2.66", 6666) == "moved"
-        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.66", 6666) is False
+        assert table.heard(announce(), "192.0.2.66", 6666) == "added"
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.66", 6666) == "address dropped"
         assert ALICE in table
+        assert list(table.get(ALICE).addresses) == [("192.0.2.1", 5000)]
         assert recorder.events == [("joined", ALICE)]
 
+    def test_goodbye_over_every_address(self, table, recorder):
+        # A dual-stack peer says goodbye on IPv4 and IPv6: the second is
+        # no spoof, and changes nothing.
+        table.heard(announce(), "192.0.2.1", 5000, "ipv4")
+        table.heard(announce(), "fd00::1", 5001, "ipv6 eth0")
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) == "dropped"
+        assert table.goodbye(Goodbye(ALICE, INSTANCE), "fd00::1", 5001) == "repeated"
+        assert recorder.events == [("joined", ALICE), ("left", ALICE, "said goodbye")]
+        # A later run of it is welcome.
+        assert table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.1", 5000) == "new"
+
     def test_goodbye_unknown(self, table, recorder):
-        assert table.goodbye(Goodbye(BOB, INSTANCE), "192.0.2.1", 5000) is False
+        assert table.goodbye(Goodbye(BOB, INSTANCE), "192.0.2.1", 5000) is None
         assert recorder.events == []
+
+
+class TestAddresses:
+    def test_each_address_expires_on_its_own(self, table, recorder, clock):
+        table.heard(announce(), "192.0.2.1", 5000, "ipv4")
+        table.heard(announce(), "fd00::1", 5001, "ipv6 eth0")
+        for _ in range(5):
+            clock.advance(TIMEOUT / 3)
+            table.heard(announce(), "fd00::1", 5001, "ipv6 eth0")
+        # IPv4 went silent (a cut link): the peer is reached over IPv6 now.
+        peer = table.get(ALICE)
+        assert list(peer.addresses) == [("fd00::1", 5001)]
+        assert (peer.host, peer.udp_port, peer.via) == ("fd00::1", 5001, "ipv6 eth0")
+        assert peer.label == "[fd00::1]:4000"
+        assert recorder.events == [("joined", ALICE), ("changed", ALICE, REV)]
+        clock.advance(TIMEOUT)
+        assert ALICE not in table
+        assert recorder.events[-1] == ("left", ALICE, "timed out")
+        assert clock.getDelayedCalls() == []
+
+    def test_link_local_only_when_nothing_else(self, table, recorder):
+        table.heard(announce(), "fe80::1%eth0", 5001, "ipv6 eth0")
+        assert table.get(ALICE).host == "fe80::1%eth0"
+        assert table.heard(announce(), "192.0.2.1", 5000, "ipv4") == "added"
+        peer = table.get(ALICE)
+        assert (peer.host, peer.via) == ("192.0.2.1", "ipv4")
+        assert recorder.events == [("joined", ALICE), ("changed", ALICE, REV)]
+
+    def test_at_most_so_many_addresses(self, table):
+        table.heard(announce(), "192.0.2.1", 5000)
+        for n in range(1, MAX_ADDRESSES_PER_PEER):
+            assert table.heard(announce(), "192.0.2.1", 5000 + n) == "added"
+        assert table.heard(announce(), "192.0.2.99", 5000) == "too many addresses"
+        assert table.at("192.0.2.99", 5000) is None
+
+    def test_an_address_of_another_peer_is_not_taken(self, table):
+        table.heard(announce(BOB), "192.0.2.2", 5000)
+        table.heard(announce(), "192.0.2.1", 5000)
+        assert table.heard(announce(), "192.0.2.2", 5000) == "full"
+        assert table.at("192.0.2.2", 5000).peer_id == BOB
+
+    def test_restart_forgets_the_old_addresses(self, table):
+        table.heard(announce(), "192.0.2.1", 5000)
+        table.heard(announce(), "192.0.2.7", 5000)
+        assert table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.9", 5009) == "restarted"
+        assert list(table.get(ALICE).addresses) == [("192.0.2.9", 5009)]
+        assert table.at("192.0.2.1", 5000) is None
+
+
+class TestNameAndAdvertisedHost:
+    def test_name_kept_and_changed(self, table, recorder):
+        table.heard(Announce(ALICE, INSTANCE, 4000, REV, name="lab-1"), "192.0.2.1", 5000)
+        assert table.get(ALICE).name == "lab-1"
+        outcome = table.heard(Announce(ALICE, INSTANCE, 4000, REV, name="lab-2"), "192.0.2.1", 5000)
+        assert outcome == "changed"
+        assert table.get(ALICE).name == "lab-2"
+
+    def test_advertised_host_is_where_transfers_go(self, table, recorder):
+        table.heard(Announce(ALICE, INSTANCE, 4000, REV, host="203.0.113.7"), "192.0.2.1", 5000)
+        peer = table.get(ALICE)
+        assert (peer.host, peer.label) == ("203.0.113.7", "203.0.113.7:4000")
+        # Datagrams still go where its datagrams come from.
+        assert peer.main_address == ("192.0.2.1", 5000)
+        assert table.heard(announce(), "192.0.2.1", 5000) == "changed"
+        assert table.get(ALICE).host == "192.0.2.1"
 
 
 class TestForgetAndClear:
@@ -316,6 +388,8 @@ class TestBounds:
         assert table.heard(announce(peer_id(2)), "192.0.2.2", 5000) == "full"
         table.goodbye(Goodbye(peer_id(0), OTHER_INSTANCE), "192.0.2.2", 5000)
         assert table.heard(announce(peer_id(2)), "192.0.2.2", 5000) == "new"
+        # A second address counts for its host too.
+        assert table.heard(announce(peer_id(1)), "192.0.2.2", 5001) == "full"
         table.clear()
         assert table.heard(announce(peer_id(3)), "192.0.2.1", 5000) == "new"
 
@@ -341,3 +415,12 @@ def test_peer_properties():
     assert peer.short_id == "aaaaaaaa"
     assert peer.label == "198.51.100.5:4000"
     assert peer.sender_port == 4001
+    assert peer.name is None
+    assert Peer(ALICE, INSTANCE, "2001:db8::5", 5000, 4000, REV, 0.0).label == "[2001:db8::5]:4000"
+
+
+def test_peers_sorted_ipv4_first_then_numerically(table):
+    table.heard(announce(ALICE), "2001:db8::1", 1)
+    table.heard(announce(BOB), "192.0.2.10", 1)
+    table.heard(announce("c" * 32), "192.0.2.9", 1)
+    assert [p.host for p in table.peers()] == ["192.0.2.9", "192.0.2.10", "2001:db8::1"]

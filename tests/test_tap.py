@@ -15,6 +15,7 @@ from twisted.python import usage
 
 from twisted_p2p import service as service_module
 from twisted_p2p import tap, transfer
+from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST
 from twisted_p2p.service import ConsoleService, ControlService, DiscoveryService, PeerService
 
 HOST = "127.0.0.1"
@@ -145,12 +146,127 @@ def test_discovery_port_next_to_the_transfer_ports(tmp_path, monkeypatch, discov
     assert message.startswith("the shared folder shared does not exist")
 
 
-@pytest.mark.parametrize("key", ["host", "broadcast"])
-@pytest.mark.parametrize("value", ["nope", "::1", "256.1.1.1", "10.0.0"])
-def test_bad_address(folder, key, value):
-    assert refusal("--transfer-port", "20000", f"--{key}", value) == (
-        f"--{key} {value!r} is not an IPv4 address"
+@pytest.mark.parametrize("value", ["nope", "256.1.1.1", "10.0.0", "fe80::1%eth0", ""])
+def test_bad_host(folder, value):
+    assert refusal("--transfer-port", "20000", "--host", value) == (
+        f"--host {value!r} is not an IPv4 or IPv6 address (or 'any')"
     )
+
+
+@pytest.mark.parametrize("value", ["nope", "256.1.1.1", "10.0.0", "2001:db8::1"])
+def test_bad_broadcast(folder, value):
+    assert refusal("--transfer-port", "20000", "--broadcast", value) == (
+        f"--broadcast {value!r} is not an IPv4 address or an IPv6 multicast address (or 'auto')"
+    )
+
+
+def test_broadcast_of_a_family_the_host_does_not_use(folder):
+    assert refusal("--transfer-port", "20000", "--host", "::1", "--broadcast", "127.255.255.255") == (
+        "--broadcast 127.255.255.255 is IPv4, but --host ::1 is not"
+    )
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0", "224.0.0.1", "example.org", "fe80::1%eth0"])
+def test_bad_advertise_host(folder, value):
+    assert refusal("--transfer-port", "20000", "--advertise-host", value) == (
+        f"--advertise-host {value!r} is not a unicast IP address"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, parsed",
+    [
+        ("198.18.5.1", ("198.18.5.1", None)),
+        ("198.18.5.1:27001", ("198.18.5.1", 27001)),
+        ("fd00::1", ("fd00::1", None)),
+        ("[fd00::1]:27001", ("fd00::1", 27001)),
+        ("[FD00:0::1]", ("fd00::1", None)),
+        ("peer-2.lab", ("peer-2.lab", None)),
+        ("peer-2.lab:9", ("peer-2.lab", 9)),
+    ],
+)
+def test_peer_target(text, parsed):
+    assert tap.parse_peer(text) == parsed
+
+
+@pytest.mark.parametrize(
+    "text", ["", "[fd00::1", "[fd00::1]x", "[peer]:1", "a_b", "-a.lab", "1.2.3", "::g", "0.0.0.0"]
+)
+def test_bad_peer_target(text):
+    with pytest.raises(usage.UsageError, match="is not HOST or HOST:PORT"):
+        tap.parse_peer(text)
+
+
+@pytest.mark.parametrize("text", ["198.18.5.1:0", "198.18.5.1:65536", "198.18.5.1:x", "[fd00::1]:"])
+def test_bad_peer_port(text):
+    with pytest.raises(usage.UsageError, match="the port must be from 1 to 65535"):
+        tap.parse_peer(text)
+
+
+def test_peer_is_repeatable_and_never_taken_for_peer_timeout(folder, ports):
+    options = parse(*good_args(ports, "--peer", "198.18.5.1", "--peer", "198.18.6.1:27001"))
+    assert options["peer"] == [("198.18.5.1", None), ("198.18.6.1", 27001)]
+    # Before --peer existed, getopt took it for an abbreviation of --peer-timeout.
+    assert options["peer-timeout"] == 15.0
+    assert parse(*good_args(ports))["peer"] == []
+
+
+def test_peer_of_a_family_the_host_does_not_use(folder, ports):
+    assert refusal(*good_args(ports, "--peer", "fd00::1")) == (
+        "--peer 'fd00::1' is IPv6, but --host does not use IPv6"
+    )
+
+
+def test_too_many_peers(folder, ports):
+    args = []
+    for n in range(MAX_PEER_TARGETS + 1):
+        args += ["--peer", f"198.18.5.{n % 250 + 1}:{n + 1}"]
+    assert refusal(*good_args(ports, *args)) == f"at most {MAX_PEER_TARGETS} --peer may be given"
+
+
+@pytest.mark.parametrize("peer", ['["198.18.5.1", "[fd00::1]:9"]', '"198.18.5.1"'])
+def test_peer_in_the_settings_file(folder, ports, peer):
+    (folder / "peer.toml").write_text(f"peer = {peer}\n")
+    options = parse("--config", "peer.toml", *good_args(ports)[:4])
+    assert options["peer"][0] == ("198.18.5.1", None)
+    if "fd00" in peer:
+        assert options["peer"][1] == ("fd00::1", 9)
+
+
+def test_peer_in_the_settings_file_must_be_strings(folder, ports):
+    (folder / "peer.toml").write_text("peer = [1]\n")
+    assert refusal("--config", "peer.toml", *good_args(ports)[:4]) == (
+        "peer in a settings file must be a list of strings"
+    )
+    (folder / "peer.toml").write_text("peer = 1\n")
+    assert refusal("--config", "peer.toml", *good_args(ports)[:4]) == (
+        "peer.toml: setting 'peer' must be a list of strings or a string, not int 1"
+    )
+
+
+def test_name(folder, ports, monkeypatch):
+    monkeypatch.setattr(tap.socket, "gethostname", lambda: "lab-host\x1b")
+    assert parse(*good_args(ports))["name"] == "lab-host?"
+    assert parse(*good_args(ports, "--name", " kitchen "))["name"] == "kitchen"
+    assert parse(*good_args(ports, "--name", "x" * 100))["name"] == "x" * 64
+    assert refusal(*good_args(ports, "--name", "  ")) == "--name must have a printable character"
+
+
+def test_max_peers_per_host(folder, ports):
+    assert parse(*good_args(ports))["max-peers-per-host"] == MAX_PEERS_PER_HOST
+    assert parse(*good_args(ports, "--max-peers-per-host", "200"))["max-peers-per-host"] == 200
+    for bad in ("0", str(MAX_PEERS + 1)):
+        assert refusal(*good_args(ports, "--max-peers-per-host", bad)) == (
+            f"--max-peers-per-host must be from 1 to {MAX_PEERS}"
+        )
+
+
+def test_ipv6_host(folder, ports):
+    if not service_module.ipv6_available():
+        pytest.skip("no IPv6 on this machine")
+    base, discovery = ports
+    options = parse("--transfer-port", str(base), "--discovery-port", str(discovery), "--host", "::1")
+    assert options["host"] == "::1"
 
 
 def test_host_not_of_this_machine(folder, ports):
@@ -241,7 +357,8 @@ def test_good_options(folder, ports):
     assert options["transfer-port"] == base
     assert options["discovery-port"] == discovery
     assert options["host"] == HOST
-    assert options["broadcast"] == "255.255.255.255"
+    assert options["broadcast"] == "auto"
+    assert options["advertise-host"] is None
     assert options["announce-interval"] == 5.0
     assert options["shared"] == str(folder / "shared")
     # Created when missing.
@@ -466,3 +583,35 @@ def test_catalog_fetches_are_limited_and_timed_out(folder, ports, monkeypatch):
     for d in results[service_module.CATALOG_FETCHES :]:
         d.addErrback(lambda f: None)
     clock.advance(service_module.CATALOG_FETCH_TIMEOUT)
+
+
+def test_every_address_listens_on_ipv4_and_ipv6(folder, ports, global_reactor, monkeypatch):
+    stdin_is(monkeypatch, "null")
+    monkeypatch.setattr(service_module, "ipv6_available", lambda: True)
+    base, discovery = ports
+    options = parse("--transfer-port", str(base), "--discovery-port", str(discovery),
+                    "--host", "any", "--console", "off")
+    peer = tap.makeService(options, global_reactor)
+    endpoints = [c.endpoint for c in peer if isinstance(c, StreamServerEndpointService)]
+    assert [type(e).__name__ for e in endpoints] == ["TCP4ServerEndpoint", "TCP6OnlyServerEndpoint"] * 4
+    assert [e._port for e in endpoints] == [p for p in range(base, base + 4) for _ in (4, 6)]
+
+
+def test_connect_picks_the_family(folder, ports, monkeypatch):
+    clock = ClockReactor()
+    peer = PeerService(parse(*good_args(ports)), clock, console_enabled=False)
+    made = []
+    for name, family in (("TCP4ClientEndpoint", "4"), ("TCP6ClientEndpoint", "6")):
+        monkeypatch.setattr(
+            service_module, name,
+            lambda reactor, host, port, family=family, **kw: made.append((family, host)) or FakeEndpoint(),
+        )
+    peer._connect("198.18.0.2", 27102, object())
+    peer._connect("fd00::2", 27102, object())
+    peer._connect("fe80::2%eth0", 27102, object())
+    assert made == [("4", "198.18.0.2"), ("6", "fd00::2"), ("6", "fe80::2%eth0")]
+
+
+class FakeEndpoint:
+    def connect(self, factory):
+        return defer.Deferred()

@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from twisted_p2p import wire
-from twisted_p2p.limits import MAX_DATAGRAM, MAX_HEADER, PROTOCOL_VERSION
+from twisted_p2p.limits import (
+    MAX_DATAGRAM,
+    MAX_EXCHANGE_PEERS,
+    MAX_HEADER,
+    MAX_PEER_NAME,
+    PROTOCOL_VERSION,
+)
 
 PEER = "0123456789abcdef0123456789abcdef"
 INSTANCE = "fedcba9876543210"
@@ -220,6 +226,15 @@ _json_values = _json_scalars | st.lists(_json_scalars, max_size=3)
             "instance": st.just(INSTANCE) | _json_values,
             "port": st.integers(-5, 70000) | _json_values,
             "rev": st.just(REVISION) | _json_values,
+            "name": st.text(max_size=80) | _json_values,
+            "host": st.sampled_from(["192.0.2.1", "2001:db8::1", "fe80::1%eth0", "x"])
+            | _json_values,
+            "peers": st.lists(
+                st.lists(st.sampled_from(["192.0.2.1", "2001:db8::1", "::", 7]) | st.integers(-1, 70000),
+                         max_size=3),
+                max_size=40,
+            )
+            | _json_values,
         },
     )
 )
@@ -239,6 +254,91 @@ def test_decode_datagram_structured_fuzz(body):
         assert type(message.transfer_port) is int
         assert 1 <= message.transfer_port <= 65535
         assert message.revision == REVISION
+        assert message.name is None or (
+            isinstance(message.name, str) and 0 < len(message.name) <= MAX_PEER_NAME
+            and "\n" not in message.name
+        )
+        assert message.host is None or wire.parse_address(message.host) == message.host
+        assert len(message.peers) <= MAX_EXCHANGE_PEERS
+        for host, port in message.peers:
+            assert wire.parse_address(host) == host and 1 <= port <= 65535
+
+
+class TestAnnounceExtras:
+    """The name, advertised host and peer exchange of an announce."""
+
+    def test_round_trip(self):
+        message = wire.Announce(
+            PEER, INSTANCE, 4000, REVISION, name="lab-1", host="2001:db8::7",
+            peers=(("198.18.0.2", 40000), ("fd00::2", 40001)),
+        )
+        data = wire.encode_datagram(message)
+        assert json.loads(data)["peers"] == [["198.18.0.2", 40000], ["fd00::2", 40001]]
+        assert wire.decode_datagram(data) == message
+
+    def test_left_out_when_empty(self):
+        data = wire.encode_datagram(wire.Announce(PEER, INSTANCE, 4000, REVISION, name=""))
+        assert set(json.loads(data)) == {"p2p", "type", "peer", "instance", "port", "rev"}
+
+    def test_name_is_cleaned_and_cut(self):
+        raw = "\x1b[31mred\u202e\nline " + "x" * 100
+        decoded = wire.decode_datagram(_datagram(name=raw)).name
+        assert decoded == ("?[31mred??line " + "x" * 100)[:MAX_PEER_NAME]
+        assert all(ch.isprintable() for ch in decoded)
+        assert wire.decode_datagram(_datagram(name="\x00\x07 ")).name == "??"
+        # Only spaces: no name at all.
+        assert wire.decode_datagram(_datagram(name="   ")).name is None
+
+    def test_non_ascii_name(self):
+        message = wire.Announce(PEER, INSTANCE, 4000, REVISION, name="Küche-Ω")
+        assert wire.decode_datagram(wire.encode_datagram(message)).name == "Küche-Ω"
+
+    @pytest.mark.parametrize(
+        "host", ["0.0.0.0", "::", "255.255.255.255", "224.0.0.1", "ff02::1", "fe80::1%eth0",
+                 "example.org", "", 7]
+    )
+    def test_bad_advertised_host(self, host):
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_datagram(_datagram(host=host))
+
+    @pytest.mark.parametrize(
+        "entry",
+        [["192.0.2.1"], ["192.0.2.1", 0], ["192.0.2.1", 65536], ["192.0.2.1", True],
+         ["192.0.2.1", 1.0], ["::", 1], ["ff02::1", 1], "192.0.2.1:5", [7, 7]],
+    )
+    def test_bad_exchange_entry(self, entry):
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_datagram(_datagram(peers=[entry]))
+
+    def test_too_many_exchange_entries(self):
+        entries = [["192.0.2.1", n] for n in range(1, MAX_EXCHANGE_PEERS + 2)]
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_datagram(_datagram(peers=entries))
+
+    def test_encoder_passes_on_what_fits(self):
+        peers = tuple((f"2001:db8:ffff:ffff:ffff:ffff:ffff:{n:x}", 65535) for n in range(100))
+        message = wire.Announce(PEER, INSTANCE, 4000, REVISION, name="ü" * MAX_PEER_NAME,
+                                host="2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", peers=peers)
+        data = wire.encode_datagram(message)
+        assert len(data) <= MAX_DATAGRAM
+        decoded = wire.decode_datagram(data)
+        assert 10 < len(decoded.peers) < MAX_EXCHANGE_PEERS
+        assert decoded.peers == peers[: len(decoded.peers)]
+
+    def test_encoder_never_passes_on_more_than_the_limit(self):
+        peers = tuple((f"192.0.2.{n}", 1) for n in range(1, 100))
+        data = wire.encode_datagram(wire.Announce(PEER, INSTANCE, 4000, REVISION, peers=peers))
+        assert len(wire.decode_datagram(data).peers) == MAX_EXCHANGE_PEERS
+
+    @given(
+        st.text(max_size=100),
+        st.lists(st.tuples(st.ip_addresses().map(str), st.integers(1, 65535)), max_size=40),
+    )
+    def test_encode_always_fits_and_decodes(self, name, peers):
+        peers = tuple((h, p) for h, p in peers if wire.parse_address(h) == h)
+        data = wire.encode_datagram(wire.Announce(PEER, INSTANCE, 4000, REVISION, name=name, peers=peers))
+        assert len(data) <= MAX_DATAGRAM
+        assert wire.decode_datagram(data).peers == peers[: len(wire.decode_datagram(data).peers)]
 
 
 # -- frames ----------------------------------------------------------------

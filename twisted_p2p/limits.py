@@ -11,10 +11,12 @@ CHUNK_SIZE = 256 * 1024
 #: Wire protocol version, carried by every datagram and every TCP request.
 PROTOCOL_VERSION = 1
 
-#: Largest discovery datagram we send or accept.  An announce is ~200 bytes;
-#: Twisted reads 8192 bytes per datagram, so anything larger arrives truncated
-#: and is dropped here as oversized.
-MAX_DATAGRAM = 1024
+#: Largest discovery datagram we send or accept.  An announce is ~200 bytes
+#: plus its name and the peers it passes on; 1232 bytes fit IPv6's minimum
+#: MTU of 1280 with the IPv6 and UDP headers, so no datagram is ever
+#: fragmented.  (Twisted reads 8192 bytes per datagram: anything larger
+#: arrives truncated, and is dropped here as oversized.)
+MAX_DATAGRAM = 1232
 
 #: Largest TCP frame (length prefix excluded): one chunk plus its header.
 MAX_FRAME = CHUNK_SIZE + 4096
@@ -126,9 +128,40 @@ UPLOAD_BURST = 2 * CHUNK_SIZE
 #: dropped (and counted) while the peers already known are still refreshed.
 MAX_PEERS = 256
 
-#: Peers kept per source address: peers on one host share its address, and
-#: a dozen peers on one machine is already a lot.
-MAX_PEERS_PER_HOST = 16
+#: Peers kept per source address, by default (C{--max-peers-per-host}):
+#: peers on one host share its address, and a test rig or a host full of
+#: containers may run dozens; a quarter of the table still leaves one
+#: address unable to fill it.
+MAX_PEERS_PER_HOST = 64
+
+#: Addresses kept per peer (IPv4 and IPv6, a host on several LANs); more
+#: are ignored, so nobody can grow one entry without limit.
+MAX_ADDRESSES_PER_PEER = 8
+
+#: Characters of a peer's name kept (it is remote text, shown in listings).
+MAX_PEER_NAME = 64
+
+#: Other peers one announce passes on (peer exchange); as many as fit in
+#: MAX_DATAGRAM are sent, a different slice each time.
+MAX_EXCHANGE_PEERS = 32
+
+#: Peers heard of through peer exchange that we remember having contacted,
+#: so that each is tried at most once per peer timeout.
+MAX_EXCHANGE_CANDIDATES = 256
+
+#: Introductions (a unicast announce to a peer heard of through peer
+#: exchange): a burst of this many, refilled at EXCHANGE_INTRO_RATE per
+#: second, so that a peer passing on invented addresses cannot make us
+#: flood anyone.
+EXCHANGE_INTRO_BURST = 32
+EXCHANGE_INTRO_RATE = 8.0
+
+#: A peer that learns of a peer beyond its broadcast domains tells its own
+#: LAN at once rather than at the next interval, but at most this often (s).
+EARLY_ANNOUNCE_INTERVAL = 1.0
+
+#: C{--peer} targets: each is sent an announce every interval.
+MAX_PEER_TARGETS = 64
 
 #: Unicast replies to newcomers (new ids or restarts): a burst of this many,
 #: refilled at NEWCOMER_REPLY_RATE per second.  A newcomer that is not

@@ -11,6 +11,12 @@ import unicodedata
 
 from twisted_p2p.limits import MAX_NAME_BYTES
 
+#: Unicode categories that must never reach a listing, a terminal or a log
+#: line from the network: controls (escape sequences, newlines), format
+#: characters (bidirectional overrides), surrogates, private use,
+#: unassigned, and line and paragraph separators (text must stay on one line).
+UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+
 
 class BadName(ValueError):
     """
@@ -42,9 +48,7 @@ def check_name(name):
     if name != name.strip() or name.endswith("."):
         raise BadName("a file name may not start or end with a space, or end with a dot")
     for ch in name:
-        # Zl and Zp are line and paragraph separators: a name must stay on
-        # one line of a listing.
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        if unicodedata.category(ch) in UNSAFE_CATEGORIES:
             raise BadName("a file name may not contain control or unassigned characters")
     return name
 

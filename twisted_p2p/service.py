@@ -12,23 +12,44 @@ lifetimes.  Its children start in this order and stop in the reverse one:
 """
 
 import errno
+import ipaddress
 import os
 import secrets
 import signal
+import socket
 import stat
+import struct
 import sys
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ClientEndpoint,
+    UNIXServerEndpoint,
+)
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from zope.interface import implementer
 
-from twisted_p2p import catalog, client, console, control, discovery, download, index, logs, transfer
+from twisted_p2p import (
+    catalog,
+    client,
+    console,
+    control,
+    discovery,
+    download,
+    index,
+    interfaces,
+    logs,
+    transfer,
+)
 from twisted_p2p.commands import Commands
 from twisted_p2p.limits import RESCAN_INTERVAL
 from twisted_p2p.peers import PeerTable
@@ -120,34 +141,74 @@ class _PeerLog:
 
 class DiscoveryService(Service):
     """
-    Owns the two discovery sockets and the announce schedule.  Stopping it
+    Owns the discovery sockets and the announce schedule.  Stopping it
     sends the goodbye.
+
+    IPv4: one listener on the discovery port D (all addresses: broadcasts
+    carry the broadcast address, not ours, and would miss a socket bound to
+    C{--host}) and one private socket bound to C{--host}, which sends to
+    every interface's broadcast address.  IPv6: a listener on D for unicast
+    (C{--peer}), and, for each interface discovery announces on, a listener
+    on the discovery group there and a private socket bound to that
+    interface's address.  The interfaces are scanned again before every
+    announce round, and the IPv6 sockets follow them.
+
+    @param host: C{--host}: L{interfaces.ANY_HOST} or an address.
+    @param broadcast: C{--broadcast}: L{interfaces.AUTO_BROADCAST} or an
+        address.
+    @param peers: the C{--peer} targets, C{(host, port or None)}; a host
+        that is a name is looked up again every announce round.
+    @param scan: what lists the interfaces (L{interfaces.scan}).
     """
 
-    def __init__(self, reactor, discovery_logic, host, discovery_port):
+    def __init__(self, reactor, discovery_logic, host, discovery_port, broadcast="auto",
+                 peers=(), scan=interfaces.scan):
         self._reactor = reactor
         self.discovery = discovery_logic
         self._host = host
+        self._families = interfaces.families(host)
         self._discovery_port = discovery_port
-        self._listener = None
-        self._private = None
+        self._broadcast = broadcast
+        self._scan = scan
+        self._peers = list(peers)
+        self._resolved = {}
+        self._resolving = set()
+        self._ports = []
+        self._private4 = None
+        self._unicast6 = None
+        self._links6 = {}
+        self._failed_links = {}
 
     def privilegedStartService(self):
-        proto = discovery.DiscoveryProtocol(self.discovery)
-        # Bound to all addresses: broadcasts carry the broadcast address, not
-        # ours, and would miss a socket bound to --host.
-        self._listener = self._reactor.listenMulticast(
-            self._discovery_port, proto, listenMultiple=True
-        )
-        self._private = self._reactor.listenUDP(
-            0, discovery.DiscoveryProtocol(self.discovery), interface=self._host
-        )
-        self._private.setBroadcastAllowed(True)
-        self.discovery.attach(self._private.write)
+        if 4 in self._families:
+            self._ports.append(self._reactor.listenMulticast(
+                self._discovery_port,
+                discovery.DiscoveryProtocol(self.discovery, "ipv4"),
+                listenMultiple=True,
+            ))
+            interface = "" if self._host == interfaces.ANY_HOST else self._host
+            self._private4 = self._reactor.listenUDP(
+                0, discovery.DiscoveryProtocol(self.discovery, "ipv4"), interface=interface
+            )
+            self._private4.setBroadcastAllowed(True)
+            self._ports.append(self._private4)
+        if 6 in self._families:
+            bind = "::" if self._host == interfaces.ANY_HOST else self._host
+            try:
+                self._unicast6 = self._adopt_udp6(
+                    (bind, self._discovery_port), "ipv6", shared=True
+                )
+                self._ports.append(self._unicast6)
+            except OSError as e:
+                if self._families == (6,):
+                    raise CannotListenError(bind, self._discovery_port, e)
+                log.info("No IPv6 discovery on this machine: {error}", error=e)
+                self._families = (4,)
+        self.discovery.attach(self._send, self.links, self.targets)
         Service.privilegedStartService(self)
 
     def startService(self):
-        if self._listener is None:
+        if not self._ports:
             self.privilegedStartService()
         Service.startService(self)
         self.discovery.start()
@@ -155,10 +216,170 @@ class DiscoveryService(Service):
     def stopService(self):
         Service.stopService(self)
         self.discovery.stop()
-        ports, self._listener, self._private = [self._listener, self._private], None, None
-        return defer.gatherResults(
-            [defer.maybeDeferred(p.stopListening) for p in ports if p is not None]
+        ports = self._ports + [p for link in self._links6.values() for p in link[1:]]
+        self._ports, self._links6 = [], {}
+        self._private4 = self._unicast6 = None
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+    # where to announce
+
+    def links(self):
+        """
+        The links to announce on now, from a fresh scan; the IPv6 sockets
+        are opened and closed to match.
+        """
+        links = interfaces.announce_links(self._scan(), self._host, self._broadcast)
+        if 6 in self._families:
+            self._follow_ipv6([link for link in links if link.family == 6])
+        return [
+            link for link in links
+            if (link.family == 4 and self._private4 is not None) or link.via in self._links6
+        ]
+
+    def _follow_ipv6(self, links):
+        wanted = {link.via: link for link in links}
+        for via in list(self._links6):
+            link, listener, private = self._links6[via]
+            if wanted.get(via) != link:
+                del self._links6[via]
+                listener.stopListening()
+                private.stopListening()
+        for via, link in wanted.items():
+            if via in self._links6:
+                continue
+            try:
+                group = link.destination
+                listener = self._adopt_udp6(
+                    (group, self._discovery_port), via, shared=True, scope=link.interface
+                )
+                index = socket.if_nametoindex(link.interface)
+                try:
+                    # Twisted's joinGroup takes an interface address; an IPv6
+                    # membership needs the interface index.
+                    listener.socket.setsockopt(
+                        socket.IPPROTO_IPV6,
+                        socket.IPV6_JOIN_GROUP,
+                        socket.inet_pton(socket.AF_INET6, group.split("%")[0])
+                        + struct.pack("@I", index),
+                    )
+                    private = self._adopt_udp6((link.source, 0), via, scope=link.interface)
+                except OSError:
+                    listener.stopListening()
+                    raise
+                private.socket.setsockopt(
+                    socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, struct.pack("@I", index)
+                )
+            except OSError as e:
+                error = e.strerror or str(e)
+                if self._failed_links.get(via) != error:
+                    self._failed_links[via] = error
+                    log.warn(
+                        "No IPv6 discovery on {interface}: {error}",
+                        interface=link.interface,
+                        error=error,
+                    )
+                continue
+            self._failed_links.pop(via, None)
+            self._links6[via] = (link, listener, private)
+
+    def _adopt_udp6(self, address, via, shared=False, scope=None):
+        """
+        A UDP socket bound to C{address}, IPv6 only (else a listener on
+        C{::} would take IPv4 datagrams too, as mapped addresses), handed to
+        the reactor with a L{discovery.DiscoveryProtocol}.
+        """
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if shared:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if hasattr(socket, "SO_REUSEPORT"):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if sys.platform.startswith("linux"):
+                # Only the groups this socket joined: a wildcard listener
+                # must not hear every interface's group as well.
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MULTICAST_ALL, 0)
+            sock.bind(socket.getaddrinfo(
+                address[0], address[1], socket.AF_INET6, socket.SOCK_DGRAM,
+                0, socket.AI_NUMERICHOST,
+            )[0][4])
+            sock.setblocking(False)
+            protocol = discovery.DiscoveryProtocol(self.discovery, via, scope)
+            return self._reactor.adoptDatagramPort(sock.fileno(), socket.AF_INET6, protocol)
+        finally:
+            sock.close()
+
+    def targets(self):
+        """
+        Where the C{--peer} targets are now: addresses as given, names as
+        last looked up (looked up again, in a thread, every round).
+        """
+        found = []
+        for host, port in self._peers:
+            port = port or self._discovery_port
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                self._look_up(host)
+                found.extend((a, port) for a in self._resolved.get(host, ()))
+                continue
+            if address.version in self._families:
+                found.append((str(address), port))
+        return found
+
+    def _look_up(self, name):
+        if name in self._resolving:
+            return
+        self._resolving.add(name)
+        family = {(4,): socket.AF_INET, (6,): socket.AF_INET6}.get(self._families, 0)
+
+        def found(results):
+            addresses = list(dict.fromkeys(r[4][0] for r in results))
+            if not addresses and name not in self._resolved:
+                log.warn("--peer {name} has no address", name=name)
+            self._resolved[name] = addresses
+
+        def failed(failure):
+            if self._resolved.get(name) != []:
+                log.warn("Could not look up --peer {name}: {error}", name=name,
+                         error=failure.getErrorMessage())
+            self._resolved[name] = []
+
+        d = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(),
+            socket.getaddrinfo, name, None, family, socket.SOCK_DGRAM,
         )
+        d.addCallbacks(found, failed)
+        d.addBoth(lambda _: self._resolving.discard(name))
+
+    # the way out
+
+    def _send(self, data, address, via):
+        """
+        Send from the socket C{via}, or, for C{None}, from the one that fits
+        C{address}: the IPv4 private socket, or the IPv6 one on the link
+        whose network holds it (any IPv6 one if none does).
+        """
+        host = address[0]
+        if ":" not in host:
+            port = self._private4
+        elif via in self._links6:
+            port = self._links6[via][2]
+        else:
+            link = interfaces.link_for([entry[0] for entry in self._links6.values()], host)
+            if link is not None:
+                port = self._links6[link.via][2]
+            elif self._links6:
+                port = next(iter(self._links6.values()))[2]
+            else:
+                port = self._unicast6
+        if port is None:
+            raise OSError(errno.EAFNOSUPPORT, "this peer does not use that address family")
+        port.write(data, address)
+
+
+#: Linux's IPV6_MULTICAST_ALL (Python does not name it).
+_IPV6_MULTICAST_ALL = getattr(socket, "IPV6_MULTICAST_ALL", 29)
 
 
 class ControlService(Service):
@@ -200,26 +421,121 @@ class ConsoleService(Service):
     Owns the stdio console, if there is a stdin to read.
     """
 
-    def __init__(self, reactor, make_protocol, quiet):
+    def __init__(self, reactor, make_protocol, quiet, notices=None):
         self._reactor = reactor
         self._make_protocol = make_protocol
         self._quiet = quiet
+        self._notices = notices
+        self._protocol = None
         self.stdio = None
 
     def startService(self):
         Service.startService(self)
         from twisted.internet.stdio import StandardIO
 
+        protocol = self._make_protocol(self._quiet)
         try:
-            self.stdio = StandardIO(self._make_protocol(self._quiet), reactor=self._reactor)
+            self.stdio = StandardIO(protocol, reactor=self._reactor)
         except (OSError, ValueError) as e:
             log.info("No console ({error}); the peer runs without one.", error=e)
+            return
+        if self._notices is not None:
+            self._protocol = protocol
+            self._notices.subscribe(protocol.emit)
 
     def stopService(self):
         Service.stopService(self)
+        if self._protocol is not None:
+            self._notices.unsubscribe(self._protocol.emit)
+            self._protocol = None
         if self.stdio is not None:
             self.stdio.loseConnection()
             self.stdio = None
+
+
+class Notices:
+    """
+    What the user must hear of without asking (discovery can send nowhere,
+    or can again): faces subscribe their C{emit}.  The standing problem, if
+    any, is told to a face that subscribes later too, so that a console
+    opened after the first announce round still says it once.
+    """
+
+    _STANDING = {"discovery-problem": "discovery", "discovery-restored": "discovery"}
+
+    def __init__(self):
+        self._listeners = []
+        self._standing = {}
+
+    def __call__(self, event):
+        topic = self._STANDING.get(event.get("event"))
+        if topic is not None:
+            if event["event"].endswith("-problem"):
+                self._standing[topic] = event
+            else:
+                self._standing.pop(topic, None)
+        for emit in list(self._listeners):
+            emit(event)
+
+    def subscribe(self, emit):
+        self._listeners.append(emit)
+        for event in self._standing.values():
+            emit(event)
+
+    def unsubscribe(self, emit):
+        if emit in self._listeners:
+            self._listeners.remove(emit)
+
+
+def ipv6_available():
+    """
+    Whether this machine can bind an IPv6 socket at all (IPv6 may be
+    disabled in the kernel).
+    """
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
+@implementer(IStreamServerEndpoint)
+class TCP6OnlyServerEndpoint:
+    """
+    A TCP server endpoint on an IPv6 address that takes IPv6 only
+    (C{IPV6_V6ONLY}): then the IPv4 endpoint of the same port can be bound
+    beside it, and every IPv4 peer is seen at its IPv4 address, never as
+    C{::ffff:a.b.c.d}.  (Twisted's TCP6ServerEndpoint leaves the option to
+    the system, where C{::} usually takes IPv4 too.)
+    """
+
+    def __init__(self, reactor, port, interface="::", backlog=50):
+        self._reactor = reactor
+        self._port = port
+        self._interface = interface
+        self._backlog = backlog
+
+    def listen(self, factory):
+        return defer.execute(self._listen, factory)
+
+    def _listen(self, factory):
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(socket.getaddrinfo(
+                self._interface, self._port, socket.AF_INET6, socket.SOCK_STREAM,
+                0, socket.AI_NUMERICHOST,
+            )[0][4])
+            sock.listen(self._backlog)
+            sock.setblocking(False)
+            return self._reactor.adoptStreamPort(sock.fileno(), socket.AF_INET6, factory)
+        except OSError as e:
+            raise CannotListenError(self._interface, self._port, e)
+        finally:
+            sock.close()
 
 
 class PeerService(MultiService):
@@ -250,7 +566,10 @@ class PeerService(MultiService):
             os.path.join(state_dir, "hashes.json"),
             self.run_in_thread,
         )
-        self.table = PeerTable(reactor, settings["peer-timeout"])
+        self.table = PeerTable(
+            reactor, settings["peer-timeout"], max_per_host=settings["max-peers-per-host"]
+        )
+        self.notices = Notices()
         self.discovery = discovery.Discovery(
             reactor,
             self.table,
@@ -258,8 +577,11 @@ class PeerService(MultiService):
             self.instance_id,
             self.transfer_port,
             lambda: self.index.revision,
-            (settings["broadcast"], settings["discovery-port"]),
+            settings["discovery-port"],
             settings["announce-interval"],
+            name=settings["name"],
+            advertise=settings["advertise-host"],
+            notify=self.notices,
         )
         self.index.on_change(self.discovery.revision_changed)
         self._catalog_fetches = defer.DeferredSemaphore(CATALOG_FETCHES)
@@ -289,20 +611,25 @@ class PeerService(MultiService):
             transfer.NotSupportedFactory(),
         ]
         for offset, factory in enumerate(factories):
-            endpoint = TCP4ServerEndpoint(
-                reactor, self.transfer_port + offset, interface=self.host
-            )
-            port_service = StreamServerEndpointService(endpoint, factory)
-            port_service._raiseSynchronously = True
-            port_service.setServiceParent(self)
+            for endpoint in self._server_endpoints(self.transfer_port + offset):
+                port_service = StreamServerEndpointService(endpoint, factory)
+                port_service._raiseSynchronously = True
+                port_service.setServiceParent(self)
         DiscoveryService(
-            reactor, self.discovery, self.host, settings["discovery-port"]
+            reactor,
+            self.discovery,
+            self.host,
+            settings["discovery-port"],
+            settings["broadcast"],
+            settings["peer"],
         ).setServiceParent(self)
         ControlService(
             reactor, os.path.join(state_dir, control.SOCKET_NAME), self.commands
         ).setServiceParent(self)
         if console_enabled:
-            ConsoleService(reactor, self._make_console, quiet_console).setServiceParent(self)
+            ConsoleService(
+                reactor, self._make_console, quiet_console, self.notices
+            ).setServiceParent(self)
 
     def run_in_thread(self, f, *args, **kwargs):
         return deferToThreadPool(self.reactor, self._threads, f, *args, **kwargs)
@@ -372,8 +699,31 @@ class PeerService(MultiService):
 
     # plumbing handed to the parts
 
+    def _server_endpoints(self, port):
+        """
+        The endpoints transfer port C{port} listens on: C{--host}, or, for
+        every address, one IPv4 and (where the machine has IPv6) one IPv6
+        endpoint.
+        """
+        families = interfaces.families(self.host)
+        if self.host != interfaces.ANY_HOST:
+            if families == (4,):
+                return [TCP4ServerEndpoint(self.reactor, port, interface=self.host)]
+            return [TCP6OnlyServerEndpoint(self.reactor, port, interface=self.host)]
+        endpoints = [TCP4ServerEndpoint(self.reactor, port, interface="")]
+        if ipv6_available():
+            endpoints.append(TCP6OnlyServerEndpoint(self.reactor, port, interface="::"))
+        return endpoints
+
     def _connect(self, host, port, protocol):
-        endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        """
+        Connect C{protocol} to C{(host, port)}: IPv4 or IPv6 (a link-local
+        address carries its scope, C{fe80::1%eth0}).
+        """
+        if ":" in host:
+            endpoint = TCP6ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        else:
+            endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False
         return endpoint.connect(factory)
@@ -425,8 +775,12 @@ class PeerService(MultiService):
         """
         if quiet:
             return console.ConsoleProtocol(self.commands)
+        where = (
+            f"port {self.transfer_port}" if self.host == interfaces.ANY_HOST
+            else interfaces.format_address(self.host, self.transfer_port)
+        )
         greeting = [
-            f"p2ppeer {self.peer_id[:8]} on {self.host}:{self.transfer_port}; "
+            f"p2ppeer {self.peer_id[:8]} on {where}; "
             "type 'help' for commands"
         ]
         target = self.settings.get("log-target")

@@ -5,13 +5,16 @@ The C{twistd p2ppeer} command line: L{Options}, checked, and L{makeService}.
 import errno
 import ipaddress
 import os
+import re
 import socket
 import sys
 import tomllib
 
 from twisted.python import usage
 
-from twisted_p2p.limits import MAX_UPLOADS
+from twisted_p2p.interfaces import ANY_HOST, AUTO_BROADCAST, families, parse_host
+from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST, MAX_UPLOADS
+from twisted_p2p.wire import clean_peer_name, parse_address
 from twisted_p2p.logs import LOG_FORMATS
 
 #: The UDP port every peer on a network shares for discovery, unless told
@@ -27,8 +30,12 @@ CONSOLE_LOG_NAME = "p2ppeer.log"
 SETTINGS = {
     "transfer-port": (None, (int,)),
     "discovery-port": (DEFAULT_DISCOVERY_PORT, (int,)),
-    "host": ("0.0.0.0", (str,)),
-    "broadcast": ("255.255.255.255", (str,)),
+    "host": (ANY_HOST, (str,)),
+    "broadcast": (AUTO_BROADCAST, (str,)),
+    "peer": ((), (list, str)),
+    "advertise-host": (None, (str,)),
+    "name": (None, (str,)),
+    "max-peers-per-host": (MAX_PEERS_PER_HOST, (int,)),
     "announce-interval": (5.0, (int, float)),
     "peer-timeout": (None, (int, float)),
     "shared": ("shared", (str,)),
@@ -69,10 +76,21 @@ class Options(usage.Options):
         ["discovery-port", "d", None,
          f"UDP port for discovery, shared by every peer on the network [default: {DEFAULT_DISCOVERY_PORT}]."],
         ["host", None, None,
-         "Address to bind the transfer ports to and to send discovery from [default: 0.0.0.0]."],
+         "Address (IPv4 or IPv6) to bind the transfer ports to and to send "
+         "discovery from; 'any' for every address, IPv4 and IPv6 [default: any]."],
         ["broadcast", None, None,
-         "Address announcements are sent to; 127.255.255.255 for peers on one "
-         "machine [default: 255.255.255.255]."],
+         "Where IPv4 announcements go; 'auto' for the broadcast address of every "
+         "interface (or of --host's), 127.255.255.255 for peers on one machine. "
+         "An IPv6 multicast address replaces the IPv6 discovery group "
+         "[default: auto]."],
+        ["advertise-host", None, None,
+         "Address other peers should reach this one at (behind NAT or port "
+         "forwarding) [default: the address its datagrams come from]."],
+        ["name", None, None,
+         "A name for people, shown by the other peers [default: the host name]."],
+        ["max-peers-per-host", None, None,
+         f"Peers kept from one address (peers on one host share it) "
+         f"[default: {MAX_PEERS_PER_HOST}]."],
         ["announce-interval", None, None, "Seconds between announcements [default: 5]."],
         ["peer-timeout", None, None,
          "Seconds of silence before a peer is forgotten [default: 3 announce intervals]."],
@@ -98,6 +116,20 @@ class Options(usage.Options):
         ["log-format", None, None,
          "text, or json for one JSON object per line (journald, log shippers) [default: text]."],
     ]
+
+    def __init__(self):
+        usage.Options.__init__(self)
+        self["peer"] = None
+
+    def opt_peer(self, target):
+        """
+        HOST[:PORT] of a peer beyond this network (across a router) to
+        announce to by unicast as well; repeatable. PORT is its discovery
+        port [default: --discovery-port].
+        """
+        if self["peer"] is None:
+            self["peer"] = []
+        self["peer"].append(target)
 
     def parseOptions(self, options=None):
         try:
@@ -130,11 +162,7 @@ class Options(usage.Options):
                 f"{port}-{port + 3}; choose a discovery port outside that range"
             )
         self["discovery-port"] = discovery
-        for key in ("host", "broadcast"):
-            try:
-                ipaddress.IPv4Address(self[key])
-            except ValueError:
-                raise usage.UsageError(f"--{key} {self[key]!r} is not an IPv4 address")
+        self._check_addresses()
         interval = _number(self, "announce-interval")
         if not 0 < interval <= 3600:
             raise usage.UsageError("--announce-interval must be more than 0 and at most 3600 seconds")
@@ -154,6 +182,17 @@ class Options(usage.Options):
         if not 1 <= uploads <= 10000:
             raise usage.UsageError("--max-uploads must be from 1 to 10000")
         self["max-uploads"] = uploads
+        per_host = _whole(self, "max-peers-per-host")
+        if not 1 <= per_host <= MAX_PEERS:
+            raise usage.UsageError(f"--max-peers-per-host must be from 1 to {MAX_PEERS}")
+        self["max-peers-per-host"] = per_host
+        if self["name"] is None:
+            self["name"] = clean_peer_name(socket.gethostname()) or None
+        else:
+            name = clean_peer_name(self["name"])
+            if not name:
+                raise usage.UsageError("--name must have a printable character")
+            self["name"] = name
         share = str(self["share-downloads"]).lower()
         if share not in ("yes", "no", "true", "false"):
             raise usage.UsageError(f"--share-downloads must be yes or no, not {self['share-downloads']!r}")
@@ -171,6 +210,50 @@ class Options(usage.Options):
                 )
         self._check_folders()
         self.check_ports()
+
+    def _check_addresses(self):
+        """
+        C{--host}, C{--broadcast}, C{--advertise-host} and C{--peer}: each
+        an address of the right kind, and of a family C{--host} uses.
+        """
+        try:
+            self["host"] = parse_host(self["host"])
+        except ValueError:
+            raise usage.UsageError(
+                f"--host {self['host']!r} is not an IPv4 or IPv6 address (or 'any')"
+            )
+        used = families(self["host"])
+        if self["broadcast"] != AUTO_BROADCAST:
+            try:
+                broadcast = ipaddress.ip_address(self["broadcast"])
+            except ValueError:
+                broadcast = None
+            if broadcast is None or (broadcast.version == 6 and not broadcast.is_multicast):
+                raise usage.UsageError(
+                    f"--broadcast {self['broadcast']!r} is not an IPv4 address or an "
+                    "IPv6 multicast address (or 'auto')"
+                )
+            if broadcast.version not in used:
+                raise usage.UsageError(
+                    f"--broadcast {broadcast} is IPv{broadcast.version}, but --host "
+                    f"{self['host']} is not"
+                )
+            self["broadcast"] = str(broadcast)
+        if self["advertise-host"] is not None:
+            advertised = parse_address(self["advertise-host"])
+            if advertised is None:
+                raise usage.UsageError(
+                    f"--advertise-host {self['advertise-host']!r} is not a unicast IP address"
+                )
+            self["advertise-host"] = advertised
+        targets = self["peer"]
+        if isinstance(targets, str):
+            targets = [targets]
+        if not all(isinstance(t, str) for t in targets):
+            raise usage.UsageError("peer in a settings file must be a list of strings")
+        if len(targets) > MAX_PEER_TARGETS:
+            raise usage.UsageError(f"at most {MAX_PEER_TARGETS} --peer may be given")
+        self["peer"] = [parse_peer(t, used) for t in targets]
 
     def _apply_settings_file(self):
         """
@@ -224,10 +307,63 @@ class Options(usage.Options):
         Try each port now, so that a busy or privileged port is one clear
         sentence rather than a traceback once twistd is running.
         """
+        from twisted_p2p.service import ipv6_available
+
         host, port = self["host"], self["transfer-port"]
-        for offset in range(4):
-            _probe(socket.SOCK_STREAM, host, port + offset, "--transfer-port")
-        _probe(socket.SOCK_DGRAM, "", self["discovery-port"], "--discovery-port", shared=True)
+        if host == ANY_HOST:
+            hosts = ["0.0.0.0"] + (["::"] if ipv6_available() else [])
+        else:
+            hosts = [host]
+        for address in hosts:
+            for offset in range(4):
+                _probe(socket.SOCK_STREAM, address, port + offset, "--transfer-port")
+        for address in hosts:
+            wildcard = "::" if ":" in address else ""
+            _probe(socket.SOCK_DGRAM, wildcard, self["discovery-port"], "--discovery-port", shared=True)
+
+
+#: A host name: letters, digits, hyphens and dots (RFC 1123).
+_HOST_NAME = re.compile(r"\A(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?\Z")
+
+
+def parse_peer(text, used=(4, 6)):
+    """
+    C{--peer HOST[:PORT]}: C{(host, port or None)}.  HOST is an IPv4
+    address, an IPv6 address (in brackets when a port follows:
+    C{[fd00::1]:27000}) or a host name.
+
+    @param used: the address families this peer uses (from C{--host}).
+    @raise usage.UsageError: not a HOST[:PORT].
+    """
+    bad = usage.UsageError(
+        f"--peer {text!r} is not HOST or HOST:PORT (an IPv6 address with a port "
+        "goes in brackets: [fd00::1]:27000)"
+    )
+    host, port = text.strip(), None
+    if host.startswith("["):
+        inside, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise bad
+        host, port = inside, rest[1:] if rest else None
+        if ":" not in host:
+            raise bad
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    if port is not None:
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise usage.UsageError(f"--peer {text!r}: the port must be from 1 to 65535")
+        port = int(port)
+    address = parse_address(host)
+    if address is not None:
+        version = ipaddress.ip_address(address).version
+        if version not in used:
+            raise usage.UsageError(
+                f"--peer {text!r} is IPv{version}, but --host does not use IPv{version}"
+            )
+        return address, port
+    if ":" in host or not _HOST_NAME.match(host) or host.replace(".", "").isdigit():
+        raise bad
+    return host, port
 
 
 def load_settings(path):
@@ -250,7 +386,10 @@ def load_settings(path):
             raise usage.UsageError(f"{path}: unknown setting {key!r} (known: {known})")
         kinds = SETTINGS[key][1]
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+            names = {
+                int: "an integer", float: "a number", str: "a string",
+                bool: "true or false", list: "a list of strings",
+            }
             wanted = " or ".join(names[k] for k in kinds)
             raise usage.UsageError(
                 f"{path}: setting {key!r} must be {wanted}, not {type(value).__name__} {value!r}"
@@ -304,8 +443,11 @@ def _number(options, key):
 
 
 def _probe(kind, host, port, option, shared=False):
-    sock = socket.socket(socket.AF_INET, kind)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
     try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if shared and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -6,11 +6,20 @@ subclass) for anything it does not accept; callers drop the message or the
 connection.  The formats are written down in C{PROTOCOL.md}.
 """
 
+import ipaddress
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 
-from twisted_p2p.limits import MAX_DATAGRAM, MAX_HEADER, PROTOCOL_VERSION
+from twisted_p2p.limits import (
+    MAX_DATAGRAM,
+    MAX_EXCHANGE_PEERS,
+    MAX_HEADER,
+    MAX_PEER_NAME,
+    PROTOCOL_VERSION,
+)
+from twisted_p2p.names import UNSAFE_CATEGORIES
 
 _PEER_ID = re.compile(r"\A[0-9a-f]{32}\Z")
 _INSTANCE_ID = re.compile(r"\A[0-9a-f]{16}\Z")
@@ -95,12 +104,23 @@ class Announce:
     """
     "I am here": who, which run of it, where its transfer ports are, and the
     revision of what it offers.
+
+    @ivar name: a name for people (the host name by default), cleaned of
+        control characters and cut to L{MAX_PEER_NAME}; or C{None}.
+    @ivar host: the address others should reach its transfer ports at
+        (C{--advertise-host}), or C{None} for the datagram's source address.
+    @ivar peers: other peers it knows, as C{(host, udp_port)} pairs: where
+        their datagrams come from (peer exchange; at most
+        L{MAX_EXCHANGE_PEERS}).
     """
 
     peer_id: str
     instance_id: str
     transfer_port: int
     revision: str
+    name: object = None
+    host: object = None
+    peers: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -113,9 +133,15 @@ class Goodbye:
     instance_id: str
 
 
+def _dumps(body):
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def encode_datagram(message):
     """
-    Bytes of an L{Announce} or L{Goodbye}.
+    Bytes of an L{Announce} or L{Goodbye}.  An announce carries as many of
+    its C{peers}, in order, as fit in L{MAX_DATAGRAM} (the rest are left
+    out: discovery passes on a different slice each time).
     """
     if isinstance(message, Announce):
         body = {
@@ -126,16 +152,33 @@ def encode_datagram(message):
             "port": message.transfer_port,
             "rev": message.revision,
         }
+        if message.name:
+            body["name"] = clean_peer_name(message.name)
+        if message.host is not None:
+            body["host"] = message.host
+        data = _dumps(body)
+        if message.peers:
+            entries = []
+            # '"peers":[' + ']' + a comma before it: 12 bytes.
+            room = MAX_DATAGRAM - len(data) - 12
+            for host, port in message.peers[:MAX_EXCHANGE_PEERS]:
+                entry = _dumps([host, port])
+                if len(entry) + 1 > room:
+                    break
+                room -= len(entry) + 1
+                entries.append([host, port])
+            if entries:
+                body["peers"] = entries
+                data = _dumps(body)
     elif isinstance(message, Goodbye):
-        body = {
+        data = _dumps({
             "p2p": PROTOCOL_VERSION,
             "type": "goodbye",
             "peer": message.peer_id,
             "instance": message.instance_id,
-        }
+        })
     else:
         raise TypeError(f"not a datagram: {message!r}")
-    data = json.dumps(body, separators=(",", ":")).encode("ascii")
     assert len(data) <= MAX_DATAGRAM
     return data
 
@@ -161,15 +204,83 @@ def decode_datagram(data):
     peer_id = text_field(message, "peer", _PEER_ID)
     instance_id = text_field(message, "instance", _INSTANCE_ID)
     if kind == "announce":
+        name = None
+        if "name" in message:
+            name = clean_peer_name(text_field(message, "name", max_length=MAX_DATAGRAM)) or None
+        host = None
+        if "host" in message:
+            host = address_field(message, "host")
+        peers = ()
+        if "peers" in message:
+            peers = tuple(
+                _exchange_entry(entry) for entry in list_field(message, "peers", MAX_EXCHANGE_PEERS)
+            )
         return Announce(
             peer_id,
             instance_id,
             port_field(message, "port"),
             revision_field(message),
+            name,
+            host,
+            peers,
         )
     if kind == "goodbye":
         return Goodbye(peer_id, instance_id)
     raise ProtocolError(f"unknown datagram type {kind!r}")
+
+
+def clean_peer_name(name):
+    """
+    A peer's name made safe to show: every character of an unsafe category
+    (controls, format characters, line separators...; see
+    L{twisted_p2p.names.UNSAFE_CATEGORIES}) becomes C{?}, spaces at either
+    end go, and it is cut to L{MAX_PEER_NAME} characters.
+    """
+    cleaned = "".join("?" if unicodedata.category(ch) in UNSAFE_CATEGORIES else ch for ch in name)
+    return cleaned.strip()[:MAX_PEER_NAME].strip()
+
+
+def parse_address(text):
+    """
+    C{text} as an IP address in its usual form, or C{None} if it is not a
+    unicast address another peer could reach: scoped, unspecified,
+    multicast or broadcast addresses are none.
+    """
+    if not isinstance(text, str) or "%" in text or len(text) > 45:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if address.is_unspecified or address.is_multicast:
+        return None
+    if address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"):
+        return None
+    return str(address)
+
+
+def address_field(message, key):
+    """
+    A unicast IP address (see L{parse_address}).
+    """
+    address = parse_address(_field(message, key, str))
+    if address is None:
+        raise ProtocolError(f"field {key!r} is not a unicast IP address")
+    return address
+
+
+def _exchange_entry(entry):
+    if (
+        not isinstance(entry, list)
+        or len(entry) != 2
+        or not _is_int(entry[1])
+        or not 1 <= entry[1] <= 65535
+    ):
+        raise ProtocolError("a peers entry is not [address, port]")
+    host = parse_address(entry[0])
+    if host is None:
+        raise ProtocolError("a peers entry is not a unicast IP address")
+    return host, entry[1]
 
 
 # -- transfer frames -------------------------------------------------------
