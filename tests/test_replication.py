@@ -7,7 +7,7 @@ tests pin the behaviour a reader would look for first.
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from twisted_p2p.manifest import CHUNK_SIZE, Manifest
@@ -95,7 +95,8 @@ def networks(draw, distributors=1, ample=False, others_whole=True):
     """
     chunk_size = draw(st.sampled_from([1, 7, 10]))
     shapes = {}
-    for file_id in draw(st.lists(st.sampled_from([FILE, OTHER_FILE, "d" * 64]), min_size=1, unique=True)):
+    file_ids = st.sampled_from([FILE, OTHER_FILE, "d" * 64])
+    for file_id in draw(st.lists(file_ids, min_size=1, unique=True)):
         shapes[file_id] = FileShape(draw(st.integers(1, 40 * chunk_size)), chunk_size)
     ids = draw(st.lists(st.sampled_from(PEERS), min_size=distributors, max_size=8, unique=True))
     network = Network(shapes)
