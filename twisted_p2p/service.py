@@ -27,6 +27,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from twisted.python.lockfile import FilesystemLock
 
 from twisted_p2p import catalog, client, console, control, discovery, download, index, logs, transfer
 from twisted_p2p.commands import Commands
@@ -39,6 +40,10 @@ log = Logger()
 
 #: Seconds to wait for a TCP connection to a peer.
 CONNECT_TIMEOUT = 5
+
+#: The state dir's lock: one peer per state dir (its peer id, its hash
+#: cache, its control socket).
+LOCK_NAME = "peer.lock"
 
 #: Catalog fetches under way at once, and the seconds each may take.
 CATALOG_FETCHES = 8
@@ -71,6 +76,48 @@ def stdin_kind(fd=0):
     if stat.S_ISREG(mode):
         return "file"
     return "null"
+
+
+class StateDirInUse(Exception):
+    """
+    Another peer runs with this state dir; the message says which and what
+    to do.
+    """
+
+
+def lock_state_dir(state_dir):
+    """
+    Take C{state_dir}'s lock, so that a second peer started there by
+    mistake stops before it binds a port or announces the first one's id.
+    A lock left by a peer that died is taken over.
+
+    @return: the held L{FilesystemLock}; C{unlock()} it on the way out.
+    @raise StateDirInUse: a running process holds it.
+    """
+    lock = FilesystemLock(os.path.join(state_dir, LOCK_NAME))
+    if lock.lock():
+        return lock
+    try:
+        holder = f"pid {os.readlink(lock.name)}"
+    except OSError:
+        holder = "another process"
+    raise StateDirInUse(
+        f"another peer ({holder}) is running with the state dir {state_dir}; "
+        "stop it, or start this one in its own folder or with its own --state-dir"
+    )
+
+
+def refuse_to_start(sentence):
+    """
+    Stop twistd before the peer runs, with one sentence on the terminal.
+
+    Written to the process's real stderr: by now twistd has redirected
+    C{sys.stderr} into the log, where nobody starting a peer looks.
+    """
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"twistd p2ppeer: error: {sentence}\n")
+    stream.flush()
+    raise SystemExit(1)
 
 
 def load_peer_id(state_dir):
@@ -182,11 +229,10 @@ class ControlService(Service):
         failures = []
         d.addCallbacks(lambda port: setattr(self, "_port", port), failures.append)
         if failures:
-            sys.stderr.write(
-                f"twistd p2ppeer: error: cannot open the control socket {self.path}: "
-                "another peer may be running with this --state-dir\n"
+            refuse_to_start(
+                f"cannot open the control socket {self.path}: "
+                "another peer may be running with this --state-dir"
             )
-            raise SystemExit(1)
 
     def stopService(self):
         Service.stopService(self)
@@ -235,6 +281,7 @@ class PeerService(MultiService):
         self.reactor = self.clock = reactor
         self.settings = settings
         self.log_file = None
+        self._lock = None
         self.host = settings["host"]
         self.transfer_port = settings["transfer-port"]
         state_dir = settings["state-dir"]
@@ -322,14 +369,26 @@ class PeerService(MultiService):
         MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self):
+        self._lock_state_dir()
         try:
             MultiService.privilegedStartService(self)
         except CannotListenError as e:
             # One sentence and a non-zero exit, not a traceback.
-            sys.stderr.write(f"twistd p2ppeer: error: {_listen_error_sentence(e)}\n")
-            raise SystemExit(1)
+            refuse_to_start(_listen_error_sentence(e))
+
+    def _lock_state_dir(self):
+        """
+        Hold the state dir's lock from before the first port is bound until
+        the peer has stopped.
+        """
+        if self._lock is None:
+            try:
+                self._lock = lock_state_dir(self.settings["state-dir"])
+            except StateDirInUse as e:
+                refuse_to_start(str(e))
 
     def startService(self):
+        self._lock_state_dir()
         MultiService.startService(self)
         self._previous_hangup = None
         try:
@@ -361,7 +420,14 @@ class PeerService(MultiService):
         # exit code 0 from a clean stop: clear the signal twistd recorded.
         if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
             self.reactor._exitSignal = None
-        return MultiService.stopService(self)
+        d = MultiService.stopService(self)
+        return d.addBoth(self._unlock_state_dir)
+
+    def _unlock_state_dir(self, result):
+        if self._lock is not None:
+            self._lock.unlock()
+            self._lock = None
+        return result
 
     def shutdown(self):
         """

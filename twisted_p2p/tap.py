@@ -57,8 +57,19 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Share the files in ./shared with peers on the local network, and "
-        "download theirs into ./downloads.  Type 'help' at the console."
+        "download theirs into ./downloads.  Run it in the foreground, with its "
+        "console, as: twistd -n --pidfile peer.pid p2ppeer -t 27101.  twistd's "
+        "-n (--nodaemon) keeps it in the foreground; without -n the peer starts "
+        "in the background with no console and twistd returns at once (stop it "
+        "with p2ppeer-ctl stop).  twistd's --pidfile gives each peer its own pid "
+        "file (the default, twistd.pid in the working folder, lets only one run "
+        "there).  Type 'help' at the console for its commands."
     )
+    optFlags = [
+        ["quiet", "q",
+         "Console: show only answers, errors and your downloads, not peers "
+         "joining and leaving or uploads (command line only)."],
+    ]
     optParameters = [
         ["config", "c", None,
          "TOML settings file whose keys are these options' long names; "
@@ -98,6 +109,15 @@ class Options(usage.Options):
         ["log-format", None, None,
          "text, or json for one JSON object per line (journald, log shippers) [default: text]."],
     ]
+
+    def opt_version(self):
+        """
+        Print the version and exit.
+        """
+        from twisted_p2p.version import version
+
+        print(f"twisted-p2p {version()}")
+        raise SystemExit(0)
 
     def parseOptions(self, options=None):
         try:
