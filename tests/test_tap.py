@@ -525,3 +525,19 @@ def test_quiet(folder, ports):
     assert parse(*good_args(ports))["quiet"] == 0
     assert parse(*good_args(ports, "--quiet"))["quiet"] == 1
     assert parse(*good_args(ports, "-q"))["quiet"] == 1
+
+
+@pytest.mark.parametrize("text, rate", [("0", None), ("25M", 25 << 20), ("800K", 800 << 10), ("500000", 500000)])
+def test_upload_rate_suffixes_are_binary_like_the_console(text, rate):
+    assert tap.parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fast", "--max-upload-rate must be bytes per second such as 500000, 800K or 25M "
+             "(K, M, G: KiB, MiB, GiB), not 'fast'"),
+    ("100", "--max-upload-rate below 1K would stall transfers; use at least 1K"),
+])
+def test_upload_rate_refusals(text, message):
+    with pytest.raises(usage.UsageError) as e:
+        tap.parse_rate(text)
+    assert str(e.value) == message

@@ -57,6 +57,7 @@ from twisted_p2p.limits import (
     TIMEOUT_REST,
 )
 from twisted_p2p.storage import StorageError
+from twisted_p2p.units import human_size  # here too for older imports
 
 log = Logger()
 
@@ -81,18 +82,6 @@ def _seconds(elapsed):
     download does not say "0.0 s".
     """
     return f"{elapsed:.2f} s" if elapsed < 10 else f"{elapsed:.0f} s"
-
-
-def human_size(n):
-    """
-    C{n} bytes for people: C{"512 B"}, C{"1.5 MiB"}.
-    """
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
 
 
 class DownloadFailed(Exception):

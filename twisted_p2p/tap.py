@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from twisted_p2p.limits import MAX_UPLOADS
 from twisted_p2p.logs import LOG_FORMATS
+from twisted_p2p.units import parse_size
 
 #: The UDP port every peer on a network shares for discovery, unless told
 #: otherwise.  Below the Linux ephemeral range (32768-60999) so that no
@@ -98,7 +99,8 @@ class Options(usage.Options):
          "a file; none for /dev/null or a closed stdin [default: auto]."],
         ["max-upload-rate", None, None,
          "Upload limit for the whole peer, in bytes per second, with an optional "
-         "K, M or G suffix (25M = 25,000,000); 0 for no limit [default: 0]."],
+         "K, M or G suffix for KiB, MiB or GiB (25M = 25 MiB/s, as the console "
+         "shows rates); 0 for no limit [default: 0]."],
         ["max-uploads", None, None,
          f"Chunk streams served at once; more requests are told to retry [default: {MAX_UPLOADS}]."],
         ["share-downloads", None, None,
@@ -278,32 +280,26 @@ def load_settings(path):
     return settings
 
 
-_RATE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
-
-
 def parse_rate(text):
     """
-    Bytes per second from C{text} such as C{"25M"} or C{"500000"}; C{None}
-    for no limit (C{"0"}).
+    Bytes per second from C{text} such as C{"25M"} (25 MiB/s) or
+    C{"500000"}; C{None} for no limit (C{"0"}).  Suffixes are binary, like
+    every size the peer shows (see L{twisted_p2p.units}).
 
     @raise usage.UsageError: not a rate.
     """
-    value = str(text).strip().upper().removesuffix("B/S").removesuffix("/S")
-    unit = value[-1:] if value[-1:] in ("K", "M", "G") else ""
-    number = value[: len(value) - len(unit)]
     try:
-        rate = float(number) * _RATE_UNITS[unit]
+        rate = parse_size(text)
     except ValueError:
         raise usage.UsageError(
-            f"--max-upload-rate must be bytes per second such as 500000, 800K or 25M, not {text!r}"
+            f"--max-upload-rate must be bytes per second such as 500000, 800K or 25M "
+            f"(K, M, G: KiB, MiB, GiB), not {text!r}"
         )
-    if rate != rate or rate < 0 or rate == float("inf"):
-        raise usage.UsageError("--max-upload-rate must be 0 (no limit) or more")
     if rate == 0:
         return None
     if rate < 1024:
         raise usage.UsageError("--max-upload-rate below 1K would stall transfers; use at least 1K")
-    return int(rate)
+    return rate
 
 
 def _whole(options, key):
