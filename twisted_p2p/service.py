@@ -2,7 +2,9 @@
 Services: who starts and stops what, and in which order.
 
 L{PeerService} wires every part of a peer together and owns their
-lifetimes.  Its children start in this order and stop in the reverse one:
+lifetimes.  It holds the state dir's lock from before anything is bound
+until it has stopped.  Its children start in this order and stop in the
+reverse one:
 
  1. the index of C{shared/} and C{downloads/} (first scan, then re-scans);
  2. the four transfer ports, T to T+3;
@@ -11,6 +13,7 @@ lifetimes.  Its children start in this order and stop in the reverse one:
  5. the console, if any.
 """
 
+import atexit
 import errno
 import os
 import secrets
@@ -29,11 +32,13 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.lockfile import FilesystemLock
 
-from twisted_p2p import catalog, client, console, control, discovery, download, index, logs, transfer
+from twisted_p2p import (
+    catalog, client, console, control, discovery, download, events, index, logs, partials, transfer,
+)
 from twisted_p2p.commands import Commands
 from twisted_p2p.limits import RESCAN_INTERVAL
 from twisted_p2p.peers import PeerTable
-from twisted_p2p.storage import PartialFile
+from twisted_p2p.storage import PARTIAL_PREFIX, PartialFile
 from twisted_p2p.uploads import Uploads, read_range
 
 log = Logger()
@@ -141,8 +146,12 @@ def load_peer_id(state_dir):
 
 class _PeerLog:
     """
-    Logs peers coming and going, with structured fields.
+    Logs peers coming and going, with structured fields, and tells every
+    face through the hub.
     """
+
+    def __init__(self, hub):
+        self._hub = hub
 
     def joined(self, peer):
         log.info(
@@ -151,6 +160,9 @@ class _PeerLog:
             peer=peer.label,
             peer_id=peer.peer_id,
         )
+        self._hub.publish(events.event(
+            "peer-joined", peer=peer.label, name=getattr(peer, "name", None), id=peer.peer_id
+        ))
 
     def changed(self, peer, old_revision):
         log.debug("Peer {peer} changed", event="peer-changed", peer=peer.label)
@@ -163,6 +175,10 @@ class _PeerLog:
             peer_id=peer.peer_id,
             reason=reason,
         )
+        self._hub.publish(events.event(
+            "peer-left", peer=peer.label, name=getattr(peer, "name", None), id=peer.peer_id,
+            reason=reason,
+        ))
 
 
 class DiscoveryService(Service):
@@ -216,16 +232,17 @@ class ControlService(Service):
     stale socket (removed) from one a running peer holds (an error).
     """
 
-    def __init__(self, reactor, path, commands):
+    def __init__(self, reactor, path, commands, hub=None):
         self._reactor = reactor
         self.path = path
         self._commands = commands
+        self._hub = hub
         self._port = None
 
     def startService(self):
         Service.startService(self)
         endpoint = UNIXServerEndpoint(self._reactor, self.path, mode=0o600, wantPID=True)
-        d = endpoint.listen(control.ControlFactory(self._commands))
+        d = endpoint.listen(control.ControlFactory(self._commands, self._hub))
         failures = []
         d.addCallbacks(lambda port: setattr(self, "_port", port), failures.append)
         if failures:
@@ -244,28 +261,76 @@ class ControlService(Service):
 class ConsoleService(Service):
     """
     Owns the stdio console, if there is a stdin to read.
+
+    On a terminal the console reads keys, not lines: the terminal is put in
+    raw mode (no echo, no line buffering, Ctrl-C a key rather than SIGINT)
+    for as long as the console runs, and given back as it was on the way
+    out, however the peer stops.
+
+    @param make_protocol: C{make_protocol(terminal)} gives the console
+        protocol: a L{console.TerminalConsole} if C{terminal}, else a
+        L{console.LineConsole}.
+    @param terminal: whether stdin and stdout are a terminal.
     """
 
-    def __init__(self, reactor, make_protocol, quiet):
+    def __init__(self, reactor, make_protocol, terminal, fd=0):
         self._reactor = reactor
         self._make_protocol = make_protocol
-        self._quiet = quiet
+        self._terminal = terminal
+        self._fd = fd
+        self._saved_mode = None
         self.stdio = None
 
     def startService(self):
         Service.startService(self)
         from twisted.internet.stdio import StandardIO
 
+        protocol = self._make_protocol(self._terminal)
+        if self._terminal:
+            from twisted.conch.insults.insults import ServerProtocol
+
+            self._raw_mode()
+            terminal_protocol = protocol
+            protocol = ServerProtocol(lambda: terminal_protocol)
         try:
-            self.stdio = StandardIO(self._make_protocol(self._quiet), reactor=self._reactor)
+            self.stdio = StandardIO(protocol, reactor=self._reactor)
         except (OSError, ValueError) as e:
+            self._restore_mode()
             log.info("No console ({error}); the peer runs without one.", error=e)
+
+    def _raw_mode(self):
+        import termios
+        import tty
+
+        try:
+            self._saved_mode = termios.tcgetattr(self._fd)
+            tty.setraw(self._fd, termios.TCSANOW)
+            mode = termios.tcgetattr(self._fd)
+            # Output as before: a "\n" anyone else writes still starts a line.
+            mode[1] |= termios.OPOST
+            termios.tcsetattr(self._fd, termios.TCSANOW, mode)
+        except termios.error as e:
+            log.info("The terminal stays as it is ({error})", error=e)
+            return
+        atexit.register(self._restore_mode)
+
+    def _restore_mode(self):
+        if self._saved_mode is None:
+            return
+        import termios
+
+        saved, self._saved_mode = self._saved_mode, None
+        try:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, saved)
+        except termios.error:
+            pass
 
     def stopService(self):
         Service.stopService(self)
         if self.stdio is not None:
             self.stdio.loseConnection()
             self.stdio = None
+        self._restore_mode()
 
 
 class PeerService(MultiService):
@@ -276,7 +341,7 @@ class PeerService(MultiService):
     @param reactor: the reactor to use.
     """
 
-    def __init__(self, settings, reactor, console_enabled=True, quiet_console=False):
+    def __init__(self, settings, reactor, console_enabled=True, terminal_console=False):
         MultiService.__init__(self)
         self.reactor = self.clock = reactor
         self.settings = settings
@@ -323,8 +388,22 @@ class PeerService(MultiService):
         self.downloads = download.Downloads(
             self._make_download, self.index if settings["share-downloads"] else None
         )
-        self.commands = Commands(self)
-        self.table.subscribe(_PeerLog())
+        self.hub = events.EventHub()
+        self.partials = partials.PartialDownloads(os.path.join(state_dir, partials.RECORD_NAME))
+        self.commands = Commands(
+            index=self.index,
+            table=self.table,
+            catalog=self.catalog,
+            downloads=self.downloads,
+            clock=reactor,
+            shutdown=self.shutdown,
+            hub=self.hub,
+            dropped=lambda: self.discovery.dropped,
+            uploads_active=lambda: self.uploads.active,
+            partials=self.partials,
+            partial_files=os.path.join(settings["downloads"], f"{PARTIAL_PREFIX}<id>.part"),
+        )
+        self.table.subscribe(_PeerLog(self.hub))
 
         rescans = TimerService(RESCAN_INTERVAL, self.index.rescan)
         rescans.clock = reactor
@@ -346,10 +425,10 @@ class PeerService(MultiService):
             reactor, self.discovery, self.host, settings["discovery-port"]
         ).setServiceParent(self)
         ControlService(
-            reactor, os.path.join(state_dir, control.SOCKET_NAME), self.commands
+            reactor, os.path.join(state_dir, control.SOCKET_NAME), self.commands, self.hub
         ).setServiceParent(self)
         if console_enabled:
-            ConsoleService(reactor, self._make_console, quiet_console).setServiceParent(self)
+            ConsoleService(reactor, self._make_console, terminal_console).setServiceParent(self)
 
     def run_in_thread(self, f, *args, **kwargs):
         return deferToThreadPool(self.reactor, self._threads, f, *args, **kwargs)
@@ -484,21 +563,36 @@ class PeerService(MultiService):
             index=index,
         )
 
-    def _make_console(self, quiet):
+    def _make_console(self, terminal):
         """
-        The console protocol.  A quiet console (stdin is a pipe or a file, as
-        under supervisor) writes no greeting and no prompt: only answers.
+        The console protocol.  On a pipe or a file (a script, supervisor) it
+        writes no greeting and no prompt: only answers and events.
         """
-        if quiet:
-            return console.ConsoleProtocol(self.commands)
+        quiet = bool(self.settings.get("quiet"))
+        stop_hint = (f"p2ppeer-ctl --state-dir {self.settings['state-dir']} stop", os.getpid())
+        if not terminal:
+            return console.LineConsole(self.commands, self.hub, quiet, stop_hint)
         greeting = [
-            f"p2ppeer {self.peer_id[:8]} on {self.host}:{self.transfer_port}; "
-            "type 'help' for commands"
+            f"p2ppeer {self.peer_id[:8]} on {self.host}:{self.transfer_port}; type 'help' "
+            "for commands (Tab completes, Up and Down recall, Ctrl-C leaves)"
         ]
         target = self.settings.get("log-target")
         if target and target[0] != "-":
             greeting.append(f"logs go to {target[0]}")
-        return console.ConsoleProtocol(self.commands, prompt=True, greeting=greeting)
+        return console.TerminalConsole(
+            self.commands, self.hub, quiet, stop_hint, greeting, size=_terminal_size
+        )
+
+
+def _terminal_size():
+    """
+    The terminal's C{(columns, rows)}, asked each time: it may be resized.
+    """
+    try:
+        size = os.get_terminal_size(1)
+    except OSError:
+        return 80, 24
+    return size.columns, size.lines
 
 
 def _listen_error_sentence(error):

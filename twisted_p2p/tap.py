@@ -389,4 +389,5 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     console = console_enabled(options["console"], stdin)
     options["log-target"] = log_target(options, console)
-    return PeerService(options, reactor, console_enabled=console, quiet_console=stdin != "tty")
+    terminal = stdin == "tty" and os.isatty(1)
+    return PeerService(options, reactor, console_enabled=console, terminal_console=terminal)
