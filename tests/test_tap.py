@@ -16,6 +16,7 @@ from twisted.python import usage
 from support import can_bind
 from twisted_p2p import service as service_module
 from twisted_p2p import tap, transfer
+from twisted_p2p.index import FolderWatcher
 from twisted_p2p.service import ConsoleService, ControlService, DiscoveryService, PeerService
 
 HOST = "127.0.0.1"
@@ -323,6 +324,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
     children = list(peer)
     assert [type(c) for c in children] == [
         TimerService,
+        FolderWatcher,
         StreamServerEndpointService,
         StreamServerEndpointService,
         StreamServerEndpointService,
@@ -331,7 +333,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
         ControlService,
         ConsoleService,
     ]
-    port_services = children[1:5]
+    port_services = children[2:6]
     assert [(s.endpoint._port, s.endpoint._interface) for s in port_services] == [
         (base + offset, HOST) for offset in range(4)
     ]
@@ -354,7 +356,7 @@ def test_make_service_without_a_console(folder, ports, global_reactor, monkeypat
     options = parse(*good_args(ports, "--console", "off"))
     peer = tap.makeService(options, global_reactor)
     assert not any(isinstance(c, ConsoleService) for c in peer)
-    assert len(list(peer)) == 7
+    assert len(list(peer)) == 8
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ lifetimes.  It holds the state dir's lock from before anything is bound
 until it has stopped.  Its children start in this order and stop in the
 reverse one:
 
- 1. the index of C{shared/} and C{downloads/} (first scan, then re-scans);
+ 1. the index of C{shared/} and C{downloads/} (first scan, then re-scans,
+    and inotify watches that re-scan at once after a change);
  2. the four transfer ports, T to T+3;
  3. discovery (stops by saying goodbye, while the ports are still up);
  4. the control socket for C{p2ppeer-ctl};
@@ -408,6 +409,7 @@ class PeerService(MultiService):
         rescans = TimerService(RESCAN_INTERVAL, self.index.rescan)
         rescans.clock = reactor
         rescans.setServiceParent(self)
+        index.FolderWatcher(self.index, reactor).setServiceParent(self)
         factories = [
             transfer.ReceiverFactory(self.inbox),
             transfer.SenderFactory(self.uploads),
