@@ -78,9 +78,9 @@ fi
 
 cat <<BANNER
 twisted-p2p demo
-  peer2 (transfer port $PEER2_PORT) and peer3 ($PEER3_PORT) run in the background,
-  sending at most $UPLOAD_RATE bytes/s each; their logs are in
-  $SANDBOX/peer2/p2ppeer.log and $SANDBOX/peer3/p2ppeer.log.
+  peer2 (transfer port $PEER2_PORT) and peer3 ($PEER3_PORT) run in the background, with
+  --max-upload-rate $UPLOAD_RATE (8M is 8 MiB/s), so that a download lasts long enough
+  to watch; their logs are in $SANDBOX/peer2/p2ppeer.log and $SANDBOX/peer3/p2ppeer.log.
   peer1 ($PEER1_PORT) is this console; its log is $SANDBOX/peer1/.p2ppeer/p2ppeer.log.
   Discovery: UDP port $DISCOVERY_PORT on 127.0.0.1.
 

@@ -540,8 +540,8 @@ def test_exit_asks_once_while_files_move():
     face = Terminal()
     said, _ = run(peer, "exit", origin=face)
     assert said == [
-        "leaving now interrupts download movie.bin (48%), 2 uploads (downloads resume later); "
-        "type exit again, or exit!, to leave"
+        "leaving now interrupts the download of movie.bin at 48% and 2 uploads to other peers; "
+        "downloads resume later. Type exit again, or exit!, to leave"
     ]
     assert peer.shutdowns == 0
     assert run(peer, "exit", origin=face)[0] == ["bye"]

@@ -21,25 +21,23 @@ from twisted_p2p.version import version
 #: Every command, in the order C{help} lists them: its usage, what it does,
 #: and the other names it answers to.
 COMMANDS = (
-    ("list", "list [PATTERN]", "files here and on every known peer; PATTERN "
-     "filters by name (*.jpg, or part of a name)", ("ls",)),
+    ("list", "list [PATTERN]", "files here and on the peers", ("ls",)),
     ("peers", "peers", "the peers this one knows", ()),
-    ("download", "download FILE... [--from PEER]", "fetch files into downloads/, by "
-     "name, pattern (*.jpg) or id prefix; --from picks the source by name, "
-     "address or id", ("get",)),
-    ("status", "status", "downloads in progress, and the stopped ones", ()),
+    ("download", "download FILE... [--from PEER]", "fetch files into downloads/", ("get",)),
+    ("status", "status", "downloads running, stopped and partial", ()),
     ("resume", "resume FILE", "continue a stopped download", ()),
-    ("cancel", "cancel FILE", "stop a download and throw away its data", ()),
+    ("cancel", "cancel FILE", "stop a download, throw its data away", ()),
     ("version", "version", "the version of twisted-p2p", ()),
     ("help", "help", "this text", ("?",)),
-    ("exit", "exit", "say goodbye to the other peers and stop; asks first while "
-     "files are moving", ("quit",)),
-    ("exit!", "exit!", "stop at once, without asking", ("stop",)),
+    ("exit", "exit", "say goodbye and stop; asks if busy", ("quit",)),
+    ("exit!", "exit!", "say goodbye and stop at once", ("stop",)),
 )
 
 #: Said below the commands in C{help}.
 HELP_NOTES = (
-    'Quote names with spaces: download "my photo.jpg".',
+    "FILE: a name, a pattern (*.jpg) or an id prefix.  PATTERN: *.jpg, or",
+    "part of a name.  PEER: a name, an address or an id prefix.",
+    'Quote names with spaces: download "my photo.jpg".  Tab completes.',
 )
 
 #: Characters that make an argument a pattern rather than a name.

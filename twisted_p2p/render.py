@@ -204,7 +204,7 @@ def _status(e, _):
 
 def _rate(t):
     if not t.get("rate"):
-        return "waiting" if not t.get("bytes") or t.get("size") is None else "stalled"
+        return "waiting" if not t.get("bytes") or t.get("size") is None else "-"
     return human_rate(t["rate"])
 
 
@@ -217,12 +217,13 @@ def _bye(e, _):
 
 
 def _exit_confirm(e, _):
-    busy = [f"download {d['file']} ({d['percent']}%)" for d in e.get("downloads", ())]
+    busy = [f"the download of {d['file']} at {d['percent']}%" for d in e.get("downloads", ())]
     if e.get("uploads"):
-        busy.append(plural(e["uploads"], "upload"))
+        busy.append(plural(e["uploads"], "upload") + " to other peers")
+    later = "; downloads resume later" if e.get("downloads") else ""
     return [
-        f"leaving now interrupts {', '.join(busy)} (downloads resume later); "
-        "type exit again, or exit!, to leave"
+        f"leaving now interrupts {' and '.join(busy)}{later}. "
+        "Type exit again, or exit!, to leave"
     ]
 
 
@@ -261,8 +262,8 @@ def _progress(e, _):
     line = f"download {e['file']}: {_done(e)}"
     if e.get("rate"):
         line += f" at {human_rate(e['rate'])}"
-    else:
-        line += ", waiting for data" if not e.get("bytes") else ", stalled"
+    elif not e.get("bytes"):
+        line += ", waiting for data"
     line += f" from {plural(e['sources'], 'peer')}"
     if e.get("eta") is not None:
         line += f", {human_duration(e['eta'])} left"
@@ -373,7 +374,9 @@ def progress_bar(progress, cells=80):
     parts = []
     for e in progress:
         percent = max(0, min(100, int(e.get("percent") or 0)))
-        rate = human_rate(e["rate"]) if e.get("rate") else "waiting"
+        # No rate yet: "waiting" before the first byte, else nothing rather
+        # than a "0 B/s" that is not true.
+        rate = human_rate(e["rate"]) if e.get("rate") else ("" if e.get("bytes") else "waiting")
         if len(progress) == 1:
             filled = BAR_WIDTH * percent // 100
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)
@@ -383,10 +386,9 @@ def progress_bar(progress, cells=80):
             )
             eta = e.get("eta")
             left = "" if eta is None else f", {human_duration(eta)} left"
-            parts.append(
-                f"{e.get('file', '?')} [{bar}] {percent}% {amount} {rate} "
-                f"from {plural(e.get('sources', 0), 'peer')}{left}"
-            )
+            words = [f"{e.get('file', '?')} [{bar}] {percent}%", amount, rate,
+                     f"from {plural(e.get('sources', 0), 'peer')}{left}"]
+            parts.append(" ".join(w for w in words if w))
         else:
-            parts.append(f"{e.get('file', '?')} {percent}% {rate}")
+            parts.append(" ".join(w for w in (f"{e.get('file', '?')} {percent}%", rate) if w))
     return fit(" | ".join(parts), max(cells, 10))

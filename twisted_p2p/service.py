@@ -575,8 +575,8 @@ class PeerService(MultiService):
         if not terminal:
             return console.LineConsole(self.commands, self.hub, quiet, stop_hint)
         greeting = [
-            f"p2ppeer {self.peer_id[:8]} on {self.host}:{self.transfer_port}; type 'help' "
-            "for commands (Tab completes, Up and Down recall, Ctrl-C leaves)"
+            f"p2ppeer {self.peer_id[:8]} on {self.host}:{self.transfer_port}: type 'help' "
+            "(Tab completes, Ctrl-C leaves)"
         ]
         target = self.settings.get("log-target")
         if target and target[0] != "-":
