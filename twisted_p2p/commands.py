@@ -102,10 +102,12 @@ class Commands:
         }
         self._handlers = {}
         self._usage = {}
+        self._canonical = {}
         for name, usage, _, aliases in COMMANDS:
             for word in (name, *aliases):
                 self._handlers[word] = methods[name]
                 self._usage[word] = usage.replace(name, word, 1)
+                self._canonical[word] = name
 
     def names(self):
         """
@@ -113,14 +115,24 @@ class Commands:
         """
         return sorted(self._handlers)
 
-    def file_names(self):
+    def file_names(self, command="download"):
         """
-        The names of the files on the network and of the stopped downloads,
-        for completion.
+        The file names C{command} may be given, for completion: the
+        stopped downloads for C{resume}, those in progress for C{cancel},
+        what the network offers for the others (and what is here, for
+        C{list}).
         """
-        names = {offer.name for offer in self._catalog.offers()}
-        if self._partials is not None:
-            names.update(entry["file"] for entry in self._partials.stopped())
+        command = self._canonical.get(command.lower(), command)
+        if command == "resume":
+            active = {d.file_id for d in self._downloads.active.values()}
+            stopped = self._partials.stopped() if self._partials is not None else []
+            names = {s["file"] for s in stopped if s["id"] not in active}
+        elif command == "cancel":
+            names = {d.name for d in self._downloads.active.values()}
+        else:
+            names = {offer.name for offer in self._catalog.offers()}
+            if command == "list":
+                names.update(f.name for f in self._index.files())
         return sorted(names)
 
     def peer_names(self):

@@ -361,7 +361,7 @@ class TerminalConsole(_Face, HistoricRecvLine):
         elif words[-1] == "--from":
             candidates = self._commands.peer_names()
         elif words[0].lower() in _FILE_COMMANDS:
-            candidates = self._commands.file_names()
+            candidates = self._commands.file_names(words[0])
         else:
             return
         matches = sorted(c for c in candidates if c.startswith(current))

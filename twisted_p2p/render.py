@@ -274,9 +274,15 @@ def _finished(e, _):
     path = e["path"]
     renamed = "" if path.replace("\\", "/").rsplit("/", 1)[-1] == e["file"] else (
         f" ({e['file']} already existed)")
+    resumed = e.get("resumed") or 0
+    rate = human_rate(e["rate"])
+    if resumed:
+        # The rate of what was fetched now, not of the part already here.
+        fetched = max(e["size"] - resumed, 0) / max(float(e["seconds"]), 1e-6)
+        rate = f"{human_rate(fetched)}; {human_size(resumed)} was already here"
     return [
         f"downloaded {e['file']} to {path}{renamed}: {human_size(e['size'])} in "
-        f"{human_duration(e['seconds'], precise=True)} ({human_rate(e['rate'])})"
+        f"{human_duration(e['seconds'], precise=True)} ({rate})"
     ]
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -149,11 +150,11 @@ def demo(tmp_path):
         pytest.skip("the demo runs the checkout's .venv, which is not the one testing")
     master, slave = open_pty()
     screen = Screen()
-    done = __import__("threading").Event()
+    done = threading.Event()
     proc = subprocess.Popen(["bash", str(demo_script)], stdin=slave, stdout=slave, stderr=slave,
                             env=env, start_new_session=True)
     os.close(slave)
-    reader = __import__("threading").Thread(target=read_into, args=(master, screen, done),
+    reader = threading.Thread(target=read_into, args=(master, screen, done),
                                             daemon=True)
     reader.start()
     try:
