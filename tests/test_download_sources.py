@@ -156,9 +156,10 @@ def test_the_first_progress_has_a_rate(tmp_path):
         Inbox(), 7200, PartialFile(str(tmp_path / "downloads"), manifest.file_id),
         defer.maybeDeferred, clock, reported.append,
     )
-    download.start()
+    done = download.start()
     download.bytes_verified = CHUNK_SIZE  # a chunk came in the first second
     clock.advance(PROGRESS_INTERVAL)
     [progress] = [e for e in reported if e["event"] == "download-progress"]
     download.cancel()
+    done.addErrback(lambda failure: failure.trap(DownloadFailed))
     assert progress["rate"] > 0

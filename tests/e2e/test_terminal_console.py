@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from .ctl import ctl
 from .peers import Peer, free_transfer_port, free_udp_port
 from .terminal import TerminalPeer, wait_for
 
@@ -41,7 +42,8 @@ def pair(tmp_path):
     discovery = free_udp_port()
     me = TerminalPeer("terminal", folder(tmp_path, "me"), free_transfer_port(), discovery)
     seeder = Peer(
-        "seeder", folder(tmp_path, "seeder", [("big video.bin", os.urandom(SIZE))]),
+        "seeder", folder(tmp_path, "seeder", [("big video.bin", os.urandom(SIZE)),
+                                              ("notes.txt", b"notes\n")]),
         free_transfer_port(), discovery, extra_args=["--max-upload-rate", RATE],
     )
     peers = [me, seeder]
@@ -80,6 +82,14 @@ def test_join_download_leave(pair):
     assert re.match(r"downloaded big video\.bin to downloads/big video\.bin: 24\.0 MiB in [\d.]+ s "
                     r"\([\d.]+ MiB/s\)$", closing), closing
     assert (me.downloads / "big video.bin").stat().st_size == SIZE
+
+    # A download asked for with p2ppeer-ctl is told on the console too.
+    result = ctl(me.folder / ".p2ppeer", "download", "--wait", "notes.txt")
+    assert result.returncode == 0, result
+    told = me.see("(asked for by p2ppeer-ctl)")
+    print(f"e2e terminal: {told}")
+    assert told.startswith("download notes.txt: 6 B in 1 chunk from 1 peer")
+    me.see("downloaded notes.txt to downloads/notes.txt")
 
     seeder.exit()
     left = me.see(f"peer {seeder.label} left (said goodbye)")
