@@ -121,3 +121,119 @@ def can_bind(kind, port, host="127.0.0.1"):
     finally:
         sock.close()
     return True
+
+
+class FakeIndex:
+    """
+    The files of C{shared/}, as the command layer sees them.
+    """
+
+    def __init__(self, files=()):
+        self._files = list(files)
+
+    def files(self):
+        return list(self._files)
+
+    def by_id(self, file_id):
+        return next((f for f in self._files if f.file_id == file_id), None)
+
+
+class FakeTable:
+    """
+    The peer table, as the command layer sees it.
+    """
+
+    def __init__(self, peers=()):
+        self._peers = list(peers)
+
+    def peers(self):
+        return list(self._peers)
+
+    def __len__(self):
+        return len(self._peers)
+
+
+class FakeCatalog:
+    """
+    What the network offers, as the command layer sees it.
+    """
+
+    def __init__(self, offers=(), files_of=None):
+        self._offers = list(offers)
+        self._files_of = files_of or {}
+
+    def offers(self):
+        return list(self._offers)
+
+    def files_of(self, peer_id):
+        return self._files_of.get(peer_id, [])
+
+
+class FakeDownload:
+    """
+    A download in progress, as C{status}, C{cancel} and C{exit} see it.
+    """
+
+    def __init__(self, name, file_id, percent=0):
+        self.name = name
+        self.file_id = file_id
+        self.percent = percent
+        self.cancelled = False
+
+    def status(self):
+        return {
+            "file": self.name, "id": self.file_id, "size": 1 << 20,
+            "bytes": (1 << 20) * self.percent // 100, "percent": self.percent,
+            "rate": 1 << 19, "sources": 1, "eta": 90, "by_source": {},
+        }
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeDownloads:
+    """
+    L{Downloads} as the command layer sees it: C{start} records each call
+    with a Deferred the test fires.
+    """
+
+    def __init__(self):
+        self.started = []
+        self.active = {}
+
+    def start(self, name, file_id, peers, report):
+        from twisted.internet import defer
+
+        d = defer.Deferred()
+        self.started.append((name, file_id, peers, report, d))
+        return d
+
+
+class CommandParts:
+    """
+    Everything L{Commands} is given, as fakes, and the L{Commands} itself.
+    """
+
+    def __init__(self, local=(), offers=(), peers=(), files_of=None, partials=None, hub=None):
+        from twisted.internet import task
+
+        from twisted_p2p.commands import Commands
+
+        self.index = FakeIndex(local)
+        self.table = FakeTable(peers)
+        self.catalog = FakeCatalog(offers, files_of)
+        self.downloads = FakeDownloads()
+        self.dropped = {}
+        self.uploads = 0
+        self.clock = task.Clock()
+        self.clock.advance(100)
+        self.shutdowns = 0
+        self.commands = Commands(
+            index=self.index, table=self.table, catalog=self.catalog,
+            downloads=self.downloads, clock=self.clock, shutdown=self.shutdown,
+            hub=hub, dropped=lambda: self.dropped, uploads_active=lambda: self.uploads,
+            partials=partials, partial_files="/dl/.p2ppeer-<id>.part",
+        )
+
+    def shutdown(self):
+        self.shutdowns += 1

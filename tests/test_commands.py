@@ -1,17 +1,19 @@
 """
-L{Commands} against a fake peer: what each command says.
+L{Commands} against fakes of the parts it is given: what each command
+reports (structured events), and how the faces render it (L{render}).
 """
 
-import types
-from collections import Counter
+import dataclasses
 
 import pytest
-from twisted.internet import defer, task
+from support import CommandParts, FakeDownload
 from twisted.python.failure import Failure
 
+from twisted_p2p import events
 from twisted_p2p.catalog import Offer
-from twisted_p2p.commands import HELP, Commands
 from twisted_p2p.download import DownloadFailed
+from twisted_p2p.partials import PartialDownloads
+from twisted_p2p.render import render
 from twisted_p2p.index import LocalFile
 from twisted_p2p.manifest import Manifest
 from twisted_p2p.peers import Peer
@@ -31,67 +33,11 @@ DUP_A = manifest_of(1024, 3)
 DUP_B = manifest_of(2048, 4)
 
 
-class FakeIndex:
-    def __init__(self, files):
-        self._files = files
-
-    def files(self):
-        return list(self._files)
-
-    def by_id(self, file_id):
-        return next((f for f in self._files if f.file_id == file_id), None)
-
-
-class FakeTable:
-    def __init__(self, peers):
-        self._peers = peers
-
-    def peers(self):
-        return list(self._peers)
-
-    def __len__(self):
-        return len(self._peers)
-
-
-class FakeCatalog:
-    def __init__(self, offers, files_of=None):
-        self._offers = offers
-        self._files_of = files_of or {}
-
-    def offers(self):
-        return list(self._offers)
-
-    def files_of(self, peer_id):
-        return self._files_of.get(peer_id, [])
-
-
-class FakeDownloads:
-    def __init__(self):
-        self.started = []
-
-    def start(self, name, file_id, peers, report):
-        d = defer.Deferred()
-        self.started.append((name, file_id, peers, report, d))
-        return d
-
-
-class FakePeer:
+def FakePeer(local=(), offers=(), peers=(), files_of=None, **kwargs):
     """
-    The parts of a L{PeerService} the commands use.
+    The parts the commands are given, with fakes.
     """
-
-    def __init__(self, local=(), offers=(), peers=(), files_of=None):
-        self.index = FakeIndex(list(local))
-        self.table = FakeTable(list(peers))
-        self.catalog = FakeCatalog(list(offers), files_of)
-        self.downloads = FakeDownloads()
-        self.discovery = types.SimpleNamespace(dropped=Counter())
-        self.clock = task.Clock()
-        self.clock.advance(100)
-        self.shutdowns = 0
-
-    def shutdown(self):
-        self.shutdowns += 1
+    return CommandParts(local, offers, peers, files_of, **kwargs)
 
 
 def local(name, manifest, folder="/home/me/shared"):
@@ -102,12 +48,20 @@ def offer(name, manifest, *peers):
     return Offer(manifest.file_id, name, manifest.size, tuple(peers))
 
 
-def run(peer, line):
+def run(peer, line, origin=None, keep=None):
     """
-    The lines a command says, and its Deferred.
+    The lines a command says (rendered as the faces do), and its Deferred;
+    the events themselves go to C{keep}, a list, if given.
     """
     said = []
-    d = Commands(peer).run(line, lambda event: said.extend(event["text"].splitlines()))
+
+    def emit(event):
+        if keep is not None:
+            keep.append(event)
+        if event["event"] != "download-requested":
+            said.extend(render(event))
+
+    d = peer.commands.run(line, emit, origin)
     return said, d
 
 
@@ -121,22 +75,65 @@ def test_empty_line_says_nothing():
     assert run(FakePeer(), "   ")[0] == []
 
 
-@pytest.mark.parametrize("line", ["download", "get", "download   "])
-def test_missing_argument(line):
+@pytest.mark.parametrize("line, usage", [
+    ("download", "download FILE... [--from PEER]"),
+    ("get", "get FILE... [--from PEER]"),
+    ("download   ", "download FILE... [--from PEER]"),
+    ("resume", "resume FILE"),
+    ("cancel", "cancel FILE"),
+])
+def test_missing_argument(line, usage):
     name = line.split()[0]
-    assert run(FakePeer(), line)[0] == [f"error: {name} needs an argument: {name} <file>"]
+    assert run(FakePeer(), line)[0] == [f"error: {name} needs an argument: {usage}"]
 
 
-@pytest.mark.parametrize("line", ["list all", "peers x", "exit now", "help me"])
+@pytest.mark.parametrize("line", ["peers x", "exit now", "help me", "status x", "version 2"])
 def test_unexpected_argument(line):
     name = line.split()[0]
     assert run(FakePeer(), line)[0] == [f"error: {name} takes no argument"]
 
 
-def test_help():
-    assert run(FakePeer(), "help")[0] == HELP
-    assert run(FakePeer(), "?")[0] == HELP
-    assert run(FakePeer(), "HELP")[0] == HELP
+def test_two_names_where_one_is_taken_says_to_quote():
+    assert run(FakePeer(), "cancel my movie.bin")[0] == [
+        "error: cancel takes one argument; quote a name with spaces: cancel FILE"
+    ]
+
+
+def test_unbalanced_quotes():
+    said, d = run(FakePeer(), 'download "my movie.bin')
+    assert said == ["error: cannot read that command: No closing quotation; quote names with \" or '"]
+    assert d.called
+
+
+def test_help_names_every_command_and_alias():
+    said, _ = run(FakePeer(), "help")
+    text = "\n".join(said)
+    assert said[0] == "commands:"
+    for word in ("list [PATTERN]", "peers", "download FILE... [--from PEER]", "status",
+                 "resume FILE", "cancel FILE", "version", "help", "exit", "exit!"):
+        assert f"  {word}" in text
+    for alias in ("(also: ls)", "(also: get)", "(also: ?)", "(also: quit)", "(also: stop)"):
+        assert alias in text
+    assert run(FakePeer(), "?")[0] == said
+    assert run(FakePeer(), "HELP")[0] == said
+
+
+def test_every_alias_in_help_works():
+    from twisted_p2p.commands import COMMANDS
+
+    names = FakePeer().commands.names()
+    for name, _, _, aliases in COMMANDS:
+        assert name in names
+        assert all(alias in names for alias in aliases)
+
+
+def test_version():
+    from twisted_p2p.version import version
+
+    kept = []
+    said, _ = run(FakePeer(), "version", keep=kept)
+    assert said == [f"twisted-p2p {version()}"]
+    assert kept == [{"event": "version", "version": version()}]
 
 
 def test_list_local_and_remote():
@@ -156,7 +153,9 @@ def test_list_local_and_remote():
 
 def test_list_nothing():
     said, _ = run(FakePeer(peers=[ALICE]), "list")
-    assert said == ["no files here or on 1 known peer(s)"]
+    assert said == ["no files here or on 1 known peer"]
+    said, _ = run(FakePeer(peers=[ALICE, BOB]), "list '*.jpg'")
+    assert said == ["no file matches '*.jpg' here or on 2 known peers"]
 
 
 def test_peers():
@@ -165,7 +164,7 @@ def test_peers():
     assert said == [
         "PEER            ID        FILES  LAST HEARD",
         f"192.0.2.2:7000  {ALICE.peer_id[:8]}  2      3 s ago",
-        f"192.0.2.3:7100  {BOB.peer_id[:8]}  0      60 s ago",
+        f"192.0.2.3:7100  {BOB.peer_id[:8]}  0      1 min ago",
     ]
 
 
@@ -175,13 +174,11 @@ def test_no_peers():
 
 def test_peers_says_what_discovery_dropped():
     peer = FakePeer(peers=[ALICE])
-    peer.discovery.dropped.update({"malformed": 3, "unmatched goodbye": 1})
-    events = []
-    Commands(peer).run("peers", events.append)
-    assert events[0]["text"].splitlines()[-1] == (
-        "discovery datagrams dropped: 3 malformed, 1 unmatched goodbye"
-    )
-    assert events[0]["dropped"] == {"malformed": 3, "unmatched goodbye": 1}
+    peer.dropped.update({"malformed": 3, "unmatched goodbye": 1})
+    kept = []
+    said, _ = run(peer, "peers", keep=kept)
+    assert said[-1] == "discovery datagrams dropped: 3 malformed, 1 unmatched goodbye"
+    assert kept[0]["dropped"] == {"malformed": 3, "unmatched goodbye": 1}
 
 
 def test_download_by_name():
@@ -190,8 +187,8 @@ def test_download_by_name():
     [(name, file_id, peers, report, started)] = peer.downloads.started
     assert (name, file_id, peers) == ("movie.bin", MOVIE.file_id, (ALICE, BOB))
     assert said == []
-    # The download reports through the same say().
-    report({"event": "download-progress", "text": "download movie.bin: 10%"})
+    # The download reports through the same emit().
+    report({"event": "something-new", "text": "download movie.bin: 10%"})
     assert said == ["download movie.bin: 10%"]
     assert not d.called
     started.callback("movie.bin")
@@ -200,8 +197,10 @@ def test_download_by_name():
 
 def test_download_a_name_with_spaces():
     peer = FakePeer(offers=[offer("my movie.bin", MOVIE, ALICE)])
-    run(peer, "get   my movie.bin  ")
-    assert [s[0] for s in peer.downloads.started] == ["my movie.bin"]
+    run(peer, 'get   "my movie.bin"  ')
+    run(peer, "download 'my movie.bin'")
+    run(peer, "download my\\ movie.bin")
+    assert [s[0] for s in peer.downloads.started] == ["my movie.bin"] * 3
 
 
 @pytest.mark.parametrize("prefix", [MOVIE.file_id[:4], MOVIE.file_id[:8].upper(), MOVIE.file_id])
@@ -285,9 +284,304 @@ def test_unexpected_failure_is_not_swallowed():
     assert isinstance(failures[0], Failure)
 
 
-@pytest.mark.parametrize("line", ["exit", "quit", "EXIT"])
+@pytest.mark.parametrize("line", ["exit", "quit", "EXIT", "exit!", "stop"])
 def test_exit(line):
     peer = FakePeer()
     said, _ = run(peer, line)
     assert said == ["bye"]
     assert peer.shutdowns == 1
+
+
+# -- patterns, several files, --from ------------------------------------------
+
+JPG_A = manifest_of(3000, 5)
+JPG_B = manifest_of(4000, 6)
+NAMED_ALICE = dataclasses.replace(ALICE)
+NAMED_ALICE.name = "alice"
+
+
+def photo_peer():
+    return FakePeer(
+        local=[local("notes.txt", NOTES)],
+        offers=[
+            offer("holiday 1.jpg", JPG_A, ALICE),
+            offer("holiday 2.jpg", JPG_B, ALICE, BOB),
+            offer("movie.bin", MOVIE, BOB),
+            offer("notes.txt", NOTES, BOB),
+        ],
+        peers=[ALICE, BOB],
+    )
+
+
+def names_listed(said):
+    return [line.split("  ")[0] for line in said[1:]]
+
+
+@pytest.mark.parametrize("pattern, names", [
+    ("*.jpg", ["holiday 1.jpg", "holiday 2.jpg"]),
+    ("'holiday ?.jpg'", ["holiday 1.jpg", "holiday 2.jpg"]),
+    ("MOVIE", ["movie.bin"]),
+    ("ote", ["notes.txt"]),
+    ("*.JPG", ["holiday 1.jpg", "holiday 2.jpg"]),
+])
+def test_list_pattern(pattern, names):
+    said, _ = run(photo_peer(), f"list {pattern}")
+    assert said[0].startswith("NAME")
+    assert names_listed(said) == names
+
+
+def test_download_a_pattern_starts_every_match_not_here():
+    peer = photo_peer()
+    kept = []
+    said, d = run(peer, "download *.jpg *.txt", keep=kept)
+    assert [s[0] for s in peer.downloads.started] == ["holiday 1.jpg", "holiday 2.jpg"]
+    # What one name or pattern cannot give is said; the others go on.
+    assert said == ["error: every file that matches '*.txt' is here already"]
+    assert kept[1]["event"] == "download-requested"
+    assert [f["file"] for f in kept[1]["files"]] == ["holiday 1.jpg", "holiday 2.jpg"]
+    assert render(kept[1]) == ["downloading 2 files: holiday 1.jpg, holiday 2.jpg"]
+    assert not d.called
+    for started in peer.downloads.started:
+        started[4].callback(started[0])
+    assert d.called
+
+
+def test_download_several_names():
+    peer = photo_peer()
+    run(peer, 'download "holiday 2.jpg" movie.bin')
+    assert [s[0] for s in peer.downloads.started] == ["holiday 2.jpg", "movie.bin"]
+
+
+def test_download_a_pattern_of_files_all_here():
+    said, _ = run(photo_peer(), "download notes.*")
+    assert said == ["error: every file that matches 'notes.*' is here already"]
+
+
+def test_download_a_pattern_that_matches_nothing():
+    said, _ = run(photo_peer(), "download *.png")
+    assert said == ["error: no known peer offers a file that matches '*.png'; 'list' shows what they do"]
+
+
+@pytest.mark.parametrize("source", ["192.0.2.3:7100", BOB.peer_id[:6], BOB.peer_id])
+def test_download_from_a_peer(source):
+    peer = photo_peer()
+    run(peer, f"download 'holiday 2.jpg' --from {source}")
+    [(name, _, peers, _, _)] = peer.downloads.started
+    assert (name, peers) == ("holiday 2.jpg", (BOB,))
+
+
+def test_download_from_a_peer_by_name():
+    bob = dataclasses.replace(BOB)
+    bob.name = "Bob-Laptop"
+    peer = FakePeer(offers=[offer("movie.bin", MOVIE, ALICE, bob)], peers=[ALICE, bob])
+    run(peer, "download movie.bin --from bob-laptop")
+    assert peer.downloads.started[0][2] == (bob,)
+    assert peer.commands.peer_names() == ["192.0.2.2:7000", "192.0.2.3:7100", "Bob-Laptop"]
+
+
+def test_download_from_a_peer_that_does_not_have_it():
+    said, _ = run(photo_peer(), "download 'holiday 1.jpg' --from 192.0.2.3:7100")
+    assert said == ["error: 192.0.2.3:7100 does not offer holiday 1.jpg; 'list' shows who does"]
+
+
+def test_download_from_an_unknown_peer():
+    said, _ = run(photo_peer(), "download movie.bin --from carol")
+    assert said == ["error: no known peer is called 'carol'; 'peers' lists them"]
+
+
+def test_download_from_without_a_peer():
+    said, _ = run(photo_peer(), "download movie.bin --from")
+    assert said == ["error: --from needs a peer: download FILE --from PEER"]
+
+
+# -- names of peers -------------------------------------------------------------
+
+
+def test_list_and_peers_show_names_next_to_addresses():
+    peer = FakePeer(offers=[offer("movie.bin", MOVIE, NAMED_ALICE, BOB)], peers=[NAMED_ALICE, BOB])
+    said, _ = run(peer, "list")
+    assert said[1].endswith("alice (192.0.2.2:7000), 192.0.2.3:7100")
+    said, _ = run(peer, "peers")
+    assert said[0].split() == ["PEER", "NAME", "ID", "FILES", "LAST", "HEARD"]
+    assert said[1].split()[:2] == ["192.0.2.2:7000", "alice"]
+    assert said[2].split()[:2] == ["192.0.2.3:7100", "-"]
+
+
+def test_wide_names_keep_the_columns_in_line():
+    from wcwidth import wcswidth
+
+    peer = FakePeer(offers=[offer("日本語の写真.jpg", JPG_A, ALICE), offer("a.jpg", JPG_B, ALICE)])
+    said, _ = run(peer, "list")
+    # The SIZE column starts at the same cell on every line.
+    starts = {wcswidth(line[: line.index(size)]) for line, size in zip(said, ["SIZE", "3.9 KiB", "2.9 KiB"])}
+    assert len(starts) == 1, said
+
+
+def test_a_long_list_is_cut_with_a_count():
+    many = [offer(f"file{i:03}.bin", manifest_of(100 + i, i), ALICE) for i in range(30)]
+    peer = FakePeer(offers=many, peers=[ALICE])
+    kept = []
+    run(peer, "list", keep=kept)
+    lines = render(kept[0], max_rows=10)
+    assert len(lines) == 12
+    assert lines[-1] == "... and 20 more (30 in all); 'list PATTERN' shows fewer, p2ppeer-ctl list shows all"
+    assert len(render(kept[0])) == 31
+
+
+# -- status, resume ---------------------------------------------------------------
+
+
+def stopped_record(tmp_path, name="movie.bin", manifest=MOVIE, percent=48):
+    record = PartialDownloads(str(tmp_path / "partials.json"))
+    record.observe(events.event("download-started", file=name, id=manifest.file_id,
+                                size=manifest.size, chunks=20, sources=1, resumed=0))
+    record.observe(events.event("download-progress", file=name, id=manifest.file_id,
+                                percent=percent))
+    record.observe(events.event("download-stopped", file=name, id=manifest.file_id,
+                                reason="prose"))
+    return record
+
+
+def test_status_lists_running_and_stopped_downloads(tmp_path):
+    peer = FakePeer(partials=stopped_record(tmp_path))
+    peer.downloads.active[JPG_A.file_id] = FakeDownload("holiday 1.jpg", JPG_A.file_id, 25)
+    said, _ = run(peer, "status")
+    assert said == [
+        "FILE           DONE                        RATE         SOURCES  ETA",
+        "holiday 1.jpg  25% (256.0 KiB of 1.0 MiB)  512.0 KiB/s  1        1 min 30 s",
+        "stopped or partial ('resume FILE' continues one):",
+        "  FILE       DONE            WHY",
+        "  movie.bin  48% of 5.0 MiB  the peer stopped",
+        "partial downloads are kept, hidden, as /dl/.p2ppeer-<id>.part",
+    ]
+
+
+def test_status_with_nothing():
+    assert run(FakePeer(partials=PartialDownloads()), "status")[0] == ["no downloads in progress"]
+
+
+def test_the_record_survives_a_restart(tmp_path):
+    stopped_record(tmp_path)
+    again = PartialDownloads(str(tmp_path / "partials.json"))
+    assert again.stopped() == [{"file": "movie.bin", "id": MOVIE.file_id, "size": MOVIE.size,
+                                "percent": 48, "reason": "the peer stopped"}]
+
+
+def test_a_damaged_record_is_an_empty_one(tmp_path):
+    (tmp_path / "partials.json").write_text('[{"file": 3}, "x", {"file": "a", "id": "b", "size": "big"}')
+    assert PartialDownloads(str(tmp_path / "partials.json")).stopped() == []
+    (tmp_path / "partials.json").write_text('[{"file": 3}, "x", {"file": "a", "id": "b", "size": "big"}]')
+    assert PartialDownloads(str(tmp_path / "partials.json")).stopped() == []
+
+
+def test_resume_starts_the_stopped_download(tmp_path):
+    peer = FakePeer(offers=[offer("movie.bin", MOVIE, ALICE)], partials=stopped_record(tmp_path))
+    said, _ = run(peer, "resume movie.bin")
+    assert said == []
+    assert [(s[0], s[1]) for s in peer.downloads.started] == [("movie.bin", MOVIE.file_id)]
+
+
+def test_resume_by_id_prefix(tmp_path):
+    peer = FakePeer(offers=[offer("movie.bin", MOVIE, ALICE)], partials=stopped_record(tmp_path))
+    run(peer, f"resume {MOVIE.file_id[:6]}")
+    assert [s[1] for s in peer.downloads.started] == [MOVIE.file_id]
+
+
+def test_resume_when_nobody_offers_it(tmp_path):
+    said, _ = run(FakePeer(partials=stopped_record(tmp_path)), "resume movie.bin")
+    assert said == ["error: no known peer offers movie.bin now; resume it when one that has it is back"]
+
+
+def test_resume_of_nothing_stopped(tmp_path):
+    said, _ = run(FakePeer(partials=PartialDownloads()), "resume movie.bin")
+    assert said == ["error: no stopped download of 'movie.bin'; 'status' lists them, and "
+                    "'download' starts a new one"]
+
+
+def test_a_finished_download_leaves_the_record(tmp_path):
+    record = stopped_record(tmp_path)
+    peer = FakePeer(offers=[offer("movie.bin", MOVIE, ALICE)], partials=record)
+    run(peer, "resume movie.bin")
+    report = peer.downloads.started[0][3]
+    report(events.event("download-finished", file="movie.bin", id=MOVIE.file_id,
+                        path="downloads/movie.bin", size=MOVIE.size, seconds=1.0, rate=5 << 20))
+    assert record.stopped() == []
+    assert PartialDownloads(str(tmp_path / "partials.json")).stopped() == []
+
+
+def test_a_stop_event_is_given_the_percent_it_stopped_at(tmp_path):
+    peer = FakePeer(offers=[offer("movie.bin", MOVIE, ALICE)], partials=PartialDownloads())
+    said, _ = run(peer, "download movie.bin")
+    report = peer.downloads.started[0][3]
+    report(events.event("download-started", file="movie.bin", id=MOVIE.file_id,
+                        size=MOVIE.size, chunks=20, sources=1, resumed=0))
+    report(events.event("download-progress", file="movie.bin", id=MOVIE.file_id, percent=31,
+                        bytes=MOVIE.size * 31 // 100, size=MOVIE.size, rate=1 << 20,
+                        sources=1, eta=4))
+    report(events.event("download-stopped", "download movie.bin stopped at 31%; ...",
+                        file="movie.bin", id=MOVIE.file_id, reason="..."))
+    assert said[-1] == "download movie.bin stopped at 31%; 'resume movie.bin' continues it"
+
+
+# -- exit asks while files move, other faces hear of downloads ----------------------
+
+
+class Terminal:
+    """A face that asks before leaving."""
+
+    face = "console"
+    interactive = True
+
+
+def test_exit_asks_once_while_files_move():
+    peer = FakePeer()
+    peer.downloads.active[MOVIE.file_id] = FakeDownload("movie.bin", MOVIE.file_id, 48)
+    peer.uploads = 2
+    face = Terminal()
+    said, _ = run(peer, "exit", origin=face)
+    assert said == [
+        "leaving now interrupts the download of movie.bin at 48% and 2 uploads to other peers; "
+        "downloads resume later. Type exit again, or exit!, to leave"
+    ]
+    assert peer.shutdowns == 0
+    assert run(peer, "exit", origin=face)[0] == ["bye"]
+    assert peer.shutdowns == 1
+
+
+def test_exit_asks_again_after_another_command():
+    peer = FakePeer()
+    peer.uploads = 1
+    face = Terminal()
+    run(peer, "exit", origin=face)
+    run(peer, "status", origin=face)
+    assert run(peer, "exit", origin=face)[0][0].startswith("leaving now interrupts 1 upload")
+    assert peer.shutdowns == 0
+
+
+def test_exit_bang_and_scripts_leave_at_once():
+    peer = FakePeer()
+    peer.uploads = 1
+    assert run(peer, "exit!", origin=Terminal())[0] == ["bye"]
+    assert run(peer, "exit")[0] == ["bye"]  # a pipe or p2ppeer-ctl: nobody to ask
+    assert peer.shutdowns == 2
+
+
+def test_download_events_reach_the_other_faces():
+    hub = events.EventHub()
+    heard, mine = [], []
+    asker = Terminal()
+    asker.face = "p2ppeer-ctl"
+    hub.subscribe(heard.append, owner=object())
+    hub.subscribe(mine.append, owner=asker)
+    peer = FakePeer(offers=[offer("movie.bin", MOVIE, ALICE)], hub=hub)
+    said, _ = run(peer, "download movie.bin", origin=asker)
+    peer.downloads.started[0][3](events.event(
+        "download-started", file="movie.bin", id=MOVIE.file_id, size=MOVIE.size, chunks=20,
+        sources=1, resumed=0))
+    assert [e["event"] for e in heard] == ["download-started"]
+    assert render(heard[0]) == [
+        "download movie.bin: 5.0 MiB in 20 chunks from 1 peer (asked for by p2ppeer-ctl)"
+    ]
+    # The face that asked has it as its answer, not twice, and knows who asked.
+    assert mine == []
+    assert said == ["download movie.bin: 5.0 MiB in 20 chunks from 1 peer"]

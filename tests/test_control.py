@@ -41,7 +41,7 @@ class FakeCommands:
         self._immediately = list(immediately)
         self._fire_at_once = fire_at_once
 
-    def run(self, line, emit):
+    def run(self, line, emit, origin=None):
         self.lines.append(line)
         self.emits.append(emit)
         for event in self._immediately:
@@ -72,7 +72,7 @@ class BrokenCommands:
     not an event.
     """
 
-    def run(self, line, emit):
+    def run(self, line, emit, origin=None):
         emit(LIST)
         return defer.fail(ZeroDivisionError("division by zero"))
 
@@ -82,16 +82,16 @@ class RaisingCommands:
     A command layer with a worse bug: C{run} raises instead of returning.
     """
 
-    def run(self, line, emit):
+    def run(self, line, emit, origin=None):
         raise ZeroDivisionError("division by zero")
 
 
-def connect(commands, clock=None):
+def connect(commands, clock=None, hub=None):
     """
     A L{ControlProtocol} from a L{ControlFactory}, connected to a
     StringTransport, its timeouts on C{clock}.
     """
-    protocol = control.ControlFactory(commands).buildProtocol(None)
+    protocol = control.ControlFactory(commands, hub).buildProtocol(None)
     protocol.callLater = (clock or task.Clock()).callLater
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -210,7 +210,7 @@ def test_failing_command_deferred_ends_not_ok(feed):
     lines = sent(transport)
     assert lines[0] == LIST
     assert lines[1]["event"] == "error"
-    assert lines[1]["text"] == "error: the command failed unexpectedly; see the peer's log"
+    assert lines[1]["message"] == "the command failed unexpectedly; see the peer's log"
     assert lines[2:] == [END_FAILED]
     assert transport.disconnecting
 
@@ -326,7 +326,7 @@ def test_request_not_json(feed, line):
     assert commands.lines == []
     [error, end] = sent(transport)
     assert error["event"] == "error"
-    assert error["text"].startswith("error: a request must be a JSON object with a command (")
+    assert error["message"].startswith("a request must be a JSON object with a command (")
     assert "Expecting" in error["message"]
     assert end == END_FAILED
     assert transport.disconnecting
@@ -513,3 +513,49 @@ async def test_real_unix_socket(tmp_path):
         await port.stopListening()
     assert not os.path.lexists(path)
     assert not os.path.lexists(path + ".lock")
+
+
+def test_download_of_several_files_without_wait_ends_when_all_started(feed):
+    commands = FakeCommands()
+    protocol, transport = connect(commands)
+    feed(protocol, request("download *.jpg"))
+    asked = events.event("download-requested", files=[
+        {"file": "a.jpg", "id": "a1", "sources": 1}, {"file": "b.jpg", "id": "b1", "sources": 1},
+    ])
+    commands.emit(asked)
+    commands.emit(events.event("download-started", file="a.jpg", id="a1"))
+    assert not transport.disconnecting
+    commands.emit(events.event("download-failed", file="b.jpg", id="b1", reason="no"))
+    assert transport.disconnecting
+    assert sent(transport)[-1] == END_FAILED
+
+
+def test_the_command_layer_is_told_which_face_asks(feed):
+    commands = FakeCommands()
+    seen = []
+    commands.run = lambda line, emit, origin=None: seen.append(origin) or defer.succeed(None)
+    protocol, _ = connect(commands)
+    feed(protocol, request("status"))
+    assert seen == [protocol]
+    assert protocol.face == "p2ppeer-ctl" and not protocol.interactive
+
+
+def test_watch_streams_the_hub_until_the_client_leaves(feed):
+    hub = events.EventHub()
+    commands = FakeCommands()
+    protocol, transport = connect(commands, hub=hub)
+    feed(protocol, b'{"watch": true}\n')
+    joined = events.event("peer-joined", peer="192.0.2.2:7000", name=None, id="a" * 32)
+    hub.publish(joined)
+    hub.publish(PROGRESS)
+    assert sent(transport) == [joined, PROGRESS]
+    assert not transport.disconnecting
+    assert commands.lines == []
+    protocol.connectionLost(None)
+    assert len(hub) == 0
+
+
+def test_watch_without_a_hub(feed):
+    protocol, transport = connect(FakeCommands())
+    feed(protocol, b'{"watch": true}\n')
+    assert [e["event"] for e in sent(transport)] == ["error", "end"]

@@ -151,9 +151,9 @@ def test_replies_in_one_packet_or_many(peer, state_dir):
     )
 
 
-def test_event_without_text_prints_an_empty_line(peer, state_dir):
-    peer(line({"event": "odd"}), line(END_OK))
-    assert run("--state-dir", state_dir, "status") == (0, "\n", "")
+def test_an_unknown_event_without_text_prints_its_fields(peer, state_dir):
+    peer(line({"event": "odd", "n": 1}), line(END_OK))
+    assert run("--state-dir", state_dir, "status") == (0, 'odd: {"n": 1}\n', "")
 
 
 # --- exit status ---
@@ -376,7 +376,11 @@ def test_request_line(peer, state_dir):
         (["download", "big.bin"], {"command": "download big.bin", "wait": False}),
         (["cancel", "big.bin"], {"command": "cancel big.bin", "wait": False}),
         (["--json", "status"], {"command": "status", "wait": False}),
-        (["download", "café ✓.txt"], {"command": "download café ✓.txt", "wait": False}),
+        (["download", "café ✓.txt"], {"command": "download 'café ✓.txt'", "wait": False}),
+        (["download", "a b.jpg", "*.png", "--from", "alice"],
+         {"command": "download 'a b.jpg' '*.png' --from alice", "wait": False}),
+        (["resume", "--wait", "big.bin"], {"command": "resume big.bin", "wait": True}),
+        (["list", "*.jpg"], {"command": "list '*.jpg'", "wait": False}),
     ],
 )
 def test_intermixed_arguments(peer, state_dir, argv, sent):
@@ -401,7 +405,9 @@ def test_socket_option(peer, state_dir):
     [
         (["download"], "p2ppeer-ctl: error: download needs a file name or id"),
         (["cancel"], "p2ppeer-ctl: error: cancel needs a file name or id"),
-        (["list", "x"], "p2ppeer-ctl: error: list takes no argument"),
+        (["peers", "x"], "p2ppeer-ctl: error: peers takes no argument"),
+        (["list", "x", "y"], "p2ppeer-ctl: error: list takes one argument"),
+        (["status", "--from", "alice"], "p2ppeer-ctl: error: --from goes with download"),
         (["stop", "now"], "p2ppeer-ctl: error: stop takes no argument"),
         (["--wait", "list"], "p2ppeer-ctl: error: --wait goes with download"),
         (["status", "--wait"], "p2ppeer-ctl: error: --wait goes with download"),
@@ -447,3 +453,67 @@ def test_events_one_byte_at_a_time():
 def test_events_all_at_once():
     data = line(INFO) + line(LIST) + line(END_OK)
     assert list(ctl.events_from(ChunkedSocket([data]))) == [INFO, LIST, END_OK]
+
+
+# --- rendering, watching, the version ---
+
+
+def test_text_is_rendered_from_the_fields(peer, state_dir):
+    listing = {"event": "list", "files": [
+        {"name": "big.bin", "size": 1 << 20, "id": "ab" * 32, "here": False,
+         "sources": [{"peer": "192.0.2.2:7000", "name": "alice"}]},
+    ], "pattern": None, "peers": 1}
+    peer(line(listing), line(END_OK))
+    status, out, _ = run("--state-dir", state_dir, "list")
+    assert status == 0
+    assert out.splitlines() == [
+        "NAME     SIZE     ID        WHERE",
+        "big.bin  1.0 MiB  abababab  alice (192.0.2.2:7000)",
+    ]
+
+
+class TerminalOut(io.StringIO):
+    def isatty(self):
+        return True
+
+
+PROGRESS = {"event": "download-progress", "file": "big.bin", "id": "i", "percent": 50,
+            "bytes": 1 << 19, "size": 1 << 20, "rate": 1 << 18, "sources": 1, "eta": 2}
+FINISHED = {"event": "download-finished", "file": "big.bin", "id": "i", "path": "downloads/big.bin",
+            "size": 1 << 20, "seconds": 4.0, "rate": 1 << 18}
+
+
+def test_waited_progress_redraws_one_line_on_a_terminal(peer, state_dir):
+    peer(line(PROGRESS), line(PROGRESS), line(FINISHED), line(END_OK))
+    out = TerminalOut()
+    assert ctl.run(["--state-dir", state_dir, "download", "--wait", "big.bin"], out, io.StringIO()) == 0
+    progress = "download big.bin: 50% (512.0 KiB of 1.0 MiB) at 256.0 KiB/s from 1 peer, 2 s left"
+    assert out.getvalue() == (
+        f"\r{progress}\x1b[K\r{progress}\x1b[K\n"
+        "downloaded big.bin to downloads/big.bin: 1.0 MiB in 4.00 s (256.0 KiB/s)\n"
+    )
+
+
+def test_waited_progress_is_lines_elsewhere(peer, state_dir):
+    peer(line(PROGRESS), line(FINISHED), line(END_OK))
+    status, out, _ = run("--state-dir", state_dir, "download", "--wait", "big.bin")
+    assert status == 0
+    assert len(out.splitlines()) == 2 and "\x1b" not in out
+
+
+def test_watch_asks_for_events_and_ends_when_the_peer_stops(peer, state_dir):
+    joined = {"event": "peer-joined", "peer": "192.0.2.2:7000", "name": "alice", "id": "a" * 32}
+    canned = peer(line(joined))
+    status, out, err = run("--state-dir", state_dir, "watch")
+    canned.join()
+    assert canned.request == {"watch": True}
+    assert (status, out, err) == (0, "peer alice (192.0.2.2:7000) joined\n", "p2ppeer-ctl: the peer stopped\n")
+
+
+def test_version(capsys):
+    from twisted_p2p.version import version
+
+    with pytest.raises(SystemExit) as e:
+        ctl.run(["--version"], io.StringIO(), io.StringIO())
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"p2ppeer-ctl (twisted-p2p) {version()}\n"

@@ -8,12 +8,14 @@ import json
 import os
 
 import pytest
+import pytest_twisted
 from support import result_of
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
 from twisted_p2p import index as index_module
-from twisted_p2p.index import SharedIndex, file_signature, revision_of, scan_folder
+from twisted_p2p.index import FolderWatcher, SharedIndex, file_signature, revision_of, scan_folder
 from twisted_p2p.limits import CHUNK_SIZE
 from twisted_p2p.manifest import hash_file
 
@@ -522,3 +524,70 @@ def test_partial_downloads_change_the_revision(folders):
     index.remove_partial(manifest.file_id)
     assert calls[-1] == before and len(calls) == 2
     assert index.partials() == []
+
+
+class TestWatch:
+    """
+    L{FolderWatcher} on a real reactor and real inotify: a file copied or
+    moved into a folder is offered within a second, without waiting for the
+    periodic re-scan.
+    """
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_new_file_is_offered_at_once(self, tmp_path):
+        from twisted.internet import reactor
+
+        folder = tmp_path / "shared"
+        folder.mkdir()
+        index = SharedIndex([str(folder)], str(tmp_path / "hashes.json"), run_now)
+        await index.rescan()
+        watcher = FolderWatcher(index, reactor)
+        watcher.startService()
+        try:
+            (folder / "new.txt").write_bytes(b"new\n")
+            (tmp_path / "moved.txt").write_bytes(b"moved\n")
+            os.rename(tmp_path / "moved.txt", folder / "moved.txt")
+            (folder / ".hidden.part").write_bytes(b"x")
+            for _ in range(50):
+                if len(index.files()) == 2:
+                    break
+                await deferLater(reactor, 0.02)
+            assert sorted(f.name for f in index.files()) == ["moved.txt", "new.txt"]
+            (folder / "new.txt").unlink()
+            for _ in range(50):
+                if len(index.files()) == 1:
+                    break
+                await deferLater(reactor, 0.02)
+            assert [f.name for f in index.files()] == ["moved.txt"]
+        finally:
+            watcher.stopService()
+
+    def test_hidden_files_start_no_scan(self, tmp_path):
+        from twisted.internet import task
+        from twisted.python.filepath import FilePath
+
+        clock = task.Clock()
+        index = SharedIndex([str(tmp_path)], str(tmp_path / "h.json"), run_now)
+        watcher = FolderWatcher(index, clock)
+        watcher._changed(None, FilePath(str(tmp_path / ".p2ppeer-ab.part")), 0)
+        assert clock.getDelayedCalls() == []
+        watcher._changed(None, FilePath(str(tmp_path / "a.txt")), 0)
+        watcher._changed(None, FilePath(str(tmp_path / "b.txt")), 0)
+        assert len(clock.getDelayedCalls()) == 1  # one scan for both
+
+    def test_without_inotify_it_says_so_and_the_scans_go_on(self, tmp_path, monkeypatch):
+        from twisted.internet import inotify, task
+
+        def unavailable(reactor=None):
+            raise inotify.INotifyError("INotify initialization error.")
+
+        monkeypatch.setattr(inotify, "INotify", unavailable)
+        said = []
+        globalLogPublisher.addObserver(said.append)
+        try:
+            watcher = FolderWatcher(SharedIndex([str(tmp_path)], "h", run_now), task.Clock())
+            watcher.startService()
+            watcher.stopService()
+        finally:
+            globalLogPublisher.removeObserver(said.append)
+        assert any("Not watching the shared folders" in e.get("log_format", "") for e in said)

@@ -13,9 +13,11 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.python import usage
 
+from support import can_bind
 from twisted_p2p import service as service_module
 from twisted_p2p import tap, transfer
 from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST
+from twisted_p2p.index import FolderWatcher
 from twisted_p2p.service import ConsoleService, ControlService, DiscoveryService, PeerService
 
 HOST = "127.0.0.1"
@@ -439,6 +441,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
     children = list(peer)
     assert [type(c) for c in children] == [
         TimerService,
+        FolderWatcher,
         StreamServerEndpointService,
         StreamServerEndpointService,
         StreamServerEndpointService,
@@ -447,7 +450,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
         ControlService,
         ConsoleService,
     ]
-    port_services = children[1:5]
+    port_services = children[2:6]
     assert [(s.endpoint._port, s.endpoint._interface) for s in port_services] == [
         (base + offset, HOST) for offset in range(4)
     ]
@@ -470,7 +473,7 @@ def test_make_service_without_a_console(folder, ports, global_reactor, monkeypat
     options = parse(*good_args(ports, "--console", "off"))
     peer = tap.makeService(options, global_reactor)
     assert not any(isinstance(c, ConsoleService) for c in peer)
-    assert len(list(peer)) == 7
+    assert len(list(peer)) == 8
 
 
 @pytest.mark.parametrize(
@@ -615,3 +618,77 @@ def test_connect_picks_the_family(folder, ports, monkeypatch):
 class FakeEndpoint:
     def connect(self, factory):
         return defer.Deferred()
+
+
+def test_a_second_peer_in_the_same_state_dir_binds_nothing(folder, ports, global_reactor,
+                                                           monkeypatch, capfd):
+    stdin_is(monkeypatch, "null")
+    options = parse(*good_args(ports))
+    first = service_module.lock_state_dir(options["state-dir"])
+    try:
+        peer = tap.makeService(options, global_reactor)
+        with pytest.raises(SystemExit) as e:
+            peer.privilegedStartService()
+        assert e.value.code == 1
+        # Nothing was bound or started: no port, no announce with our id.
+        assert not any(child.running for child in peer)
+        base, _ = ports
+        assert all(can_bind(socket.SOCK_STREAM, base + offset) for offset in range(4))
+        # One sentence on the terminal (twistd sends sys.stderr to the log).
+        err = capfd.readouterr().err
+        assert err == (
+            f"twistd p2ppeer: error: another peer (pid {os.getpid()}) is running with the "
+            f"state dir {options['state-dir']}; stop it, or start this one in its own "
+            "folder or with its own --state-dir\n"
+        )
+    finally:
+        first.unlock()
+
+
+def test_a_lock_left_by_a_dead_peer_is_taken_over(folder, ports):
+    options = parse(*good_args(ports))
+    # A pid that is not running: the lock of a peer killed with SIGKILL.
+    os.symlink("999999999", os.path.join(options["state-dir"], service_module.LOCK_NAME))
+    lock = service_module.lock_state_dir(options["state-dir"])
+    assert lock.locked
+    lock.unlock()
+
+
+def test_help_says_how_to_run_in_the_foreground():
+    text = str(tap.Options())
+    # Without -n twistd runs the peer in the background, silently.
+    assert "twistd -n --pidfile peer.pid p2ppeer" in " ".join(text.split())
+    assert "without -n the peer starts in the background" in " ".join(text.split())
+    assert "--pidfile gives each peer its own pid file" in " ".join(text.split())
+
+
+def test_version(capsys):
+    from twisted_p2p.version import version
+
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"twisted-p2p {version()}\n"
+    assert version() == "0.1.0"
+
+
+def test_quiet(folder, ports):
+    assert parse(*good_args(ports))["quiet"] == 0
+    assert parse(*good_args(ports, "--quiet"))["quiet"] == 1
+    assert parse(*good_args(ports, "-q"))["quiet"] == 1
+
+
+@pytest.mark.parametrize("text, rate", [("0", None), ("25M", 25 << 20), ("800K", 800 << 10), ("500000", 500000)])
+def test_upload_rate_suffixes_are_binary_like_the_console(text, rate):
+    assert tap.parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fast", "--max-upload-rate must be bytes per second such as 500000, 800K or 25M "
+             "(K, M, G: KiB, MiB, GiB), not 'fast'"),
+    ("100", "--max-upload-rate below 1K would stall transfers; use at least 1K"),
+])
+def test_upload_rate_refusals(text, message):
+    with pytest.raises(usage.UsageError) as e:
+        tap.parse_rate(text)
+    assert str(e.value) == message

@@ -2,9 +2,14 @@
 The control socket: the face that C{p2ppeer-ctl} talks to.
 
 A UNIX socket in the state dir (mode 0600).  A client sends one request as a
-JSON line, C{{"command": "download notes.txt", "wait": true}}, and gets the
-command's events back as JSON lines (see C{events.py}), then a last
-C{{"event": "end", "ok": ...}} line, and the connection closes.
+JSON line and gets events back as JSON lines (see C{events.py}):
+
+ - C{{"command": "download notes.txt", "wait": true}}: the command's
+   events, then a last C{{"event": "end", "ok": ...}} line, and the
+   connection closes.  Without C{wait}, a download's answer ends once every
+   file asked for has started (or failed to);
+ - C{{"watch": true}}: every event the peer publishes on its own (peers
+   joining and leaving, uploads, downloads), until the client closes.
 """
 
 import json
@@ -26,20 +31,36 @@ REQUEST_TIMEOUT = 10.0
 #: The control socket's file name in the state dir.
 SOCKET_NAME = "control.sock"
 
+#: Commands whose answer, without C{wait}, ends once the downloads started.
+_STARTING = ("download", "get", "resume")
+
+#: Events that tell a download asked for has started, or never will.
+_STARTED = frozenset({
+    "download-started", "download-failed", "download-cancelled", "download-stopped", "error",
+})
+
 
 class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
     """
-    One request, its events, the end.  Hands the command to a L{Commands}.
+    One request, its events, the end.  Hands the command to a L{Commands},
+    or, for a watch, listens to the factory's L{EventHub}.
     """
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_COMMAND_LINE + 256
 
+    #: How the command layer names this face.
+    face = "p2ppeer-ctl"
+    #: Scripts are not asked to confirm.
+    interactive = False
+
     def connectionMade(self):
         self._waiting_for_start = False
+        self._starting = None
         self._asked = False
         self._failed = False
         self._ended = False
+        self._unsubscribe = None
         self.setTimeout(REQUEST_TIMEOUT)
 
     def lineReceived(self, line):
@@ -51,6 +72,9 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
             request = json.loads(line.decode("utf-8"))
             if not isinstance(request, dict):
                 raise ValueError("not an object")
+            if request.get("watch") is True:
+                self._watch()
+                return
             command = request.get("command")
             wait = request.get("wait", False)
             if not isinstance(command, str) or not isinstance(wait, bool):
@@ -60,10 +84,18 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
             self._end()
             return
         # Lower case, as the command layer reads it: "Download x" is a download.
-        self._waiting_for_start = not wait and command.lower().split()[:1] in (["download"], ["get"])
-        d = defer.maybeDeferred(self.factory.commands.run, command, self.emit)
+        self._waiting_for_start = not wait and command.lower().split()[:1] in [[c] for c in _STARTING]
+        d = defer.maybeDeferred(self.factory.commands.run, command, self.emit, self)
         d.addErrback(self._command_failed)
         d.addBoth(lambda _: self._end())
+
+    def _watch(self):
+        hub = self.factory.hub
+        if hub is None:
+            self.emit(events.error("this peer has no events to watch"))
+            self._end()
+            return
+        self._unsubscribe = hub.subscribe(self.emit, owner=self)
 
     def _command_failed(self, failure):
         # The command layer reports errors as events; a failure here is a bug,
@@ -74,12 +106,23 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
     def emit(self, event):
         if self._ended or self.transport is None:
             return
+        kind = event.get("event")
         if events.is_failure(event):
             self._failed = True
         self.sendLine(json.dumps(event).encode("utf-8"))
-        if self._waiting_for_start and event.get("event") == "download-started":
-            # "download" without --wait: the download goes on in the peer.
-            self._end()
+        if not self._waiting_for_start:
+            return
+        if kind == "download-requested":
+            self._starting = {f.get("id") for f in event.get("files", ())}
+        elif kind in _STARTED:
+            if self._starting is None:
+                # No list of what was asked for: the first one to start.
+                self._starting = set() if kind == "download-started" else None
+            else:
+                self._starting.discard(event.get("id"))
+            if self._starting is not None and not self._starting:
+                # "download" without --wait: the downloads go on in the peer.
+                self._end()
 
     def _end(self):
         if self._ended:
@@ -97,11 +140,20 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
     def connectionLost(self, reason):
         self.setTimeout(None)
         self._ended = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
 
 class ControlFactory(Factory):
+    """
+    Makes a L{ControlProtocol} per client, for C{commands} and, for watches,
+    C{hub}.
+    """
+
     protocol = ControlProtocol
     noisy = False
 
-    def __init__(self, commands):
+    def __init__(self, commands, hub=None):
         self.commands = commands
+        self.hub = hub

@@ -57,6 +57,7 @@ from twisted_p2p.limits import (
     TIMEOUT_REST,
 )
 from twisted_p2p.storage import StorageError
+from twisted_p2p.units import human_size  # here too for older imports
 
 log = Logger()
 
@@ -81,18 +82,6 @@ def _seconds(elapsed):
     download does not say "0.0 s".
     """
     return f"{elapsed:.2f} s" if elapsed < 10 else f"{elapsed:.0f} s"
-
-
-def human_size(n):
-    """
-    C{n} bytes for people: C{"512 B"}, C{"1.5 MiB"}.
-    """
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
 
 
 class DownloadFailed(Exception):
@@ -405,7 +394,9 @@ class Download:
         if self._stopped:
             return
         if self.manifest is None:
-            errors = [self._connect_errors[p] for p in self._peers if p in self._connect_errors]
+            errors = [
+                self._connect_errors[p.label] for p in self._peers if p.label in self._connect_errors
+            ]
             raise DownloadFailed(
                 f"no peer could give the manifest of {self.name}"
                 + (f" ({errors[0]})" if errors else "")
@@ -454,7 +445,11 @@ class Download:
         try:
             client = await self._open_client(peer)
         except Exception as e:
-            self._connect_errors[peer] = f"{peer.label}: {e}"
+            # By label: the peer table's entries are not hashable.
+            self._connect_errors[peer.label] = (
+                f"{peer.label}: could not connect ({e}); it may have stopped, "
+                "or a firewall or --host keeps it out of reach"
+            )
             return
         source = _Source(peer, client)
         timed = _Deadline(client, ANSWER_TIMEOUT, self._clock)
@@ -471,7 +466,7 @@ class Download:
             client.close()
             if isinstance(e, TimeoutError):
                 e = f"no answer in {ANSWER_TIMEOUT:.0f} s"
-            self._connect_errors[peer] = f"{peer.label}: {e}"
+            self._connect_errors[peer.label] = f"{peer.label}: {e}"
             return
         self._join(source)
 

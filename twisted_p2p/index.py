@@ -1,10 +1,14 @@
 """
 The index of what this peer offers: C{shared/} and finished downloads.
 
-The folders are re-scanned every L{RESCAN_INTERVAL} seconds.  A file whose
-size, modification time or inode changed is hashed again; the others keep
-their hashes, which are also kept on disk in the state dir so that a restart
-does not hash everything again.  All disk work runs in a thread.
+The folders are watched with inotify where the system has it
+(L{FolderWatcher}): a file written, moved in or out, or removed starts a
+re-scan within L{WATCH_DELAY} seconds.  They are also re-scanned every
+L{RESCAN_INTERVAL} seconds, which is all there is where inotify is not (or
+misses a change, on a network filesystem say).  A file whose size,
+modification time or inode changed is hashed again; the others keep their
+hashes, which are also kept on disk in the state dir so that a restart does
+not hash everything again.  All disk work runs in a thread.
 """
 
 import hashlib
@@ -12,13 +16,20 @@ import json
 import os
 from dataclasses import dataclass
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.filepath import FilePath
 
+from twisted_p2p.limits import RESCAN_INTERVAL
 from twisted_p2p.manifest import HASH_SIZE, Manifest, ManifestMismatch, hash_file
 from twisted_p2p.names import is_legal_name
 
 log = Logger()
+
+#: Seconds from a change in a watched folder to its re-scan: the changes of
+#: one copy or move (several files, say) are taken in one scan.
+WATCH_DELAY = 0.2
 
 
 @dataclass(frozen=True)
@@ -317,3 +328,75 @@ def _save_cache(path, cache):
         os.replace(temporary, path)
     except OSError as e:
         log.warn("Could not save the hash cache {path}: {error}", path=path, error=e)
+
+
+class FolderWatcher(Service):
+    """
+    Owns the inotify watches on the index's folders, and re-scans the index
+    soon after a file in them is written (closed after writing), moved in or
+    out, or removed.  Hidden files (partial downloads among them) are
+    ignored.  Where inotify is not to be had, it does nothing but say so:
+    the periodic re-scan goes on either way.
+
+    @param index: the L{SharedIndex} whose C{folders} to watch.
+    @param reactor: a reactor with C{IReactorFDSet} (inotify reads a file
+        descriptor) and C{IReactorTime}.
+    """
+
+    def __init__(self, index, reactor, delay=WATCH_DELAY):
+        self._index = index
+        self._reactor = reactor
+        self._delay = delay
+        self._notifier = None
+        self._pending = None
+
+    def startService(self):
+        Service.startService(self)
+        try:
+            from twisted.internet import inotify
+        except ImportError as e:
+            self._unwatched(e)
+            return
+        mask = (
+            inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
+            | inotify.IN_DELETE
+        )
+        try:
+            self._notifier = inotify.INotify(reactor=self._reactor)
+            self._notifier.startReading()
+            for folder in self._index.folders:
+                if os.path.isdir(folder):
+                    self._notifier.watch(FilePath(folder), mask=mask, callbacks=[self._changed])
+        except (OSError, inotify.INotifyError) as e:
+            self._stop_notifier()
+            self._unwatched(e)
+
+    def _unwatched(self, error):
+        log.info(
+            "Not watching the shared folders ({error}); they are re-scanned every "
+            "{interval:.0f} s",
+            error=error,
+            interval=RESCAN_INTERVAL,
+        )
+
+    def _changed(self, watch, path, mask):
+        if os.fsdecode(path.basename()).startswith("."):
+            return
+        if self._pending is None or not self._pending.active():
+            self._pending = self._reactor.callLater(self._delay, self._rescan)
+
+    def _rescan(self):
+        self._pending = None
+        self._index.rescan()
+
+    def _stop_notifier(self):
+        if self._notifier is not None:
+            notifier, self._notifier = self._notifier, None
+            notifier.loseConnection()
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        self._stop_notifier()

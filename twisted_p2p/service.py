@@ -2,15 +2,19 @@
 Services: who starts and stops what, and in which order.
 
 L{PeerService} wires every part of a peer together and owns their
-lifetimes.  Its children start in this order and stop in the reverse one:
+lifetimes.  It holds the state dir's lock from before anything is bound
+until it has stopped.  Its children start in this order and stop in the
+reverse one:
 
- 1. the index of C{shared/} and C{downloads/} (first scan, then re-scans);
+ 1. the index of C{shared/} and C{downloads/} (first scan, then re-scans,
+    and inotify watches that re-scan at once after a change);
  2. the four transfer ports, T to T+3;
  3. discovery (stops by saying goodbye, while the ports are still up);
  4. the control socket for C{p2ppeer-ctl};
  5. the console, if any.
 """
 
+import atexit
 import errno
 import ipaddress
 import os
@@ -36,6 +40,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from twisted.python.lockfile import FilesystemLock
 from zope.interface import implementer
 
 from twisted_p2p import (
@@ -45,21 +50,27 @@ from twisted_p2p import (
     control,
     discovery,
     download,
+    events,
     index,
     interfaces,
     logs,
+    partials,
     transfer,
 )
 from twisted_p2p.commands import Commands
 from twisted_p2p.limits import RESCAN_INTERVAL
 from twisted_p2p.peers import PeerTable
-from twisted_p2p.storage import PartialFile
+from twisted_p2p.storage import PARTIAL_PREFIX, PartialFile
 from twisted_p2p.uploads import Uploads, read_range
 
 log = Logger()
 
 #: Seconds to wait for a TCP connection to a peer.
 CONNECT_TIMEOUT = 5
+
+#: The state dir's lock: one peer per state dir (its peer id, its hash
+#: cache, its control socket).
+LOCK_NAME = "peer.lock"
 
 #: Catalog fetches under way at once, and the seconds each may take.
 CATALOG_FETCHES = 8
@@ -94,6 +105,48 @@ def stdin_kind(fd=0):
     return "null"
 
 
+class StateDirInUse(Exception):
+    """
+    Another peer runs with this state dir; the message says which and what
+    to do.
+    """
+
+
+def lock_state_dir(state_dir):
+    """
+    Take C{state_dir}'s lock, so that a second peer started there by
+    mistake stops before it binds a port or announces the first one's id.
+    A lock left by a peer that died is taken over.
+
+    @return: the held L{FilesystemLock}; C{unlock()} it on the way out.
+    @raise StateDirInUse: a running process holds it.
+    """
+    lock = FilesystemLock(os.path.join(state_dir, LOCK_NAME))
+    if lock.lock():
+        return lock
+    try:
+        holder = f"pid {os.readlink(lock.name)}"
+    except OSError:
+        holder = "another process"
+    raise StateDirInUse(
+        f"another peer ({holder}) is running with the state dir {state_dir}; "
+        "stop it, or start this one in its own folder or with its own --state-dir"
+    )
+
+
+def refuse_to_start(sentence):
+    """
+    Stop twistd before the peer runs, with one sentence on the terminal.
+
+    Written to the process's real stderr: by now twistd has redirected
+    C{sys.stderr} into the log, where nobody starting a peer looks.
+    """
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"twistd p2ppeer: error: {sentence}\n")
+    stream.flush()
+    raise SystemExit(1)
+
+
 def load_peer_id(state_dir):
     """
     Our peer id, kept in C{state_dir/peer-id} so it survives restarts.
@@ -115,8 +168,12 @@ def load_peer_id(state_dir):
 
 class _PeerLog:
     """
-    Logs peers coming and going, with structured fields.
+    Logs peers coming and going, with structured fields, and tells every
+    face through the hub.
     """
+
+    def __init__(self, hub):
+        self._hub = hub
 
     def joined(self, peer):
         log.info(
@@ -125,6 +182,9 @@ class _PeerLog:
             peer=peer.label,
             peer_id=peer.peer_id,
         )
+        self._hub.publish(events.event(
+            "peer-joined", peer=peer.label, name=getattr(peer, "name", None), id=peer.peer_id
+        ))
 
     def changed(self, peer, old_revision):
         log.debug("Peer {peer} changed", event="peer-changed", peer=peer.label)
@@ -137,6 +197,10 @@ class _PeerLog:
             peer_id=peer.peer_id,
             reason=reason,
         )
+        self._hub.publish(events.event(
+            "peer-left", peer=peer.label, name=getattr(peer, "name", None), id=peer.peer_id,
+            reason=reason,
+        ))
 
 
 class DiscoveryService(Service):
@@ -390,24 +454,24 @@ class ControlService(Service):
     stale socket (removed) from one a running peer holds (an error).
     """
 
-    def __init__(self, reactor, path, commands):
+    def __init__(self, reactor, path, commands, hub=None):
         self._reactor = reactor
         self.path = path
         self._commands = commands
+        self._hub = hub
         self._port = None
 
     def startService(self):
         Service.startService(self)
         endpoint = UNIXServerEndpoint(self._reactor, self.path, mode=0o600, wantPID=True)
-        d = endpoint.listen(control.ControlFactory(self._commands))
+        d = endpoint.listen(control.ControlFactory(self._commands, self._hub))
         failures = []
         d.addCallbacks(lambda port: setattr(self, "_port", port), failures.append)
         if failures:
-            sys.stderr.write(
-                f"twistd p2ppeer: error: cannot open the control socket {self.path}: "
-                "another peer may be running with this --state-dir\n"
+            refuse_to_start(
+                f"cannot open the control socket {self.path}: "
+                "another peer may be running with this --state-dir"
             )
-            raise SystemExit(1)
 
     def stopService(self):
         Service.stopService(self)
@@ -419,72 +483,76 @@ class ControlService(Service):
 class ConsoleService(Service):
     """
     Owns the stdio console, if there is a stdin to read.
+
+    On a terminal the console reads keys, not lines: the terminal is put in
+    raw mode (no echo, no line buffering, Ctrl-C a key rather than SIGINT)
+    for as long as the console runs, and given back as it was on the way
+    out, however the peer stops.
+
+    @param make_protocol: C{make_protocol(terminal)} gives the console
+        protocol: a L{console.TerminalConsole} if C{terminal}, else a
+        L{console.LineConsole}.
+    @param terminal: whether stdin and stdout are a terminal.
     """
 
-    def __init__(self, reactor, make_protocol, quiet, notices=None):
+    def __init__(self, reactor, make_protocol, terminal, fd=0):
         self._reactor = reactor
         self._make_protocol = make_protocol
-        self._quiet = quiet
-        self._notices = notices
-        self._protocol = None
+        self._terminal = terminal
+        self._fd = fd
+        self._saved_mode = None
         self.stdio = None
 
     def startService(self):
         Service.startService(self)
         from twisted.internet.stdio import StandardIO
 
-        protocol = self._make_protocol(self._quiet)
+        protocol = self._make_protocol(self._terminal)
+        if self._terminal:
+            from twisted.conch.insults.insults import ServerProtocol
+
+            self._raw_mode()
+            terminal_protocol = protocol
+            protocol = ServerProtocol(lambda: terminal_protocol)
         try:
             self.stdio = StandardIO(protocol, reactor=self._reactor)
         except (OSError, ValueError) as e:
+            self._restore_mode()
             log.info("No console ({error}); the peer runs without one.", error=e)
+
+    def _raw_mode(self):
+        import termios
+        import tty
+
+        try:
+            self._saved_mode = termios.tcgetattr(self._fd)
+            tty.setraw(self._fd, termios.TCSANOW)
+            mode = termios.tcgetattr(self._fd)
+            # Output as before: a "\n" anyone else writes still starts a line.
+            mode[1] |= termios.OPOST
+            termios.tcsetattr(self._fd, termios.TCSANOW, mode)
+        except termios.error as e:
+            log.info("The terminal stays as it is ({error})", error=e)
             return
-        if self._notices is not None:
-            self._protocol = protocol
-            self._notices.subscribe(protocol.emit)
+        atexit.register(self._restore_mode)
+
+    def _restore_mode(self):
+        if self._saved_mode is None:
+            return
+        import termios
+
+        saved, self._saved_mode = self._saved_mode, None
+        try:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, saved)
+        except termios.error:
+            pass
 
     def stopService(self):
         Service.stopService(self)
-        if self._protocol is not None:
-            self._notices.unsubscribe(self._protocol.emit)
-            self._protocol = None
         if self.stdio is not None:
             self.stdio.loseConnection()
             self.stdio = None
-
-
-class Notices:
-    """
-    What the user must hear of without asking (discovery can send nowhere,
-    or can again): faces subscribe their C{emit}.  The standing problem, if
-    any, is told to a face that subscribes later too, so that a console
-    opened after the first announce round still says it once.
-    """
-
-    _STANDING = {"discovery-problem": "discovery", "discovery-restored": "discovery"}
-
-    def __init__(self):
-        self._listeners = []
-        self._standing = {}
-
-    def __call__(self, event):
-        topic = self._STANDING.get(event.get("event"))
-        if topic is not None:
-            if event["event"].endswith("-problem"):
-                self._standing[topic] = event
-            else:
-                self._standing.pop(topic, None)
-        for emit in list(self._listeners):
-            emit(event)
-
-    def subscribe(self, emit):
-        self._listeners.append(emit)
-        for event in self._standing.values():
-            emit(event)
-
-    def unsubscribe(self, emit):
-        if emit in self._listeners:
-            self._listeners.remove(emit)
+        self._restore_mode()
 
 
 def ipv6_available():
@@ -546,11 +614,12 @@ class PeerService(MultiService):
     @param reactor: the reactor to use.
     """
 
-    def __init__(self, settings, reactor, console_enabled=True, quiet_console=False):
+    def __init__(self, settings, reactor, console_enabled=True, terminal_console=False):
         MultiService.__init__(self)
         self.reactor = self.clock = reactor
         self.settings = settings
         self.log_file = None
+        self._lock = None
         self.host = settings["host"]
         self.transfer_port = settings["transfer-port"]
         state_dir = settings["state-dir"]
@@ -569,7 +638,7 @@ class PeerService(MultiService):
         self.table = PeerTable(
             reactor, settings["peer-timeout"], max_per_host=settings["max-peers-per-host"]
         )
-        self.notices = Notices()
+        self.hub = events.EventHub()
         self.discovery = discovery.Discovery(
             reactor,
             self.table,
@@ -581,7 +650,7 @@ class PeerService(MultiService):
             settings["announce-interval"],
             name=settings["name"],
             advertise=settings["advertise-host"],
-            notify=self.notices,
+            notify=self.hub.publish,
         )
         self.index.on_change(self.discovery.revision_changed)
         self._catalog_fetches = defer.DeferredSemaphore(CATALOG_FETCHES)
@@ -598,12 +667,26 @@ class PeerService(MultiService):
         self.downloads = download.Downloads(
             self._make_download, self.index if settings["share-downloads"] else None
         )
-        self.commands = Commands(self)
-        self.table.subscribe(_PeerLog())
+        self.partials = partials.PartialDownloads(os.path.join(state_dir, partials.RECORD_NAME))
+        self.commands = Commands(
+            index=self.index,
+            table=self.table,
+            catalog=self.catalog,
+            downloads=self.downloads,
+            clock=reactor,
+            shutdown=self.shutdown,
+            hub=self.hub,
+            dropped=lambda: self.discovery.dropped,
+            uploads_active=lambda: self.uploads.active,
+            partials=self.partials,
+            partial_files=os.path.join(settings["downloads"], f"{PARTIAL_PREFIX}<id>.part"),
+        )
+        self.table.subscribe(_PeerLog(self.hub))
 
         rescans = TimerService(RESCAN_INTERVAL, self.index.rescan)
         rescans.clock = reactor
         rescans.setServiceParent(self)
+        index.FolderWatcher(self.index, reactor).setServiceParent(self)
         factories = [
             transfer.ReceiverFactory(self.inbox),
             transfer.SenderFactory(self.uploads),
@@ -624,12 +707,10 @@ class PeerService(MultiService):
             settings["peer"],
         ).setServiceParent(self)
         ControlService(
-            reactor, os.path.join(state_dir, control.SOCKET_NAME), self.commands
+            reactor, os.path.join(state_dir, control.SOCKET_NAME), self.commands, self.hub
         ).setServiceParent(self)
         if console_enabled:
-            ConsoleService(
-                reactor, self._make_console, quiet_console, self.notices
-            ).setServiceParent(self)
+            ConsoleService(reactor, self._make_console, terminal_console).setServiceParent(self)
 
     def run_in_thread(self, f, *args, **kwargs):
         return deferToThreadPool(self.reactor, self._threads, f, *args, **kwargs)
@@ -649,14 +730,26 @@ class PeerService(MultiService):
         MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self):
+        self._lock_state_dir()
         try:
             MultiService.privilegedStartService(self)
         except CannotListenError as e:
             # One sentence and a non-zero exit, not a traceback.
-            sys.stderr.write(f"twistd p2ppeer: error: {_listen_error_sentence(e)}\n")
-            raise SystemExit(1)
+            refuse_to_start(_listen_error_sentence(e))
+
+    def _lock_state_dir(self):
+        """
+        Hold the state dir's lock from before the first port is bound until
+        the peer has stopped.
+        """
+        if self._lock is None:
+            try:
+                self._lock = lock_state_dir(self.settings["state-dir"])
+            except StateDirInUse as e:
+                refuse_to_start(str(e))
 
     def startService(self):
+        self._lock_state_dir()
         MultiService.startService(self)
         self._previous_hangup = None
         try:
@@ -688,7 +781,14 @@ class PeerService(MultiService):
         # exit code 0 from a clean stop: clear the signal twistd recorded.
         if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
             self.reactor._exitSignal = None
-        return MultiService.stopService(self)
+        d = MultiService.stopService(self)
+        return d.addBoth(self._unlock_state_dir)
+
+    def _unlock_state_dir(self, result):
+        if self._lock is not None:
+            self._lock.unlock()
+            self._lock = None
+        return result
 
     def shutdown(self):
         """
@@ -768,25 +868,40 @@ class PeerService(MultiService):
             index=index,
         )
 
-    def _make_console(self, quiet):
+    def _make_console(self, terminal):
         """
-        The console protocol.  A quiet console (stdin is a pipe or a file, as
-        under supervisor) writes no greeting and no prompt: only answers.
+        The console protocol.  On a pipe or a file (a script, supervisor) it
+        writes no greeting and no prompt: only answers and events.
         """
-        if quiet:
-            return console.ConsoleProtocol(self.commands)
+        quiet = bool(self.settings.get("quiet"))
+        stop_hint = (f"p2ppeer-ctl --state-dir {self.settings['state-dir']} stop", os.getpid())
+        if not terminal:
+            return console.LineConsole(self.commands, self.hub, quiet, stop_hint)
         where = (
             f"port {self.transfer_port}" if self.host == interfaces.ANY_HOST
             else interfaces.format_address(self.host, self.transfer_port)
         )
         greeting = [
-            f"p2ppeer {self.peer_id[:8]} on {where}; "
-            "type 'help' for commands"
+            f"p2ppeer {self.peer_id[:8]} on {where}: type 'help' "
+            "(Tab completes, Ctrl-C leaves)"
         ]
         target = self.settings.get("log-target")
         if target and target[0] != "-":
             greeting.append(f"logs go to {target[0]}")
-        return console.ConsoleProtocol(self.commands, prompt=True, greeting=greeting)
+        return console.TerminalConsole(
+            self.commands, self.hub, quiet, stop_hint, greeting, size=_terminal_size
+        )
+
+
+def _terminal_size():
+    """
+    The terminal's C{(columns, rows)}, asked each time: it may be resized.
+    """
+    try:
+        size = os.get_terminal_size(1)
+    except OSError:
+        return 80, 24
+    return size.columns, size.lines
 
 
 def _listen_error_sentence(error):

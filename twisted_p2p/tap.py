@@ -16,6 +16,7 @@ from twisted_p2p.interfaces import ANY_HOST, AUTO_BROADCAST, families, parse_hos
 from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST, MAX_UPLOADS
 from twisted_p2p.wire import clean_peer_name, parse_address
 from twisted_p2p.logs import LOG_FORMATS
+from twisted_p2p.units import parse_size
 
 #: The UDP port every peer on a network shares for discovery, unless told
 #: otherwise.  Below the Linux ephemeral range (32768-60999) so that no
@@ -64,8 +65,19 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Share the files in ./shared with peers on the local network, and "
-        "download theirs into ./downloads.  Type 'help' at the console."
+        "download theirs into ./downloads.  Run it in the foreground, with its "
+        "console, as: twistd -n --pidfile peer.pid p2ppeer -t 27101.  twistd's "
+        "-n (--nodaemon) keeps it in the foreground; without -n the peer starts "
+        "in the background with no console and twistd returns at once (stop it "
+        "with p2ppeer-ctl stop).  twistd's --pidfile gives each peer its own pid "
+        "file (the default, twistd.pid in the working folder, lets only one run "
+        "there).  Type 'help' at the console for its commands."
     )
+    optFlags = [
+        ["quiet", "q",
+         "Console: show only answers, errors and your downloads, not peers "
+         "joining and leaving or uploads (command line only)."],
+    ]
     optParameters = [
         ["config", "c", None,
          "TOML settings file whose keys are these options' long names; "
@@ -105,7 +117,8 @@ class Options(usage.Options):
          "a file; none for /dev/null or a closed stdin [default: auto]."],
         ["max-upload-rate", None, None,
          "Upload limit for the whole peer, in bytes per second, with an optional "
-         "K, M or G suffix (25M = 25,000,000); 0 for no limit [default: 0]."],
+         "K, M or G suffix for KiB, MiB or GiB (25M = 25 MiB/s, as the console "
+         "shows rates); 0 for no limit [default: 0]."],
         ["max-uploads", None, None,
          f"Chunk streams served at once; more requests are told to retry [default: {MAX_UPLOADS}]."],
         ["share-downloads", None, None,
@@ -130,6 +143,14 @@ class Options(usage.Options):
         if self["peer"] is None:
             self["peer"] = []
         self["peer"].append(target)
+    def opt_version(self):
+        """
+        Print the version and exit.
+        """
+        from twisted_p2p.version import version
+
+        print(f"twisted-p2p {version()}")
+        raise SystemExit(0)
 
     def parseOptions(self, options=None):
         try:
@@ -397,32 +418,26 @@ def load_settings(path):
     return settings
 
 
-_RATE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
-
-
 def parse_rate(text):
     """
-    Bytes per second from C{text} such as C{"25M"} or C{"500000"}; C{None}
-    for no limit (C{"0"}).
+    Bytes per second from C{text} such as C{"25M"} (25 MiB/s) or
+    C{"500000"}; C{None} for no limit (C{"0"}).  Suffixes are binary, like
+    every size the peer shows (see L{twisted_p2p.units}).
 
     @raise usage.UsageError: not a rate.
     """
-    value = str(text).strip().upper().removesuffix("B/S").removesuffix("/S")
-    unit = value[-1:] if value[-1:] in ("K", "M", "G") else ""
-    number = value[: len(value) - len(unit)]
     try:
-        rate = float(number) * _RATE_UNITS[unit]
+        rate = parse_size(text)
     except ValueError:
         raise usage.UsageError(
-            f"--max-upload-rate must be bytes per second such as 500000, 800K or 25M, not {text!r}"
+            f"--max-upload-rate must be bytes per second such as 500000, 800K or 25M "
+            f"(K, M, G: KiB, MiB, GiB), not {text!r}"
         )
-    if rate != rate or rate < 0 or rate == float("inf"):
-        raise usage.UsageError("--max-upload-rate must be 0 (no limit) or more")
     if rate == 0:
         return None
     if rate < 1024:
         raise usage.UsageError("--max-upload-rate below 1K would stall transfers; use at least 1K")
-    return int(rate)
+    return rate
 
 
 def _whole(options, key):
@@ -515,4 +530,5 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     console = console_enabled(options["console"], stdin)
     options["log-target"] = log_target(options, console)
-    return PeerService(options, reactor, console_enabled=console, quiet_console=stdin != "tty")
+    terminal = stdin == "tty" and os.isatty(1)
+    return PeerService(options, reactor, console_enabled=console, terminal_console=terminal)

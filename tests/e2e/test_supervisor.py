@@ -187,7 +187,11 @@ def test_supervised_peers(supervised):
     assert listed()["archive.bin"]["where"] == [beta_label]
     text = ctl(alpha_state, "list")
     assert text.returncode == 0
-    assert re.search(rf"(?m)^archive\.bin\s+3\.0 MiB\s+[0-9a-f]{{8}}\s+{re.escape(beta_label)}$", text.stdout)
+    # The WHERE column names the peer and gives its address: "beta (host:port)".
+    assert re.search(
+        rf"(?m)^archive\.bin\s+3\.0 MiB\s+[0-9a-f]{{8}}\s+(\S+ \()?{re.escape(beta_label)}\)?$",
+        text.stdout,
+    )
 
     # download --wait gives a byte-identical file.
     result = ctl(alpha_state, "download", "--wait", "archive.bin")

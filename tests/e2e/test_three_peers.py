@@ -76,13 +76,15 @@ def listed(peer, label):
 def listing(peer):
     """
     C{peer}'s C{list} answer as C{{name: where}}, C{where} being the text
-    of the WHERE column.
+    of the WHERE column with each peer given by its address only (the
+    column says C{name (address)}).
     """
     rows = {}
     for line in peer.ask("list")[1:]:
         cells = re.split(r"\s{2,}", line.strip())
         if len(cells) >= 4:
-            rows[cells[0]] = cells[-1]
+            places = [re.sub(r"^.* \((.+)\)$", r"\1", w.strip()) for w in cells[-1].split(",")]
+            rows[cells[0]] = ", ".join(places)
     return rows
 
 
