@@ -237,3 +237,17 @@ class CommandParts:
 
     def shutdown(self):
         self.shutdowns += 1
+
+
+class SyncWorkers:
+    """
+    Stands in for a L{twisted_p2p.workers.WorkerPool}: each job runs at
+    once, on the calling thread, and its Deferred has fired on return.
+    """
+
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, f, *args):
+        self.jobs.append(f)
+        return defer.maybeDeferred(f, *args)

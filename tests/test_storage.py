@@ -131,7 +131,7 @@ def test_stored_chunks_survive_a_crash(tmp_path):
     partial = PartialFile(str(tmp_path), manifest.file_id)
     assert partial.open(manifest.size, manifest) == []
     for index in (0, 3, 5):
-        partial.store(index, index * CHUNK_SIZE, chunk(index))
+        partial.store(index, index * CHUNK_SIZE, [chunk(index)])
     assert list(partial.chunks.indexes()) == [0, 3, 5]
     # No close: as after SIGKILL, only what the kernel got is there.
     again = PartialFile(str(tmp_path), manifest.file_id)
@@ -146,14 +146,19 @@ def test_a_chunk_is_written_before_it_is_marked(tmp_path, monkeypatch):
     partial = PartialFile(str(tmp_path), manifest.file_id)
     partial.open(manifest.size, manifest)
     writes = []
-    real_pwrite = os.pwrite
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
 
     def recording_pwrite(fd, data, offset):
         writes.append("map" if fd == partial.chunks._fd else "data")
         return real_pwrite(fd, data, offset)
 
+    def recording_pwritev(fd, buffers, offset):
+        writes.append("map" if fd == partial.chunks._fd else "data")
+        return real_pwritev(fd, buffers, offset)
+
     monkeypatch.setattr(os, "pwrite", recording_pwrite)
-    partial.store(2, 2 * CHUNK_SIZE, chunk(2))
+    monkeypatch.setattr(os, "pwritev", recording_pwritev)
+    partial.store(2, 2 * CHUNK_SIZE, [chunk(2)])
     assert writes == ["data", "map"]
     partial.discard()
 
@@ -162,8 +167,8 @@ def test_a_marked_chunk_that_does_not_verify_is_unmarked(tmp_path):
     manifest = manifest_of(CONTENT)
     partial = PartialFile(str(tmp_path), manifest.file_id)
     partial.open(manifest.size, manifest)
-    partial.store(1, CHUNK_SIZE, chunk(1))
-    partial.store(4, 4 * CHUNK_SIZE, chunk(4))
+    partial.store(1, CHUNK_SIZE, [chunk(1)])
+    partial.store(4, 4 * CHUNK_SIZE, [chunk(4)])
     partial.write(CHUNK_SIZE, b"\xff")  # as after a power loss
     partial.close()
     again = PartialFile(str(tmp_path), manifest.file_id)
@@ -180,7 +185,7 @@ def test_a_damaged_or_foreign_map_counts_as_empty(tmp_path, damage):
     manifest = manifest_of(CONTENT)
     partial = PartialFile(str(tmp_path), manifest.file_id)
     partial.open(manifest.size, manifest)
-    partial.store(0, 0, chunk(0))
+    partial.store(0, 0, [chunk(0)])
     partial.close()
     with open(partial.map_path, "r+b") as f:
         data = bytearray(f.read())
@@ -219,7 +224,7 @@ def test_complete_and_discard_remove_the_map(tmp_path):
     partial = PartialFile(str(tmp_path), manifest.file_id)
     partial.open(manifest.size, manifest)
     for index in range(manifest.chunk_count):
-        partial.store(index, index * CHUNK_SIZE, chunk(index))
+        partial.store(index, index * CHUNK_SIZE, [chunk(index)])
     final, _ = partial.complete("whole.bin")
     assert listing(tmp_path) == ["whole.bin"]
     assert (tmp_path / final).read_bytes() == CONTENT
@@ -316,7 +321,7 @@ def test_a_planted_link_is_replaced_not_followed(downloads, outside, how, which)
     plant(partial.path if which == "part" else partial.map_path, precious, how)
     assert partial.open(manifest.size, manifest) == []
     for index in range(manifest.chunk_count):
-        partial.store(index, index * CHUNK_SIZE, chunk(index))
+        partial.store(index, index * CHUNK_SIZE, [chunk(index)])
     final, _ = partial.complete("whole.bin")
     assert precious.read_bytes() == b"keep me"
     assert os.stat(precious).st_nlink == 1

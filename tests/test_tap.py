@@ -18,7 +18,13 @@ from twisted_p2p import service as service_module
 from twisted_p2p import tap, transfer
 from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST
 from twisted_p2p.index import FolderWatcher
-from twisted_p2p.service import ConsoleService, ControlService, DiscoveryService, PeerService
+from twisted_p2p.service import (
+    ConsoleService,
+    ControlService,
+    DiscoveryService,
+    PeerService,
+    WorkersService,
+)
 
 HOST = "127.0.0.1"
 
@@ -440,6 +446,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
     assert not peer.running
     children = list(peer)
     assert [type(c) for c in children] == [
+        WorkersService,
         TimerService,
         FolderWatcher,
         StreamServerEndpointService,
@@ -450,7 +457,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
         ControlService,
         ConsoleService,
     ]
-    port_services = children[2:6]
+    port_services = children[3:7]
     assert [(s.endpoint._port, s.endpoint._interface) for s in port_services] == [
         (base + offset, HOST) for offset in range(4)
     ]
@@ -473,7 +480,7 @@ def test_make_service_without_a_console(folder, ports, global_reactor, monkeypat
     options = parse(*good_args(ports, "--console", "off"))
     peer = tap.makeService(options, global_reactor)
     assert not any(isinstance(c, ConsoleService) for c in peer)
-    assert len(list(peer)) == 8
+    assert len(list(peer)) == 9
 
 
 @pytest.mark.parametrize(

@@ -55,13 +55,15 @@ from twisted_p2p import (
     interfaces,
     logs,
     partials,
+    render,
     transfer,
 )
 from twisted_p2p.commands import Commands
-from twisted_p2p.limits import RESCAN_INTERVAL
+from twisted_p2p.limits import RESCAN_INTERVAL, WORKER_THREADS
 from twisted_p2p.peers import PeerTable
 from twisted_p2p.storage import PARTIAL_PREFIX, PartialFile
-from twisted_p2p.uploads import Uploads, read_range
+from twisted_p2p.uploads import Uploads
+from twisted_p2p.workers import WorkerPool
 
 log = Logger()
 
@@ -606,6 +608,34 @@ class TCP6OnlyServerEndpoint:
             sock.close()
 
 
+class WorkersService(Service):
+    """
+    Owns the transfer's worker threads (L{WorkerPool}): stopping it lets
+    them finish the work given them, then ends them.
+    """
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def stopService(self):
+        Service.stopService(self)
+        return self.workers.stop()
+
+
+def _logged(report):
+    """
+    C{report}, which also writes each event but progress to the log, in the
+    words the faces use.
+    """
+
+    def logged(e):
+        if e.get("event") != "download-progress":
+            log.info("{line}", line=" ".join(render.render(e)), **e)
+        report(e)
+
+    return logged
+
+
 class PeerService(MultiService):
     """
     One peer: every part, wired, under one service.
@@ -656,13 +686,16 @@ class PeerService(MultiService):
         self._catalog_fetches = defer.DeferredSemaphore(CATALOG_FETCHES)
         self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
         self.inbox = transfer.Inbox()
+        self.workers = WorkerPool(reactor, WORKER_THREADS, "p2ppeer-transfer")
         self.uploads = Uploads(
             self.index,
             self._connect,
-            lambda *a: self.run_in_thread(read_range, *a),
+            self.run_in_thread,
+            self.workers,
+            reactor,
             max_uploads=settings["max-uploads"],
             max_rate=settings["max-upload-rate"],
-            clock=reactor,
+            publish=self.hub.publish,
         )
         self.downloads = download.Downloads(
             self._make_download, self.index if settings["share-downloads"] else None
@@ -683,6 +716,9 @@ class PeerService(MultiService):
         )
         self.table.subscribe(_PeerLog(self.hub))
 
+        # First started, last stopped: the other parts hand it work until
+        # they stop.
+        WorkersService(self.workers).setServiceParent(self)
         rescans = TimerService(RESCAN_INTERVAL, self.index.rescan)
         rescans.clock = reactor
         rescans.setServiceParent(self)
@@ -862,10 +898,12 @@ class PeerService(MultiService):
             self.transfer_port,
             PartialFile(self.settings["downloads"], file_id),
             self.run_in_thread,
+            self.workers,
             self.reactor,
-            report,
+            _logged(report),
             bans=bans,
             index=index,
+            find_peers=lambda: self.catalog.sources(file_id),
         )
 
     def _make_console(self, terminal):

@@ -33,6 +33,10 @@ PARTIAL_PREFIX = ".p2ppeer-"
 PARTIAL_SUFFIX = ".part"
 MAP_SUFFIX = ".map"
 
+#: Buffers one pwritev call takes at most (POSIX's IOV_MAX is at least 16;
+#: Linux's is 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
 #: The chunk map file: this magic, the 32-byte file id, the size as 8 bytes
 #: big-endian, then one bit per chunk (chunk i is bit i % 8 of byte i // 8).
 MAP_MAGIC = b"p2pmap1\n"
@@ -218,12 +222,20 @@ class PartialFile:
             offset += written
 
     @_storage_errors
-    def store(self, index, offset, data):
+    def store(self, index, offset, pieces):
         """
-        Write verified chunk C{index} at C{offset}, then mark it in the map:
-        in that order, so the map never claims bytes that are not there.
+        Write verified chunk C{index}, the buffers C{pieces} one after the
+        other, at C{offset}; then mark it in the map: in that order, so the
+        map never claims bytes that are not there.
         """
-        self.write(offset, data)
+        pieces = list(pieces)
+        while pieces:
+            written = os.pwritev(self._fd, pieces[:_IOV_MAX], offset)
+            offset += written
+            while pieces and written >= len(pieces[0]):
+                written -= len(pieces.pop(0))
+            if written:
+                pieces[0] = memoryview(pieces[0])[written:]
         if self.chunks is not None:
             self.chunks.set(index)
 
