@@ -248,6 +248,9 @@ class SyncWorkers:
     def __init__(self):
         self.jobs = []
 
+    def pick(self):
+        return self
+
     def submit(self, f, *args):
         self.jobs.append(f)
         return defer.maybeDeferred(f, *args)

@@ -65,16 +65,20 @@ MAX_CONNECTIONS_PER_HOST = 64
 HELLO_TIMEOUT = 10.0
 
 #: Largest header line of a frame on a data connection (a hello or a chunk
-#: header is under 100 bytes); before the hello, the largest frame.
+#: header is under 100 bytes); before the hello, the largest frame.  After
+#: it a frame is at most this plus MAX_RUN chunks.
 MAX_DATA_HEADER = 1024
-
-#: Bytes read from a data connection at a time: a chunk in one or two reads.
-RECEIVE_BUFFER = 256 * 1024
 
 #: Bytes of chunks a sender hands to one sending batch (a worker thread
 #: sends them with sendfile until the socket is full).  Chunks not yet in a
 #: batch can still be cancelled.
 STREAM_BATCH_BYTES = 4 * 1024 * 1024
+
+#: Chunks one frame of a data connection may carry, when they follow each
+#: other: 1 MiB.  Larger frames cost both sides less per byte (one head, one
+#: sendfile, one read into one buffer, one job for a worker); the hash unit
+#: stays the chunk.
+MAX_RUN = 4
 
 #: Streams (data connections) one request connection may open.
 MAX_STREAMS_PER_CONNECTION = 4
@@ -113,9 +117,10 @@ MIN_ASK = 4
 #: time the other would take; the other is told to cancel it.
 STEAL_MARGIN = 0.7
 
-#: Chunks of one download that may wait to be verified and written at once;
-#: past this its data connections stop being read (4 MiB of memory).
-VERIFY_QUEUE = 16
+#: Frames (each of up to MAX_RUN chunks) of one download that may wait to
+#: be verified and written at once; past this its data connections stop
+#: being read (at most 8 MiB of buffers).
+VERIFY_QUEUE = 8
 
 #: Threads that verify and write arriving chunks and send chunks from disk.
 WORKER_THREADS = 2

@@ -730,7 +730,7 @@ class PeerService(MultiService):
             transfer.NotSupportedFactory(),
         ]
         for offset, factory in enumerate(factories):
-            for endpoint in self._server_endpoints(self.transfer_port + offset):
+            for endpoint in self._server_endpoints(self.transfer_port + offset, offset == 0):
                 port_service = StreamServerEndpointService(endpoint, factory)
                 port_service._raiseSynchronously = True
                 port_service.setServiceParent(self)
@@ -835,20 +835,25 @@ class PeerService(MultiService):
 
     # plumbing handed to the parts
 
-    def _server_endpoints(self, port):
+    def _server_endpoints(self, port, receiver=False):
         """
         The endpoints transfer port C{port} listens on: C{--host}, or, for
         every address, one IPv4 and (where the machine has IPv6) one IPv6
-        endpoint.
+        endpoint.  The receiver port's read chunks straight into their
+        buffers (L{transfer.ReceiverEndpoint}).
         """
+        if receiver:
+            four = six = transfer.ReceiverEndpoint
+        else:
+            four, six = TCP4ServerEndpoint, TCP6OnlyServerEndpoint
         families = interfaces.families(self.host)
         if self.host != interfaces.ANY_HOST:
             if families == (4,):
-                return [TCP4ServerEndpoint(self.reactor, port, interface=self.host)]
-            return [TCP6OnlyServerEndpoint(self.reactor, port, interface=self.host)]
-        endpoints = [TCP4ServerEndpoint(self.reactor, port, interface="")]
+                return [four(self.reactor, port, interface=self.host)]
+            return [six(self.reactor, port, interface=self.host)]
+        endpoints = [four(self.reactor, port, interface="")]
         if ipv6_available():
-            endpoints.append(TCP6OnlyServerEndpoint(self.reactor, port, interface="::"))
+            endpoints.append(six(self.reactor, port, interface="::"))
         return endpoints
 
     def _connect(self, host, port, protocol):

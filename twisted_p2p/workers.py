@@ -122,9 +122,16 @@ class WorkerPool:
     def __init__(self, reactor, threads, name="p2ppeer-worker"):
         self.workers = [Worker(reactor, f"{name}-{n}") for n in range(threads)]
 
+    def pick(self):
+        """
+        The worker with the fewest jobs pending, for a caller whose jobs
+        should all go to one thread (writes to one file: two threads would
+        only contend for its lock).
+        """
+        return min(self.workers, key=lambda w: w.pending)
+
     def submit(self, f, *args):
-        worker = min(self.workers, key=lambda w: w.pending)
-        return worker.submit(f, *args)
+        return self.pick().submit(f, *args)
 
     def stop(self):
         return defer.gatherResults([w.stop() for w in self.workers])

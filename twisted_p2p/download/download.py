@@ -20,10 +20,11 @@ from twisted.logger import Logger
 from twisted_p2p import events
 from twisted_p2p.chunkmap import ChunkLedger
 from twisted_p2p.client import PeerRefused
+from twisted_p2p.download.buffers import BufferPool
 from twisted_p2p.download.finder import Finder
 from twisted_p2p.download.lifecycle import Lifecycle
 from twisted_p2p.download.requests import GetRequest, SourceStream
-from twisted_p2p.download.scheduler import plan
+from twisted_p2p.download.scheduler import ask_size, plan
 from twisted_p2p.download.status import Progress
 from twisted_p2p.limits import (
     BUSY_BACKOFF_MAX,
@@ -43,17 +44,31 @@ log = Logger()
 PROGRESS_INTERVAL = 1.0
 
 
-def verify_and_store(manifest, storage, index, pieces):
+def verify_and_store(manifest, storage, first, wanted, buffer):
     """
-    Verify chunk C{index} (the buffers C{pieces}) and, if it is right,
-    write it.  Blocks: a worker thread runs it.
+    Verify chunks C{wanted} (indexes, in order) of the frame that starts at
+    chunk C{first}, in C{buffer}, and write those that are right, each run
+    of them that follow each other in one write.  Blocks: a worker thread
+    runs it.
 
-    @return: whether it was right.
+    @return: the indexes that were right.
     """
-    if not manifest.verify_pieces(index, pieces):
-        return False
-    storage.store(index, manifest.chunk_offset(index), pieces)
-    return True
+    base = manifest.chunk_offset(first)
+    good = []
+    for index in wanted:
+        start = manifest.chunk_offset(index) - base
+        if manifest.verify_pieces(index, (buffer[start : start + manifest.chunk_length(index)],)):
+            good.append(index)
+    run = []
+    for index in good + [None]:
+        if run and (index is None or index != run[-1] + 1):
+            start = manifest.chunk_offset(run[0]) - base
+            end = manifest.chunk_offset(run[-1]) - base + manifest.chunk_length(run[-1])
+            storage.store_run(run[0], len(run), base + start, buffer[start:end])
+            run = []
+        if index is not None:
+            run.append(index)
+    return good
 
 
 class DownloadFailed(Exception):
@@ -112,7 +127,8 @@ class Download:
     @param storage: a L{PartialFile}-like object (blocking methods).
     @param run_in_thread: C{deferToThread} or a stand-in (storage open,
         complete and release).
-    @param workers: the L{WorkerPool} that verifies and writes chunks.
+    @param workers: the L{WorkerPool}; one of its workers verifies and
+        writes this download's chunks.
     @param clock: an L{IReactorTime}.
     @param report: C{report(event)} for progress and outcome events.
     @param bans: the session's L{Bans} (shared by every download); a fresh
@@ -148,7 +164,8 @@ class Download:
         self._receiver_port = receiver_port
         self.storage = storage
         self._run = run_in_thread
-        self._workers = workers
+        self._worker = workers.pick()
+        self.buffers = BufferPool()
         self._clock = clock
         self._report = report
         self.bans = bans if bans is not None else Bans()
@@ -307,7 +324,7 @@ class Download:
             "download-started",
             size=manifest.size,
             chunks=manifest.chunk_count,
-            sources=len(self.sources),
+            sources=max(len(self.sources), self._finder.tried),
             resumed=resumed,
         )
         self._ticker = LoopingCall(self._tick)
@@ -571,68 +588,86 @@ class Download:
             self._ledger.withdraw(request, index)
         self._schedule_soon()
 
-    def chunk_arrived(self, stream, request, index, pieces):
+    def chunks_arrived(self, stream, first, arrived, buffer):
+        """
+        Chunks C{first}, C{first + 1}, ... came on C{stream} in C{buffer}:
+        C{arrived} is the C{(index, request)} of each.  Those still wanted
+        are verified and written, in one job for a worker; the others are
+        dropped (another copy came first).
+        """
         source = stream.source
         ledger = self._ledger
-        length = self.manifest.chunk_length(index)
+        manifest = self.manifest
         now = self._clock.seconds()
-        source.meter.add(now, length)
-        if self.stage != "fetching" or not ledger.arrived(request, index, now):
-            # Cancelled: another source's copy came first.
-            self.progress.wasted += length
+        wanted = []
+        fetching = self.stage == "fetching"
+        for index, request in arrived:
+            length = manifest.chunk_length(index)
+            source.meter.add(now, length)
+            if not fetching or not ledger.arrived(request, index, now):
+                self.progress.wasted += length  # cancelled: another copy came first
+                continue
+            others = ledger.askers(index)
+            if ledger.begin_verifying(index) is None:
+                self.progress.wasted += length  # another copy is being verified
+                continue
+            self.progress.received += length
+            for other in others:
+                other.stream.cancel([index])
+            wanted.append(index)
+        if not wanted:
+            self._give_back(None, buffer)
             return
-        others = ledger.askers(index)
-        if ledger.begin_verifying(index) is None:
-            # Another copy is verified or being verified.
-            self.progress.wasted += length
-            return
-        self.progress.received += length
-        for other in others:
-            other.stream.cancel([index])
         self._verifying += 1
         if self._verifying >= VERIFY_QUEUE:
+            # Counted by jobs, not by buffers out: a connection paused in the
+            # middle of a frame holds a buffer until it is read again.
             self._pause_reading()
         d = self._busy(
-            self._workers.submit(verify_and_store, self.manifest, self.storage, index, pieces)
+            self._worker.submit(verify_and_store, manifest, self.storage, first, wanted, buffer)
         )
+        d.addBoth(self._give_back, buffer)
         d.addCallbacks(
             self._stored,
             self._store_failed,
-            callbackArgs=(source, index, length),
-            errbackArgs=(index,),
+            callbackArgs=(source, wanted),
+            errbackArgs=(wanted,),
         )
-        if ledger.in_flight(source) < source.window(now):
+        window = source.window(now)
+        if window - ledger.in_flight(source) >= ask_size(window):
             self._schedule_soon()
 
-    def _stored(self, ok, source, index, length):
+    def _stored(self, good, source, wanted):
         self._settled()
         if self.stage != "fetching":
             return
-        if ok:
-            self._ledger.verified(index)
-            self.progress.verified += length
-            source.received += length
-            by_source = self.progress.by_source
-            by_source[source.label] = by_source.get(source.label, 0) + length
-            if self._ledger.complete:
-                self._lifecycle.all_verified()
-                return
-        else:
-            self._ledger.requeue(index)
+        ledger, progress, manifest = self._ledger, self.progress, self.manifest
+        verified = 0
+        for index in good:
+            ledger.verified(index)
+            verified += manifest.chunk_length(index)
+        progress.verified += verified
+        source.received += verified
+        progress.by_source[source.label] = progress.by_source.get(source.label, 0) + verified
+        for index in set(wanted).difference(good):
+            ledger.requeue(index)
             self._reject(source, index)
+        if ledger.complete:
+            self._lifecycle.all_verified()
+            return
         self._schedule_soon()
 
-    def _store_failed(self, failure, index):
+    def _store_failed(self, failure, wanted):
         self._settled()
         if self.stage != "fetching":
             return
-        self._ledger.requeue(index)
+        for index in wanted:
+            self._ledger.requeue(index)
         error = failure.value
         if isinstance(error, StorageError):
             reason = str(error)
         else:
-            log.failure("Storing chunk {index} of {name} failed", failure, index=index,
-                        name=self.name)
+            log.failure("Storing chunks of {name} failed", failure, name=self.name)
             reason = failure.getErrorMessage()
         self._lifecycle.write_failed(f"could not write {self.name}: {reason}")
 
@@ -640,6 +675,10 @@ class Download:
         self._verifying -= 1
         if self._reading_paused and self._verifying <= VERIFY_QUEUE // 2:
             self._resume_reading()
+
+    def _give_back(self, result, buffer):
+        self.buffers.give_back(buffer)
+        return result
 
     def _pause_reading(self):
         self._reading_paused = True

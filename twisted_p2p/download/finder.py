@@ -70,6 +70,13 @@ class Finder:
         self.errors = []
 
     @property
+    def tried(self):
+        """
+        How many peers were tried (connected to, or being connected to).
+        """
+        return len(self._tried)
+
+    @property
     def busy(self):
         """
         Whether some peer is still being connected to.

@@ -90,9 +90,10 @@ class SourceStream:
     the chunks asked on it and not yet here, in the order asked.
 
     What the receiver port calls (L{attach}, L{chunk_started},
-    L{bytes_arrived}, L{chunk_arrived}, L{detached}) is checked here; what
+    L{bytes_arrived}, L{chunk_arrived}, L{detached}) is checked here; chunks
+    are read into buffers from the owner's C{buffers} (a L{BufferPool}); what
     arrives goes to the C{owner} (the L{Download}): C{chunk_arrived(stream,
-    request, index, pieces)}, C{stream_lost(stream, reason)},
+    request, index, buffer)}, C{stream_lost(stream, reason)},
     C{get_refused(stream, request, failure)} and
     C{cancel_answered(stream, removed)}.
 
@@ -119,6 +120,7 @@ class SourceStream:
         self.seen_at = None
         self.seen_bytes = 0
         self.closed = False
+        self._reading = None
 
     # -- asking ------------------------------------------------------------------
 
@@ -195,28 +197,43 @@ class SourceStream:
         self.connection = connection
         self.owner.stream_attached(self)
 
-    def chunk_started(self, index, length):
+    def chunk_started(self, first, count, length):
         """
-        Check a chunk's header: it must be asked on this stream, and of the
-        chunk's length.
+        Check a frame's header, chunks C{first} to C{first + count - 1}: they
+        must be asked on this stream, and the body their length; and give
+        the buffer it is read into.
 
         @raise wire.ProtocolError: it is not.
         """
-        if index not in self.outstanding:
-            raise wire.ProtocolError(f"chunk {index} was not asked for")
-        if length != self._manifest.chunk_length(index):
-            raise wire.ProtocolError(f"chunk {index} is of the wrong length")
+        manifest = self._manifest
+        expected = 0
+        for index in range(first, first + count):
+            if index not in self.outstanding:
+                raise wire.ProtocolError(f"chunk {index} was not asked for")
+            expected += manifest.chunk_length(index)
+        if length != expected:
+            raise wire.ProtocolError(f"chunks from {first} are of the wrong length")
+        self._reading = self.owner.buffers.take(length)
+        return self._reading
 
     def bytes_arrived(self, count):
         self.bytes_in += count
 
-    def chunk_arrived(self, index, pieces):
-        request = self.outstanding.pop(index)
-        self.cancelling.discard(index)
-        self.owner.chunk_arrived(self, request, index, pieces)
+    def chunk_arrived(self, first, count, buffer):
+        self._reading = None
+        outstanding, cancelling = self.outstanding, self.cancelling
+        arrived = []
+        for index in range(first, first + count):
+            arrived.append((index, outstanding.pop(index)))
+            cancelling.discard(index)
+        self.owner.chunks_arrived(self, first, arrived, buffer)
 
     def detached(self, connection, reason):
         self.connection = None
+        if self._reading is not None:
+            # Cut off in the middle of a chunk.
+            self.owner.buffers.give_back(self._reading)
+            self._reading = None
         if not self.closed:
             self.owner.stream_lost(self, reason)
 

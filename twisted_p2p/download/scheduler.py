@@ -7,8 +7,9 @@ it out.
    L{WINDOW_SECONDS} of its own rate (see L{window_for}), so a fast source
    never waits for our next request and a slow one is not given chunks that
    others would deliver sooner.
- - Chunks are asked in runs (at least L{MIN_ASK} while that many are left),
-   the rarest first, then in file order.
+ - Chunks are asked in runs (a quarter of the window at least, see
+   L{ask_size}, while that many are left), the rarest first, then in file
+   order.
  - When nothing is left to ask, a source with room takes over chunks still
    waiting at another source that it would deliver well before that one
    (L{STEAL_MARGIN}); the other is told to cancel them, so at the end every
@@ -56,6 +57,16 @@ def window_for(rate):
     return max(MIN_WINDOW, min(MAX_WINDOW, wanted))
 
 
+def ask_size(window):
+    """
+    The fewest chunks asked in one request of a source with C{window}
+    (while more are left): a quarter of its window, and at least
+    L{MIN_ASK}, so that a fast source is asked a few times per window
+    rather than once per chunk.
+    """
+    return max(MIN_ASK, window // 4)
+
+
 def plan(ledger, sources, now):
     """
     The L{Plan} for C{sources} (the usable ones, in order of preference)
@@ -74,14 +85,15 @@ def plan(ledger, sources, now):
             if result.wake_at is None or source.rest_until < result.wake_at:
                 result.wake_at = source.rest_until
             continue
-        room = window_for(source.rate(now)) - ledger.in_flight(source)
+        window = window_for(source.rate(now))
+        room = window - ledger.in_flight(source)
         if room <= 0:
             continue
         want = min(room, MAX_CHUNKS_PER_REQUEST)
         chunks = ledger.pick(source, want, exclude=taken)
         if len(chunks) < want:
             idle.append((source, want - len(chunks)))
-        elif want < MIN_ASK:
+        elif want < ask_size(window):
             # Room for a few only, and more to ask: wait for a longer run.
             continue
         if chunks:

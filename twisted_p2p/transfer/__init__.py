@@ -15,7 +15,12 @@ C{framed.py} has what they share.  The wire format is in C{PROTOCOL.md}.
 
 from twisted_p2p.transfer.distribution import NotSupportedFactory, NotSupportedProtocol
 from twisted_p2p.transfer.framed import FramedProtocol, PerHostLimitedFactory, RequestRefused
-from twisted_p2p.transfer.receiver import Inbox, ReceiverFactory, ReceiverProtocol
+from twisted_p2p.transfer.receiver import (
+    Inbox,
+    ReceiverEndpoint,
+    ReceiverFactory,
+    ReceiverProtocol,
+)
 from twisted_p2p.transfer.sender import SenderFactory, SenderProtocol
 
 __all__ = [
@@ -24,6 +29,7 @@ __all__ = [
     "NotSupportedFactory",
     "NotSupportedProtocol",
     "PerHostLimitedFactory",
+    "ReceiverEndpoint",
     "ReceiverFactory",
     "ReceiverProtocol",
     "RequestRefused",

@@ -4,24 +4,27 @@ carrying the chunks of one stream we asked for.
 
 The first frame must be a hello naming a token we handed out (the L{Inbox}
 knows them), from the host we asked.  After that every frame is a chunk of
-the stream, parsed as it arrives by a L{FrameParser}: the body goes on in the
-pieces the socket gave, never gathered into one buffer here, to the stream's
-owner, which verifies and stores it in a worker thread and pauses reading
-while too much waits for that.
+the stream.  Each chunk is read by a L{FrameReader} into a buffer its
+stream's owner gives (from a pool it keeps), straight from the socket with
+C{recv_into} where the transport allows it (L{ReceiverEndpoint}), so the
+bytes are copied once, from the kernel, before they are hashed and written
+in a worker thread.  The owner pauses reading while too many chunks wait for
+that.
 """
 
+import errno
+import socket
+
+from twisted.internet import defer, main, tcp
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from twisted_p2p import wire
-from twisted_p2p.framing import FrameParser
-from twisted_p2p.limits import (
-    CHUNK_SIZE,
-    HELLO_TIMEOUT,
-    MAX_DATA_HEADER,
-    RECEIVE_BUFFER,
-)
+from twisted_p2p.framing import FrameReader
+from twisted_p2p.limits import CHUNK_SIZE, HELLO_TIMEOUT, MAX_DATA_HEADER, MAX_RUN
 from twisted_p2p.transfer.framed import PerHostLimitedFactory, describe_peer, release_place
 
 log = Logger()
@@ -31,8 +34,8 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
     """
     One data connection.  Feeds the incoming stream the L{Inbox} gives for
     its token (see L{twisted_p2p.download.requests.SourceStream} for what a
-    stream must provide: C{attach}, C{chunk_started}, C{bytes_arrived},
-    C{chunk_arrived}, C{detached}).
+    stream provides: C{attach}, C{chunk_started} (which gives the buffer a
+    chunk is read into), C{bytes_arrived}, C{chunk_arrived}, C{detached}).
 
     Before the hello, a frame may be no larger than a header
     (L{MAX_DATA_HEADER}), so a stranger cannot make us buffer anything.
@@ -43,20 +46,32 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
     def connectionMade(self):
         self.stream = None
         self._index = None
-        self._pieces = []
-        self._parser = FrameParser(self, MAX_DATA_HEADER, MAX_DATA_HEADER)
-        if hasattr(self.transport, "bufferSize"):
-            # Fewer, larger reads: a chunk in a few reads rather than many.
-            self.transport.bufferSize = RECEIVE_BUFFER
+        self._count = 0
+        self._buffer = None
+        self._reader = FrameReader(self, MAX_DATA_HEADER, MAX_DATA_HEADER)
         self.setTimeout(HELLO_TIMEOUT)
 
-    def dataReceived(self, data):
+    # -- bytes in: recv_into where the transport allows, else copied ------------
+
+    def read_buffer(self):
+        """
+        Where the transport should C{recv_into} next (L{ReceiverEndpoint}).
+        """
+        return self._reader.buffer()
+
+    def read_done(self, count):
         try:
-            self._parser.feed(data)
+            self._reader.filled(count)
         except wire.ProtocolError as e:
             self.drop(str(e))
 
-    # -- FrameParser's owner ---------------------------------------------------
+    def dataReceived(self, data):
+        try:
+            self._reader.feed(data)
+        except wire.ProtocolError as e:
+            self.drop(str(e))
+
+    # -- the FrameReader's owner ----------------------------------------------------
 
     def header_received(self, header, body_length):
         kind = header["t"]
@@ -70,25 +85,26 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
                 raise wire.ProtocolError("a token nobody handed out")
             self.setTimeout(None)
             self.stream = stream
-            self._parser.max_frame = MAX_DATA_HEADER + CHUNK_SIZE
+            self._reader.max_frame = MAX_DATA_HEADER + MAX_RUN * CHUNK_SIZE
             stream.attach(self)
-            return
+            return None
         if kind != "chunk":
             raise wire.ProtocolError(f"unexpected {kind!r} frame")
         index = wire.int_field(header, "i", 0, 2**31)
-        self.stream.chunk_started(index, body_length)
-        self._index = index
+        count = wire.int_field(header, "n", 1, MAX_RUN) if "n" in header else 1
+        self._buffer = self.stream.chunk_started(index, count, body_length)
+        self._index, self._count = index, count
+        return self._buffer
 
-    def body_received(self, piece):
-        self._pieces.append(piece)
-        self.stream.bytes_arrived(len(piece))
+    def body_progress(self, count):
+        self.stream.bytes_arrived(count)
 
     def frame_ended(self):
         if self._index is None:
             return  # the hello
-        pieces, self._pieces = self._pieces, []
-        index, self._index = self._index, None
-        self.stream.chunk_arrived(index, pieces)
+        index, count, buffer = self._index, self._count, self._buffer
+        self._index = self._buffer = None
+        self.stream.chunk_arrived(index, count, buffer)
 
     # -- what the stream's owner may do ------------------------------------------
 
@@ -118,7 +134,7 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
             host=describe_peer(self.transport),
             reason=reason,
         )
-        self._parser.stopped = True
+        self._reader.stopped = True
         self.setTimeout(None)
         self.transport.abortConnection()
 
@@ -131,6 +147,70 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.detached(self, reason)
+
+
+class _RecvIntoServer(tcp.Server):
+    """
+    An accepted TCP connection that reads with C{recv_into}, into the buffer
+    its protocol names (C{read_buffer()}, then C{read_done(count)}), when the
+    protocol has one; else as Twisted does.  Twisted's own read makes a new
+    bytes object per read, which the protocol must then copy.
+    """
+
+    def doRead(self):
+        read_buffer = getattr(self.protocol, "read_buffer", None)
+        if read_buffer is None:
+            return tcp.Server.doRead(self)
+        try:
+            count = self.socket.recv_into(read_buffer())
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return None
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        self.protocol.read_done(count)
+        return None
+
+
+class _RecvIntoPort(tcp.Port):
+    """
+    A listening port whose connections are L{_RecvIntoServer}s (Twisted's
+    C{Port.transport} is there to be replaced), and that takes IPv6 only
+    on an IPv6 address, so the IPv4 port beside it stays free.
+    """
+
+    transport = _RecvIntoServer
+
+    def createInternetSocket(self):
+        sock = tcp.Port.createInternetSocket(self)
+        if self.addressFamily == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
+
+
+@implementer(IStreamServerEndpoint)
+class ReceiverEndpoint:
+    """
+    Where the receiver port listens: like Twisted's TCP server endpoints,
+    with connections that read chunks straight into their buffers.
+    """
+
+    def __init__(self, reactor, port, interface="", backlog=50):
+        self._reactor = reactor
+        self._port = port
+        self._interface = interface
+        self._backlog = backlog
+
+    def listen(self, factory):
+        return defer.execute(self._listen, factory)
+
+    def _listen(self, factory):
+        port = _RecvIntoPort(
+            self._port, factory, self._backlog, self._interface, self._reactor
+        )
+        port.startListening()  # CannotListenError, as Twisted's endpoints
+        return port
 
 
 class ReceiverFactory(PerHostLimitedFactory):

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from twisted_p2p import wire
 from twisted_p2p.framing import frame_head
 from twisted_p2p.index import file_signature
-from twisted_p2p.limits import IDLE_TIMEOUT, STREAM_BATCH_BYTES
+from twisted_p2p.limits import IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES
 
 log = Logger()
 
@@ -59,12 +59,17 @@ class OpenChunks:
             self.close()
             raise
 
-    def locate(self, index):
+    def segments(self, first, count):
         """
-        C{(fd, offset, length)} of chunk C{index}.
+        Where chunks C{first} to C{first + count - 1} are: a list of
+        C{(fd, offset, length)} to send one after the other (one, for a
+        whole file, whose chunks follow each other).
         """
         manifest = self.manifest
-        return self.fd, manifest.chunk_offset(index), manifest.chunk_length(index)
+        last = first + count - 1
+        offset = manifest.chunk_offset(first)
+        end = manifest.chunk_offset(last) + manifest.chunk_length(last)
+        return [(self.fd, offset, end - offset)]
 
     def check(self):
         """
@@ -78,15 +83,17 @@ class OpenChunks:
         ):
             raise FileChanged(f"{self.path} changed since it was indexed")
 
-    def read(self, index):
+    def read(self, segments):
         """
-        The bytes of chunk C{index} (for transports that cannot sendfile).
+        The bytes of C{segments} (for transports that cannot sendfile).
         """
-        fd, offset, length = self.locate(index)
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise FileChanged(f"{self.path} is shorter than when it was indexed")
-        return data
+        data = []
+        for fd, offset, length in segments:
+            piece = os.pread(fd, length, offset)
+            if len(piece) != length:
+                raise FileChanged(f"{self.path} is shorter than when it was indexed")
+            data.append(piece)
+        return b"".join(data)
 
     def close(self):
         fd, self.fd = self.fd, None
@@ -96,21 +103,28 @@ class OpenChunks:
 
 class _Outgoing:
     """
-    One frame to send: its head (length prefix and header line) and the
-    range of the file that is its body.  The C{*_sent} counts are written by
-    the worker thread while it sends, and read by the reactor only after.
+    One frame to send: its head (length prefix and header line), and the
+    file ranges that are its body: chunks C{first} to C{first + count - 1}
+    (C{first} is C{None} for the hello).  The C{*_sent} counts are written
+    by the worker thread while it sends, and read by the reactor only after.
     """
 
-    __slots__ = ("index", "head", "fd", "offset", "length", "head_sent", "body_sent")
+    __slots__ = ("first", "count", "head", "segments", "length", "head_sent", "segment",
+                 "segment_sent")
 
-    def __init__(self, index, head, fd=None, offset=0, length=0):
-        self.index = index
+    def __init__(self, first, count, head, segments=()):
+        self.first = first
+        self.count = count
         self.head = head
-        self.fd = fd
-        self.offset = offset
-        self.length = length
+        self.segments = list(segments)
+        self.length = sum(length for _, _, length in self.segments)
         self.head_sent = 0
-        self.body_sent = 0
+        self.segment = 0
+        self.segment_sent = 0
+
+    @property
+    def chunks(self):
+        return range(self.first, self.first + self.count) if self.first is not None else ()
 
     @property
     def started(self):
@@ -141,16 +155,20 @@ def send_batch(sock, items, opened):
                 item.head_sent += sock.send(memoryview(head)[item.head_sent :], socket.MSG_MORE)
             except BlockingIOError:
                 return done, True
-        while item.body_sent < item.length:
-            try:
-                sent = os.sendfile(
-                    fileno, item.fd, item.offset + item.body_sent, item.length - item.body_sent
-                )
-            except BlockingIOError:
-                return done, True
-            if sent == 0:
-                raise FileChanged(f"{opened.path} is shorter than when it was indexed")
-            item.body_sent += sent
+        while item.segment < len(item.segments):
+            fd, offset, length = item.segments[item.segment]
+            while item.segment_sent < length:
+                try:
+                    sent = os.sendfile(
+                        fileno, fd, offset + item.segment_sent, length - item.segment_sent
+                    )
+                except BlockingIOError:
+                    return done, True
+                if sent == 0:
+                    raise FileChanged(f"{opened.path} is shorter than when it was indexed")
+                item.segment_sent += sent
+            item.segment += 1
+            item.segment_sent = 0
         done += 1
     opened.check()
     return done, False
@@ -162,7 +180,7 @@ def read_batch(items, opened):
     sendfile).  Blocking: run it in a worker thread.
     """
     opened.check()
-    bodies = [opened.read(item.index) for item in items]
+    bodies = [opened.read(item.segments) for item in items]
     opened.check()
     return bodies
 
@@ -219,6 +237,7 @@ class OutgoingStream:
         self._paid = []  # _Outgoing frames paid for and not yet sent
         self._asked = set()  # every chunk asked and not yet sent
         self._waiting = None  # the pace Deferred waited on
+        self._credit = 0  # bytes paid for by chunks that went back to the queue
         self._job = None  # the batch (or read) in a worker thread
         self._writable = False
         self._sock = None
@@ -263,12 +282,26 @@ class OutgoingStream:
         wanted = set(chunks) & self._asked
         if not wanted:
             return []
-        in_flight = {item.index for item in (self._job or ())}
-        in_flight.update(item.index for item in self._paid if item.started)
-        removed = [index for index in chunks if index in wanted and index not in in_flight]
+        sending = set()
+        for item in self._job or ():
+            sending.update(item.chunks)
+        kept = []
+        for item in self._paid:
+            if item.started or item.first is None or not wanted.intersection(item.chunks):
+                if item.started:
+                    sending.update(item.chunks)
+                kept.append(item)
+                continue
+            # Paid for and not started: the rest of its run goes back to the
+            # queue, with its payment.
+            rest = [index for index in item.chunks if index not in wanted]
+            self._credit += item.length - sum(self._opened.manifest.chunk_length(i)
+                                              for i in item.chunks if i in wanted)
+            self._queue[:0] = rest
+        self._paid = kept
+        removed = [index for index in chunks if index in wanted and index not in sending]
         gone = set(removed)
         self._queue = [index for index in self._queue if index not in gone]
-        self._paid = [item for item in self._paid if item.index not in gone]
         self._asked -= gone
         if not self._asked and self._stall is not None and self._stall.active():
             self._stall.cancel()
@@ -323,7 +356,7 @@ class OutgoingStream:
             # it stays valid until the worker is done with it.
             self._sock = socket.socket(fileno=os.dup(transport.fileno()))
             self._sock.setblocking(False)
-            self._paid.insert(0, _Outgoing(None, hello))
+            self._paid.insert(0, _Outgoing(None, 0, hello))
         else:
             transport.write(hello)
         transport.registerProducer(self, False)
@@ -356,47 +389,60 @@ class OutgoingStream:
             d = self._workers.submit(send_batch, self._sock, batch, self._opened)
             d.addCallbacks(self._sent, self._failed, callbackArgs=(batch,))
         else:
-            batch = [item for item in self._paid if item.index is not None]
+            batch = [item for item in self._paid if item.first is not None]
             self._job = batch
             d = self._workers.submit(read_batch, batch, self._opened)
             d.addCallbacks(self._read, self._failed, callbackArgs=(batch,))
 
     def _take_paid(self):
         """
-        Move chunks from the queue to the frames paid for, as far as the
-        upload rate allows, up to a batch's worth.
+        Move chunks from the queue to frames paid for, as far as the upload
+        rate allows, up to a batch's worth: runs of up to L{MAX_RUN}
+        chunks that follow each other, one frame each.
         """
         paid_bytes = sum(item.size for item in self._paid)
+        queue = self._queue
         taken = 0
-        while taken < len(self._queue) and paid_bytes < STREAM_BATCH_BYTES:
-            if self._waiting is not None:
-                break
-            index = self._queue[taken]
-            fd, offset, length = self._opened.locate(index)
-            if self._pace is not None:
-                d = self._pace(length)
+        manifest = self._opened.manifest
+        while taken < len(queue) and paid_bytes < STREAM_BATCH_BYTES and self._waiting is None:
+            first = queue[taken]
+            count = 1
+            while (
+                count < MAX_RUN
+                and taken + count < len(queue)
+                and queue[taken + count] == first + count
+            ):
+                count += 1
+            length = sum(manifest.chunk_length(i) for i in range(first, first + count))
+            taken += count
+            cost = length - min(self._credit, length)
+            self._credit -= length - cost
+            if self._pace is not None and cost:
+                d = self._pace(cost)
                 if not d.called:
                     self._waiting = d
-                    d.addCallback(self._paced, index, fd, offset, length)
+                    d.addCallback(self._paced, first, count)
                     d.addErrback(lambda f: None)  # cancelled by close()
-                    taken += 1
                     break
-            self._paid.append(self._frame(index, fd, offset, length))
+            self._paid.append(self._frame(first, count))
             paid_bytes += length
-            taken += 1
-        del self._queue[:taken]
+        del queue[:taken]
 
-    def _paced(self, _, index, fd, offset, length):
+    def _paced(self, _, first, count):
         self._waiting = None
         if self.ended:
             return
-        if index in self._asked:  # not cancelled meanwhile
-            self._paid.append(self._frame(index, fd, offset, length))
+        # Chunks cancelled meanwhile are not sent; the others are, as runs.
+        kept = [index for index in range(first, first + count) if index in self._asked]
+        for run_first, run_count in _runs(kept):
+            self._paid.append(self._frame(run_first, run_count))
         self._pump()
 
-    @staticmethod
-    def _frame(index, fd, offset, length):
-        return _Outgoing(index, frame_head({"t": "chunk", "i": index}, length), fd, offset, length)
+    def _frame(self, first, count):
+        segments = self._opened.segments(first, count)
+        length = sum(length for _, _, length in segments)
+        header = {"t": "chunk", "i": first} if count == 1 else {"t": "chunk", "i": first, "n": count}
+        return _Outgoing(first, count, frame_head(header, length), segments)
 
     def _sent(self, result, batch):
         done, blocked = result
@@ -430,11 +476,10 @@ class OutgoingStream:
         C{items} are sent: progress, for the stall timeout and the request
         connection's idle timeout.
         """
-        chunks = [item for item in items if item.index is not None]
-        for item in chunks:
-            self._asked.discard(item.index)
+        for item in items:
+            self._asked.difference_update(item.chunks)
+            self.chunks_sent += item.count if item.first is not None else 0
             self.bytes_sent += item.length
-        self.chunks_sent += len(chunks)
         if items:
             self._progress()
             self._arm_stall()
@@ -488,6 +533,20 @@ class OutgoingStream:
         if self.transport is not None:
             self.transport.abortConnection()
         self.close("the requester stopped reading")
+
+
+def _runs(indexes):
+    """
+    C{(first, count)} of each run of consecutive C{indexes} (in order), of
+    at most L{MAX_RUN}.
+    """
+    runs = []
+    for index in indexes:
+        if runs and runs[-1][0] + runs[-1][1] == index and runs[-1][1] < MAX_RUN:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, 1])
+    return [tuple(run) for run in runs]
 
 
 class StreamConnection(Protocol):
