@@ -5,6 +5,7 @@ Helpers shared by the unit tests: Deferred results and transfer frames.
 import socket
 import struct
 
+from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 

@@ -163,6 +163,52 @@ def test_a_chunk_is_written_before_it_is_marked(tmp_path, monkeypatch):
     partial.discard()
 
 
+def test_a_run_of_chunks_is_written_once_then_marked_at_once(tmp_path, monkeypatch):
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    writes = []
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: writes.append(
+        "map" if fd == partial.chunks._fd else "data") or real_pwrite(fd, data, offset))
+    monkeypatch.setattr(os, "pwritev", lambda fd, buffers, offset: writes.append(
+        "map" if fd == partial.chunks._fd else "data") or real_pwritev(fd, buffers, offset))
+    run = CONTENT[CHUNK_SIZE : 4 * CHUNK_SIZE]
+    partial.store_run(1, 3, CHUNK_SIZE, memoryview(run))
+    assert writes == ["data", "map"]
+    assert list(partial.chunks.indexes()) == [1, 2, 3]
+    assert partial.chunks.verified == 3
+    partial.store_run(2, 2, 2 * CHUNK_SIZE, memoryview(run)[CHUNK_SIZE:])
+    assert partial.chunks.verified == 3  # marked already: counted once
+    partial.close()
+    again = PartialFile(str(tmp_path), manifest.file_id)
+    assert again.open(manifest.size, manifest) == [1, 2, 3]
+    again.discard()
+
+
+def test_writeback_is_started_every_so_many_bytes(tmp_path, monkeypatch):
+    from twisted_p2p import storage
+
+    started = []
+    monkeypatch.setattr(storage, "start_writeback", started.append)
+    monkeypatch.setattr(storage, "WRITEBACK_EVERY", 2 * CHUNK_SIZE)
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    for index in range(5):
+        partial.store(index, index * CHUNK_SIZE, [chunk(index)])
+    assert len(started) == 2
+    partial.discard()
+
+
+def test_start_writeback_is_harmless_on_any_file(tmp_path):
+    from twisted_p2p.storage import start_writeback
+
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * 100000)
+        start_writeback(f.fileno())
+
+
 def test_a_marked_chunk_that_does_not_verify_is_unmarked(tmp_path):
     manifest = manifest_of(CONTENT)
     partial = PartialFile(str(tmp_path), manifest.file_id)
@@ -277,6 +323,7 @@ def test_a_full_disk_is_a_storage_error(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwritev", full)
     with pytest.raises(StorageError) as e:
         partial.write(0, b"x")
     assert "no space left" in str(e.value)

@@ -693,7 +693,7 @@ class Download:
             stream = source.stream
             if stream is not None:
                 # Time spent paused by us is no silence of theirs.
-                stream.seen_at = now
+                stream.heard_at = now
                 if stream.connection is not None:
                     stream.connection.resume()
 
@@ -749,22 +749,21 @@ class Download:
             self._ask(source, chunks, now)
         if decided.wake_at is not None:
             self._wake_at(decided.wake_at)
-        self._check_stuck(usable, decided)
+        self._check_stuck(decided)
 
     def _ask(self, source, chunks, now):
         stream = source.stream
         if stream is None:
-            stream = SourceStream(self, source, self.manifest, self.file_id, self._receiver_port)
-            stream.seen_at, stream.seen_bytes = now, 0
+            stream = SourceStream(
+                self, source, self.manifest, self.file_id, self._receiver_port, self._clock
+            )
             source.stream = stream
             self._inbox.expect(stream)
-        if not stream.outstanding:
-            stream.seen_at = now  # waiting starts now
         request = GetRequest(stream, chunks)
         self._ledger.ask(request, source, chunks, now)
         stream.ask(request)
 
-    def _check_stuck(self, usable, decided):
+    def _check_stuck(self, decided):
         ledger = self._ledger
         if (
             ledger.requests_in_flight()
@@ -776,7 +775,7 @@ class Download:
         # Nothing more is coming.  A chunk nobody holds fails the download,
         # unless partial holders are left: they may get it yet.
         index = ledger.first_unheld()
-        if not usable:
+        if not any(self._usable(s) for s in self.sources):
             self._lifecycle.stuck(f"no peer is left to download {self.name} from")
         elif index is not None and not ledger.partial_sources():
             self._lifecycle.stuck(
@@ -818,11 +817,9 @@ class Download:
 
     def _check_silence(self, source, now):
         stream = source.stream
-        if stream is None or self._reading_paused:
+        if stream is None or self._reading_paused or not stream.outstanding:
             return
-        if stream.bytes_in != stream.seen_bytes or not stream.outstanding:
-            stream.seen_bytes, stream.seen_at = stream.bytes_in, now
-        elif now - stream.seen_at >= REQUEST_TIMEOUT:
+        if now - stream.heard_at >= REQUEST_TIMEOUT:
             self._give_up_stream(source, f"sent nothing for {REQUEST_TIMEOUT:.0f} s")
 
     def _show_progress(self):

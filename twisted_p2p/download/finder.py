@@ -87,13 +87,15 @@ class Finder:
         """
         Connect to each of C{peers} not tried yet, all at once.
         """
+        fresh = []
+        for peer in peers:
+            key = getattr(peer, "peer_id", None) or peer.label
+            if not (self._stopped or key in self._tried or self._skip(peer)):
+                self._tried.add(key)
+                fresh.append(peer)
         self._adding = True
         try:
-            for peer in peers:
-                key = getattr(peer, "peer_id", None) or peer.label
-                if self._stopped or key in self._tried or self._skip(peer):
-                    continue
-                self._tried.add(key)
+            for peer in fresh:
                 d = defer.ensureDeferred(self._connect(peer))
                 self._connecting.add(d)
                 d.addErrback(self._connect_crashed, peer)

@@ -101,10 +101,9 @@ class SourceStream:
         order asked.
     @ivar cancelling: chunks the source was told to cancel and may still
         send (then they are accepted, and the owner decides).
-    @ivar bytes_in: bytes of chunk data received on it, for the stall check.
     """
 
-    def __init__(self, owner, source, manifest, file_id, receiver_port):
+    def __init__(self, owner, source, manifest, file_id, receiver_port, clock):
         self.owner = owner
         self.source = source
         self.host = source.peer.host
@@ -115,10 +114,10 @@ class SourceStream:
         self.connection = None
         self.outstanding = {}
         self.cancelling = set()
-        self.bytes_in = 0
-        #: When, and at how many bytes in, it was last seen to progress.
-        self.seen_at = None
-        self.seen_bytes = 0
+        self._clock = clock
+        #: When chunk data last arrived, or it was last given something to
+        #: wait for while it waited for nothing (the silence check).
+        self.heard_at = clock.seconds()
         self.closed = False
         self._reading = None
 
@@ -128,6 +127,8 @@ class SourceStream:
         """
         Send C{request}'s "get" on the source's request connection.
         """
+        if not self.outstanding:
+            self.heard_at = self._clock.seconds()  # the wait starts now
         for index in request.chunks:
             self.outstanding[index] = request
         header = wire.request(
@@ -217,7 +218,7 @@ class SourceStream:
         return self._reading
 
     def bytes_arrived(self, count):
-        self.bytes_in += count
+        self.heard_at = self._clock.seconds()
 
     def chunk_arrived(self, first, count, buffer):
         self._reading = None

@@ -127,11 +127,10 @@ def _steal(ledger, sources, thief, room, taken, now, cancels):
             continue
         victim_rate = victim.rate(now)
         for position, index in enumerate(victim.queue()):
-            if (
-                index in taken
-                or ledger.copies(index) >= ENDGAME_COPIES
-                or not ledger.holds(thief, index)
-            ):
+            copies = ledger.copies(index)
+            # A chunk no request waits for any more is here already (or
+            # being verified); one asked twice has had its second chance.
+            if index in taken or not 0 < copies < ENDGAME_COPIES or not ledger.holds(thief, index):
                 continue
             wait = (position + 1) * CHUNK_SIZE / victim_rate if victim_rate else math.inf
             candidates.append((wait, index, victim))
