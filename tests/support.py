@@ -249,7 +249,7 @@ class SyncWorkers:
     def __init__(self):
         self.jobs = []
 
-    def pick(self):
+    def pick(self, besides=None):
         return self
 
     def submit(self, f, *args):

@@ -56,9 +56,9 @@ IDLE_TIMEOUT = 60.0
 MAX_QUEUED_REQUESTS = 8
 
 #: Connections one host may hold open to each of our TCP ports.  A
-#: downloader uses one per download on T+1, a sender two per download on T;
-#: a host past this is refused, so it cannot hold thousands of half-sent
-#: frames in our memory.
+#: downloader uses one request connection per download on T+1, and a sender
+#: one stream per download on T; a host past this is refused, so it cannot
+#: hold thousands of half-sent frames in our memory.
 MAX_CONNECTIONS_PER_HOST = 64
 
 #: A data connection must present its token within this many seconds.

@@ -122,13 +122,15 @@ class WorkerPool:
     def __init__(self, reactor, threads, name="p2ppeer-worker"):
         self.workers = [Worker(reactor, f"{name}-{n}") for n in range(threads)]
 
-    def pick(self):
+    def pick(self, besides=None):
         """
         The worker with the fewest jobs pending, for a caller whose jobs
         should all go to one thread (writes to one file: two threads would
-        only contend for its lock).
+        only contend for its lock); another than C{besides} where there is
+        another.
         """
-        return min(self.workers, key=lambda w: w.pending)
+        others = [w for w in self.workers if w is not besides] or self.workers
+        return min(others, key=lambda w: w.pending)
 
     def submit(self, f, *args):
         return self.pick().submit(f, *args)

@@ -19,7 +19,6 @@ from twisted_p2p.download.download import (
     Download,
     DownloadFailed,
     Downloads,
-    verify_and_store,
 )
 
-__all__ = ["Bans", "Download", "DownloadFailed", "Downloads", "verify_and_store"]
+__all__ = ["Bans", "Download", "DownloadFailed", "Downloads"]

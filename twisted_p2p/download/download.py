@@ -44,14 +44,11 @@ log = Logger()
 PROGRESS_INTERVAL = 1.0
 
 
-def verify_and_store(manifest, storage, first, wanted, buffer):
+def verify(manifest, first, wanted, buffer):
     """
-    Verify chunks C{wanted} (indexes, in order) of the frame that starts at
-    chunk C{first}, in C{buffer}, and write those that are right, each run
-    of them that follow each other in one write.  Blocks: a worker thread
-    runs it.
-
-    @return: the indexes that were right.
+    Which of chunks C{wanted} (indexes, in order) of the frame that starts
+    at chunk C{first}, in C{buffer}, are right.  Blocks for the hashes: a
+    worker thread runs it.
     """
     base = manifest.chunk_offset(first)
     good = []
@@ -59,6 +56,18 @@ def verify_and_store(manifest, storage, first, wanted, buffer):
         start = manifest.chunk_offset(index) - base
         if manifest.verify_pieces(index, (buffer[start : start + manifest.chunk_length(index)],)):
             good.append(index)
+    return good
+
+
+def store(manifest, storage, first, good, buffer):
+    """
+    Write chunks C{good} (verified indexes, in order) of the frame that
+    starts at chunk C{first}, in C{buffer}: each run of them that follow
+    each other in one write.  Blocks: a worker thread runs it.
+
+    @return: C{good}.
+    """
+    base = manifest.chunk_offset(first)
     run = []
     for index in good + [None]:
         if run and (index is None or index != run[-1] + 1):
@@ -127,8 +136,8 @@ class Download:
     @param storage: a L{PartialFile}-like object (blocking methods).
     @param run_in_thread: C{deferToThread} or a stand-in (storage open,
         complete and release).
-    @param workers: the L{WorkerPool}; one of its workers verifies and
-        writes this download's chunks.
+    @param workers: the L{WorkerPool}: one of its workers verifies this
+        download's chunks, another (if there are two) writes them.
     @param clock: an L{IReactorTime}.
     @param report: C{report(event)} for progress and outcome events.
     @param bans: the session's L{Bans} (shared by every download); a fresh
@@ -164,7 +173,8 @@ class Download:
         self._receiver_port = receiver_port
         self.storage = storage
         self._run = run_in_thread
-        self._worker = workers.pick()
+        self._hasher = workers.pick()
+        self._writer = workers.pick(besides=self._hasher)
         self.buffers = BufferPool()
         self._clock = clock
         self._report = report
@@ -623,9 +633,11 @@ class Download:
             # Counted by jobs, not by buffers out: a connection paused in the
             # middle of a frame holds a buffer until it is read again.
             self._pause_reading()
-        d = self._busy(
-            self._worker.submit(verify_and_store, manifest, self.storage, first, wanted, buffer)
-        )
+        # Hashing and writing are two jobs for two threads: the hashes of a
+        # frame are taken while the one before it is written.
+        d = self._hasher.submit(verify, manifest, first, wanted, buffer)
+        d.addCallback(self._verified, first, buffer)
+        d = self._busy(d)
         d.addBoth(self._give_back, buffer)
         d.addCallbacks(
             self._stored,
@@ -636,6 +648,11 @@ class Download:
         window = source.window(now)
         if window - ledger.in_flight(source) >= ask_size(window):
             self._schedule_soon()
+
+    def _verified(self, good, first, buffer):
+        if not good:
+            return good
+        return self._writer.submit(store, self.manifest, self.storage, first, good, buffer)
 
     def _stored(self, good, source, wanted):
         self._settled()
