@@ -161,6 +161,15 @@ def test_reordered_counters_within_the_window_are_fresh_once():
     assert not seal.fresh(SENDER, 100)
 
 
+def test_a_huge_jump_of_the_counter_costs_nothing():
+    seal = group.DiscoverySeal(group.GroupKey(SECRET))
+    assert seal.fresh(SENDER, 1)
+    assert seal.fresh(SENDER, 2**64 - 1)
+    assert seal._seen[SENDER] == [2**64 - 1, 1]
+    assert not seal.fresh(SENDER, 2**64 - 1)
+    assert seal.fresh(SENDER, 2**64 - 2)
+
+
 def test_replay_records_are_bounded():
     seal = group.DiscoverySeal(group.GroupKey(SECRET))
     senders = [(f"{n:032x}", "0" * 16) for n in range(MAX_REPLAY_RECORDS + 1)]

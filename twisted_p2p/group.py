@@ -290,7 +290,9 @@ class DiscoverySeal:
         if counter > highest:
             shift = counter - highest
             record[0] = counter
-            record[1] = ((bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            # Never shift by the jump itself: a counter may leap by 2**63.
+            kept = bits << shift if shift < REPLAY_WINDOW else 0
+            record[1] = (kept | 1) & ((1 << REPLAY_WINDOW) - 1)
             return True
         behind = highest - counter
         if behind >= REPLAY_WINDOW or bits >> behind & 1:
