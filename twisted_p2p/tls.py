@@ -132,6 +132,8 @@ class GroupCredentials:
     connections use: TLS 1.3 only, a certificate required of the other
     side and checked against the group's CA (and nothing else), no
     session resumption (every connection shows its certificate).
+
+    @ivar context: that pyOpenSSL context.
     """
 
     def __init__(self, group_key, identity):
@@ -150,15 +152,15 @@ class GroupCredentials:
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_verified)
         # The other side's certificate and the CA: no chains of members.
         context.set_verify_depth(1)
-        self._context = context
+        self.context = context
 
     def serverConnectionForTLS(self, protocol):
-        connection = SSL.Connection(self._context, None)
+        connection = SSL.Connection(self.context, None)
         connection.set_accept_state()
         return connection
 
     def clientConnectionForTLS(self, protocol):
-        connection = SSL.Connection(self._context, None)
+        connection = SSL.Connection(self.context, None)
         connection.set_connect_state()
         return connection
 
