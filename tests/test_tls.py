@@ -10,14 +10,19 @@ import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.threads import deferToThread
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
 from twisted_p2p import tls
 from twisted_p2p.group import GroupKey
 from twisted_p2p.identity import Identity, peer_id_of, public_bytes_of
-from twisted_p2p.limits import HANDSHAKE_TIMEOUT
+from twisted_p2p.limits import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS_PER_HOST
 
 GROUP = GroupKey(bytes(range(32)))
 OTHER_GROUP = GroupKey(bytes(range(1, 33)))
@@ -195,13 +200,25 @@ async def test_another_group_can_neither_connect_nor_be_connected_to(server):
     assert s.verified == []
 
 
+@pytest.fixture
+def logged():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield lambda: [formatEvent(e) for e in events]
+    globalLogPublisher.removeObserver(events.append)
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_stranger_without_tls_gets_nothing(server):
+async def test_a_stranger_without_tls_gets_nothing(server, logged):
     s = await server()
     request = b'\x00\x00\x00\x1d{"t":"catalog","v":1,"start":0}\n'
     answer = await _raw_exchange(s.address, request)
-    assert answer == b""
+    assert b'"t"' not in answer  # at most a TLS alert
     assert s.protocols == []
+    await settle()
+    refusals = [line for line in logged() if line.startswith("Refused a connection")]
+    assert len(refusals) == 1, refusals
+    assert refusals[0].startswith("Refused a connection from 127.0.0.1: the TLS handshake failed (")
 
 
 def _raw_exchange(port, data):
@@ -223,13 +240,11 @@ def _raw_exchange(port, data):
                     return received
                 received += piece
 
-    from twisted.internet.threads import deferToThread
-
     return deferToThread(exchange)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_silent_stranger_is_dropped_after_the_handshake_timeout(server):
+async def test_a_silent_stranger_is_dropped_after_the_handshake_timeout(server, logged):
     clock = task.Clock()
     s = await server(clock=clock)
     lost = defer.Deferred()
@@ -245,6 +260,10 @@ async def test_a_silent_stranger_is_dropped_after_the_handshake_timeout(server):
     clock.advance(HANDSHAKE_TIMEOUT)
     await lost
     assert s.protocols == []
+    await settle()
+    assert [line for line in logged() if line.startswith("Refused")] == [
+        "Refused a connection from 127.0.0.1: the handshake took too long"
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -265,3 +284,18 @@ async def test_a_connection_can_be_cancelled_during_the_handshake(server):
     finally:
         await silent.stopListening()
     assert s.protocols == []
+
+
+def test_handshakes_under_way_from_one_host_are_bounded():
+    gates = tls._ServerGates(Factory.forProtocol(Recorder), task.Clock(), lambda *a: None)
+    address = IPv4Address("TCP", "192.0.2.1", 5000)
+    made = [gates.buildProtocol(address) for _ in range(MAX_CONNECTIONS_PER_HOST)]
+    assert None not in made
+    assert gates.buildProtocol(address) is None
+    assert gates.buildProtocol(IPv4Address("TCP", "192.0.2.2", 5000)) is not None
+    # One given up makes room for one more; counted once however it ends.
+    made[0].refused = True
+    gates.lost(made[0], Failure(ConnectionDone()))
+    gates.lost(made[0], Failure(ConnectionDone()))
+    assert gates.buildProtocol(address) is not None
+    assert gates.buildProtocol(address) is None

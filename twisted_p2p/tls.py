@@ -324,6 +324,11 @@ class _ServerGates(Factory):
     def doStop(self):
         self._factory.doStop()
 
+    def logPrefix(self):
+        # "SenderFactory (TLS) starting on 27102" in the log, as for an
+        # open peer's ports.
+        return type(self._factory).__name__
+
     def buildProtocol(self, address):
         host = getattr(address, "host", None)
         if self._pending.get(host, 0) >= MAX_CONNECTIONS_PER_HOST:
@@ -356,6 +361,7 @@ class _ServerGates(Factory):
         pass
 
     def refused(self, gate, why):
+        gate.refused = True
         log.info(
             "Refused a connection from {host}: {why}",
             host=getattr(gate._address, "host", gate._address),
@@ -363,6 +369,8 @@ class _ServerGates(Factory):
         )
 
     def lost(self, gate, reason):
+        if not getattr(gate, "refused", False):
+            self.refused(gate, f"the TLS handshake failed ({_describe(reason)})")
         self._done(gate)
 
 
