@@ -10,11 +10,13 @@ import random
 
 import pytest
 import pytest_twisted
+from support import frame
 from test_integration import free_ports, make_peer, wait_for
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Protocol
 
-from twisted_p2p import client
+from twisted_p2p import client, wire
 from twisted_p2p.group import write_new_key
 
 
@@ -81,3 +83,29 @@ async def test_a_stranger_cannot_fetch_a_members_catalog(group):
     finally:
         sender.close()
     assert [name for _, name, _ in files] == ["data.bin"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_members_bad_request_closes_the_connection(group):
+    """
+    Over TLS as over TCP: the sender answers bad-request and drops the
+    connection (its transport shows the producer it registered).
+    """
+    a, b, _, _ = group
+    await wait_for(lambda: b.peer_id in a.table)
+    peer = a.table.get(b.peer_id)
+    lost = defer.Deferred()
+    received = []
+
+    class Raw(Protocol):
+        def dataReceived(self, data):
+            received.append(data)
+
+        def connectionLost(self, reason):
+            lost.callback(None)
+
+    raw = Raw()
+    await a._connect(peer.host, peer.sender_port, raw, peer.peer_id)
+    raw.transport.write(frame(wire.request("catalog", start=0) | {"v": 2}))
+    await lost.addTimeout(5, reactor)
+    assert b'"code":"bad-request"' in b"".join(received)

@@ -203,12 +203,20 @@ class _GroupTLS(BufferingTLSTransport):
        would join one by one;
      - it says it is an L{ISSLTransport}, whatever the transport below
        provides, so that the transfer code never bypasses it (no
-       C{sendfile} to the socket under it).
+       C{sendfile} to the socket under it);
+     - its C{producer} is the one the protocol above registered, as a TCP
+       transport's is (Twisted's shows the TCP transport's own, a wrapper),
+       so that a protocol can tell whether its producer is registered.
     """
 
     def makeConnection(self, transport):
         BufferingTLSTransport.makeConnection(self, transport)
         alsoProvides(self, ISSLTransport)
+
+    @property
+    def producer(self):
+        membrane = self._producer
+        return None if membrane is None else membrane._producer
 
     def dataReceived(self, data):
         gate = self.wrappedProtocol
