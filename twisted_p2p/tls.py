@@ -195,7 +195,7 @@ def _describe(failure):
 
 class _GroupTLS(BufferingTLSTransport):
     """
-    Twisted's TLS transport, with two changes:
+    Twisted's TLS transport, with three changes:
 
      - what one TCP read decrypts goes to the protocol above in one piece
        (see L{_Gate.hold}): a 256 KiB frame then arrives in 64 KiB pieces,

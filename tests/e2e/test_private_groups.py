@@ -326,7 +326,18 @@ def _listen_discovery(port):
 
 
 def _announce_of(sock, key, peer):
-    """The next sealed announce of C{peer} heard: its bytes and decoded body."""
+    """
+    The next sealed announce of C{peer} heard from now on (not one queued
+    from before the others started, which they never heard): its bytes and
+    decoded body.
+    """
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.recvfrom(8192)
+    except BlockingIOError:
+        pass
+    sock.settimeout(5)
     seal = DiscoverySeal(key)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
