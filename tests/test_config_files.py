@@ -40,7 +40,7 @@ KNOWN = (
     "transfer-port, discovery-port, host, broadcast, peer, advertise-host, name, "
     "max-peers-per-host, announce-interval, peer-timeout, "
     "shared, downloads, state-dir, console, max-upload-rate, max-uploads, "
-    "share-downloads, log-file, log-format"
+    "share-downloads, log-file, log-format, group-key-file"
 )
 
 #: A commented-out setting: "# key = value".

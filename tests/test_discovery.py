@@ -15,8 +15,10 @@ from twisted.logger import Logger
 from twisted_p2p import discovery as discovery_module
 from twisted_p2p import wire
 from twisted_p2p.discovery import Discovery, DiscoveryProtocol
+from twisted_p2p.group import DiscoverySeal, GroupKey
 from twisted_p2p.interfaces import Link
 from twisted_p2p.limits import (
+    DATAGRAM_TIME_WINDOW,
     EARLY_ANNOUNCE_INTERVAL,
     EXCHANGE_INTRO_BURST,
     MAX_DATAGRAM,
@@ -100,7 +102,7 @@ class Recorder:
 
 
 class Harness:
-    def __init__(self, links=(LAN,), targets=()):
+    def __init__(self, links=(LAN,), targets=(), seal=None):
         self.clock = Clock()
         self.table = PeerTable(self.clock, TIMEOUT)
         self.observer = Recorder()
@@ -119,6 +121,7 @@ class Harness:
             PORT,
             INTERVAL,
             notify=self.notices.append,
+            seal=seal,
         )
         self.net = FakeDatagrams()
         self.discovery.attach(self.net, lambda: self.links, lambda: self.targets)
@@ -603,6 +606,102 @@ class TestBadDatagrams:
         assert h.net.sent == []
         h.discovery.datagram_received(good, ALICE_ADDR)
         assert ALICE in h.table
+
+
+GROUP = GroupKey(bytes(range(32)))
+
+
+class Member:
+    """
+    Another member of the group: seals its datagrams as a peer would.
+    """
+
+    def __init__(self, clock, key=GROUP):
+        self.clock = clock
+        self.seal = DiscoverySeal(key)
+
+    def sealed(self, message):
+        return self.seal.seal(wire.encode_datagram(message, self.seal.room), self.clock.seconds())
+
+
+class TestPrivateGroup:
+    @pytest.fixture
+    def g(self):
+        return Harness(seal=DiscoverySeal(GROUP))
+
+    def test_members_hear_each_other_and_answer_sealed(self, g):
+        alice_seal = Member(g.clock)
+        g.discovery.start()
+        g.discovery.datagram_received(alice_seal.sealed(alice()), ALICE_ADDR)
+        assert ALICE in g.table
+        # Everything we sent is sealed, for the group only.
+        for data, address, _ in g.net.sent:
+            with pytest.raises(wire.Sealed):
+                wire.decode_datagram(data)
+            _, body = DiscoverySeal(GROUP).open(data, g.clock.seconds())
+            assert isinstance(wire.decode_datagram(body), wire.Announce)
+        assert len(g.net.sent) == 2  # the round, and the newcomer's reply
+        assert not g.discovery.dropped
+
+    def test_a_replayed_announce_is_dropped_and_counted(self, g):
+        member = Member(g.clock)
+        old = member.sealed(alice())
+        g.discovery.datagram_received(old, ALICE_ADDR)
+        # Alice restarts; her old announce, replayed, must not undo that.
+        g.clock.advance(5)
+        g.discovery.datagram_received(Member(g.clock).sealed(alice(instance=OTHER_INSTANCE)), ALICE_ADDR)
+        g.discovery.datagram_received(old, ALICE_ADDR)
+        assert g.discovery.dropped == Counter({"replayed": 1})
+        assert g.table.get(ALICE).instance_id == OTHER_INSTANCE
+
+    def test_a_forged_goodbye_is_dropped_and_counted(self, g):
+        member = Member(g.clock)
+        g.discovery.datagram_received(member.sealed(alice()), ALICE_ADDR)
+        goodbye = member.sealed(wire.Goodbye(ALICE, INSTANCE))
+        forged = goodbye[:-1] + bytes([goodbye[-1] ^ 1])
+        g.discovery.datagram_received(forged, ALICE_ADDR)
+        # Sealed by someone who knows the group id but not the key.
+        outsider = wire.seal_datagram(
+            wire.encode_datagram(wire.Goodbye(ALICE, INSTANCE)), GROUP.group_id, bytes(32), 0, 99
+        )
+        g.discovery.datagram_received(outsider, ALICE_ADDR)
+        assert g.discovery.dropped == Counter({"forged": 2})
+        assert ALICE in g.table
+        # The real goodbye still works, once.
+        g.discovery.datagram_received(goodbye, ALICE_ADDR)
+        assert ALICE not in g.table
+        g.discovery.datagram_received(goodbye, ALICE_ADDR)
+        assert g.discovery.dropped["replayed"] == 1
+
+    def test_strangers_are_ignored_on_the_same_port(self, g):
+        g.feed(alice())  # no key at all
+        g.discovery.datagram_received(
+            Member(g.clock, GroupKey(bytes(32))).sealed(bob()), ALICE_ADDR
+        )
+        assert g.discovery.dropped == Counter({"without our group key": 1, "of another group": 1})
+        assert len(g.table) == 0
+        assert g.net.sent == []
+
+    def test_a_datagram_from_too_long_ago_is_dropped(self, g):
+        member = Member(g.clock)
+        old = member.sealed(alice())
+        g.clock.advance(DATAGRAM_TIME_WINDOW + 1)
+        g.discovery.datagram_received(old, ALICE_ADDR)
+        assert g.discovery.dropped == Counter({"outside the time window (clocks apart?)": 1})
+        assert len(g.table) == 0
+
+    def test_an_open_peer_counts_a_private_groups_datagrams(self, h):
+        h.discovery.datagram_received(Member(h.clock).sealed(alice()), ALICE_ADDR)
+        assert h.discovery.dropped == Counter({"of a private group": 1})
+        assert len(h.table) == 0
+
+    @given(st.binary(max_size=2000))
+    def test_garbage_never_raises(self, data):
+        g = Harness(seal=DiscoverySeal(GROUP))
+        g.discovery.datagram_received(data, ALICE_ADDR)
+        g.discovery.datagram_received(wire.SEAL_MAGIC + data, ALICE_ADDR)
+        assert len(g.table) == 0
+        assert sum(g.discovery.dropped.values()) == 2
 
 
 @given(st.binary(max_size=2000))

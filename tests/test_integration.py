@@ -33,7 +33,7 @@ def free_ports(count):
     raise RuntimeError("no free ports")
 
 
-def make_peer(folder, transfer_port, discovery_port):
+def make_peer(folder, transfer_port, discovery_port, *extra):
     os.makedirs(os.path.join(folder, "shared"), exist_ok=True)
     options = Options()
     options.parseOptions(
@@ -46,6 +46,7 @@ def make_peer(folder, transfer_port, discovery_port):
             "--shared", os.path.join(folder, "shared"),
             "--downloads", os.path.join(folder, "downloads"),
             "--state-dir", os.path.join(folder, "state"),
+            *extra,
         ]
     )
     options["log-target"] = None

@@ -15,7 +15,9 @@ from twisted.python import usage
 
 from support import can_bind
 from twisted_p2p import service as service_module
-from twisted_p2p import tap, transfer
+from twisted_p2p import tap, tls, transfer
+from twisted_p2p.group import write_new_key
+from twisted_p2p.identity import Identity
 from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST
 from twisted_p2p.index import FolderWatcher
 from twisted_p2p.service import (
@@ -471,8 +473,43 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
     assert port_services[1].factory.uploads is peer.uploads
     # No parent: logs stay where twistd puts them.
     assert options["log-target"] is None
-    # The peer id is kept in the state dir.
-    assert open(folder / ".p2ppeer" / "peer-id").read().strip() == peer.peer_id
+    # The peer id follows from the key pair kept in the state dir.
+    assert Identity.load_or_create(str(folder / ".p2ppeer")).peer_id == peer.peer_id
+    # Without a group key the group is open: no TLS, no seal.
+    assert peer.security is None and peer.discovery._seal is None
+
+
+def test_make_service_in_a_private_group(folder, ports, global_reactor, monkeypatch):
+    stdin_is(monkeypatch, "tty")
+    key = write_new_key(str(folder / "group.key"))
+    options = parse(*good_args(ports, "--group-key-file", "group.key"))
+    assert options["group-key"].group_id == key.group_id
+    peer = tap.makeService(options, global_reactor)
+    port_services = [c for c in peer if isinstance(c, StreamServerEndpointService)]
+    assert len(port_services) == 4
+    # Every port is the group's TLS, over the endpoint an open peer has.
+    assert all(isinstance(s.endpoint, tls.GroupServerEndpoint) for s in port_services)
+    assert [s.endpoint.wrapped._port for s in port_services] == [ports[0] + n for n in range(4)]
+    assert peer.discovery._seal.group_id == key.group_id
+    assert peer.security.credentials.identity.peer_id == peer.peer_id
+
+
+def test_group_key_file_in_a_settings_file(folder, ports):
+    write_new_key(str(folder / "team.key"))
+    (folder / "peer.toml").write_text('group-key-file = "team.key"\n')
+    options = parse("--config", "peer.toml", *good_args(ports))
+    assert options["group-key"] is not None
+
+
+def test_group_key_file_refusals(folder, ports):
+    assert refusal(*good_args(ports, "--group-key-file", "missing.key")) == (
+        "cannot read the group key file missing.key: No such file or directory"
+    )
+    (folder / "open.key").write_text("00" * 32 + "\n")
+    (folder / "open.key").chmod(0o644)
+    assert "is open to other users (mode 0644); make it private: chmod 600 open.key" in refusal(
+        *good_args(ports, "--group-key-file", "open.key")
+    )
 
 
 def test_make_service_without_a_console(folder, ports, global_reactor, monkeypatch):
@@ -603,7 +640,9 @@ def test_every_address_listens_on_ipv4_and_ipv6(folder, ports, global_reactor, m
                     "--host", "any", "--console", "off")
     peer = tap.makeService(options, global_reactor)
     endpoints = [c.endpoint for c in peer if isinstance(c, StreamServerEndpointService)]
-    assert [type(e).__name__ for e in endpoints] == ["TCP4ServerEndpoint", "TCP6OnlyServerEndpoint"] * 4
+    # The receiver port's endpoints read chunks straight into their buffers.
+    assert [type(e).__name__ for e in endpoints] == ["ReceiverEndpoint"] * 2 + [
+        "TCP4ServerEndpoint", "TCP6OnlyServerEndpoint"] * 3
     assert [e._port for e in endpoints] == [p for p in range(base, base + 4) for _ in (4, 6)]
 
 

@@ -341,6 +341,76 @@ class TestAnnounceExtras:
         assert wire.decode_datagram(data).peers == peers[: len(wire.decode_datagram(data).peers)]
 
 
+# -- sealed datagrams ----------------------------------------------------------
+
+GROUP_ID = bytes(8)
+KEY = b"k" * 32
+
+
+class TestSealedDatagrams:
+    def test_round_trip(self):
+        body = _datagram()
+        sealed = wire.seal_datagram(body, GROUP_ID, KEY, 1234567, 42)
+        assert len(sealed) == len(body) + wire.SEAL_OVERHEAD
+        assert wire.open_datagram(sealed, GROUP_ID, KEY) == (1234567, 42, body)
+
+    def test_a_peer_without_a_key_knows_a_sealed_datagram(self):
+        sealed = wire.seal_datagram(_datagram(), GROUP_ID, KEY, 1, 1)
+        with pytest.raises(wire.Sealed):
+            wire.decode_datagram(sealed)
+
+    def test_an_open_datagram_is_not_sealed(self):
+        with pytest.raises(wire.NotSealed):
+            wire.open_datagram(_datagram(), GROUP_ID, KEY)
+
+    def test_another_group(self):
+        sealed = wire.seal_datagram(_datagram(), b"\x01" * 8, KEY, 1, 1)
+        with pytest.raises(wire.OtherGroup):
+            wire.open_datagram(sealed, GROUP_ID, KEY)
+
+    def test_another_key_is_forged(self):
+        sealed = wire.seal_datagram(_datagram(), GROUP_ID, b"x" * 32, 1, 1)
+        with pytest.raises(wire.Forged):
+            wire.open_datagram(sealed, GROUP_ID, KEY)
+
+    def test_every_changed_byte_is_caught(self):
+        sealed = wire.seal_datagram(_datagram(), GROUP_ID, KEY, 1, 1)
+        for i in range(len(sealed)):
+            damaged = bytearray(sealed)
+            damaged[i] ^= 0x01
+            with pytest.raises(wire.ProtocolError):
+                wire.open_datagram(bytes(damaged), GROUP_ID, KEY)
+
+    def test_truncated(self):
+        sealed = wire.seal_datagram(b"", GROUP_ID, KEY, 1, 1)
+        for n in range(len(sealed)):
+            with pytest.raises(wire.ProtocolError):
+                wire.open_datagram(sealed[:n], GROUP_ID, KEY)
+
+    def test_oversized(self):
+        with pytest.raises(wire.Oversized):
+            wire.open_datagram(wire.SEAL_MAGIC + bytes(MAX_DATAGRAM), GROUP_ID, KEY)
+
+    def test_encoder_leaves_room_for_the_seal(self):
+        peers = tuple((f"2001:db8:ffff:ffff:ffff:ffff:ffff:{n:x}", 65535) for n in range(100))
+        message = wire.Announce(PEER, INSTANCE, 4000, REVISION, name="ü" * MAX_PEER_NAME, peers=peers)
+        limit = MAX_DATAGRAM - wire.SEAL_OVERHEAD
+        data = wire.encode_datagram(message, limit)
+        # Full but for less than one more entry.
+        assert limit - 60 < len(data) <= limit
+
+    @given(st.binary(max_size=MAX_DATAGRAM + 10))
+    def test_fuzz(self, data):
+        try:
+            wire.open_datagram(data, GROUP_ID, KEY)
+        except wire.ProtocolError:
+            pass
+        try:
+            wire.open_datagram(wire.SEAL_MAGIC + data, GROUP_ID, KEY)
+        except wire.ProtocolError:
+            pass
+
+
 # -- frames ----------------------------------------------------------------
 
 

@@ -215,6 +215,11 @@ def run(argv, out=sys.stdout, err=sys.stderr):
     """
     Run C{p2ppeer-ctl} with C{argv}; returns the exit status.
     """
+    if argv[:1] == ["new-group-key"]:
+        # Needs no peer: writes a key file (twisted_p2p.group).
+        from twisted_p2p.group import new_group_key_main
+
+        return new_group_key_main(argv[1:], out, err)
     args = parse_arguments(argv)
     path = socket_path(args)
     try:

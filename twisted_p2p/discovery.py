@@ -12,6 +12,11 @@ sockets themselves belong to L{twisted_p2p.service.DiscoveryService}:
    Unicast replies go to them, because a unicast datagram to a shared port
    reaches only one of the sockets bound to it.
 
+In a private group (a C{seal}, L{twisted_p2p.group.DiscoverySeal}) every
+datagram we send is sealed with the group key, and only sealed datagrams
+of our group, with the right MAC, a time close to ours and a counter not
+seen before, are heard; the others are dropped and counted.
+
 Each announce round goes to every L{Link} (an interface's broadcast
 address, or the IPv6 group on an interface), to every C{--peer} target,
 and by unicast to every known peer that is in none of the links' networks
@@ -26,6 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twisted_p2p import events, wire
+from twisted_p2p.group import Stale
 from twisted_p2p.interfaces import covered, format_address, is_link_local, link_for
 from twisted_p2p.limits import (
     EARLY_ANNOUNCE_INTERVAL,
@@ -93,6 +99,9 @@ class Discovery:
         (C{--advertise-host}), or C{None} for our datagrams' source.
     @param notify: C{notify(event)}, for what the user must hear of at once
         (discovery cannot send anywhere, or can again).
+    @param seal: for a private group, the L{twisted_p2p.group.DiscoverySeal}
+        that seals what we send and checks what we hear; C{None} for an
+        open group.
 
     Datagrams that change nothing are counted in C{dropped}, by reason; so
     are replies held back by the rate limits (such a newcomer still hears
@@ -113,6 +122,7 @@ class Discovery:
         name=None,
         advertise=None,
         notify=None,
+        seal=None,
         reply_burst=NEWCOMER_REPLY_BURST,
         reply_rate=NEWCOMER_REPLY_RATE,
         intro_burst=EXCHANGE_INTRO_BURST,
@@ -129,6 +139,7 @@ class Discovery:
         self.name = wire.clean_peer_name(name) if name else None
         self.advertise = advertise
         self._notify = notify or (lambda event: None)
+        self._seal = seal
         self.dropped = Counter()
         self.problem = None
         self._send = None
@@ -303,8 +314,14 @@ class Discovery:
         if self._send is None:
             return False
         key = (address[0], address[1])
+        if self._seal is None:
+            data = wire.encode_datagram(message)
+        else:
+            data = self._seal.seal(
+                wire.encode_datagram(message, self._seal.room), self._clock.seconds()
+            )
         try:
-            self._send(wire.encode_datagram(message), key, via)
+            self._send(data, key, via)
         except OSError as e:
             error = e.strerror or str(e)
             if watch and self._failing.get(key) != error:
@@ -359,15 +376,37 @@ class Discovery:
         """
         host, port = address[0], address[1]
         try:
+            if self._seal is not None:
+                counter, data = self._seal.open(data, self._clock.seconds())
             message = wire.decode_datagram(data)
         except wire.Oversized:
             self.dropped["oversized"] += 1
+            return
+        except wire.Sealed:
+            self.dropped["of a private group"] += 1
+            return
+        except wire.NotSealed:
+            self.dropped["without our group key"] += 1
+            return
+        except wire.OtherGroup:
+            self.dropped["of another group"] += 1
+            return
+        except wire.Forged:
+            self.dropped["forged"] += 1
+            return
+        except Stale:
+            self.dropped["outside the time window (clocks apart?)"] += 1
             return
         except wire.WrongVersion:
             self.dropped["wrong version"] += 1
             return
         except wire.ProtocolError:
             self.dropped["malformed"] += 1
+            return
+        if self._seal is not None and not self._seal.fresh(
+            (message.peer_id, message.instance_id), counter
+        ):
+            self.dropped["replayed"] += 1
             return
         if message.peer_id == self.peer_id:
             if message.instance_id != self.instance_id:

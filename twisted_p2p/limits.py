@@ -223,3 +223,23 @@ MAX_CATALOG_ENTRIES = 100_000
 #: (doubling in between), so an unreachable peer costs little.
 CATALOG_RETRY_MIN = 2.0
 CATALOG_RETRY_MAX = 60.0
+
+# -- Private groups.
+
+#: A sealed discovery datagram is taken only if its time is within this
+#: many seconds of ours (s): a datagram replayed later than that is dropped
+#: even by a peer that has restarted and forgotten the counters it saw.
+#: Members' clocks must agree this closely.
+DATAGRAM_TIME_WINDOW = 60.0
+
+#: Counters of a sender's run accepted out of order, below the highest one
+#: seen (its datagrams to several links may arrive reordered).
+REPLAY_WINDOW = 64
+
+#: Runs (peer id and instance) whose counters are remembered.  Only
+#: members of the group can add one; the least recently heard goes first.
+MAX_REPLAY_RECORDS = 4096
+
+#: Seconds a TLS handshake (and the check of the peer's certificate) may
+#: take before the connection is dropped: a stranger cannot hold one open.
+HANDSHAKE_TIMEOUT = 10.0

@@ -43,6 +43,10 @@ class Peer:
     (C{--advertise-host}), else its main address.
 
     @ivar name: the name it gives itself (remote text, cleaned), or C{None}.
+    @ivar fingerprint: in a private group, the short fingerprint of its
+        public key (L{twisted_p2p.identity.fingerprint_of}) once a
+        connection with it has proven that it holds the key of its peer id;
+        C{None} until then, and always in an open group.
     """
 
     peer_id: str
@@ -55,6 +59,7 @@ class Peer:
     name: object = None
     advertised: object = None
     via: object = None
+    fingerprint: object = field(default=None, compare=False)
     main: object = field(default=None, repr=False, compare=False)
     addresses: dict = field(default_factory=dict, repr=False, compare=False)
     expiry: object = field(default=None, repr=False, compare=False)

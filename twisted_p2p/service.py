@@ -56,9 +56,12 @@ from twisted_p2p import (
     logs,
     partials,
     render,
+    tls,
     transfer,
 )
 from twisted_p2p.commands import Commands
+from twisted_p2p.group import DiscoverySeal
+from twisted_p2p.identity import Identity, IdentityError
 from twisted_p2p.limits import RESCAN_INTERVAL, WORKER_THREADS
 from twisted_p2p.peers import PeerTable
 from twisted_p2p.storage import PARTIAL_PREFIX, PartialFile
@@ -147,25 +150,6 @@ def refuse_to_start(sentence):
     stream.write(f"twistd p2ppeer: error: {sentence}\n")
     stream.flush()
     raise SystemExit(1)
-
-
-def load_peer_id(state_dir):
-    """
-    Our peer id, kept in C{state_dir/peer-id} so it survives restarts.
-    """
-    path = os.path.join(state_dir, "peer-id")
-    try:
-        with open(path, encoding="ascii") as f:
-            peer_id = f.read().strip()
-        if len(peer_id) == 32 and all(c in "0123456789abcdef" for c in peer_id):
-            return peer_id
-    except (OSError, UnicodeDecodeError):
-        pass
-    peer_id = secrets.token_hex(16)
-    with open(path + ".tmp", "w", encoding="ascii") as f:
-        f.write(peer_id + "\n")
-    os.replace(path + ".tmp", path)
-    return peer_id
 
 
 class _PeerLog:
@@ -653,9 +637,22 @@ class PeerService(MultiService):
         self.host = settings["host"]
         self.transfer_port = settings["transfer-port"]
         state_dir = settings["state-dir"]
-        self.peer_id = load_peer_id(state_dir)
+        try:
+            self.identity = Identity.load_or_create(state_dir)
+        except IdentityError as e:
+            refuse_to_start(str(e))
+        self.peer_id = self.identity.peer_id
         self.instance_id = secrets.token_hex(8)
         self._threads = reactor.getThreadPool()
+        # A private group: sealed discovery, and TLS on every connection.
+        self.group_key = settings.get("group-key")
+        self.security = None
+        seal = None
+        if self.group_key is not None:
+            self.security = tls.GroupSecurity(
+                self.group_key, self.identity, reactor, self._verified
+            )
+            seal = DiscoverySeal(self.group_key)
 
         offered = [settings["shared"]]
         if settings["share-downloads"]:
@@ -681,6 +678,7 @@ class PeerService(MultiService):
             name=settings["name"],
             advertise=settings["advertise-host"],
             notify=self.hub.publish,
+            seal=seal,
         )
         self.index.on_change(self.discovery.revision_changed)
         self._catalog_fetches = defer.DeferredSemaphore(CATALOG_FETCHES)
@@ -689,7 +687,7 @@ class PeerService(MultiService):
         self.workers = WorkerPool(reactor, WORKER_THREADS, "p2ppeer-transfer")
         self.uploads = Uploads(
             self.index,
-            self._connect,
+            self._connect_back,
             self.run_in_thread,
             self.workers,
             reactor,
@@ -786,6 +784,19 @@ class PeerService(MultiService):
 
     def startService(self):
         self._lock_state_dir()
+        if self.group_key is None:
+            log.info(
+                "Peer {peer_id} in an open group: anyone on the network can find it, "
+                "list and download what it shares",
+                peer_id=self.peer_id,
+            )
+        else:
+            log.info(
+                "Peer {peer_id} (fingerprint {fingerprint}) in private group {group}",
+                peer_id=self.peer_id,
+                fingerprint=self.identity.fingerprint,
+                group=self.group_key.group_id_hex,
+            )
         MultiService.startService(self)
         self._previous_hangup = None
         try:
@@ -849,28 +860,58 @@ class PeerService(MultiService):
         families = interfaces.families(self.host)
         if self.host != interfaces.ANY_HOST:
             if families == (4,):
-                return [four(self.reactor, port, interface=self.host)]
-            return [six(self.reactor, port, interface=self.host)]
-        endpoints = [four(self.reactor, port, interface="")]
-        if ipv6_available():
-            endpoints.append(six(self.reactor, port, interface="::"))
+                endpoints = [four(self.reactor, port, interface=self.host)]
+            else:
+                endpoints = [six(self.reactor, port, interface=self.host)]
+        else:
+            endpoints = [four(self.reactor, port, interface="")]
+            if ipv6_available():
+                endpoints.append(six(self.reactor, port, interface="::"))
+        if self.security is not None:
+            endpoints = [self.security.server_endpoint(e) for e in endpoints]
         return endpoints
 
-    def _connect(self, host, port, protocol):
+    def _connect(self, host, port, protocol, peer_id=None):
         """
         Connect C{protocol} to C{(host, port)}: IPv4 or IPv6 (a link-local
         address carries its scope, C{fe80::1%eth0}).
+
+        In a private group the connection is the group's TLS, and fires
+        only once the other side has shown it is a member, and the peer
+        C{peer_id} if one is given (else any member).
         """
         if ":" in host:
             endpoint = TCP6ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
         else:
             endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        if self.security is not None:
+            endpoint = self.security.client_endpoint(
+                endpoint, peer_id, where=interfaces.format_address(host, port)
+            )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False
         return endpoint.connect(factory)
 
+    def _connect_back(self, host, port, protocol):
+        """
+        The sender's connection to a requester's receiver port: in a private
+        group, to the peer we know there, if we know one (else to any
+        member).
+        """
+        known = [p for p in self.table.peers() if p.host == host and p.transfer_port == port]
+        return self._connect(host, port, protocol, known[0].peer_id if len(known) == 1 else None)
+
+    def _verified(self, peer_id, fingerprint):
+        """
+        A connection proved that C{peer_id} holds its key: the peer table
+        shows its fingerprint from now on.
+        """
+        peer = self.table.get(peer_id)
+        if peer is not None:
+            peer.fingerprint = fingerprint
+
     def _open_client(self, peer):
-        return self._connect(peer.host, peer.sender_port, client.SenderClient())
+        return self._connect(peer.host, peer.sender_port, client.SenderClient(), peer.peer_id)
 
     def _fetch_catalog(self, peer):
         """
@@ -928,6 +969,13 @@ class PeerService(MultiService):
             f"p2ppeer {self.peer_id[:8]} on {where}: type 'help' "
             "(Tab completes, Ctrl-C leaves)"
         ]
+        if self.group_key is None:
+            greeting.append("open group: anyone on the network can list and download what you share")
+        else:
+            greeting.append(
+                f"private group {self.group_key.group_id_hex}; this peer's fingerprint "
+                f"is {self.identity.fingerprint}"
+            )
         target = self.settings.get("log-target")
         if target and target[0] != "-":
             greeting.append(f"logs go to {target[0]}")

@@ -12,6 +12,7 @@ import tomllib
 
 from twisted.python import usage
 
+from twisted_p2p.group import GroupKeyError, load_key_file
 from twisted_p2p.interfaces import ANY_HOST, AUTO_BROADCAST, families, parse_host
 from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST, MAX_UPLOADS
 from twisted_p2p.wire import clean_peer_name, parse_address
@@ -48,6 +49,7 @@ SETTINGS = {
     "share-downloads": ("yes", (str, bool)),
     "log-file": (None, (str,)),
     "log-format": ("text", (str,)),
+    "group-key-file": (None, (str,)),
 }
 
 CONSOLE_MODES = ("auto", "on", "off")
@@ -128,6 +130,11 @@ class Options(usage.Options):
          "[default: twistd's choice; under -n with a console, <state-dir>/p2ppeer.log]"],
         ["log-format", None, None,
          "text, or json for one JSON object per line (journald, log shippers) [default: text]."],
+        ["group-key-file", None, None,
+         "The key file of a private group (make one with p2ppeer-ctl new-group-key): "
+         "only peers holding the same key find this one, list or download, and "
+         "every transfer is encrypted [default: none; the group is open to anyone "
+         "on the network]."],
     ]
 
     def __init__(self):
@@ -230,6 +237,12 @@ class Options(usage.Options):
                     "--log-file/--log-format, not both"
                 )
         self._check_folders()
+        self["group-key"] = None
+        if self["group-key-file"] is not None:
+            try:
+                self["group-key"] = load_key_file(self["group-key-file"])
+            except GroupKeyError as e:
+                raise usage.UsageError(str(e))
         self.check_ports()
 
     def _check_addresses(self):
@@ -288,7 +301,7 @@ class Options(usage.Options):
         path = self["config"]
         if path is not None:
             from_file = load_settings(path)
-            for key in ("shared", "downloads", "state-dir", "log-file"):
+            for key in ("shared", "downloads", "state-dir", "log-file", "group-key-file"):
                 if key in from_file and from_file[key] != "-":
                     from_file[key] = os.path.expanduser(from_file[key])
         for key, (default, _) in SETTINGS.items():

@@ -6,9 +6,12 @@ subclass) for anything it does not accept; callers drop the message or the
 connection.  The formats are written down in C{PROTOCOL.md}.
 """
 
+import hashlib
+import hmac
 import ipaddress
 import json
 import re
+import struct
 import unicodedata
 from dataclasses import dataclass
 
@@ -137,11 +140,14 @@ def _dumps(body):
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def encode_datagram(message):
+def encode_datagram(message, limit=MAX_DATAGRAM):
     """
     Bytes of an L{Announce} or L{Goodbye}.  An announce carries as many of
-    its C{peers}, in order, as fit in L{MAX_DATAGRAM} (the rest are left
+    its C{peers}, in order, as fit in C{limit} bytes (the rest are left
     out: discovery passes on a different slice each time).
+
+    @param limit: at most L{MAX_DATAGRAM}; less for a datagram that will be
+        sealed (see L{seal_datagram}).
     """
     if isinstance(message, Announce):
         body = {
@@ -160,7 +166,7 @@ def encode_datagram(message):
         if message.peers:
             entries = []
             # '"peers":[' + ']' + a comma before it: 12 bytes.
-            room = MAX_DATAGRAM - len(data) - 12
+            room = limit - len(data) - 12
             for host, port in message.peers[:MAX_EXCHANGE_PEERS]:
                 entry = _dumps([host, port])
                 if len(entry) + 1 > room:
@@ -179,7 +185,7 @@ def encode_datagram(message):
         })
     else:
         raise TypeError(f"not a datagram: {message!r}")
-    assert len(data) <= MAX_DATAGRAM
+    assert len(data) <= limit
     return data
 
 
@@ -193,6 +199,8 @@ def decode_datagram(data):
     """
     if len(data) > MAX_DATAGRAM:
         raise Oversized(f"datagram of {len(data)} bytes")
+    if data.startswith(SEAL_MAGIC):
+        raise Sealed("a datagram of a private group")
     message = _json_object(data)
     version = message.get("p2p")
     # JSON true and 1.0 compare equal to 1 in Python but are not version 1.
@@ -227,6 +235,86 @@ def decode_datagram(data):
     if kind == "goodbye":
         return Goodbye(peer_id, instance_id)
     raise ProtocolError(f"unknown datagram type {kind!r}")
+
+
+# -- sealed datagrams (private groups) ----------------------------------------
+#
+# A private group's datagram is the JSON datagram above in an envelope:
+#
+#   "p2pG" | version 1 | group id (8) | time, ms (8) | counter (8) | JSON | tag (32)
+#
+# the tag being HMAC-SHA256, under the group's discovery key, of everything
+# before it.  The magic cannot begin a JSON text, so an open peer knows the
+# datagram for a private group's.
+
+#: The first bytes of a sealed datagram, and its version.
+SEAL_MAGIC = b"p2pG"
+SEAL_VERSION = 1
+
+_SEAL_HEADER = struct.Struct(">4sB8sQQ")
+_TAG_BYTES = 32
+
+#: Bytes a seal adds to a datagram.
+SEAL_OVERHEAD = _SEAL_HEADER.size + _TAG_BYTES
+
+
+class Sealed(ProtocolError):
+    """
+    A sealed datagram, for a peer that holds no group key.
+    """
+
+
+class NotSealed(ProtocolError):
+    """
+    A datagram without a seal, for a peer of a private group: from a peer
+    that holds no key (or not a datagram of ours at all).
+    """
+
+
+class OtherGroup(ProtocolError):
+    """
+    A sealed datagram of another group (or of another seal version).
+    """
+
+
+class Forged(ProtocolError):
+    """
+    A sealed datagram of our group whose tag is wrong: forged, or damaged.
+    """
+
+
+def seal_datagram(body, group_id, key, stamp, counter):
+    """
+    C{body} in a sealed envelope: C{group_id} (8 bytes), the time C{stamp}
+    (ms since the epoch) and C{counter}, and an HMAC-SHA256 tag under
+    C{key} over all of it.
+    """
+    head = _SEAL_HEADER.pack(SEAL_MAGIC, SEAL_VERSION, group_id, stamp, counter)
+    sealed = head + body
+    return sealed + hmac.digest(key, sealed, hashlib.sha256)
+
+
+def open_datagram(data, group_id, key):
+    """
+    The C{(stamp, counter, body)} of a sealed datagram of the group
+    C{group_id}, whose tag under C{key} is right.
+
+    @raise Oversized: over L{MAX_DATAGRAM}.
+    @raise NotSealed: no envelope.
+    @raise OtherGroup: another group's, or another seal version's.
+    @raise Forged: the tag is wrong.
+    """
+    if len(data) > MAX_DATAGRAM:
+        raise Oversized(f"datagram of {len(data)} bytes")
+    if not data.startswith(SEAL_MAGIC) or len(data) < SEAL_OVERHEAD:
+        raise NotSealed("not a sealed datagram")
+    magic, version, group, stamp, counter = _SEAL_HEADER.unpack_from(data)
+    if version != SEAL_VERSION or group != group_id:
+        raise OtherGroup(f"group {group.hex()}, seal version {version}")
+    tag = hmac.digest(key, data[:-_TAG_BYTES], hashlib.sha256)
+    if not hmac.compare_digest(tag, data[-_TAG_BYTES:]):
+        raise Forged("wrong tag")
+    return stamp, counter, data[_SEAL_HEADER.size : -_TAG_BYTES]
 
 
 def clean_peer_name(name):

@@ -168,6 +168,10 @@ def supervised(tmp_path):
     supervisor.peers = peers
     try:
         supervisor.wait_running("alpha", "beta")
+        # RUNNING means up for startsecs (1 s), not ready: a peer busy
+        # importing on a loaded machine opens its control socket later.
+        poll(lambda: all((f / ".p2ppeer" / "control.sock").exists() for f, _ in peers.values()),
+             timeout=30)
         yield supervisor
     finally:
         supervisor.shutdown()
