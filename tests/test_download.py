@@ -1229,3 +1229,20 @@ def test_a_source_lost_while_the_partial_opens_leaves_the_others(tmp_path):
     assert h.send(B, 0)
     threads.run_all()
     assert result_of(done)
+
+
+def test_a_source_that_leaves_the_network_is_lost_at_once(tmp_path):
+    h = Harness(tmp_path, content_of(8 * CHUNK_SIZE), hosts=(A, B))
+    downloads = Downloads(lambda *args: h.download, None)
+    done = downloads.start("movie.bin", h.manifest.file_id, h.peers, h.events.append)
+    h.turn()
+    assert h.outstanding(A)
+    downloads.left(h.peers[0], "timed out")
+    h.turn()
+    [lost] = [e for e in h.events if e["event"] == "source-lost"]
+    assert lost["peer"] == f"{A}:7000" and "left the network" in lost["reason"]
+    assert h.clients[A].closed
+    # What it owed went to the other source.
+    h.serve(B)
+    assert result_of(done) == "movie.bin"
+    assert h.downloaded("movie.bin") == h.content

@@ -713,6 +713,7 @@ class PeerService(MultiService):
             partial_files=os.path.join(settings["downloads"], f"{PARTIAL_PREFIX}<id>.part"),
         )
         self.table.subscribe(_PeerLog(self.hub))
+        self.table.subscribe(self.downloads)
 
         # First started, last stopped: the other parts hand it work until
         # they stop.

@@ -9,16 +9,23 @@ twistd.  Nothing in the product knows about it.
 
 import sys
 
+from twisted_p2p.limits import CHUNK_SIZE
 from twisted_p2p.transfer import streams
 
 _honest_read = streams.OpenChunks.read
 
 
-def lying_read(self, index):
-    data = _honest_read(self, index)
-    if index % 2 == 0 and data:
-        data = bytes([data[0] ^ 0xFF]) + data[1:]
-    return data
+def lying_read(self, segments):
+    data = bytearray(_honest_read(self, segments))
+    position = 0
+    for _, offset, length in segments:
+        # The first byte of every even-numbered chunk in the range.
+        for chunk_start in range(-(-offset // CHUNK_SIZE) * CHUNK_SIZE, offset + length,
+                                 CHUNK_SIZE):
+            if (chunk_start // CHUNK_SIZE) % 2 == 0:
+                data[position + chunk_start - offset] ^= 0xFF
+        position += length
+    return bytes(data)
 
 
 if __name__ == "__main__":

@@ -509,6 +509,19 @@ class Download:
         )
         self._drop(source)
 
+    def peer_left(self, key, reason):
+        """
+        The peer whose key is C{key} left the network (it said goodbye, or
+        went silent): stop waiting for it.
+        """
+        for source in self.sources:
+            if source.key == key and source.usable:
+                if self.stage == "fetching":
+                    self._lose(source, f"it left the network: {reason}")
+                else:
+                    source.usable = False
+                source.client.close()
+
     def _client_closed(self, _, source):
         if source.usable and self.stage == "fetching":
             self._lose(source, "the connection closed")
@@ -897,6 +910,18 @@ class Downloads:
             return result
 
         return d.addCallback(finished).addBoth(ended)
+
+    # The peer table's observer: a peer that leaves is a source lost.
+
+    def joined(self, peer):
+        pass
+
+    def changed(self, peer, old_revision):
+        pass
+
+    def left(self, peer, reason):
+        for download in list(self.active.values()):
+            download.peer_left(peer.peer_id, reason)
 
     def cancel_all(self):
         """
