@@ -5,6 +5,7 @@ Helpers shared by the unit tests: Deferred results and transfer frames.
 import socket
 import struct
 
+from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -202,8 +203,6 @@ class FakeDownloads:
         self.active = {}
 
     def start(self, name, file_id, peers, report):
-        from twisted.internet import defer
-
         d = defer.Deferred()
         self.started.append((name, file_id, peers, report, d))
         return d
