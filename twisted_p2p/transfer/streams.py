@@ -283,11 +283,18 @@ class OutgoingStream:
         if not wanted:
             return []
         sending = set()
+        in_batch = set()
         for item in self._job or ():
             sending.update(item.chunks)
+            in_batch.add(id(item))
         kept = []
         for item in self._paid:
-            if item.started or item.first is None or not wanted.intersection(item.chunks):
+            if (
+                item.started
+                or id(item) in in_batch  # a worker is sending it: it goes whole
+                or item.first is None
+                or not wanted.intersection(item.chunks)
+            ):
                 if item.started:
                     sending.update(item.chunks)
                 kept.append(item)
