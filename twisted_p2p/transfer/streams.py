@@ -280,8 +280,8 @@ class OutgoingStream:
         list of those taken off.
         """
         wanted = set(chunks) & self._asked
-        if not wanted:
-            return []
+        if not wanted or self.ended:
+            return []  # an ended stream sends nothing more, and has no file
         sending = set()
         in_batch = set()
         for item in self._job or ():
