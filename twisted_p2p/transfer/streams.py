@@ -288,24 +288,27 @@ class OutgoingStream:
             sending.update(item.chunks)
             in_batch.add(id(item))
         kept = []
+        back = []
         for item in self._paid:
-            if (
-                item.started
-                or id(item) in in_batch  # a worker is sending it: it goes whole
-                or item.first is None
-                or not wanted.intersection(item.chunks)
-            ):
-                if item.started:
-                    sending.update(item.chunks)
-                kept.append(item)
+            movable = (
+                not item.started
+                and id(item) not in in_batch  # a worker is sending it: it goes whole
+                and item.first is not None
+            )
+            if movable and (back or wanted.intersection(item.chunks)):
+                # Paid for and not started: the rest of its run goes back to
+                # the queue, with its payment, and so do the runs paid after
+                # it, so that the chunks still go in the order asked.
+                rest = [index for index in item.chunks if index not in wanted]
+                self._credit += item.length - sum(self._opened.manifest.chunk_length(i)
+                                                  for i in item.chunks if i in wanted)
+                back.append(rest)
                 continue
-            # Paid for and not started: the rest of its run goes back to the
-            # queue, with its payment.
-            rest = [index for index in item.chunks if index not in wanted]
-            self._credit += item.length - sum(self._opened.manifest.chunk_length(i)
-                                              for i in item.chunks if i in wanted)
-            self._queue[:0] = rest
+            if item.started:
+                sending.update(item.chunks)
+            kept.append(item)
         self._paid = kept
+        self._queue[:0] = [index for rest in back for index in rest]
         removed = [index for index in chunks if index in wanted and index not in sending]
         gone = set(removed)
         self._queue = [index for index in self._queue if index not in gone]
