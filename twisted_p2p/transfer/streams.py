@@ -265,7 +265,10 @@ class OutgoingStream:
             raise wire.ProtocolError("a chunk is asked for again before it was sent")
         self._asked.update(chunks)
         self._queue.extend(chunks)
-        self._arm_stall()
+        if self._stall is None or not self._stall.active():
+            # Only if nothing was due: what counts is the time since a chunk
+            # last went out, which asking more does not change.
+            self._arm_stall()
         self._pump()
 
     def pending(self):
