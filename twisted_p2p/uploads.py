@@ -293,7 +293,6 @@ class Uploads:
                 "unreachable",
                 f"could not connect back to {session.host}:{port} ({e})",
             )
-        stream.done.addCallback(self._stream_ended, stream, session.host, port)
         log.info(
             "Sending {name} to {peer}",
             event="upload-started",
@@ -307,6 +306,9 @@ class Uploads:
                 file=local.name,
             )
         )
+        # After "started": a stream may have ended already (its request
+        # connection closed while it connected), and then ends at once.
+        stream.done.addCallback(self._stream_ended, stream, session.host, port)
         return stream
 
     def _open_stream(self, local, token, port, session):
