@@ -370,18 +370,24 @@ class Owner:
     def get_refused(self, stream, request, failure):
         pass
 
+    def cancel_answered(self, stream, withdrawn):
+        pass
+
 
 class RequestConnection:
     """
-    The source's request connection: every "get" waits for an answer.
+    The source's request connection: every request waits for the answer
+    the test gives (C{answers[i].callback(...)}).
     """
 
     def __init__(self):
-        self.calls = []
+        self.requests = []
+        self.answers = []
 
     def call(self, header):
-        self.calls.append(header)
-        return defer.Deferred()
+        self.requests.append(header)
+        self.answers.append(defer.Deferred())
+        return self.answers[-1]
 
 
 #: Three chunks, the last one short.
@@ -459,6 +465,27 @@ def test_a_source_stream_cut_off_mid_chunk_gives_its_buffer_back():
     assert s.owner.buffers.out == 0
     assert s.owner.lost == [s.stream]
     assert s.owner.arrived == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SourceStream.chunk_arrived pops chunks a cancel answer already took off: KeyError",
+)
+def test_a_source_that_cancels_a_chunk_it_is_sending_does_not_break_the_receiver():
+    """
+    A (lying) source answers a cancel with a chunk whose frame it has
+    started: the frame's end must not raise out of the protocol (it would
+    reach the reactor as an unhandled error).
+    """
+    s = asked(0, 2)
+    data = chunk(2, body(2))
+    s.stream.cancel([2])
+    s.protocol.dataReceived(s.hello + data[:40])
+    requests = s.stream.source.client
+    assert requests.requests[-1]["t"] == "cancel"
+    cancelled = {"t": "cancelled", "token": s.stream.token, "chunks": [2]}
+    requests.answers[-1].callback((cancelled, b""))
+    s.protocol.dataReceived(data[40:])
 
 
 def test_a_source_stream_closed_before_its_source_connects_closes_the_connection():

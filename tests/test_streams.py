@@ -708,12 +708,17 @@ def test_only_plain_tcp_transports_can_sendfile():
 
 class Collector(Protocol):
     """
-    The receiving end of a real data connection: gathers what arrives.
+    The receiving end of a real data connection: gathers what arrives.  Its
+    receive buffer is kept small (no autotuning), so that the sender's
+    socket fills while it does not read.
     """
 
     def __init__(self):
         self.data = bytearray()
         self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
 
     def dataReceived(self, data):
         self.data += data

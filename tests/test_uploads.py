@@ -5,6 +5,7 @@ Clock; and once end to end on real loopback sockets.
 """
 
 import os
+import socket
 from types import SimpleNamespace
 
 import pytest
@@ -886,6 +887,10 @@ class Owner:
     def stream_attached(self, stream):
         self.attached.append(stream)
         if self.hold:
+            # A small receive buffer (no autotuning): the sender's socket
+            # fills at once.
+            handle = stream.connection.transport.getHandle()
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
             stream.connection.pause()
 
     def chunks_arrived(self, stream, first, arrived, buffer):
@@ -962,6 +967,7 @@ async def test_end_to_end_on_loopback(tmp_path):
         assert sorted(owner.withdrawn) == [124, 125, 126, 127]
         stream.connection.resume()
         await wait_for(reactor, lambda: len(owner.arrived) == 124)
+        assert stream.outstanding == {}
         assert [index for index, _ in owner.arrived] == list(range(124))
         assert all(data == content[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
                    for i, data in owner.arrived)
