@@ -50,8 +50,6 @@ class CopyLink:
     The receiver reads everything whenever the test says (L{pull}).
     """
 
-    mode = "copy"
-
     def __init__(self):
         self.transport = StringTransport()
 
@@ -88,8 +86,6 @@ class SendfileLink:
     sendfile mode fills it at once.  L{pull} reads the other end and tells
     the stream it may write again, as Twisted does once a socket drains.
     """
-
-    mode = "sendfile"
 
     def __init__(self):
         self.ours, self.theirs = socket.socketpair()
