@@ -38,12 +38,18 @@ def drained(worker, reactor):
     """
     Let C{worker} finish what it was given, and deliver every result.
     """
-    stopped = worker.stop()
-    thread_done = threading.Event()
-    stopped.addBoth(lambda _: thread_done.set())
+    run_until(reactor, worker.stop())
+
+
+def run_until(reactor, d):
+    """
+    Run C{reactor}'s calls from threads until C{d} has fired.
+    """
+    fired = threading.Event()
+    d.addBoth(lambda _: fired.set())
     for _ in range(1000):
         reactor.run_calls()
-        if thread_done.is_set():
+        if fired.is_set():
             return
         threading.Event().wait(0.01)
     raise AssertionError("the worker did not stop")
@@ -96,3 +102,47 @@ def test_pool_shares_jobs_by_pending_count():
     gate.set()
     for w in pool.workers:
         drained(w, reactor)
+
+
+def test_stopping_a_worker_that_never_started():
+    worker = Worker(ThreadReactor())
+    assert result_of(worker.stop()) is None
+
+
+def test_stop_finishes_the_jobs_given_first():
+    reactor = ThreadReactor()
+    worker = Worker(reactor)
+    gate = threading.Event()
+    ds = [worker.submit(gate.wait)] + [worker.submit(lambda n=n: n) for n in range(5)]
+    stopped = worker.stop()
+    gate.set()
+    run_until(reactor, stopped)
+    assert [result_of(d) for d in ds[1:]] == list(range(5))
+
+
+def test_a_job_given_after_stop_runs_and_the_stop_still_ends():
+    """
+    A stream still sending while the peer stops gives its worker a job
+    after stop(): the job runs (in a new thread), and the stop that was
+    asked for still fires once the first thread has ended.
+    """
+    reactor = ThreadReactor()
+    worker = Worker(reactor)
+    gate = threading.Event()
+    worker.submit(gate.wait)
+    first_stop = worker.stop()
+    late = worker.submit(lambda: "late")
+    gate.set()
+    run_until(reactor, first_stop)
+    drained(worker, reactor)  # the second thread
+    assert result_of(late) == "late"
+    assert worker.pending == 0
+
+
+def test_pool_stop_ends_every_worker():
+    reactor = ThreadReactor()
+    pool = WorkerPool(reactor, 3)
+    ds = [pool.submit(lambda n=n: n) for n in range(6)]
+    run_until(reactor, pool.stop())
+    assert sorted(result_of(d) for d in ds) == list(range(6))
+    assert all(w.pending == 0 for w in pool.workers)

@@ -240,7 +240,7 @@ class Uploads:
                 raise wire.ProtocolError("too many chunks asked on one stream")
             stream.add(chunks)
             return reply
-        if len(session.streams) >= MAX_STREAMS_PER_CONNECTION:
+        if session.open_streams() >= MAX_STREAMS_PER_CONNECTION:
             raise wire.ProtocolError("too many streams on one connection")
         if self.active >= self._max_uploads:
             raise RequestRefused("busy", "this peer is serving too many requests; try later")
@@ -293,7 +293,6 @@ class Uploads:
                 "unreachable",
                 f"could not connect back to {session.host}:{port} ({e})",
             )
-        stream.done.addCallback(self._stream_ended, stream, session.host, port)
         log.info(
             "Sending {name} to {peer}",
             event="upload-started",
@@ -307,6 +306,9 @@ class Uploads:
                 file=local.name,
             )
         )
+        # After "started": a stream may have ended already (its request
+        # connection closed while it connected), and then ends at once.
+        stream.done.addCallback(self._stream_ended, stream, session.host, port)
         return stream
 
     def _open_stream(self, local, token, port, session):
@@ -374,7 +376,18 @@ class UploadSession:
         self.ports = {}
         self.closed = False
 
+    def open_streams(self):
+        """
+        How many of its streams have not ended.
+        """
+        return sum(1 for stream in self.streams.values() if not stream.ended)
+
     def add(self, token, port, stream):
+        # The streams that ended are forgotten once another opens (a get of
+        # theirs is "stream-closed" until then), so that a connection that
+        # keeps opening streams holds only a few.
+        for old in [t for t, s in self.streams.items() if s.ended]:
+            del self.streams[old], self.ports[old]
         self.streams[token] = stream
         self.ports[token] = port
         if self.closed:

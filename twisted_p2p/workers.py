@@ -46,8 +46,14 @@ class Worker:
 
     def start(self):
         if self._thread is None:
+            # Each thread has its own queue and tells its own end: a job
+            # given after stop() goes to a new thread while the old one
+            # finishes what it was given.
+            self._jobs = queue.SimpleQueue()
             self._stopped = defer.Deferred()
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(self._jobs, self._stopped), name=self._name, daemon=True
+            )
             self._thread.start()
 
     def submit(self, f, *args):
@@ -72,10 +78,10 @@ class Worker:
         self._jobs.put(_STOP)
         return self._stopped
 
-    def _run(self):
+    def _run(self, jobs, stopped):
         since_wake = 0
         while True:
-            item = self._jobs.get()
+            item = jobs.get()
             if item is _STOP:
                 break
             d, f, args = item
@@ -85,11 +91,11 @@ class Worker:
                 outcome = (False, Failure())
             self._results.append((d, outcome))
             since_wake += 1
-            if since_wake >= BATCH or self._jobs.empty():
+            if since_wake >= BATCH or jobs.empty():
                 since_wake = 0
                 self._wake()
         self._wake()
-        self._reactor.callFromThread(self._stopped.callback, None)
+        self._reactor.callFromThread(stopped.callback, None)
 
     def _wake(self):
         with self._lock:

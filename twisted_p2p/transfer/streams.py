@@ -265,7 +265,10 @@ class OutgoingStream:
             raise wire.ProtocolError("a chunk is asked for again before it was sent")
         self._asked.update(chunks)
         self._queue.extend(chunks)
-        self._arm_stall()
+        if self._stall is None or not self._stall.active():
+            # Only if nothing was due: what counts is the time since a chunk
+            # last went out, which asking more does not change.
+            self._arm_stall()
         self._pump()
 
     def pending(self):
@@ -280,25 +283,35 @@ class OutgoingStream:
         list of those taken off.
         """
         wanted = set(chunks) & self._asked
-        if not wanted:
-            return []
+        if not wanted or self.ended:
+            return []  # an ended stream sends nothing more, and has no file
         sending = set()
+        in_batch = set()
         for item in self._job or ():
             sending.update(item.chunks)
+            in_batch.add(id(item))
         kept = []
+        back = []
         for item in self._paid:
-            if item.started or item.first is None or not wanted.intersection(item.chunks):
-                if item.started:
-                    sending.update(item.chunks)
-                kept.append(item)
+            movable = (
+                not item.started
+                and id(item) not in in_batch  # a worker is sending it: it goes whole
+                and item.first is not None
+            )
+            if movable and (back or wanted.intersection(item.chunks)):
+                # Paid for and not started: the rest of its run goes back to
+                # the queue, with its payment, and so do the runs paid after
+                # it, so that the chunks still go in the order asked.
+                rest = [index for index in item.chunks if index not in wanted]
+                self._credit += item.length - sum(self._opened.manifest.chunk_length(i)
+                                                  for i in item.chunks if i in wanted)
+                back.append(rest)
                 continue
-            # Paid for and not started: the rest of its run goes back to the
-            # queue, with its payment.
-            rest = [index for index in item.chunks if index not in wanted]
-            self._credit += item.length - sum(self._opened.manifest.chunk_length(i)
-                                              for i in item.chunks if i in wanted)
-            self._queue[:0] = rest
+            if item.started:
+                sending.update(item.chunks)
+            kept.append(item)
         self._paid = kept
+        self._queue[:0] = [index for rest in back for index in rest]
         removed = [index for index in chunks if index in wanted and index not in sending]
         gone = set(removed)
         self._queue = [index for index in self._queue if index not in gone]
