@@ -956,7 +956,7 @@ async def test_end_to_end_on_loopback(tmp_path):
         source = Source(SimpleNamespace(host="127.0.0.1", label="seeder", peer_id="s" * 32),
                         client)
         stream = SourceStream(owner, source, local.manifest, local.file_id,
-                              receiver_port.getHost().port)
+                              receiver_port.getHost().port, reactor)
         inbox.expect(stream)
         first, second = list(range(64)), list(range(64, 128))
         stream.ask(GetRequest(stream, first))

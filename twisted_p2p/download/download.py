@@ -627,7 +627,7 @@ class Download:
         for index, request in arrived:
             length = manifest.chunk_length(index)
             source.meter.add(now, length)
-            if not fetching or not ledger.arrived(request, index, now):
+            if not fetching or request is None or not ledger.arrived(request, index, now):
                 self.progress.wasted += length  # cancelled: another copy came first
                 continue
             others = ledger.askers(index)

@@ -225,7 +225,9 @@ class SourceStream:
         outstanding, cancelling = self.outstanding, self.cancelling
         arrived = []
         for index in range(first, first + count):
-            arrived.append((index, outstanding.pop(index)))
+            # None: withdrawn by a cancel answered while this frame came in
+            # (the source said it would not send it); not wanted, dropped.
+            arrived.append((index, outstanding.pop(index, None)))
             cancelling.discard(index)
         self.owner.chunks_arrived(self, first, arrived, buffer)
 
