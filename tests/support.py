@@ -2,13 +2,18 @@
 Helpers shared by the unit tests: Deferred results and transfer frames.
 """
 
+import os
+import random
 import socket
 import struct
 
+from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twisted_p2p import wire
+from twisted_p2p.index import LocalFile, file_signature
+from twisted_p2p.manifest import hash_file
 
 
 def result_of(d):
@@ -38,11 +43,11 @@ def frame(header, body=b""):
     return framed(wire.encode_frame(header, body))
 
 
-def sent_frames(transport):
+def frames_in(data):
     """
-    The C{(header, body)} of every frame written to C{transport}.
+    The C{(header, body)} of every frame in C{data}, which holds whole
+    frames only.
     """
-    data = transport.value()
     frames = []
     while data:
         (length,) = struct.unpack("!I", data[:4])
@@ -50,6 +55,13 @@ def sent_frames(transport):
         frames.append(wire.decode_frame(data[4 : 4 + length]))
         data = data[4 + length :]
     return frames
+
+
+def sent_frames(transport):
+    """
+    The C{(header, body)} of every frame written to C{transport}.
+    """
+    return frames_in(transport.value())
 
 
 def sent_headers(transport):
@@ -202,8 +214,6 @@ class FakeDownloads:
         self.active = {}
 
     def start(self, name, file_id, peers, report):
-        from twisted.internet import defer
-
         d = defer.Deferred()
         self.started.append((name, file_id, peers, report, d))
         return d
@@ -237,3 +247,77 @@ class CommandParts:
 
     def shutdown(self):
         self.shutdowns += 1
+
+
+class SyncWorkers:
+    """
+    Stands in for a L{twisted_p2p.workers.WorkerPool}: each job runs at
+    once, on the calling thread, and its Deferred has fired on return.
+    """
+
+    def __init__(self):
+        self.jobs = []
+
+    def pick(self, besides=None):
+        return self
+
+    def submit(self, f, *args):
+        self.jobs.append(f)
+        return defer.maybeDeferred(f, *args)
+
+
+class HeldWorkers:
+    """
+    Stands in for a L{twisted_p2p.workers.WorkerPool} whose jobs wait until
+    the test runs them (L{run}), so that it can act while one is "in a
+    thread".
+    """
+
+    def __init__(self):
+        self.held = []
+
+    def pick(self):
+        return self
+
+    def submit(self, f, *args):
+        d = defer.Deferred()
+        self.held.append((f, args, d))
+        return d
+
+    def run(self):
+        """
+        Run the jobs held so far, in order, and fire their Deferreds.
+        """
+        held, self.held = self.held, []
+        for f, args, d in held:
+            defer.maybeDeferred(f, *args).chainDeferred(d)
+        return len(held)
+
+
+def shared_file(folder, name, size, seed=0):
+    """
+    A file of C{size} random bytes in C{folder}, indexed: its
+    L{twisted_p2p.index.LocalFile} and its content.
+    """
+    path = os.path.join(folder, name)
+    content = random.Random(seed).randbytes(size)
+    with open(path, "wb") as f:
+        f.write(content)
+    signature = file_signature(os.stat(path))
+    return LocalFile(name, folder, hash_file(path), signature), content
+
+
+def pull(transport):
+    """
+    Let the pull producer registered with C{transport} write until it has
+    nothing more to write now (a transport whose peer reads everything):
+    the number of turns that wrote something.
+    """
+    turns = 0
+    while transport.producer is not None:
+        before = len(transport.value())
+        transport.producer.resumeProducing()
+        if len(transport.value()) == before:
+            break
+        turns += 1
+    return turns

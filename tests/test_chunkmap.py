@@ -533,3 +533,36 @@ def test_every_chunk_held_by_someone_is_fetched_from_its_holders(count, holders,
     assert ledger.have == count - len(unheld)
     assert ledger.complete == (not unheld)
     assert ledger.first_unheld() == (min(unheld) if unheld else None)
+
+
+def test_a_pick_leaves_out_the_chunks_excluded():
+    ledger = ChunkLedger(10)
+    ledger.add_source("a")
+    assert ledger.pick("a", 4, exclude={0, 2}) == [1, 3, 4, 5]
+
+
+def test_askers_and_copies_follow_the_requests_waiting():
+    ledger = ChunkLedger(4)
+    for s in ("a", "b"):
+        ledger.add_source(s)
+    ledger.ask("r1", "a", [0, 1], now=0.0)
+    ledger.ask("r2", "b", [1], now=0.0)
+    assert (ledger.copies(0), ledger.copies(1), ledger.copies(2)) == (1, 2, 0)
+    assert ledger.askers(1) == ["r1", "r2"]
+    assert ledger.requests_in_flight() == 2
+
+
+def test_a_withdrawn_chunk_goes_back_to_the_queue_unless_another_waits():
+    ledger = ChunkLedger(4)
+    for s in ("a", "b"):
+        ledger.add_source(s)
+    ledger.ask("r1", "a", [0, 1], now=0.0)
+    ledger.ask("r2", "b", [1], now=0.0)
+    ledger.withdraw("r1", 0)
+    ledger.withdraw("r1", 1)
+    assert ledger.in_flight("a") == 0
+    # 0 is asked of nobody now; 1 still of b.
+    assert ledger.pick("a", 4) == [0, 2, 3]
+    assert ledger.askers(1) == ["r2"]
+    ledger.withdraw("r1", 1)  # twice: nothing
+    assert ledger.in_flight("b") == 1

@@ -370,7 +370,7 @@ def test_fetch_catalog_of_2000_files_over_the_wire(feed):
             return []
 
     clock = task.Clock()
-    uploads = Uploads(Index(), connect=None, read_chunk=None)
+    uploads = Uploads(Index(), connect=None, run_in_thread=None, workers=None, clock=clock)
     server = SenderFactory(uploads).buildProtocol(None)
     server.callLater = clock.callLater
     server_transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 4000))

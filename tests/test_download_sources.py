@@ -8,7 +8,7 @@ met this.
 """
 
 import pytest
-from support import result_of
+from support import SyncWorkers, result_of
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import LogLevel, globalLogPublisher
@@ -76,7 +76,7 @@ def make_download(tmp_path, peers, open_client):
     reported = []
     download = Download(
         "movie.bin", manifest.file_id, peers, open_client, Inbox(), 7200,
-        PartialFile(str(folder), manifest.file_id), defer.maybeDeferred,
+        PartialFile(str(folder), manifest.file_id), defer.maybeDeferred, SyncWorkers(),
         task.Clock(), reported.append,
     )
     return download, manifest, reported
@@ -106,6 +106,7 @@ def test_a_dead_source_beside_a_live_one_logs_nothing_critical(tmp_path, logged)
     download, manifest, reported = make_download(tmp_path, [DEAD, LIVE], open_client)
     clients[LIVE.host] = LiveClient(manifest)
     d = download.start()
+    download._clock.advance(0)  # chunks are asked on the next turn of the reactor
     assert not d.called
     assert [r["event"] for r in reported] == ["download-started"]
     assert clients[LIVE.host].gets, "the live source was not asked for chunks"
@@ -135,13 +136,8 @@ class CreepingClock(task.Clock):
         return self.rightNow
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "download.py measures its rate over a window whose only sample is the one just "
-    "taken, so with a real clock the first progress says 0 B/s; for the download "
-    "rewrite (e.g. use the window only once its oldest sample is PROGRESS_INTERVAL/2 old)"
-))
 def test_the_first_progress_has_a_rate(tmp_path):
-    from twisted_p2p.download import PROGRESS_INTERVAL
+    from twisted_p2p.download.download import PROGRESS_INTERVAL
 
     clock = CreepingClock()
     clients = {}
@@ -154,10 +150,10 @@ def test_the_first_progress_has_a_rate(tmp_path):
     download = Download(
         "movie.bin", manifest.file_id, [LIVE], lambda peer: defer.succeed(clients[peer.host]),
         Inbox(), 7200, PartialFile(str(tmp_path / "downloads"), manifest.file_id),
-        defer.maybeDeferred, clock, reported.append,
+        defer.maybeDeferred, SyncWorkers(), clock, reported.append,
     )
     done = download.start()
-    download.bytes_verified = CHUNK_SIZE  # a chunk came in the first second
+    download.progress.verified = CHUNK_SIZE  # a chunk came in the first second
     clock.advance(PROGRESS_INTERVAL)
     [progress] = [e for e in reported if e["event"] == "download-progress"]
     download.cancel()

@@ -13,6 +13,7 @@ import pytest_twisted
 from support import can_bind
 from twisted.internet import defer, reactor, task
 
+from twisted_p2p.render import render
 from twisted_p2p.service import PeerService
 from twisted_p2p.tap import Options
 
@@ -95,7 +96,7 @@ async def test_peers_find_each_other_and_download(two_peers, tmp_path):
 
     lines = []
     final = await a.downloads.start(
-        offer.name, offer.file_id, offer.peers, lambda e: lines.append(e["text"])
+        offer.name, offer.file_id, offer.peers, lambda e: lines.append(" ".join(render(e)))
     )
     assert final == "data.bin"
     with open(tmp_path / "a" / "downloads" / "data.bin", "rb") as f:
@@ -126,7 +127,7 @@ async def test_download_never_overwrites(two_peers, tmp_path):
     offer = [o for o in a.catalog.offers() if o.name == "data.bin"][0]
     lines = []
     final = await a.downloads.start(
-        offer.name, offer.file_id, offer.peers, lambda e: lines.append(e["text"])
+        offer.name, offer.file_id, offer.peers, lambda e: lines.append(" ".join(render(e)))
     )
     assert final == "data (1).bin"
     assert existing.read_bytes() == b"mine, keep it"

@@ -131,7 +131,7 @@ def test_stored_chunks_survive_a_crash(tmp_path):
     partial = PartialFile(str(tmp_path), manifest.file_id)
     assert partial.open(manifest.size, manifest) == []
     for index in (0, 3, 5):
-        partial.store(index, index * CHUNK_SIZE, chunk(index))
+        partial.store(index, index * CHUNK_SIZE, [chunk(index)])
     assert list(partial.chunks.indexes()) == [0, 3, 5]
     # No close: as after SIGKILL, only what the kernel got is there.
     again = PartialFile(str(tmp_path), manifest.file_id)
@@ -146,24 +146,75 @@ def test_a_chunk_is_written_before_it_is_marked(tmp_path, monkeypatch):
     partial = PartialFile(str(tmp_path), manifest.file_id)
     partial.open(manifest.size, manifest)
     writes = []
-    real_pwrite = os.pwrite
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
 
     def recording_pwrite(fd, data, offset):
         writes.append("map" if fd == partial.chunks._fd else "data")
         return real_pwrite(fd, data, offset)
 
+    def recording_pwritev(fd, buffers, offset):
+        writes.append("map" if fd == partial.chunks._fd else "data")
+        return real_pwritev(fd, buffers, offset)
+
     monkeypatch.setattr(os, "pwrite", recording_pwrite)
-    partial.store(2, 2 * CHUNK_SIZE, chunk(2))
+    monkeypatch.setattr(os, "pwritev", recording_pwritev)
+    partial.store(2, 2 * CHUNK_SIZE, [chunk(2)])
     assert writes == ["data", "map"]
     partial.discard()
+
+
+def test_a_run_of_chunks_is_written_once_then_marked_at_once(tmp_path, monkeypatch):
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    writes = []
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: writes.append(
+        "map" if fd == partial.chunks._fd else "data") or real_pwrite(fd, data, offset))
+    monkeypatch.setattr(os, "pwritev", lambda fd, buffers, offset: writes.append(
+        "map" if fd == partial.chunks._fd else "data") or real_pwritev(fd, buffers, offset))
+    run = CONTENT[CHUNK_SIZE : 4 * CHUNK_SIZE]
+    partial.store_run(1, 3, CHUNK_SIZE, memoryview(run))
+    assert writes == ["data", "map"]
+    assert list(partial.chunks.indexes()) == [1, 2, 3]
+    assert partial.chunks.verified == 3
+    partial.store_run(2, 2, 2 * CHUNK_SIZE, memoryview(run)[CHUNK_SIZE:])
+    assert partial.chunks.verified == 3  # marked already: counted once
+    partial.close()
+    again = PartialFile(str(tmp_path), manifest.file_id)
+    assert again.open(manifest.size, manifest) == [1, 2, 3]
+    again.discard()
+
+
+def test_writeback_is_started_every_so_many_bytes(tmp_path, monkeypatch):
+    from twisted_p2p import storage
+
+    started = []
+    monkeypatch.setattr(storage, "start_writeback", started.append)
+    monkeypatch.setattr(storage, "WRITEBACK_EVERY", 2 * CHUNK_SIZE)
+    manifest = manifest_of(CONTENT)
+    partial = PartialFile(str(tmp_path), manifest.file_id)
+    partial.open(manifest.size, manifest)
+    for index in range(5):
+        partial.store(index, index * CHUNK_SIZE, [chunk(index)])
+    assert len(started) == 2
+    partial.discard()
+
+
+def test_start_writeback_is_harmless_on_any_file(tmp_path):
+    from twisted_p2p.storage import start_writeback
+
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * 100000)
+        start_writeback(f.fileno())
 
 
 def test_a_marked_chunk_that_does_not_verify_is_unmarked(tmp_path):
     manifest = manifest_of(CONTENT)
     partial = PartialFile(str(tmp_path), manifest.file_id)
     partial.open(manifest.size, manifest)
-    partial.store(1, CHUNK_SIZE, chunk(1))
-    partial.store(4, 4 * CHUNK_SIZE, chunk(4))
+    partial.store(1, CHUNK_SIZE, [chunk(1)])
+    partial.store(4, 4 * CHUNK_SIZE, [chunk(4)])
     partial.write(CHUNK_SIZE, b"\xff")  # as after a power loss
     partial.close()
     again = PartialFile(str(tmp_path), manifest.file_id)
@@ -180,7 +231,7 @@ def test_a_damaged_or_foreign_map_counts_as_empty(tmp_path, damage):
     manifest = manifest_of(CONTENT)
     partial = PartialFile(str(tmp_path), manifest.file_id)
     partial.open(manifest.size, manifest)
-    partial.store(0, 0, chunk(0))
+    partial.store(0, 0, [chunk(0)])
     partial.close()
     with open(partial.map_path, "r+b") as f:
         data = bytearray(f.read())
@@ -219,7 +270,7 @@ def test_complete_and_discard_remove_the_map(tmp_path):
     partial = PartialFile(str(tmp_path), manifest.file_id)
     partial.open(manifest.size, manifest)
     for index in range(manifest.chunk_count):
-        partial.store(index, index * CHUNK_SIZE, chunk(index))
+        partial.store(index, index * CHUNK_SIZE, [chunk(index)])
     final, _ = partial.complete("whole.bin")
     assert listing(tmp_path) == ["whole.bin"]
     assert (tmp_path / final).read_bytes() == CONTENT
@@ -272,6 +323,7 @@ def test_a_full_disk_is_a_storage_error(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwritev", full)
     with pytest.raises(StorageError) as e:
         partial.write(0, b"x")
     assert "no space left" in str(e.value)
@@ -316,7 +368,7 @@ def test_a_planted_link_is_replaced_not_followed(downloads, outside, how, which)
     plant(partial.path if which == "part" else partial.map_path, precious, how)
     assert partial.open(manifest.size, manifest) == []
     for index in range(manifest.chunk_count):
-        partial.store(index, index * CHUNK_SIZE, chunk(index))
+        partial.store(index, index * CHUNK_SIZE, [chunk(index)])
     final, _ = partial.complete("whole.bin")
     assert precious.read_bytes() == b"keep me"
     assert os.stat(precious).st_nlink == 1

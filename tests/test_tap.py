@@ -20,7 +20,13 @@ from twisted_p2p.group import write_new_key
 from twisted_p2p.identity import Identity
 from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST
 from twisted_p2p.index import FolderWatcher
-from twisted_p2p.service import ConsoleService, ControlService, DiscoveryService, PeerService
+from twisted_p2p.service import (
+    ConsoleService,
+    ControlService,
+    DiscoveryService,
+    PeerService,
+    WorkersService,
+)
 
 HOST = "127.0.0.1"
 
@@ -442,6 +448,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
     assert not peer.running
     children = list(peer)
     assert [type(c) for c in children] == [
+        WorkersService,
         TimerService,
         FolderWatcher,
         StreamServerEndpointService,
@@ -452,7 +459,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
         ControlService,
         ConsoleService,
     ]
-    port_services = children[2:6]
+    port_services = children[3:7]
     assert [(s.endpoint._port, s.endpoint._interface) for s in port_services] == [
         (base + offset, HOST) for offset in range(4)
     ]
@@ -510,7 +517,7 @@ def test_make_service_without_a_console(folder, ports, global_reactor, monkeypat
     options = parse(*good_args(ports, "--console", "off"))
     peer = tap.makeService(options, global_reactor)
     assert not any(isinstance(c, ConsoleService) for c in peer)
-    assert len(list(peer)) == 8
+    assert len(list(peer)) == 9
 
 
 @pytest.mark.parametrize(
@@ -633,7 +640,9 @@ def test_every_address_listens_on_ipv4_and_ipv6(folder, ports, global_reactor, m
                     "--host", "any", "--console", "off")
     peer = tap.makeService(options, global_reactor)
     endpoints = [c.endpoint for c in peer if isinstance(c, StreamServerEndpointService)]
-    assert [type(e).__name__ for e in endpoints] == ["TCP4ServerEndpoint", "TCP6OnlyServerEndpoint"] * 4
+    # The receiver port's endpoints read chunks straight into their buffers.
+    assert [type(e).__name__ for e in endpoints] == ["ReceiverEndpoint"] * 2 + [
+        "TCP4ServerEndpoint", "TCP6OnlyServerEndpoint"] * 3
     assert [e._port for e in endpoints] == [p for p in range(base, base + 4) for _ in (4, 6)]
 
 

@@ -1,40 +1,50 @@
 """
-L{Uploads}: what the sender port answers, against a fake index and a fake
-connect.
+L{Uploads}: what the sender port answers, and the chunk streams it opens,
+against a fake index, a fake connect, workers that run at once and a
+Clock; and once end to end on real loopback sockets.
 """
 
 import os
-import random
-import struct
+import socket
 from types import SimpleNamespace
 
 import pytest
-from support import result_of
+import pytest_twisted
+from support import SyncWorkers, pull, result_of, sent_frames, shared_file
 from twisted.internet import defer, task
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twisted_p2p import uploads as uploads_module
 from twisted_p2p import wire
-from twisted_p2p.index import LocalFile, PartialLocal
-from twisted_p2p.limits import CATALOG_PAGE_BYTES, MAX_HEADER
-from twisted_p2p.manifest import CHUNK_SIZE, hash_file
+from twisted_p2p.client import SenderClient
+from twisted_p2p.download.buffers import BufferPool
+from twisted_p2p.download.requests import GetRequest, Source, SourceStream
+from twisted_p2p.index import LocalFile, PartialLocal, file_signature
+from twisted_p2p.limits import (
+    CATALOG_PAGE_BYTES,
+    IDLE_TIMEOUT,
+    MAX_CHUNKS_PER_REQUEST,
+    MAX_HEADER,
+    MAX_STREAM_QUEUE,
+    MAX_STREAMS_PER_CONNECTION,
+    UPLOAD_BURST,
+)
+from twisted_p2p.manifest import CHUNK_SIZE, Manifest
 from twisted_p2p.storage import ChunkMap
-from twisted_p2p.transfer import ChunkPusher, RequestRefused
-from twisted_p2p.uploads import FileChanged, TokenBucket, Uploads, read_range
+from twisted_p2p.transfer import Inbox, ReceiverEndpoint, ReceiverFactory, RequestRefused
+from twisted_p2p.transfer import SenderFactory
+from twisted_p2p.transfer.streams import StreamConnection
+from twisted_p2p.uploads import TokenBucket, Uploads
+from twisted_p2p.workers import WorkerPool
 
 REQUESTER = "192.0.2.2"
 TOKEN = "ab" * 16
+OTHER_TOKEN = "cd" * 16
 REVISION = "0123456789abcdef"
-
-
-def make_file(folder, name, size, seed):
-    path = os.path.join(folder, name)
-    with open(path, "wb") as f:
-        f.write(random.Random(seed).randbytes(size))
-    st = os.stat(path)
-    return LocalFile(name, folder, hash_file(path), (st.st_size, st.st_mtime_ns, st.st_ino))
 
 
 class FakeIndex:
@@ -66,7 +76,7 @@ class FakeIndex:
 class FakeConnect:
     """
     C{connect(host, port, protocol)}, recording each call and giving a
-    Deferred the test fires.
+    Deferred that L{connect_back} fires.
     """
 
     def __init__(self):
@@ -74,62 +84,101 @@ class FakeConnect:
 
     def __call__(self, host, port, protocol):
         d = defer.Deferred()
-        self.calls.append((host, port, protocol, d))
+        self.calls.append(SimpleNamespace(host=host, port=port, protocol=protocol, d=d))
         return d
 
 
-def sent_frames(transport):
-    data = transport.value()
-    frames = []
-    while data:
-        (length,) = struct.unpack("!I", data[:4])
-        frames.append(wire.decode_frame(data[4 : 4 + length]))
-        data = data[4 + length :]
-    return frames
-
-
-class FakeReader:
+def connect_back(connect, i=-1):
     """
-    Reads for real, synchronously, and records what was read.
+    The data connection of C{connect}'s call C{i} is made: its transport.
+    """
+    call = connect.calls[i]
+    transport = StringTransport()
+    call.protocol.makeConnection(transport)
+    call.d.callback(call.protocol)
+    return transport
+
+
+class Peer:
+    """
+    Everything L{Uploads} is given, as fakes, the L{Uploads}, and a session
+    of one request connection from L{REQUESTER}.
     """
 
-    def __init__(self):
-        self.reads = []
+    def __init__(self, files, max_uploads=2, max_rate=None, clock=None):
+        self.index = FakeIndex(files)
+        self.connect = FakeConnect()
+        self.clock = clock or task.Clock()
+        self.events = []
+        self.uploads = Uploads(
+            self.index, self.connect, defer.maybeDeferred, SyncWorkers(), self.clock,
+            max_uploads=max_uploads, max_rate=max_rate, publish=self.events.append,
+        )
+        self.keepalives = 0
+        self.session = self.new_session()
 
-    def __call__(self, path, offset, length, signature=None):
-        self.reads.append((path, offset, length))
-        return read_range(path, offset, length, signature)
+    def new_session(self):
+        return self.uploads.session(REQUESTER, self._kept_alive)
+
+    def _kept_alive(self):
+        self.keepalives += 1
+
+    def handle(self, header, session=None):
+        return self.uploads.handle(header, session or self.session)
+
+    def stream(self, local, chunks, token=TOKEN, session=None):
+        """
+        A get of C{chunks} answered, its data connection made: the transport.
+        """
+        d = self.handle(get(local.file_id, chunks, token=token), session)
+        transport = connect_back(self.connect)
+        assert result_of(d) == ({"t": "sending", "token": token}, b"")
+        return transport
 
 
 @pytest.fixture
 def files(tmp_path):
-    return [
-        make_file(str(tmp_path), "three.bin", 2 * CHUNK_SIZE + 100, seed=3),
-        make_file(str(tmp_path), "empty.txt", 0, seed=0),
-        make_file(str(tmp_path), "five.bin", 4 * CHUNK_SIZE + 1, seed=5),
-    ]
+    """
+    Three shared files (as L{LocalFile}s): three.bin, empty.txt, five.bin.
+    """
+    three, _ = shared_file(str(tmp_path), "three.bin", 2 * CHUNK_SIZE + 100, seed=3)
+    empty, _ = shared_file(str(tmp_path), "empty.txt", 0)
+    five, _ = shared_file(str(tmp_path), "five.bin", 4 * CHUNK_SIZE + 1, seed=5)
+    return [three, empty, five]
 
 
 @pytest.fixture
-def connect():
-    return FakeConnect()
-
-
-@pytest.fixture
-def uploads(files, connect):
-    return Uploads(FakeIndex(files), connect, FakeReader(), max_uploads=2)
+def peer(files):
+    return Peer(files)
 
 
 def get(file_id, chunks, port=5555, token=TOKEN, **extra):
     return wire.request("get", id=file_id, chunks=chunks, port=port, token=token, **extra)
 
 
+def cancel(chunks, token=TOKEN):
+    return wire.request("cancel", token=token, chunks=chunks)
+
+
+def content_of(local):
+    with open(local.path, "rb") as f:
+        return f.read()
+
+
+def chunk_runs(transport):
+    return [(h["i"], h.get("n", 1)) for h, _ in sent_frames(transport) if h["t"] == "chunk"]
+
+
+def chunk_bytes(transport):
+    return sum(len(body) for header, body in sent_frames(transport) if header["t"] == "chunk")
+
+
 # -- catalog and manifest ----------------------------------------------------------
 
 
-def test_catalog_lists_every_file(uploads, files):
+def test_catalog_lists_every_file(peer, files):
     three, empty, five = files
-    assert uploads.handle(wire.request("catalog"), REQUESTER) == (
+    assert peer.handle(wire.request("catalog")) == (
         {
             "t": "catalog",
             "rev": REVISION,
@@ -145,9 +194,9 @@ def test_catalog_lists_every_file(uploads, files):
     )
 
 
-def test_catalog_is_capped(uploads, monkeypatch):
+def test_catalog_is_capped(peer, monkeypatch):
     monkeypatch.setattr(uploads_module, "MAX_CATALOG_FILES", 2)
-    header, _ = uploads.handle(wire.request("catalog"), REQUESTER)
+    header, _ = peer.handle(wire.request("catalog"))
     assert [f["name"] for f in header["files"]] == ["empty.txt", "five.bin"]
     assert header["total"] == 2
 
@@ -162,14 +211,14 @@ def many_files(count, name_of=lambda i: f"file {i:05}.bin"):
     ]
 
 
-def catalog_pages(uploads):
+def catalog_pages(peer):
     """
     Every page of the catalog, fetched as a requester does.
     """
     pages = []
     start = 0
     while True:
-        header, body = uploads.handle(wire.request("catalog", start=start), REQUESTER)
+        header, body = peer.handle(wire.request("catalog", start=start))
         assert body == b""
         pages.append(header)
         start += len(header["files"])
@@ -189,12 +238,11 @@ WIDE_NAME = "\u00e9" * 121
         pytest.param(lambda i: f"{WIDE_NAME}{i:05}.bin", id="widest names"),
     ],
 )
-def test_catalog_in_pages_under_the_header_limit(connect, name_of):
+def test_catalog_in_pages_under_the_header_limit(name_of):
     assert CATALOG_PAGE_BYTES <= MAX_HEADER // 2
     shared = many_files(2000, name_of)
     assert len(shared[0].name.encode("utf-8")) <= 255
-    uploads = Uploads(FakeIndex(shared), connect, FakeReader())
-    pages = catalog_pages(uploads)
+    pages = catalog_pages(Peer(shared))
     assert len(pages) > 1
     for page in pages:
         assert page["rev"] == REVISION and page["total"] == 2000
@@ -208,43 +256,39 @@ def test_catalog_in_pages_under_the_header_limit(connect, name_of):
     ]
 
 
-def test_catalog_page_holds_at_least_one_entry(connect, monkeypatch):
+def test_catalog_page_holds_at_least_one_entry(monkeypatch):
     monkeypatch.setattr(uploads_module, "CATALOG_PAGE_BYTES", 1)
-    uploads = Uploads(FakeIndex(many_files(3)), connect, FakeReader())
-    assert [len(page["files"]) for page in catalog_pages(uploads)] == [1, 1, 1]
+    assert [len(page["files"]) for page in catalog_pages(Peer(many_files(3)))] == [1, 1, 1]
 
 
-def test_catalog_pages_run_on_into_partial_downloads(files, partial, connect, monkeypatch):
+def test_catalog_pages_run_on_into_partial_downloads(files, partial, monkeypatch):
     monkeypatch.setattr(uploads_module, "CATALOG_PAGE_BYTES", 1)
-    index = FakeIndex(files[:2])
-    index._partials[partial.file_id] = partial
-    uploads = Uploads(index, connect, FakeReader())
-    pages = catalog_pages(uploads)
+    peer = Peer(files[:2])
+    peer.index._partials[partial.file_id] = partial
+    pages = catalog_pages(peer)
     assert [(p["start"], p["total"]) for p in pages] == [(0, 3), (1, 3), (2, 3)]
     assert pages[2]["files"] == [
         {"id": partial.file_id, "name": "five.bin", "size": partial.size, "partial": True}
     ]
 
 
-def test_catalog_page_at_the_end_is_empty(uploads):
-    header, _ = uploads.handle(wire.request("catalog", start=3), REQUESTER)
+def test_catalog_page_at_the_end_is_empty(peer):
+    header, _ = peer.handle(wire.request("catalog", start=3))
     assert (header["start"], header["total"], header["files"]) == (3, 3, [])
 
 
 @pytest.mark.parametrize("start", [-1, 4, True, "0", None, 1.0])
-def test_catalog_page_start_out_of_range(uploads, start):
+def test_catalog_page_start_out_of_range(peer, start):
     with pytest.raises(wire.ProtocolError):
-        uploads.handle(wire.request("catalog", start=start), REQUESTER)
+        peer.handle(wire.request("catalog", start=start))
 
 
-def test_manifest_in_pages(uploads, files, monkeypatch):
+def test_manifest_in_pages(peer, files, monkeypatch):
     monkeypatch.setattr(uploads_module, "MANIFEST_PAGE", 2)
     five = files[2]
     hashes = five.manifest.chunk_hashes
     assert len(hashes) == 5
-    pages = []
-    for start in (0, 2, 4, 5):
-        pages.append(uploads.handle(wire.request("manifest", id=five.file_id, start=start), REQUESTER))
+    pages = [peer.handle(wire.request("manifest", id=five.file_id, start=s)) for s in (0, 2, 4, 5)]
     common = {"t": "manifest", "id": five.file_id, "size": 4 * CHUNK_SIZE + 1}
     assert pages == [
         (dict(common, start=0, count=2), hashes[0] + hashes[1]),
@@ -254,110 +298,339 @@ def test_manifest_in_pages(uploads, files, monkeypatch):
     ]
 
 
-def test_manifest_of_an_empty_file(uploads, files):
+def test_manifest_of_an_empty_file(peer, files):
     empty = files[1]
-    assert uploads.handle(wire.request("manifest", id=empty.file_id, start=0), REQUESTER) == (
+    assert peer.handle(wire.request("manifest", id=empty.file_id, start=0)) == (
         {"t": "manifest", "id": empty.file_id, "size": 0, "start": 0, "count": 0},
         b"",
     )
 
 
 @pytest.mark.parametrize("start", [-1, 6, True, "0", None, 2.0])
-def test_manifest_start_out_of_range(uploads, files, start):
+def test_manifest_start_out_of_range(peer, files, start):
     with pytest.raises(wire.ProtocolError):
-        uploads.handle(wire.request("manifest", id=files[2].file_id, start=start), REQUESTER)
+        peer.handle(wire.request("manifest", id=files[2].file_id, start=start))
 
 
-def test_manifest_of_an_unknown_file(uploads):
+def test_manifest_of_an_unknown_file(peer):
     with pytest.raises(RequestRefused) as e:
-        uploads.handle(wire.request("manifest", id="f" * 64, start=0), REQUESTER)
+        peer.handle(wire.request("manifest", id="f" * 64, start=0))
     assert e.value.code == "unknown-file"
 
 
 @pytest.mark.parametrize("file_id", ["F" * 64, "f" * 63, "", 7, None])
-def test_manifest_of_a_malformed_id(uploads, file_id):
+def test_manifest_of_a_malformed_id(peer, file_id):
     with pytest.raises(wire.ProtocolError):
-        uploads.handle(wire.request("manifest", id=file_id, start=0), REQUESTER)
+        peer.handle(wire.request("manifest", id=file_id, start=0))
 
 
 @pytest.mark.parametrize("version", [2, 0, None, "1", True, 1.0])
-def test_wrong_version_is_refused(uploads, version):
+def test_wrong_version_is_refused(peer, version):
     with pytest.raises(wire.WrongVersion):
-        uploads.handle({"t": "catalog", "v": version}, REQUESTER)
+        peer.handle({"t": "catalog", "v": version})
 
 
-def test_unknown_request(uploads):
+def test_unknown_request(peer):
     with pytest.raises(wire.ProtocolError) as e:
-        uploads.handle(wire.request("distribute"), REQUESTER)
+        peer.handle(wire.request("distribute"))
     assert "distribute" in str(e.value)
 
 
-# -- get -------------------------------------------------------------------------
+# -- partial downloads and the "have" request ------------------------------------
 
 
-def test_get_connects_back_only_to_the_requester(uploads, files, connect):
+@pytest.fixture
+def partial(files):
+    """The file five.bin as a partial download holding chunks 1 and 3."""
+    five = files[2]
+    chunks = ChunkMap(five.manifest.chunk_count)
+    chunks.set(1)
+    chunks.set(3)
+    return PartialLocal("five.bin", five.manifest, five.path, chunks)
+
+
+@pytest.fixture
+def partial_peer(partial):
+    peer = Peer([])
+    peer.index._partials[partial.file_id] = partial
+    return peer
+
+
+def test_have_of_a_whole_file(peer, files):
+    reply, body = peer.handle(wire.request("have", id=files[0].file_id, start=0))
+    assert reply == {"t": "have", "id": files[0].file_id, "all": True} and body == b""
+
+
+def test_have_of_a_partial_download(partial_peer, partial):
+    reply, body = partial_peer.handle(wire.request("have", id=partial.file_id, start=0))
+    assert reply == {"t": "have", "id": partial.file_id, "start": 0, "count": 5}
+    assert body == bytes([0b00001010])
+
+
+@pytest.mark.parametrize("start", [3, 5, -8, "0", None])
+def test_have_with_a_bad_start(partial_peer, partial, start):
+    with pytest.raises(wire.ProtocolError):
+        partial_peer.handle(wire.request("have", id=partial.file_id, start=start))
+
+
+def test_have_of_an_unknown_file(peer):
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(wire.request("have", id="ab" * 32, start=0))
+    assert e.value.code == "unknown-file"
+
+
+def test_catalog_lists_partial_downloads(partial_peer, partial):
+    reply, _ = partial_peer.handle(wire.request("catalog"))
+    assert reply["files"] == [
+        {"id": partial.file_id, "name": "five.bin", "size": partial.size, "partial": True}
+    ]
+
+
+def test_get_serves_only_verified_chunks_of_a_partial(partial_peer, partial):
+    with pytest.raises(RequestRefused) as e:
+        partial_peer.handle(get(partial.file_id, [1, 2]))
+    assert e.value.code == "missing-chunks"
+    assert partial_peer.connect.calls == []
+    transport = partial_peer.stream(partial, [3, 1])
+    pull(transport)
+    content = content_of(partial)
+    assert sent_frames(transport)[1:] == [
+        ({"t": "chunk", "i": 3}, content[3 * CHUNK_SIZE : 4 * CHUNK_SIZE]),
+        ({"t": "chunk", "i": 1}, content[CHUNK_SIZE : 2 * CHUNK_SIZE]),
+    ]
+    # A later get on the stream is checked as well.
+    with pytest.raises(RequestRefused) as e:
+        partial_peer.handle(get(partial.file_id, [0]))
+    assert e.value.code == "missing-chunks"
+
+
+# -- get: the stream of a token ------------------------------------------------------
+
+
+def test_get_connects_back_only_to_the_requester(peer, files):
     three = files[0]
     # An address or host in the request is never used.
-    d = uploads.handle(get(three.file_id, [2, 0], host="6.6.6.6", address="6.6.6.6"), REQUESTER)
-    assert len(connect.calls) == 1
-    host, port, pusher, connected = connect.calls[0]
-    assert (host, port) == (REQUESTER, 5555)
-    assert isinstance(pusher, ChunkPusher)
-    assert pusher.token == TOKEN
-    assert uploads.active == 1
-    assert not d.called
-    connected.callback(pusher)
+    d = peer.handle(get(three.file_id, [2, 0], host="6.6.6.6", address="6.6.6.6"))
+    assert len(peer.connect.calls) == 1
+    call = peer.connect.calls[0]
+    assert (call.host, call.port) == (REQUESTER, 5555)
+    assert isinstance(call.protocol, StreamConnection)
+    assert call.protocol.stream.token == TOKEN
+    assert peer.uploads.active == 1
+    assert not d.called  # "sending" once the data connection is open
+    connect_back(peer.connect)
     assert result_of(d) == ({"t": "sending", "token": TOKEN}, b"")
 
 
-def test_get_streams_the_chunks_and_ends(uploads, files, connect):
+def test_get_streams_the_chunks_and_the_stream_stays_open(peer, files):
     three = files[0]
-    d = uploads.handle(get(three.file_id, [2, 0]), REQUESTER)
-    _, _, pusher, connected = connect.calls[0]
-    transport = StringTransport()
-    pusher.callLater = task.Clock().callLater
-    pusher.makeConnection(transport)
-    connected.callback(pusher)
-    assert result_of(d)[0]["t"] == "sending"
-    with open(three.path, "rb") as f:
-        content = f.read()
-    # Every read was synchronous: the stream is over.
+    transport = peer.stream(three, [2, 0])
+    pull(transport)
+    content = content_of(three)
     assert sent_frames(transport) == [
         ({"t": "hello", "v": 1, "token": TOKEN}, b""),
         ({"t": "chunk", "i": 2}, content[2 * CHUNK_SIZE :]),
         ({"t": "chunk", "i": 0}, content[:CHUNK_SIZE]),
-        ({"t": "done"}, b""),
     ]
-    assert uploads.bytes_sent == 100 + CHUNK_SIZE
-    assert uploads.active == 0
+    # No "done": the stream waits for more gets until the requester is gone.
+    assert not transport.disconnecting
+    assert peer.uploads.active == 1
+    assert peer.keepalives > 0
+    assert [e["event"] for e in peer.events] == ["upload-started"]
+
+
+def test_a_second_get_of_the_token_reuses_the_stream(peer, files):
+    five = files[2]
+    transport = peer.stream(five, [0])
+    pull(transport)
+    # Answered at once: the stream is there.
+    assert peer.handle(get(five.file_id, [1, 2])) == ({"t": "sending", "token": TOKEN}, b"")
+    assert peer.handle(get(five.file_id, [4])) == ({"t": "sending", "token": TOKEN}, b"")
+    pull(transport)
+    assert len(peer.connect.calls) == 1
+    assert chunk_runs(transport) == [(0, 1), (1, 2), (4, 1)]
+    assert peer.uploads.active == 1
+
+
+def test_a_second_get_is_served_even_at_the_upload_cap(files):
+    peer = Peer(files, max_uploads=1)
+    five = files[2]
+    peer.stream(five, [0])
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(get(five.file_id, [1], token=OTHER_TOKEN))
+    assert e.value.code == "busy"
+    assert peer.handle(get(five.file_id, [1]))[0]["t"] == "sending"
+
+
+def test_each_token_has_its_own_stream(peer, files):
+    three, _, five = files
+    one = peer.stream(five, [0, 1])
+    two = peer.stream(three, [0, 1], token=OTHER_TOKEN)
+    pull(one)
+    pull(two)
+    assert len(peer.connect.calls) == 2
+    assert [h.get("token") for h, _ in sent_frames(one)[:1] + sent_frames(two)[:1]] == [
+        TOKEN, OTHER_TOKEN,
+    ]
+    assert chunk_runs(one) == chunk_runs(two) == [(0, 2)]
+
+
+def test_a_token_belongs_to_its_request_connection(files):
+    """
+    The same token on another request connection is another stream: a
+    requester cannot add chunks to (or cancel them from) another's stream.
+    """
+    peer = Peer(files)
+    five = files[2]
+    peer.stream(five, [0])
+    other = peer.new_session()
+    nothing = ({"t": "cancelled", "token": TOKEN, "chunks": []}, b"")
+    assert peer.handle(cancel([0]), other) == nothing
+    peer.stream(five, [0], session=other)
+    assert len(peer.connect.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"port": 5556}, {"file": 0}],
+    ids=["another port", "another file"],
+)
+def test_a_stream_carries_one_file_to_one_port(peer, files, change):
+    five = files[2]
+    peer.stream(five, [0])
+    header = get(files[change.get("file", 2)].file_id, [1], port=change.get("port", 5555))
+    with pytest.raises(wire.ProtocolError):
+        peer.handle(header)
+
+
+def test_at_most_a_few_streams_per_request_connection(files):
+    peer = Peer(files, max_uploads=100)
+    five = files[2]
+    tokens = [f"{n:032x}" for n in range(MAX_STREAMS_PER_CONNECTION + 1)]
+    for token in tokens[:-1]:
+        peer.stream(five, [0], token=token)
+    with pytest.raises(wire.ProtocolError):
+        peer.handle(get(five.file_id, [0], token=tokens[-1]))
+    assert len(peer.connect.calls) == MAX_STREAMS_PER_CONNECTION
+    # Another connection may have its own.
+    peer.stream(five, [0], token=tokens[-1], session=peer.new_session())
+
+
+def test_streams_that_ended_do_not_count_against_the_connection(files):
+    """
+    A requester opens a new stream when one ends (stalled, closed early in
+    the endgame, a changed file), on the same request connection: the cap
+    is on streams open at once, and the ended ones are not kept for ever.
+    """
+    peer = Peer(files, max_uploads=100)
+    five = files[2]
+    for round in range(5):
+        tokens = [f"{round:016x}{n:016x}" for n in range(MAX_STREAMS_PER_CONNECTION)]
+        for token in tokens:
+            peer.stream(five, [0], token=token)
+        for call in peer.connect.calls[-MAX_STREAMS_PER_CONNECTION:]:
+            call.protocol.connectionLost(Failure(ConnectionDone()))
+        with pytest.raises(RequestRefused) as e:
+            peer.handle(get(five.file_id, [1], token=tokens[0]))
+        assert e.value.code == "stream-closed"
+    assert len(peer.session.streams) <= 2 * MAX_STREAMS_PER_CONNECTION
+    assert peer.uploads.active == 0
+
+
+def test_at_most_max_stream_queue_chunks_wait_on_a_stream(tmp_path):
+    """
+    With a (sparse) file of more chunks than that: asks past the queue's
+    limit are a protocol error; once chunks went out, more may be asked.
+    """
+    count = MAX_STREAM_QUEUE + MAX_CHUNKS_PER_REQUEST
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(count * CHUNK_SIZE)
+    manifest = Manifest.build(count * CHUNK_SIZE, [bytes(32)] * count)
+    local = LocalFile("sparse.bin", str(tmp_path), manifest, file_signature(os.stat(path)))
+    peer = Peer([local])
+    asks = [list(range(n, n + MAX_CHUNKS_PER_REQUEST))
+            for n in range(0, MAX_STREAM_QUEUE, MAX_CHUNKS_PER_REQUEST)]
+    transport = peer.stream(local, asks[0])
+    for chunks in asks[1:]:
+        peer.handle(get(local.file_id, chunks))
+    with pytest.raises(wire.ProtocolError):
+        peer.handle(get(local.file_id, [MAX_STREAM_QUEUE]))
+    transport.producer.resumeProducing()  # a batch goes out
+    assert peer.handle(get(local.file_id, [MAX_STREAM_QUEUE]))[0]["t"] == "sending"
+
+
+def test_a_get_on_an_ended_stream_is_refused(peer, files):
+    five = files[2]
+    peer.stream(five, [0])
+    peer.connect.calls[0].protocol.connectionLost(Failure(ConnectionDone()))
+    assert peer.uploads.active == 0
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(get(five.file_id, [1]))
+    assert e.value.code == "stream-closed"
+
+
+# -- the end of streams --------------------------------------------------------------
+
+
+def test_streams_end_with_their_request_connection(peer, files):
+    three, _, five = files
+    one = peer.stream(five, [0, 1])
+    two = peer.stream(three, [2], token=OTHER_TOKEN)
+    pull(one)
+    pull(two)
+    assert peer.uploads.active == 2
+    peer.session.close()
+    assert one.disconnecting and two.disconnecting
+    assert peer.uploads.active == 0
+    assert peer.uploads.bytes_sent == 2 * CHUNK_SIZE + 100
+    finished = [e for e in peer.events if e["event"] == "upload-finished"]
+    assert sorted((e["file"], e["bytes"]) for e in finished) == [
+        ("five.bin", 2 * CHUNK_SIZE), ("three.bin", 100),
+    ]
+    assert all(e["peer"] == f"{REQUESTER}:5555" for e in finished)
+
+
+def test_a_request_connection_closed_while_its_stream_connects(peer, files):
+    five = files[2]
+    d = peer.handle(get(five.file_id, [0]))
+    peer.session.close()
+    transport = connect_back(peer.connect)
     assert transport.disconnecting
+    assert transport.value() == b""
+    assert peer.uploads.active == 0
+    assert [e["event"] for e in peer.events] == ["upload-started", "upload-finished"]
+    d.addErrback(lambda f: None)
 
 
-def test_get_unreachable_requester(uploads, files, connect):
-    d = uploads.handle(get(files[0].file_id, [0]), REQUESTER)
-    connect.calls[0][3].errback(ConnectionRefusedError("refused"))
+def test_a_stream_ended_frees_its_upload_place(peer, files):
+    five = files[2]
+    peer.stream(five, [0])
+    peer.stream(five, [1], token=OTHER_TOKEN)
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(get(five.file_id, [2], token="ef" * 16))
+    assert e.value.code == "busy"
+    assert len(peer.connect.calls) == 2
+    peer.connect.calls[0].protocol.connectionLost(Failure(ConnectionDone()))
+    assert peer.uploads.active == 1
+    peer.stream(five, [2], token="ef" * 16)
+    assert len(peer.connect.calls) == 3
+
+
+def test_get_unreachable_requester(peer, files):
+    d = peer.handle(get(files[0].file_id, [0]))
+    call = peer.connect.calls[0]
+    call.d.errback(ConnectionRefusedError("refused"))
     with pytest.raises(RequestRefused) as e:
         result_of(d)
     assert e.value.code == "unreachable"
     assert f"{REQUESTER}:5555" in e.value.message
-    assert uploads.active == 0
+    assert peer.uploads.active == 0
+    assert call.protocol.stream.ended  # its file is closed
+    assert peer.events == []
 
 
-def test_get_busy_over_max_uploads(uploads, files, connect):
-    uploads.handle(get(files[0].file_id, [0]), REQUESTER)
-    uploads.handle(get(files[0].file_id, [1], token="cd" * 16), REQUESTER)
-    with pytest.raises(RequestRefused) as e:
-        uploads.handle(get(files[0].file_id, [2], token="ef" * 16), REQUESTER)
-    assert e.value.code == "busy"
-    assert len(connect.calls) == 2
-    assert uploads.active == 2
-    # An ended upload frees its place.
-    _, _, pusher, connected = connect.calls[0]
-    connected.callback(pusher)
-    pusher.stream.done.callback(True)
-    assert uploads.active == 1
-    uploads.handle(get(files[0].file_id, [2], token="ef" * 16), REQUESTER)
-    assert len(connect.calls) == 3
+# -- get: what is refused ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -373,27 +646,34 @@ def test_get_busy_over_max_uploads(uploads, files, connect):
         pytest.param([None], id="null"),
         pytest.param("0,1", id="not a list"),
         pytest.param(None, id="missing"),
-        pytest.param(list(range(65)), id="too many"),
+        pytest.param(list(range(MAX_CHUNKS_PER_REQUEST + 1)), id="too many"),
     ],
 )
-def test_get_bad_chunk_list(uploads, files, connect, chunks):
+def test_get_bad_chunk_list(peer, files, chunks):
     with pytest.raises(wire.ProtocolError):
-        uploads.handle(get(files[0].file_id, chunks), REQUESTER)
-    assert connect.calls == []
-    assert uploads.active == 0
+        peer.handle(get(files[0].file_id, chunks))
+    assert peer.connect.calls == []
+    assert peer.uploads.active == 0
 
 
-def test_get_too_many_chunks_in_range(uploads, files, connect, monkeypatch):
+def test_get_too_many_chunks(peer, files, monkeypatch):
     monkeypatch.setattr(uploads_module, "MAX_CHUNKS_PER_REQUEST", 2)
     with pytest.raises(wire.ProtocolError) as e:
-        uploads.handle(get(files[0].file_id, [0, 1, 2]), REQUESTER)
+        peer.handle(get(files[0].file_id, [0, 1, 2]))
     assert "too many" in str(e.value)
-    assert connect.calls == []
+    assert peer.connect.calls == []
 
 
-def test_get_of_an_empty_file_is_out_of_range(uploads, files, connect):
+def test_a_chunk_asked_again_on_its_stream_before_it_went(peer, files):
+    five = files[2]
+    peer.stream(five, [0, 1])  # not pulled: nothing sent yet
     with pytest.raises(wire.ProtocolError):
-        uploads.handle(get(files[1].file_id, [0]), REQUESTER)
+        peer.handle(get(five.file_id, [1, 2]))
+
+
+def test_get_of_an_empty_file_is_out_of_range(peer, files):
+    with pytest.raises(wire.ProtocolError):
+        peer.handle(get(files[1].file_id, [0]))
 
 
 @pytest.mark.parametrize(
@@ -408,46 +688,144 @@ def test_get_of_an_empty_file_is_out_of_range(uploads, files, connect):
         {"token": None},
     ],
 )
-def test_get_bad_port_or_token(uploads, files, connect, fields):
+def test_get_bad_port_or_token(peer, files, fields):
     header = get(files[0].file_id, [0])
     header.update(fields)
     with pytest.raises(wire.ProtocolError):
-        uploads.handle(header, REQUESTER)
-    assert connect.calls == []
-    assert uploads.active == 0
+        peer.handle(header)
+    assert peer.connect.calls == []
+    assert peer.uploads.active == 0
 
 
-def test_get_unknown_file(uploads, connect):
+def test_get_unknown_file(peer):
     with pytest.raises(RequestRefused) as e:
-        uploads.handle(get("e" * 64, [0]), REQUESTER)
+        peer.handle(get("e" * 64, [0]))
     assert e.value.code == "unknown-file"
-    assert connect.calls == []
+    assert peer.connect.calls == []
 
 
-# -- read_range --------------------------------------------------------------------
+# -- cancel ---------------------------------------------------------------------------
 
 
-def test_read_range(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"0123456789")
-    assert read_range(str(path), 2, 3) == b"234"
-    assert read_range(str(path), 0, 10) == b"0123456789"
+def test_cancel_takes_queued_chunks_off_the_stream(peer, files):
+    five = files[2]
+    transport = peer.stream(five, [0, 1, 2, 4])
+    assert peer.handle(cancel([4, 1, 3])) == (
+        {"t": "cancelled", "token": TOKEN, "chunks": [4, 1]}, b"",
+    )
+    pull(transport)
+    assert chunk_runs(transport) == [(0, 1), (2, 1)]
+    assert peer.handle(cancel([0])) == ({"t": "cancelled", "token": TOKEN, "chunks": []}, b"")
 
 
-def test_read_range_short_read(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"0123456789")
-    with pytest.raises(OSError) as e:
-        read_range(str(path), 5, 10)
-    assert "shorter" in str(e.value)
+def test_cancel_of_an_unknown_token_takes_nothing(peer):
+    assert peer.handle(cancel([0], token=OTHER_TOKEN)) == (
+        {"t": "cancelled", "token": OTHER_TOKEN, "chunks": []}, b"",
+    )
 
 
-def test_read_range_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        read_range(str(tmp_path / "gone"), 0, 1)
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(cancel([1.0]), id="a float"),
+        pytest.param(cancel([True]), id="a bool"),
+        pytest.param(cancel(["1"]), id="a string"),
+        pytest.param(cancel("1"), id="not a list"),
+        pytest.param(cancel(list(range(MAX_STREAM_QUEUE + 1))), id="too many"),
+        pytest.param(cancel([1], token="nope"), id="a bad token"),
+        pytest.param(wire.request("cancel", token=TOKEN), id="no chunks"),
+    ],
+)
+def test_a_bad_cancel_is_a_protocol_error(peer, files, header):
+    peer.stream(files[2], [0, 1])
+    with pytest.raises(wire.ProtocolError):
+        peer.handle(header)
 
 
-# -- the token bucket ------------------------------------------------------------
+# -- files that change ------------------------------------------------------------------
+
+
+def test_a_file_changed_before_it_is_served_is_indexed_again(peer, files):
+    three = files[0]
+    with open(three.path, "r+b") as f:
+        f.write(b"changed")
+    os.utime(three.path, ns=(1, 1))
+    with pytest.raises(RequestRefused) as e:
+        result_of(peer.handle(get(three.file_id, [0, 1])))
+    assert e.value.code == "unknown-file"
+    assert peer.index.rescans == 1
+    assert peer.connect.calls == []
+    assert peer.uploads.active == 0
+
+
+def test_a_file_gone_before_it_is_served(peer, files):
+    os.remove(files[0].path)
+    with pytest.raises(RequestRefused) as e:
+        result_of(peer.handle(get(files[0].file_id, [0])))
+    assert e.value.code == "internal"
+    assert peer.uploads.active == 0
+
+
+def test_a_file_changed_mid_stream_is_indexed_again(tmp_path):
+    forty, _ = shared_file(str(tmp_path), "forty.bin", 40 * CHUNK_SIZE, seed=40)
+    peer = Peer([forty])
+    transport = peer.stream(forty, list(range(40)))
+    transport.producer.resumeProducing()  # one batch
+    sent = chunk_bytes(transport)
+    assert 0 < sent < forty.size
+    with open(forty.path, "ab") as f:
+        f.write(b"more")
+    pull(transport)
+    assert transport.disconnecting
+    assert peer.index.rescans == 1
+    assert peer.uploads.active == 0
+    assert chunk_bytes(transport) == sent
+    assert peer.events[-1]["event"] == "upload-finished"
+    assert peer.events[-1]["bytes"] == sent
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(get(forty.file_id, [39]))
+    assert e.value.code == "stream-closed"
+
+
+# -- the upload rate -----------------------------------------------------------------------
+
+
+def test_every_stream_shares_one_upload_rate(files):
+    clock = task.Clock()
+    clock.advance(100)
+    rate = 2 * CHUNK_SIZE  # bytes per second, for the whole peer
+    peer = Peer(files, max_rate=rate, clock=clock)
+    five = files[2]
+    one = peer.stream(five, [0, 1, 2, 3, 4])
+    two = peer.stream(five, [0, 1, 2, 3, 4], token=OTHER_TOKEN, session=peer.new_session())
+    for transport in (one, two):
+        transport.producer.resumeProducing()
+    for second in range(12):
+        sent = chunk_bytes(one) + chunk_bytes(two)
+        # Never more than the rate allows (plus one burst), never far less.
+        assert sent <= rate * second + UPLOAD_BURST
+        assert sent >= min(rate * second - 4 * CHUNK_SIZE, 2 * five.size)
+        clock.advance(1)
+        pull(one)
+        pull(two)
+    assert chunk_bytes(one) == chunk_bytes(two) == five.size
+
+
+def test_a_stream_stopped_while_waiting_for_the_rate_leaves_nothing_behind(files):
+    peer = Peer(files, max_rate=1024)
+    transport = peer.stream(files[2], [0, 1, 2])
+    transport.producer.resumeProducing()
+    assert peer.clock.getDelayedCalls()
+    peer.connect.calls[-1].protocol.connectionLost(Failure(ConnectionDone()))
+    assert peer.clock.getDelayedCalls() == []
+    assert peer.uploads.active == 0
+
+
+def test_a_stream_not_read_is_dropped(peer, files):
+    transport = peer.stream(files[2], [0, 1, 2, 3, 4])
+    peer.clock.advance(IDLE_TIMEOUT)
+    assert transport.disconnected
+    assert peer.uploads.active == 0
 
 
 def fired_at(clock, d):
@@ -488,141 +866,119 @@ def test_token_bucket_needs_a_rate():
         TokenBucket(0, task.Clock())
 
 
-def stream(uploads, connect, local, chunks, token):
-    """A get served to its end on a StringTransport; the transport."""
-    uploads.handle(get(local.file_id, chunks, token=token), REQUESTER)
-    _, _, pusher, connected = connect.calls[-1]
-    transport = StringTransport()
-    pusher.makeConnection(transport)
-    connected.callback(pusher)
-    return transport
+# -- end to end, on real loopback sockets -------------------------------------------------
 
 
-def chunk_bytes(transport):
-    return sum(len(body) for header, body in sent_frames(transport) if header["t"] == "chunk")
+class Owner:
+    """
+    A download as its L{SourceStream}s see it: it records what arrives and
+    the cancels answered, and can keep its data connections from being read.
+    """
+
+    def __init__(self):
+        self.buffers = BufferPool()
+        self.arrived = []
+        self.attached = []
+        self.lost = []
+        self.withdrawn = []
+        self.refused = []
+        self.hold = False
+
+    def stream_attached(self, stream):
+        self.attached.append(stream)
+        if self.hold:
+            # A small receive buffer (no autotuning): the sender's socket
+            # fills at once.
+            handle = stream.connection.transport.getHandle()
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            stream.connection.pause()
+
+    def chunks_arrived(self, stream, first, arrived, buffer):
+        for index, _ in arrived:
+            offset = (index - first) * CHUNK_SIZE
+            self.arrived.append((index, bytes(buffer[offset : offset + CHUNK_SIZE])))
+        self.buffers.give_back(buffer)
+
+    def stream_lost(self, stream, reason):
+        self.lost.append(reason)
+
+    def get_refused(self, stream, request, failure):
+        self.refused.append(failure)
+
+    def cancel_answered(self, stream, withdrawn):
+        self.withdrawn.extend(index for _, index in withdrawn)
 
 
-def test_every_stream_shares_one_upload_rate(files, connect):
-    clock = task.Clock()
-    rate = 2 * CHUNK_SIZE  # bytes per second, for the whole peer
-    uploads = Uploads(FakeIndex(files), connect, FakeReader(), max_rate=rate, clock=clock)
-    five = files[2]
-    one = stream(uploads, connect, five, [0, 1, 2, 3, 4], "ab" * 16)
-    two = stream(uploads, connect, five, [0, 1, 2, 3, 4], "cd" * 16)
-    burst = uploads.bucket._burst
-    # 10 chunks in all, at 2 a second: 4 seconds after the first burst.
-    for second in range(1, 4):
-        clock.advance(1)
-        sent = chunk_bytes(one) + chunk_bytes(two)
-        # Never more than the rate allows (plus one burst), never far less.
-        assert sent <= rate * second + burst
-        assert sent >= rate * second - CHUNK_SIZE
-    # Both streams got their turn.
-    assert chunk_bytes(one) > 0 and chunk_bytes(two) > 0
-    clock.advance(10)
-    assert chunk_bytes(one) == chunk_bytes(two) == five.size
-    assert uploads.active == 0
+async def wait_for(reactor, condition, timeout=20.0):
+    waited = 0.0
+    while not condition():
+        assert waited < timeout, "condition not met in time"
+        await task.deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
 
 
-def test_a_stream_stopped_while_waiting_for_the_rate_leaves_nothing_behind(files, connect):
-    clock = task.Clock()
-    uploads = Uploads(FakeIndex(files), connect, FakeReader(), max_rate=1024, clock=clock)
-    transport = stream(uploads, connect, files[2], [0, 1, 2], TOKEN)
-    assert clock.getDelayedCalls()
-    pusher = connect.calls[-1][2]
-    pusher.connectionLost(Failure(ConnectionRefusedError()))
-    assert clock.getDelayedCalls() == []
-    assert uploads.active == 0
-    assert transport.disconnecting
+@pytest_twisted.ensureDeferred
+async def test_end_to_end_on_loopback(tmp_path):
+    """
+    A requester asks a real sender port on 127.0.0.1 for chunks: they come
+    on one data connection to its real receiver port, by sendfile and
+    recv_into, for two gets; a cancel takes off chunks still queued; the
+    data connection ends with the request connection.
+    """
+    from twisted.internet import reactor
 
+    count = 128
+    local, content = shared_file(str(tmp_path), "big.bin", count * CHUNK_SIZE, seed=128)
+    workers = WorkerPool(reactor, 2, "test-uploads")
 
-# -- partial downloads and the "have" request ------------------------------------
+    def connect(host, port, protocol):
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=5)
+        return endpoint.connect(Factory.forProtocol(lambda: protocol))
 
-
-@pytest.fixture
-def partial(files):
-    """The file five.bin as a partial download holding chunks 1 and 3."""
-    five = files[2]
-    chunks = ChunkMap(five.manifest.chunk_count)
-    chunks.set(1)
-    chunks.set(3)
-    return PartialLocal("five.bin", five.manifest, five.path, chunks)
-
-
-@pytest.fixture
-def partial_uploads(partial, connect):
-    index = FakeIndex([])
-    index._partials[partial.file_id] = partial
-    return Uploads(index, connect, FakeReader(), max_uploads=2)
-
-
-def test_have_of_a_whole_file(uploads, files):
-    reply, body = uploads.handle(wire.request("have", id=files[0].file_id, start=0), REQUESTER)
-    assert reply == {"t": "have", "id": files[0].file_id, "all": True} and body == b""
-
-
-def test_have_of_a_partial_download(partial_uploads, partial):
-    reply, body = partial_uploads.handle(
-        wire.request("have", id=partial.file_id, start=0), REQUESTER
+    uploads = Uploads(FakeIndex([local]), connect, defer.maybeDeferred, workers, reactor)
+    inbox = Inbox()
+    receiver_factory = ReceiverFactory(inbox)
+    built = []
+    real_build = receiver_factory.buildProtocol
+    receiver_factory.buildProtocol = lambda addr: built.append(addr) or real_build(addr)
+    receiver_port = await ReceiverEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        receiver_factory
     )
-    assert reply == {"t": "have", "id": partial.file_id, "start": 0, "count": 5}
-    assert body == bytes([0b00001010])
+    from twisted.internet.endpoints import TCP4ServerEndpoint
 
-
-@pytest.mark.parametrize("start", [3, 5, -8, "0", None])
-def test_have_with_a_bad_start(partial_uploads, partial, start):
-    with pytest.raises(wire.ProtocolError):
-        partial_uploads.handle(wire.request("have", id=partial.file_id, start=start), REQUESTER)
-
-
-def test_have_of_an_unknown_file(uploads):
-    with pytest.raises(RequestRefused) as e:
-        uploads.handle(wire.request("have", id="ab" * 32, start=0), REQUESTER)
-    assert e.value.code == "unknown-file"
-
-
-def test_catalog_lists_partial_downloads(partial_uploads, partial):
-    reply, _ = partial_uploads.handle(wire.request("catalog"), REQUESTER)
-    assert reply["files"] == [
-        {"id": partial.file_id, "name": "five.bin", "size": partial.size, "partial": True}
-    ]
-
-
-def test_get_serves_only_verified_chunks_of_a_partial(partial_uploads, partial, connect):
-    with pytest.raises(RequestRefused) as e:
-        partial_uploads.handle(get(partial.file_id, [1, 2]), REQUESTER)
-    assert e.value.code == "missing-chunks"
-    assert connect.calls == []
-    transport = stream(partial_uploads, connect, partial, [3, 1], TOKEN)
-    with open(partial.path, "rb") as f:
-        content = f.read()
-    assert [(h["t"], h.get("i")) for h, _ in sent_frames(transport)] == [
-        ("hello", None), ("chunk", 3), ("chunk", 1), ("done", None)
-    ]
-    assert sent_frames(transport)[1][1] == content[3 * CHUNK_SIZE : 4 * CHUNK_SIZE]
-
-
-def test_a_file_changed_while_served_is_indexed_again(files, connect):
-    index = FakeIndex(files)
-    uploads = Uploads(index, connect, FakeReader())
-    three = files[0]
-    with open(three.path, "r+b") as f:
-        f.write(b"changed")
-    os.utime(three.path, ns=(1, 1))
-    transport = stream(uploads, connect, three, [0, 1], TOKEN)
-    assert [h["t"] for h, _ in sent_frames(transport)] == ["hello"]
-    assert transport.disconnecting
-    assert index.rescans == 1
-    assert uploads.active == 0
-
-
-def test_read_range_checks_the_signature(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"0123456789")
-    from twisted_p2p.index import file_signature
-
-    signature = file_signature(os.stat(path))
-    assert read_range(str(path), 2, 3, signature) == b"234"
-    path.write_bytes(b"01234567890")
-    with pytest.raises(FileChanged):
-        read_range(str(path), 2, 3, signature)
+    sender_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        SenderFactory(uploads)
+    )
+    try:
+        client = await connect("127.0.0.1", sender_port.getHost().port, SenderClient())
+        owner = Owner()
+        owner.hold = True  # the socket fills; the later chunks stay queued
+        source = Source(SimpleNamespace(host="127.0.0.1", label="seeder", peer_id="s" * 32),
+                        client)
+        stream = SourceStream(owner, source, local.manifest, local.file_id,
+                              receiver_port.getHost().port, reactor)
+        inbox.expect(stream)
+        first, second = list(range(64)), list(range(64, 128))
+        stream.ask(GetRequest(stream, first))
+        stream.ask(GetRequest(stream, second))
+        await wait_for(reactor, lambda: owner.attached)
+        stream.cancel([124, 125, 126, 127])
+        await wait_for(reactor, lambda: owner.withdrawn)
+        assert sorted(owner.withdrawn) == [124, 125, 126, 127]
+        stream.connection.resume()
+        await wait_for(reactor, lambda: len(owner.arrived) == 124)
+        assert stream.outstanding == {}
+        assert [index for index, _ in owner.arrived] == list(range(124))
+        assert all(data == content[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
+                   for i, data in owner.arrived)
+        assert len(built) == 1  # one data connection for both gets
+        assert owner.refused == []
+        assert uploads.active == 1
+        client.close()
+        await wait_for(reactor, lambda: owner.lost)
+        await wait_for(reactor, lambda: uploads.active == 0)
+        assert uploads.bytes_sent == 124 * CHUNK_SIZE
+    finally:
+        await sender_port.stopListening()
+        await receiver_port.stopListening()
+        await workers.stop()

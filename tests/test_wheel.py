@@ -57,9 +57,17 @@ def test_wheel_ships_plugin(tmp_path):
     assert "twisted_p2p/PROTOCOL.md" in names
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
+    # Every module of the package, subpackages included (setup.cfg lists
+    # them one by one: a subpackage left out would be missing here).
+    package = REPO_ROOT / "twisted_p2p"
+    modules = {str(p.relative_to(REPO_ROOT)) for p in package.rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], cwd=tmp_path, env=env)
     _run([venv / "bin" / "python", "-m", "pip", "install", wheel], cwd=tmp_path, env=env)
     help_text = _run([venv / "bin" / "twistd", "--help"], cwd=tmp_path, env=env)
     assert "p2ppeer" in help_text
+    # The plugin's options import the whole peer.
+    peer_help = _run([venv / "bin" / "twistd", "p2ppeer", "--help"], cwd=tmp_path, env=env)
+    assert "--transfer-port" in peer_help

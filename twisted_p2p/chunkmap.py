@@ -308,10 +308,11 @@ class ChunkLedger:
 
     # -- picking ---------------------------------------------------------------
 
-    def pick(self, source, count):
+    def pick(self, source, count, exclude=()):
         """
         Up to C{count} queued chunks that counted C{source} holds, rarest
-        first, then in file order.
+        first, then in file order; none of those in C{exclude} (chunks
+        already planned for another source).
         """
         if source not in self._holdings:
             return []
@@ -324,11 +325,30 @@ class ChunkLedger:
                 position = key.find(level, position)
                 if position < 0:
                     break
-                picked.append(position)
+                if position not in exclude:
+                    picked.append(position)
                 position += 1
             if len(picked) >= count:
                 break
         return picked
+
+    def copies(self, index):
+        """
+        How many requests wait for chunk C{index} now.
+        """
+        return len(self._askers.get(index, ()))
+
+    def askers(self, index):
+        """
+        The requests that wait for chunk C{index} now, in the order asked.
+        """
+        return list(self._askers.get(index, ()))
+
+    def requests_in_flight(self):
+        """
+        How many requests wait for something.
+        """
+        return len(self._asks)
 
     def endgame_pick(self, source, count, now):
         """
@@ -380,6 +400,20 @@ class ChunkLedger:
         self._withdraw(request, ask, index)
         ask.progress = now
         return True
+
+    def withdraw(self, request, index):
+        """
+        C{request} no longer waits for chunk C{index} (its source was told
+        to cancel it, and did): the chunk goes back into the queue unless
+        another request waits for it.
+        """
+        ask = self._asks.get(request)
+        if ask is None or index not in ask.pending:
+            return
+        self._withdraw(request, ask, index)
+        if self._state[index] == _FLIGHT and index not in self._askers:
+            self._state[index] = _QUEUED
+            self._set_key(index)
 
     def begin_verifying(self, index):
         """

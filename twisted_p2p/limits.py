@@ -56,13 +56,36 @@ IDLE_TIMEOUT = 60.0
 MAX_QUEUED_REQUESTS = 8
 
 #: Connections one host may hold open to each of our TCP ports.  A
-#: downloader uses one per download on T+1, a sender two per download on T;
-#: a host past this is refused, so it cannot hold thousands of half-sent
-#: frames in our memory.
+#: downloader uses one request connection per download on T+1, and a sender
+#: one stream per download on T; a host past this is refused, so it cannot
+#: hold thousands of half-sent frames in our memory.
 MAX_CONNECTIONS_PER_HOST = 64
 
 #: A data connection must present its token within this many seconds.
 HELLO_TIMEOUT = 10.0
+
+#: Largest header line of a frame on a data connection (a hello or a chunk
+#: header is under 100 bytes); before the hello, the largest frame.  After
+#: it a frame is at most this plus MAX_RUN chunks.
+MAX_DATA_HEADER = 1024
+
+#: Bytes of chunks a sender hands to one sending batch (a worker thread
+#: sends them with sendfile until the socket is full).  Chunks not yet in a
+#: batch can still be cancelled.
+STREAM_BATCH_BYTES = 4 * 1024 * 1024
+
+#: Chunks one frame of a data connection may carry, when they follow each
+#: other: 1 MiB.  Larger frames cost both sides less per byte (one head, one
+#: sendfile, one read into one buffer, one job for a worker); the hash unit
+#: stays the chunk.
+MAX_RUN = 4
+
+#: Streams (data connections) one request connection may open.
+MAX_STREAMS_PER_CONNECTION = 4
+
+#: Chunks asked on one stream and not yet sent: 64 MiB, well over any
+#: window a requester keeps.
+MAX_STREAM_QUEUE = 256
 
 #: A console line longer than this is rejected.
 MAX_COMMAND_LINE = 4096
@@ -73,11 +96,34 @@ MAX_NAME_BYTES = 255
 #: How often the shared and downloads folders are checked for changes (s).
 RESCAN_INTERVAL = 10.0
 
-#: Chunks in flight from one source at once (a window of requests).
-SOURCE_WINDOW = 16
+#: Chunks a source may have in flight at first, before its rate is known:
+#: 4 MiB, enough to keep a LAN peer busy for a round trip or two.
+INITIAL_WINDOW = 16
 
-#: Chunks asked for in one request.
-REQUEST_BATCH = 8
+#: Fewest and most chunks a source may have in flight once its rate is
+#: known.  Its window covers WINDOW_SECONDS of its rate: enough to keep it
+#: busy across a round trip and the time our request takes to be answered,
+#: and not so much that the last chunks wait behind a slow source.
+MIN_WINDOW = 2
+MAX_WINDOW = 64
+WINDOW_SECONDS = 0.25
+
+#: Fewest chunks asked in one "get" while more than that are left to ask:
+#: fewer, larger requests (a request costs both sides more than a chunk).
+MIN_ASK = 4
+
+#: Near the end, an idle source takes over ("steals") a chunk still waiting
+#: at another source when it would deliver it in less than this share of the
+#: time the other would take; the other is told to cancel it.
+STEAL_MARGIN = 0.7
+
+#: Frames (each of up to MAX_RUN chunks) of one download that may wait to
+#: be verified and written at once; past this its data connections stop
+#: being read (at most 8 MiB of buffers).
+VERIFY_QUEUE = 8
+
+#: Threads that verify and write arriving chunks and send chunks from disk.
+WORKER_THREADS = 2
 
 #: A request that has made no progress (no chunk arrived) for this long is
 #: given up, and its chunks go back into the queue for other sources

@@ -92,10 +92,20 @@ class Manifest:
         Whether C{data} is chunk C{index} of this file.  Blocks for the hash:
         call it from a thread.
         """
-        return (
-            len(data) == self.chunk_length(index)
-            and hashlib.sha256(data).digest() == self.chunk_hashes[index]
-        )
+        return self.verify_pieces(index, (data,))
+
+    def verify_pieces(self, index, pieces):
+        """
+        Whether the buffers C{pieces}, one after the other, are chunk
+        C{index} of this file (a chunk as it came off the network, in the
+        pieces the socket gave, never joined).  Blocks: call it from a thread.
+        """
+        digest = hashlib.sha256()
+        length = 0
+        for piece in pieces:
+            digest.update(piece)
+            length += len(piece)
+        return length == self.chunk_length(index) and digest.digest() == self.chunk_hashes[index]
 
 
 def hash_file(path):

@@ -55,16 +55,18 @@ from twisted_p2p import (
     interfaces,
     logs,
     partials,
+    render,
     tls,
     transfer,
 )
 from twisted_p2p.commands import Commands
 from twisted_p2p.group import DiscoverySeal
 from twisted_p2p.identity import Identity, IdentityError
-from twisted_p2p.limits import RESCAN_INTERVAL
+from twisted_p2p.limits import RESCAN_INTERVAL, WORKER_THREADS
 from twisted_p2p.peers import PeerTable
 from twisted_p2p.storage import PARTIAL_PREFIX, PartialFile
-from twisted_p2p.uploads import Uploads, read_range
+from twisted_p2p.uploads import Uploads
+from twisted_p2p.workers import WorkerPool
 
 log = Logger()
 
@@ -590,6 +592,34 @@ class TCP6OnlyServerEndpoint:
             sock.close()
 
 
+class WorkersService(Service):
+    """
+    Owns the transfer's worker threads (L{WorkerPool}): stopping it lets
+    them finish the work given them, then ends them.
+    """
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def stopService(self):
+        Service.stopService(self)
+        return self.workers.stop()
+
+
+def _logged(report):
+    """
+    C{report}, which also writes each event but progress to the log, in the
+    words the faces use.
+    """
+
+    def logged(e):
+        if e.get("event") != "download-progress":
+            log.info("{line}", line=" ".join(render.render(e)), **e)
+        report(e)
+
+    return logged
+
+
 class PeerService(MultiService):
     """
     One peer: every part, wired, under one service.
@@ -654,13 +684,16 @@ class PeerService(MultiService):
         self._catalog_fetches = defer.DeferredSemaphore(CATALOG_FETCHES)
         self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
         self.inbox = transfer.Inbox()
+        self.workers = WorkerPool(reactor, WORKER_THREADS, "p2ppeer-transfer")
         self.uploads = Uploads(
             self.index,
             self._connect_back,
-            lambda *a: self.run_in_thread(read_range, *a),
+            self.run_in_thread,
+            self.workers,
+            reactor,
             max_uploads=settings["max-uploads"],
             max_rate=settings["max-upload-rate"],
-            clock=reactor,
+            publish=self.hub.publish,
         )
         self.downloads = download.Downloads(
             self._make_download, self.index if settings["share-downloads"] else None
@@ -680,7 +713,11 @@ class PeerService(MultiService):
             partial_files=os.path.join(settings["downloads"], f"{PARTIAL_PREFIX}<id>.part"),
         )
         self.table.subscribe(_PeerLog(self.hub))
+        self.table.subscribe(self.downloads)
 
+        # First started, last stopped: the other parts hand it work until
+        # they stop.
+        WorkersService(self.workers).setServiceParent(self)
         rescans = TimerService(RESCAN_INTERVAL, self.index.rescan)
         rescans.clock = reactor
         rescans.setServiceParent(self)
@@ -692,7 +729,7 @@ class PeerService(MultiService):
             transfer.NotSupportedFactory(),
         ]
         for offset, factory in enumerate(factories):
-            for endpoint in self._server_endpoints(self.transfer_port + offset):
+            for endpoint in self._server_endpoints(self.transfer_port + offset, offset == 0):
                 port_service = StreamServerEndpointService(endpoint, factory)
                 port_service._raiseSynchronously = True
                 port_service.setServiceParent(self)
@@ -810,22 +847,27 @@ class PeerService(MultiService):
 
     # plumbing handed to the parts
 
-    def _server_endpoints(self, port):
+    def _server_endpoints(self, port, receiver=False):
         """
         The endpoints transfer port C{port} listens on: C{--host}, or, for
         every address, one IPv4 and (where the machine has IPv6) one IPv6
-        endpoint.
+        endpoint.  The receiver port's read chunks straight into their
+        buffers (L{transfer.ReceiverEndpoint}).
         """
+        if receiver:
+            four = six = transfer.ReceiverEndpoint
+        else:
+            four, six = TCP4ServerEndpoint, TCP6OnlyServerEndpoint
         families = interfaces.families(self.host)
         if self.host != interfaces.ANY_HOST:
             if families == (4,):
-                endpoints = [TCP4ServerEndpoint(self.reactor, port, interface=self.host)]
+                endpoints = [four(self.reactor, port, interface=self.host)]
             else:
-                endpoints = [TCP6OnlyServerEndpoint(self.reactor, port, interface=self.host)]
+                endpoints = [six(self.reactor, port, interface=self.host)]
         else:
-            endpoints = [TCP4ServerEndpoint(self.reactor, port, interface="")]
+            endpoints = [four(self.reactor, port, interface="")]
             if ipv6_available():
-                endpoints.append(TCP6OnlyServerEndpoint(self.reactor, port, interface="::"))
+                endpoints.append(six(self.reactor, port, interface="::"))
         if self.security is not None:
             endpoints = [self.security.server_endpoint(e) for e in endpoints]
         return endpoints
@@ -903,10 +945,12 @@ class PeerService(MultiService):
             self.transfer_port,
             PartialFile(self.settings["downloads"], file_id),
             self.run_in_thread,
+            self.workers,
             self.reactor,
-            report,
+            _logged(report),
             bans=bans,
             index=index,
+            find_peers=lambda: self.catalog.sources(file_id),
         )
 
     def _make_console(self, terminal):

@@ -21,6 +21,8 @@ files with one link; anything else is removed and the file made afresh, and
 the name linked into place on completion is checked to be our own file.
 """
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import stat
@@ -33,10 +35,50 @@ PARTIAL_PREFIX = ".p2ppeer-"
 PARTIAL_SUFFIX = ".part"
 MAP_SUFFIX = ".map"
 
+#: Buffers one pwritev call takes at most (POSIX's IOV_MAX is at least 16;
+#: Linux's is 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
 #: The chunk map file: this magic, the 32-byte file id, the size as 8 bytes
 #: big-endian, then one bit per chunk (chunk i is bit i % 8 of byte i // 8).
 MAP_MAGIC = b"p2pmap1\n"
 _MAP_HEADER = len(MAP_MAGIC) + 32 + 8
+
+
+#: Bytes written to a partial file after which the kernel is asked to start
+#: writing them to disk (L{start_writeback}), so that the fsync at the end
+#: finds little left to do: an fsync of a whole GiB took 1.5-2 s here.
+WRITEBACK_EVERY = 16 * 1024 * 1024
+
+
+def _load_sync_file_range():
+    """
+    Linux's C{sync_file_range}, which Python's C{os} does not offer, through
+    ctypes; C{None} elsewhere.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+
+#: SYNC_FILE_RANGE_WRITE: start writing the dirty pages, without waiting.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd):
+    """
+    Ask the kernel to start writing C{fd}'s dirty pages to disk, without
+    waiting for it (a hint: nothing happens where it cannot be asked).
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 class StorageError(Exception):
@@ -123,6 +165,25 @@ class ChunkMap:
             if self._fd is not None:
                 os.pwrite(self._fd, bytes([new]), _MAP_HEADER + (index >> 3))
 
+    def set_range(self, first, count):
+        """
+        Mark chunks C{first} to C{first + count - 1}, with one write to the
+        map file.
+        """
+        with self._lock:
+            low, high = first >> 3, (first + count - 1) >> 3
+            before = bytes(self._bits[low : high + 1])
+            for index in range(first, first + count):
+                self._bits[index >> 3] |= 1 << (index & 7)
+            after = bytes(self._bits[low : high + 1])
+            if after == before:
+                return
+            self.verified += sum(bin(b).count("1") for b in after) - sum(
+                bin(b).count("1") for b in before
+            )
+            if self._fd is not None:
+                os.pwrite(self._fd, after, _MAP_HEADER + low)
+
     def load(self, fd, file_id, size):
         """
         Read the map from C{fd}; an unreadable or foreign one counts as empty
@@ -174,6 +235,7 @@ class PartialFile:
         self.path = base + PARTIAL_SUFFIX
         self.map_path = base + MAP_SUFFIX
         self._fd = None
+        self._unflushed = 0
         self.chunks = None
 
     @_storage_errors
@@ -211,21 +273,43 @@ class PartialFile:
 
     @_storage_errors
     def write(self, offset, data):
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view = view[written:]
-            offset += written
+        self._write(offset, (data,))
 
     @_storage_errors
-    def store(self, index, offset, data):
+    def store(self, index, offset, pieces):
         """
-        Write verified chunk C{index} at C{offset}, then mark it in the map:
-        in that order, so the map never claims bytes that are not there.
+        Write verified chunk C{index}, the buffers C{pieces} one after the
+        other, at C{offset}; then mark it in the map.
         """
-        self.write(offset, data)
+        self._write(offset, pieces)
         if self.chunks is not None:
             self.chunks.set(index)
+
+    @_storage_errors
+    def store_run(self, first, count, offset, buffer):
+        """
+        Write verified chunks C{first} to C{first + count - 1}, which follow
+        each other in C{buffer}, at C{offset}; then mark them in the map: in
+        that order, so the map never claims bytes that are not there.
+        """
+        self._write(offset, (buffer,))
+        if self.chunks is not None:
+            self.chunks.set_range(first, count)
+
+    def _write(self, offset, pieces):
+        pieces = list(pieces)
+        length = sum(len(piece) for piece in pieces)
+        while pieces:
+            written = os.pwritev(self._fd, pieces[:_IOV_MAX], offset)
+            offset += written
+            while pieces and written >= len(pieces[0]):
+                written -= len(pieces.pop(0))
+            if written:
+                pieces[0] = memoryview(pieces[0])[written:]
+        self._unflushed += length
+        if self._unflushed >= WRITEBACK_EVERY:
+            self._unflushed = 0
+            start_writeback(self._fd)
 
     def read(self, offset, length):
         """

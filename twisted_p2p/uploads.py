@@ -3,54 +3,31 @@ What the sender port serves, and how fast.
 
 Uploads are paced by one L{TokenBucket} for the whole peer (C{--max-upload-rate}),
 shared by every chunk stream, and capped at C{--max-uploads} streams at once.
+A stream is one data connection back to a requester, for one of its
+downloads: it carries every chunk that download asks of us (see
+C{transfer/streams.py}), and ends with the request connection that opened it.
 """
-
-import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twisted_p2p import wire
-from twisted_p2p.index import file_signature
+from twisted_p2p import events, wire
+from twisted_p2p.interfaces import format_address
 from twisted_p2p.limits import (
     CATALOG_PAGE_BYTES,
     HAVE_PAGE,
     MANIFEST_PAGE,
     MAX_CATALOG_FILES,
     MAX_CHUNKS_PER_REQUEST,
+    MAX_STREAM_QUEUE,
+    MAX_STREAMS_PER_CONNECTION,
     MAX_UPLOADS,
     UPLOAD_BURST,
 )
-from twisted_p2p.transfer import ChunkPusher, RequestRefused
+from twisted_p2p.transfer.framed import RequestRefused
+from twisted_p2p.transfer.streams import FileChanged, OpenChunks, OutgoingStream, StreamConnection
 
 log = Logger()
-
-
-class FileChanged(OSError):
-    """
-    A shared file is no longer the one that was indexed.
-    """
-
-
-def read_range(path, offset, length, signature=None):
-    """
-    C{length} bytes of C{path} from C{offset}.  Blocks: run it in a thread.
-
-    @param signature: the file's signature when it was indexed (see
-        L{file_signature}); if given, it is checked before and after the
-        read, so that a file changed while it is served is noticed.
-    @raise FileChanged: the file is not the one indexed any more.
-    @raise OSError: the file is gone or shorter than it was when indexed.
-    """
-    with open(path, "rb") as f:
-        if signature is not None and file_signature(os.fstat(f.fileno())) != tuple(signature):
-            raise FileChanged(f"{path} changed since it was indexed")
-        data = os.pread(f.fileno(), length, offset)
-        if signature is not None and file_signature(os.fstat(f.fileno())) != tuple(signature):
-            raise FileChanged(f"{path} changed while it was read")
-    if len(data) != length:
-        raise OSError(f"{path} is shorter than when it was indexed")
-    return data
 
 
 class TokenBucket:
@@ -96,38 +73,57 @@ class TokenBucket:
 
 class Uploads:
     """
-    Owns the answers of the sender port: the catalog, manifest pages, and
-    the chunk streams it opens back to requesters.
+    Owns the answers of the sender port: the catalog, manifest and chunk map
+    pages, and the chunk streams it opens back to requesters.
 
     @param index: the L{SharedIndex} we serve from.
     @param connect: C{connect(host, port, protocol)} returning a Deferred
         that fires when the connection is made.
-    @param read_chunk: C{read_chunk(path, offset, length[, signature])}
-        returning a Deferred of bytes (L{read_range} in a thread, in
-        production).
+    @param run_in_thread: C{run_in_thread(f, *args)}, a Deferred of the
+        result of blocking C{f} (opening a file to serve).
+    @param workers: the L{WorkerPool} that sends chunks.
+    @param clock: an L{IReactorTime}.
     @param max_uploads: chunk streams served at once; more are "busy".
     @param max_rate: bytes per second for all uploads together, or C{None}.
-    @param clock: an L{IReactorTime}, needed with C{max_rate}.
+    @param publish: C{publish(event)}, for the events every face may show
+        (an upload started, an upload finished).
+    @ivar active: streams open or opening now.
     """
 
     def __init__(
-        self, index, connect, read_chunk, max_uploads=MAX_UPLOADS, max_rate=None, clock=None
+        self,
+        index,
+        connect,
+        run_in_thread,
+        workers,
+        clock,
+        max_uploads=MAX_UPLOADS,
+        max_rate=None,
+        publish=None,
     ):
         self._index = index
         self._connect = connect
-        self._read_chunk = read_chunk
+        self._run = run_in_thread
+        self._workers = workers
+        self._clock = clock
         self._max_uploads = max_uploads
-        self.bucket = None
-        if max_rate:
-            if clock is None:
-                from twisted.internet import reactor as clock
-            self.bucket = TokenBucket(max_rate, clock)
+        self._publish = publish or (lambda event: None)
+        self.bucket = TokenBucket(max_rate, clock) if max_rate else None
         self.active = 0
         self.bytes_sent = 0
 
-    def handle(self, header, host):
+    def session(self, host, keepalive=None):
         """
-        The C{(reply header, body)} for one request from C{host}, or a
+        The state of one request connection from C{host}: the streams it
+        opens end when it closes (L{UploadSession.close}).
+
+        @param keepalive: called whenever one of its streams makes progress.
+        """
+        return UploadSession(host, keepalive)
+
+    def handle(self, header, session):
+        """
+        The C{(reply header, body)} for one request of C{session}, or a
         Deferred of it.
 
         @raise wire.ProtocolError: a malformed request.
@@ -140,7 +136,9 @@ class Uploads:
         if kind == "manifest":
             return self._manifest(header)
         if kind == "get":
-            return self._get(header, host)
+            return self._get(header, session)
+        if kind == "cancel":
+            return self._cancel(header, session), b""
         if kind == "have":
             return self._have(header)
         raise wire.ProtocolError(f"unknown request {kind!r}")
@@ -214,7 +212,7 @@ class Uploads:
         }
         return reply, b"".join(page)
 
-    def _get(self, header, host):
+    def _get(self, header, session):
         local = self._local(header)
         chunks = wire.list_field(header, "chunks", MAX_CHUNKS_PER_REQUEST)
         count = local.manifest.chunk_count
@@ -231,67 +229,171 @@ class Uploads:
             raise RequestRefused(
                 "missing-chunks", "this peer has not got all of those chunks yet"
             )
+        reply = {"t": "sending", "token": token}, b""
+        stream = session.streams.get(token)
+        if stream is not None:
+            if stream.ended:
+                raise RequestRefused("stream-closed", "that stream has ended; ask on a new one")
+            if stream.local.file_id != local.file_id or session.ports[token] != port:
+                raise wire.ProtocolError("a stream carries one file to one port")
+            if stream.pending() + len(chunks) > MAX_STREAM_QUEUE:
+                raise wire.ProtocolError("too many chunks asked on one stream")
+            stream.add(chunks)
+            return reply
+        if session.open_streams() >= MAX_STREAMS_PER_CONNECTION:
+            raise wire.ProtocolError("too many streams on one connection")
         if self.active >= self._max_uploads:
             raise RequestRefused("busy", "this peer is serving too many requests; try later")
-        # Chunk data goes only to the address the request came from.
-        pace = self.bucket.take if self.bucket is not None else None
-        pusher = ChunkPusher(token, local, chunks, self._reader_for(local), pace=pace)
         self.active += 1
-        d = self._connect(host, port, pusher)
+        d = self._open_stream(local, token, port, session)
 
-        def connected(_):
-            pusher.stream.done.addBoth(self._upload_ended, pusher.stream, local, host)
-            return {"t": "sending", "token": token}, b""
+        def opened(stream):
+            stream.add(chunks)
+            return reply
 
-        def unreachable(failure):
+        def failed(failure):
             self.active -= 1
+            return failure
+
+        return d.addCallbacks(opened, failed)
+
+    async def _open(self, local, token, port, session):
+        """
+        Open C{local} and a data connection to C{port} at the address the
+        request came from (never an address named in a request).
+        """
+        path = local.path
+        signature = getattr(local, "signature", None)
+        try:
+            opened = await self._run(OpenChunks, path, local.manifest, signature)
+        except FileChanged:
+            self._changed(path)
+            raise RequestRefused("unknown-file", "that file changed; ask again later")
+        except OSError as e:
+            raise RequestRefused("internal", f"this peer cannot read that file ({e.strerror or e})")
+        stream = OutgoingStream(
+            token,
+            local,
+            opened,
+            self._workers,
+            self._clock,
+            pace=self.bucket.take if self.bucket is not None else None,
+            progress=session.keepalive,
+        )
+        # Known to the session before the connection is up: a second "get"
+        # of the token, queued behind this one, finds it.
+        session.add(token, port, stream)
+        if stream.ended:
+            raise RequestRefused("stream-closed", "the request connection closed")
+        try:
+            await self._connect(session.host, port, StreamConnection(stream))
+        except Exception as e:
+            stream.close("could not connect")
             raise RequestRefused(
                 "unreachable",
-                f"could not connect back to {host}:{port} "
-                f"({failure.getErrorMessage()})",
+                f"could not connect back to {session.host}:{port} ({e})",
             )
-
-        return d.addCallbacks(connected, unreachable)
-
-    def _upload_ended(self, result, stream, local, host):
-        self.active -= 1
         log.info(
-            "Sent {chunks} chunk(s), {bytes} B of {name} to {host}",
-            event="upload-done",
-            chunks=stream.chunks_sent,
-            bytes=stream.bytes_sent,
+            "Sending {name} to {peer}",
+            event="upload-started",
             name=local.name,
-            host=host,
+            peer=format_address(session.host, port),
+        )
+        self._publish(
+            events.event(
+                "upload-started",
+                peer=format_address(session.host, port),
+                file=local.name,
+            )
+        )
+        # After "started": a stream may have ended already (its request
+        # connection closed while it connected), and then ends at once.
+        stream.done.addCallback(self._stream_ended, stream, session.host, port)
+        return stream
+
+    def _open_stream(self, local, token, port, session):
+        return defer.ensureDeferred(self._open(local, token, port, session))
+
+    def _cancel(self, header, session):
+        token = wire.token_field(header)
+        chunks = wire.list_field(header, "chunks", MAX_STREAM_QUEUE)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in chunks):
+            raise wire.ProtocolError("chunk indexes are not integers")
+        stream = session.streams.get(token)
+        removed = stream.cancel(chunks) if stream is not None else []
+        return {"t": "cancelled", "token": token, "chunks": removed}
+
+    def _stream_ended(self, result, stream, host, port):
+        chunks, sent, reason = result
+        self.active -= 1
+        self.bytes_sent += sent
+        seconds = max(self._clock.seconds() - stream.started, 0.0)
+        name = stream.local.name
+        if stream.failure is not None and stream.failure.check(FileChanged):
+            self._changed(stream.local.path)
+        log.info(
+            "Sent {chunks} chunk(s), {bytes} B of {name} to {peer} in {seconds:.1f} s",
+            event="upload-done",
+            chunks=chunks,
+            bytes=sent,
+            name=name,
+            peer=format_address(host, port),
+            seconds=seconds,
+        )
+        self._publish(
+            events.event(
+                "upload-finished",
+                peer=format_address(host, port),
+                file=name,
+                bytes=sent,
+                seconds=round(seconds, 3),
+            )
         )
         return result
 
-    def _reader_for(self, local):
+    def _changed(self, path):
+        log.info(
+            "{path} changed while it was being served; indexing it again",
+            event="file-changed",
+            path=path,
+        )
+        self._index.rescan()
+
+
+class UploadSession:
+    """
+    Owns the streams one request connection opened, by token: they end when
+    it closes.
+
+    @ivar host: where its streams connect back to.
+    @ivar keepalive: called whenever one of its streams sends something.
+    """
+
+    def __init__(self, host, keepalive=None):
+        self.host = host
+        self.keepalive = keepalive
+        self.streams = {}
+        self.ports = {}
+        self.closed = False
+
+    def open_streams(self):
         """
-        How a stream reads C{local}: a whole file is checked against its
-        signature (and re-indexed if it changed); a partial one is not.
+        How many of its streams have not ended.
         """
-        signature = getattr(local, "signature", None)
+        return sum(1 for stream in self.streams.values() if not stream.ended)
 
-        def read(path, offset, length):
-            if signature is None:
-                d = defer.maybeDeferred(self._read_chunk, path, offset, length)
-            else:
-                d = defer.maybeDeferred(self._read_chunk, path, offset, length, signature)
+    def add(self, token, port, stream):
+        # The streams that ended are forgotten once another opens (a get of
+        # theirs is "stream-closed" until then), so that a connection that
+        # keeps opening streams holds only a few.
+        for old in [t for t, s in self.streams.items() if s.ended]:
+            del self.streams[old], self.ports[old]
+        self.streams[token] = stream
+        self.ports[token] = port
+        if self.closed:
+            stream.close("the request connection closed")
 
-            def count(data):
-                self.bytes_sent += len(data)
-                return data
-
-            def changed(failure):
-                failure.trap(FileChanged)
-                log.info(
-                    "{path} changed while it was being served; indexing it again",
-                    event="file-changed",
-                    path=path,
-                )
-                self._index.rescan()
-                return failure
-
-            return d.addCallbacks(count, changed)
-
-        return read
+    def close(self):
+        self.closed = True
+        for stream in list(self.streams.values()):
+            stream.close("the request connection closed")

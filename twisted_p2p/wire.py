@@ -391,9 +391,17 @@ def decode_frame(frame):
     newline = frame.find(b"\n", 0, MAX_HEADER + 1)
     if newline < 0:
         raise ProtocolError("frame header is missing or too long")
-    header = _json_object(frame[:newline])
+    return decode_header(frame[:newline]), frame[newline + 1 :]
+
+
+def decode_header(line):
+    """
+    The header of a frame from its JSON line (without the newline): an
+    object with a string C{t}.
+    """
+    header = _json_object(line)
     text_field(header, "t", max_length=32)
-    return header, frame[newline + 1 :]
+    return header
 
 
 def request(kind, **fields):

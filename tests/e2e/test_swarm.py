@@ -237,7 +237,12 @@ def test_a_lying_seeder_is_banned(swarm_factory):
     swarm.check_file()
     with swarm.downloader._cond:
         said = [line for line in swarm.downloader.lines[start:] if "banned" in line]
-    assert said == [f"{liar.label} sent bad data 3 times and is banned for this session"]
+    # Said once, naming the peer by its name and address.
+    assert len(said) == 1, said
+    assert re.fullmatch(
+        rf"\S.* \({re.escape(liar.label)}\) sent bad data 3 times and is banned for this session",
+        said[0],
+    ), said
     log = swarm.downloader.log_path.read_text()
     assert "failed verification" in log
     counts = swarm.by_source()

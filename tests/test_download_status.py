@@ -1,0 +1,81 @@
+"""
+A download's counts as data: the rates (a source's, for its window; the
+download's, for people), the ETA, and the chunk buffers it reuses.
+"""
+
+import pytest
+from twisted.internet import task
+
+from twisted_p2p.download.buffers import BufferPool
+from twisted_p2p.download.status import Progress, RateMeter
+from twisted_p2p.limits import CHUNK_SIZE, MAX_RUN
+
+
+def test_a_source_has_no_rate_until_something_arrived_over_a_while():
+    meter = RateMeter(span=1.0)
+    assert meter.rate(0.0) is None
+    meter.add(0.0, 1000)
+    assert meter.rate(0.0) is None
+    assert meter.rate(0.5) == pytest.approx(2000)
+
+
+def test_a_source_rate_is_over_the_last_span_only():
+    meter = RateMeter(span=1.0)
+    for t in range(10):
+        meter.add(float(t), 1000 if t < 5 else 10)
+    assert meter.rate(9.0) == pytest.approx(20)  # the arrivals at 8 and 9
+
+
+def test_a_source_that_stopped_has_a_rate_of_zero():
+    meter = RateMeter(span=1.0)
+    meter.add(0.0, 1000)
+    meter.add(0.5, 1000)
+    assert meter.rate(5.0) == 0
+
+
+def test_the_first_progress_has_a_rate_and_then_the_last_seconds_count():
+    clock = task.Clock()
+    progress = Progress(clock)
+    progress.size = 10 * CHUNK_SIZE
+    clock.advance(1)
+    progress.verified = CHUNK_SIZE
+    progress.tick()
+    # A sample just taken says nothing yet: the rate since the start.
+    assert progress.rate() == CHUNK_SIZE
+    clock.advance(1)
+    progress.verified = 3 * CHUNK_SIZE
+    assert progress.rate() == 2 * CHUNK_SIZE
+    assert progress.eta() == 4
+    assert progress.percent() == 30
+
+
+def test_resumed_bytes_are_not_counted_in_the_rate():
+    clock = task.Clock()
+    progress = Progress(clock)
+    progress.size = 100
+    progress.resumed = progress.verified = 50
+    clock.advance(1)
+    progress.verified = 60
+    assert progress.rate() == 10
+    assert progress.eta() == 4
+
+
+def test_an_empty_file_is_done_and_unknown_sizes_are_not():
+    progress = Progress(task.Clock())
+    assert progress.percent() == 0 and progress.eta() is None
+    progress.size = 0
+    assert progress.percent() == 100
+
+
+def test_buffers_are_reused_and_counted():
+    pool = BufferPool()
+    first = pool.take(CHUNK_SIZE)
+    assert len(first) == CHUNK_SIZE and pool.out == 1
+    owner = first.obj
+    pool.give_back(first)
+    again = pool.take(10)
+    assert again.obj is owner and len(again) == 10
+    other = pool.take(MAX_RUN * CHUNK_SIZE)
+    assert other.obj is not owner and pool.out == 2
+    with pytest.raises(ValueError):
+        pool.take(MAX_RUN * CHUNK_SIZE + 1)

@@ -1,0 +1,932 @@
+"""
+One file's download, and the set of downloads in progress.
+
+A L{Download} wires its parts together: the L{Finder} finds its sources,
+the pure L{plan} says what to ask of whom, each source's L{SourceStream}
+carries the asking and the chunks, the L{Lifecycle} machine says what an
+event means at each stage, and L{Progress} keeps the counts.  What stays
+here is what joins them: a chunk that arrives is checked against the ledger,
+verified and written in a worker thread, and reading pauses while too many
+wait for that.
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from twisted_p2p import events
+from twisted_p2p.chunkmap import ChunkLedger
+from twisted_p2p.client import PeerRefused
+from twisted_p2p.download.buffers import BufferPool
+from twisted_p2p.download.finder import Finder
+from twisted_p2p.download.lifecycle import Lifecycle
+from twisted_p2p.download.requests import GetRequest, SourceStream
+from twisted_p2p.download.scheduler import ask_size, plan
+from twisted_p2p.download.status import Progress
+from twisted_p2p.limits import (
+    BUSY_BACKOFF_MAX,
+    BUSY_BACKOFF_MIN,
+    HAVE_REFRESH,
+    MAX_STRIKES,
+    MAX_TIMEOUTS,
+    REQUEST_TIMEOUT,
+    TIMEOUT_REST,
+    VERIFY_QUEUE,
+)
+from twisted_p2p.storage import StorageError
+
+log = Logger()
+
+#: Seconds between progress events.
+PROGRESS_INTERVAL = 1.0
+
+
+def verify(manifest, first, wanted, buffer):
+    """
+    Which of chunks C{wanted} (indexes, in order) of the frame that starts
+    at chunk C{first}, in C{buffer}, are right.  Blocks for the hashes: a
+    worker thread runs it.
+    """
+    base = manifest.chunk_offset(first)
+    good = []
+    for index in wanted:
+        start = manifest.chunk_offset(index) - base
+        if manifest.verify_pieces(index, (buffer[start : start + manifest.chunk_length(index)],)):
+            good.append(index)
+    return good
+
+
+def store(manifest, storage, first, good, buffer):
+    """
+    Write chunks C{good} (verified indexes, in order) of the frame that
+    starts at chunk C{first}, in C{buffer}: each run of them that follow
+    each other in one write.  Blocks: a worker thread runs it.
+
+    @return: C{good}.
+    """
+    base = manifest.chunk_offset(first)
+    run = []
+    for index in good + [None]:
+        if run and (index is None or index != run[-1] + 1):
+            start = manifest.chunk_offset(run[0]) - base
+            end = manifest.chunk_offset(run[-1]) - base + manifest.chunk_length(run[-1])
+            storage.store_run(run[0], len(run), base + start, buffer[start:end])
+            run = []
+        if index is not None:
+            run.append(index)
+    return good
+
+
+class DownloadFailed(Exception):
+    """
+    A download that cannot complete; the message is for the user.
+
+    @ivar reported: whether a C{download-failed} event already told the user.
+    """
+
+    reported = False
+
+
+class Bans:
+    """
+    Owns the strikes against peers that sent bad data, for the whole session
+    (every download shares one), and the list of peers banned for it.
+    """
+
+    def __init__(self, max_strikes=MAX_STRIKES):
+        self._max = max_strikes
+        self._strikes = {}
+        self._banned = set()
+
+    def strike(self, peer_key):
+        """
+        One more strike; whether this one banned the peer.
+        """
+        self._strikes[peer_key] = self._strikes.get(peer_key, 0) + 1
+        if self._strikes[peer_key] >= self._max and peer_key not in self._banned:
+            self._banned.add(peer_key)
+            return True
+        return False
+
+    def strikes(self, peer_key):
+        return self._strikes.get(peer_key, 0)
+
+    def is_banned(self, peer_key):
+        return peer_key in self._banned
+
+
+def _peer_key(peer):
+    return getattr(peer, "peer_id", None) or peer.label
+
+
+class Download:
+    """
+    Owns one file's download from the first manifest to the final rename.
+    See the module docstring, and L{Lifecycle} for its stages.
+
+    @param name: the display name, used for the final file name.
+    @param file_id: what we download.
+    @param peers: the peers that offer it now.
+    @param open_client: C{open_client(peer)} giving a Deferred L{SenderClient}.
+    @param inbox: the L{Inbox} of our receiver port.
+    @param receiver_port: our port T, sent in requests.
+    @param storage: a L{PartialFile}-like object (blocking methods).
+    @param run_in_thread: C{deferToThread} or a stand-in (storage open,
+        complete and release).
+    @param workers: the L{WorkerPool}: one of its workers verifies this
+        download's chunks, another (if there are two) writes them.
+    @param clock: an L{IReactorTime}.
+    @param report: C{report(event)} for progress and outcome events.
+    @param bans: the session's L{Bans} (shared by every download); a fresh
+        one if C{None}.
+    @param index: the L{SharedIndex} that offers the verified chunks while
+        the download runs, or C{None}.
+    @param find_peers: C{find_peers()}, the peers that offer the file now,
+        asked every L{HAVE_REFRESH} seconds so that a peer that appears
+        later joins; or C{None}.
+    """
+
+    def __init__(
+        self,
+        name,
+        file_id,
+        peers,
+        open_client,
+        inbox,
+        receiver_port,
+        storage,
+        run_in_thread,
+        workers,
+        clock,
+        report,
+        bans=None,
+        index=None,
+        find_peers=None,
+    ):
+        self.name = name
+        self.file_id = file_id
+        self._peers = list(peers)
+        self._inbox = inbox
+        self._receiver_port = receiver_port
+        self.storage = storage
+        self._run = run_in_thread
+        self._hasher = workers.pick()
+        self._writer = workers.pick(besides=self._hasher)
+        self.buffers = BufferPool()
+        self._clock = clock
+        self._report = report
+        self.bans = bans if bans is not None else Bans()
+        self._index = index
+        self._find_peers = find_peers
+        self.manifest = None
+        self.sources = []
+        self.progress = Progress(clock)
+        self.final_name = None
+        self.stage = "finding"
+        self._lifecycle = Lifecycle(self)
+        self._finder = Finder(
+            self, file_id, open_client, clock,
+            skip=lambda peer: self.bans.is_banned(_peer_key(peer)),
+        )
+        self._ledger = None
+        self._verifying = 0
+        self._reading_paused = False
+        self._storage_busy = set()
+        self._ticker = None
+        self._wake = None
+        self._plan_call = None
+        self._last_refresh = 0.0
+        self.done = defer.Deferred()
+
+    # -- what it looks like ----------------------------------------------------------
+
+    @property
+    def size(self):
+        return self.manifest.size if self.manifest else None
+
+    @property
+    def have(self):
+        """
+        How many chunks are verified (resumed ones included).
+        """
+        return self._ledger.have if self._ledger is not None else 0
+
+    @property
+    def bytes_verified(self):
+        return self.progress.verified
+
+    @property
+    def bytes_wasted(self):
+        return self.progress.wasted
+
+    def status(self):
+        """
+        Where this download stands, as data (see L{Progress.snapshot}).
+        """
+        usable = sum(1 for s in self.sources if self._usable(s))
+        return self.progress.snapshot(self.name, self.file_id, usable)
+
+    def by_source(self):
+        return dict(self.progress.by_source)
+
+    def _emit(self, kind, **fields):
+        """
+        Report an event of C{kind} about this download; the faces put it in
+        words (L{twisted_p2p.render}).
+        """
+        e = events.event(kind, file=self.name, id=self.file_id, **fields)
+        try:
+            self._report(e)
+        except Exception:
+            # A face that fails to show an event must not stop the download.
+            log.failure("Reporting {kind} failed", kind=kind)
+
+    # -- starting and stopping ----------------------------------------------------------
+
+    def start(self):
+        """
+        Start the download.  L{done} fires with C{(final name, signature)}, or
+        fails with L{DownloadFailed}.
+        """
+        self._finder.add(self._peers)
+        return self.done
+
+    def cancel(self):
+        """
+        Stop, and throw away what was downloaded.
+        """
+        self._lifecycle.cancel()
+
+    def pause(self):
+        """
+        Stop, keeping every verified chunk for a later resume (the peer is
+        shutting down).
+        """
+        self._lifecycle.pause()
+
+    # -- what the finder finds ---------------------------------------------------------
+
+    def manifest_found(self, manifest):
+        self.manifest = manifest
+        self.progress.size = manifest.size
+        self._lifecycle.found_manifest()
+
+    def source_found(self, source):
+        if self.stage in ("completing", "finished", "failed", "stopped"):
+            source.client.close()
+            return
+        self.sources.append(source)
+        source.client.when_closed().addCallback(self._client_closed, source)
+        if self._ledger is not None and self._usable(source):
+            self._ledger.add_source(source, source.has)
+            self._schedule_soon()
+
+    def finding_over(self, errors):
+        if self.manifest is None:
+            self._lifecycle.no_manifest(
+                f"no peer could give the manifest of {self.name}"
+                + (f" ({errors[0]})" if errors else "")
+            )
+        else:
+            self._schedule_soon()
+
+    def holdings_changed(self, source, has):
+        if self._ledger is not None and self._usable(source):
+            self._ledger.update_source(source, has)
+            self._schedule_soon()
+
+    def source_failed(self, source, reason):
+        if source.usable and self.stage == "fetching":
+            self._lose(source, reason)
+        source.client.close()
+
+    # -- the lifecycle's work ----------------------------------------------------------
+
+    def open_storage(self):
+        self.stage = "opening"
+        self._finder.manifest_known(self.manifest)
+        d = self._storage_op(self.storage.open, self.manifest.size, self.manifest)
+
+        def failed(failure):
+            error = failure.value
+            reason = str(error) if isinstance(error, StorageError) else failure.getErrorMessage()
+            if not isinstance(error, StorageError):
+                log.failure("Opening the partial file of {name} failed", failure, name=self.name)
+            self._lifecycle.open_failed(f"could not start {self.name}: {reason}")
+
+        d.addCallbacks(lambda verified: self._lifecycle.opened(list(verified or ())), failed)
+
+    def start_fetching(self, verified):
+        self.stage = "fetching"
+        manifest = self.manifest
+        self._ledger = ChunkLedger(manifest.chunk_count, verified=verified)
+        resumed = sum(manifest.chunk_length(index) for index in verified)
+        self.progress.resumed = self.progress.verified = resumed
+        for source in self.sources:
+            if self._usable(source):
+                self._ledger.add_source(source, source.has)
+        if self._index is not None and getattr(self.storage, "chunks", None) is not None:
+            self._index.add_partial(self.name, manifest, self.storage.path, self.storage.chunks)
+        self._emit(
+            "download-started",
+            size=manifest.size,
+            chunks=manifest.chunk_count,
+            sources=max(len(self.sources), self._finder.tried),
+            resumed=resumed,
+        )
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = self._clock
+        self._ticker.start(PROGRESS_INTERVAL, now=False)
+        if self._ledger.complete:
+            self._lifecycle.all_verified()
+        else:
+            self._schedule()
+
+    def complete(self):
+        self.stage = "completing"
+        self._stop_transfers()
+        self._withdraw_partial()
+        d = self._storage_op(self.storage.complete, self.name)
+
+        def failed(failure):
+            error = failure.value
+            reason = str(error) if isinstance(error, StorageError) else failure.getErrorMessage()
+            self._lifecycle.complete_failed(f"could not complete {self.name}: {reason}")
+
+        d.addCallbacks(self._lifecycle.completed, failed)
+
+    def finished(self, result):
+        self.stage = "finished"
+        final_name, _ = result
+        self.final_name = final_name
+        self._stop_everything()
+        progress = self.progress
+        elapsed = progress.elapsed()
+        size = self.manifest.size
+        where = os.path.join(os.path.basename(self.storage.folder), final_name)
+        by_source = self.by_source()
+        self._emit(
+            "download-finished",
+            path=where,
+            size=size,
+            seconds=round(elapsed, 3),
+            rate=round(size / elapsed),
+            by_source=by_source,
+            received=progress.received,
+            resumed=progress.resumed,
+            wasted=progress.wasted,
+        )
+        log.info(
+            "Bytes of {file} by source: {counts}; received {received} B, "
+            "resumed {resumed} B, wasted {wasted} B",
+            event="download-sources",
+            file=self.name,
+            counts=", ".join(f"{label}={n}" for label, n in sorted(by_source.items())),
+            by_source=by_source,
+            received=progress.received,
+            resumed=progress.resumed,
+            wasted=progress.wasted,
+        )
+        self.done.callback(result)
+
+    def failed(self, reason):
+        self.stage = "failed"
+        self._stop_everything()
+        self._release_storage(keep=True)
+        self._emit("download-failed", reason=reason)
+        self._fail_done(reason)
+
+    def stopped(self, cancelled):
+        self.stage = "stopped"
+        self._stop_everything()
+        self._release_storage(keep=not cancelled)
+        if cancelled:
+            reason = f"download {self.name} was cancelled"
+            self._emit("download-cancelled")
+        else:
+            percent = self.progress.percent()
+            reason = f"download {self.name} stopped at {percent}%"
+            self._emit("download-stopped", percent=percent, reason="the peer is stopping")
+        self._fail_done(reason)
+
+    def _fail_done(self, reason):
+        error = DownloadFailed(reason)
+        error.reported = True
+        self.done.errback(error)
+
+    def _release_storage(self, keep):
+        """
+        Let go of the partial file once no storage work runs on it: kept for
+        a resume if anything in it is verified, else removed.
+        """
+        if self.manifest is None:
+            return
+        release = self.storage.close if keep and self.have > 0 else self.storage.discard
+        busy = defer.DeferredList(list(self._storage_busy), consumeErrors=True)
+        busy.addCallback(lambda _: self._run(release)).addErrback(
+            lambda f: log.failure("Releasing the partial file of {name}", f, name=self.name)
+        )
+
+    def _storage_op(self, f, *args):
+        """
+        C{f(*args)} in a thread, kept in C{_storage_busy} while it runs.
+        """
+        return self._busy(self._run(f, *args))
+
+    def _busy(self, d):
+        self._storage_busy.add(d)
+
+        def settled(result):
+            self._storage_busy.discard(d)
+            return result
+
+        return d.addBoth(settled)
+
+    def _stop_transfers(self):
+        if self._plan_call is not None and self._plan_call.active():
+            self._plan_call.cancel()
+        self._plan_call = None
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
+        for source in self.sources:
+            self._end_stream(source)
+
+    def _stop_everything(self):
+        self._stop_transfers()
+        self._withdraw_partial()
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        self._finder.stop()
+        for source in self.sources:
+            source.client.close()
+
+    def _withdraw_partial(self):
+        if self._index is not None and self.manifest is not None:
+            self._index.remove_partial(self.file_id)
+
+    # -- sources ---------------------------------------------------------------------
+
+    def _usable(self, source):
+        return source.usable and not self.bans.is_banned(source.key)
+
+    def _end_stream(self, source):
+        """
+        Stop using C{source}'s stream: what it still owed goes back to the
+        queue, for the others.
+        """
+        stream, source.stream = source.stream, None
+        if stream is None:
+            return
+        stream.close()
+        self._inbox.withdraw(stream.token)
+        if self._ledger is not None:
+            for request in stream.requests():
+                self._ledger.end(request)
+
+    def _drop(self, source):
+        """
+        Ask C{source} for nothing more; what it owes goes to the others.
+        """
+        source.usable = False
+        self._end_stream(source)
+        if self._ledger is not None:
+            self._ledger.remove_source(source)
+        self._schedule_soon()
+
+    def _lose(self, source, reason):
+        """
+        C{source} is gone or no longer answers: say so, and go on without it.
+        """
+        self._emit(
+            "source-lost",
+            peer=source.label,
+            name=getattr(source.peer, "name", None),
+            reason=reason,
+        )
+        self._drop(source)
+
+    def peer_left(self, key, reason):
+        """
+        The peer whose key is C{key} left the network (it said goodbye, or
+        went silent): stop waiting for it.
+        """
+        for source in self.sources:
+            if source.key == key and source.usable:
+                if self.stage == "fetching":
+                    self._lose(source, f"it left the network: {reason}")
+                else:
+                    source.usable = False
+                source.client.close()
+
+    def _client_closed(self, _, source):
+        if source.usable and self.stage == "fetching":
+            self._lose(source, "the connection closed")
+        else:
+            source.usable = False
+            self._end_stream(source)
+            if self._ledger is not None and self.stage == "fetching":
+                self._ledger.remove_source(source)
+                self._schedule_soon()
+
+    def _rest(self, source, seconds):
+        source.rest_until = max(source.rest_until, self._clock.seconds() + seconds)
+
+    def _give_up_stream(self, source, why):
+        """
+        C{source}'s stream failed (silent, or closed under us): rest the
+        source and ask it again later on a new stream; after
+        L{MAX_TIMEOUTS} such failures it is no longer asked.
+        """
+        self._end_stream(source)
+        source.failures += 1
+        if source.failures >= MAX_TIMEOUTS:
+            self._lose(source, why)
+        else:
+            log.info(
+                "{peer} {why}; asking the others for its chunks of {name}",
+                peer=source.label,
+                why=why,
+                name=self.name,
+            )
+            self._rest(source, TIMEOUT_REST)
+            self._schedule_soon()
+
+    # -- what the streams tell --------------------------------------------------------
+
+    def stream_attached(self, stream):
+        if self._reading_paused:
+            stream.connection.pause()
+
+    def stream_lost(self, stream, reason):
+        source = stream.source
+        if source.stream is stream and self.stage == "fetching":
+            self._give_up_stream(source, "closed its data connection")
+
+    def get_refused(self, stream, request, failure):
+        source = stream.source
+        if self._ledger is not None:
+            self._ledger.end(request)
+        if self.stage != "fetching" or source.stream is not stream or not source.usable:
+            return
+        code = failure.value.code if failure.check(PeerRefused) else None
+        if failure.check(ConnectionLost):
+            return  # the request connection is gone: _client_closed says so
+        if code == "unreachable":
+            self._emit(
+                "source-unreachable",
+                peer=source.label,
+                port=self._receiver_port,
+            )
+            self._drop(source)
+        elif code == "busy":
+            # Not the source's fault: ask it again later, later each time.
+            self._end_stream(source)
+            source.backoff = min(max(2 * source.backoff, BUSY_BACKOFF_MIN), BUSY_BACKOFF_MAX)
+            self._rest(source, source.backoff)
+            self._schedule_soon()
+        elif code == "missing-chunks":
+            # A partial holder we asked for chunks it has not got (any more).
+            self._rest(source, BUSY_BACKOFF_MIN)
+            self._finder.refresh(source)
+            self._schedule_soon()
+        elif code == "stream-closed":
+            self._end_stream(source)
+            self._schedule_soon()
+        else:
+            log.info(
+                "{peer} refused a request: {error}",
+                peer=source.label,
+                error=failure.getErrorMessage(),
+            )
+            self._drop(source)
+
+    def cancel_answered(self, stream, withdrawn):
+        if self._ledger is None or self.stage != "fetching":
+            return
+        for request, index in withdrawn:
+            self._ledger.withdraw(request, index)
+        self._schedule_soon()
+
+    def chunks_arrived(self, stream, first, arrived, buffer):
+        """
+        Chunks C{first}, C{first + 1}, ... came on C{stream} in C{buffer}:
+        C{arrived} is the C{(index, request)} of each.  Those still wanted
+        are verified and written, in one job for a worker; the others are
+        dropped (another copy came first).
+        """
+        source = stream.source
+        ledger = self._ledger
+        manifest = self.manifest
+        now = self._clock.seconds()
+        wanted = []
+        fetching = self.stage == "fetching"
+        for index, request in arrived:
+            length = manifest.chunk_length(index)
+            source.meter.add(now, length)
+            if not fetching or request is None or not ledger.arrived(request, index, now):
+                self.progress.wasted += length  # cancelled: another copy came first
+                continue
+            others = ledger.askers(index)
+            if ledger.begin_verifying(index) is None:
+                self.progress.wasted += length  # another copy is being verified
+                continue
+            self.progress.received += length
+            for other in others:
+                other.stream.cancel([index])
+            wanted.append(index)
+        if not wanted:
+            self._give_back(None, buffer)
+            return
+        self._verifying += 1
+        if self._verifying >= VERIFY_QUEUE:
+            # Counted by jobs, not by buffers out: a connection paused in the
+            # middle of a frame holds a buffer until it is read again.
+            self._pause_reading()
+        # Hashing and writing are two jobs for two threads: the hashes of a
+        # frame are taken while the one before it is written.
+        d = self._hasher.submit(verify, manifest, first, wanted, buffer)
+        d.addCallback(self._verified, first, buffer)
+        d = self._busy(d)
+        d.addBoth(self._give_back, buffer)
+        d.addCallbacks(
+            self._stored,
+            self._store_failed,
+            callbackArgs=(source, wanted),
+            errbackArgs=(wanted,),
+        )
+        window = source.window(now)
+        if window - ledger.in_flight(source) >= ask_size(window):
+            self._schedule_soon()
+
+    def _verified(self, good, first, buffer):
+        if not good:
+            return good
+        return self._writer.submit(store, self.manifest, self.storage, first, good, buffer)
+
+    def _stored(self, good, source, wanted):
+        self._settled()
+        if self.stage != "fetching":
+            return
+        ledger, progress, manifest = self._ledger, self.progress, self.manifest
+        verified = 0
+        for index in good:
+            ledger.verified(index)
+            verified += manifest.chunk_length(index)
+        progress.verified += verified
+        source.received += verified
+        progress.by_source[source.label] = progress.by_source.get(source.label, 0) + verified
+        for index in set(wanted).difference(good):
+            ledger.requeue(index)
+            self._reject(source, index)
+        if ledger.complete:
+            self._lifecycle.all_verified()
+            return
+        self._schedule_soon()
+
+    def _store_failed(self, failure, wanted):
+        self._settled()
+        if self.stage != "fetching":
+            return
+        for index in wanted:
+            self._ledger.requeue(index)
+        error = failure.value
+        if isinstance(error, StorageError):
+            reason = str(error)
+        else:
+            log.failure("Storing chunks of {name} failed", failure, name=self.name)
+            reason = failure.getErrorMessage()
+        self._lifecycle.write_failed(f"could not write {self.name}: {reason}")
+
+    def _settled(self):
+        self._verifying -= 1
+        if self._reading_paused and self._verifying <= VERIFY_QUEUE // 2:
+            self._resume_reading()
+
+    def _give_back(self, result, buffer):
+        self.buffers.give_back(buffer)
+        return result
+
+    def _pause_reading(self):
+        self._reading_paused = True
+        for source in self.sources:
+            if source.stream is not None and source.stream.connection is not None:
+                source.stream.connection.pause()
+
+    def _resume_reading(self):
+        self._reading_paused = False
+        now = self._clock.seconds()
+        for source in self.sources:
+            stream = source.stream
+            if stream is not None:
+                # Time spent paused by us is no silence of theirs.
+                stream.heard_at = now
+                if stream.connection is not None:
+                    stream.connection.resume()
+
+    def _reject(self, source, index):
+        log.warn(
+            "Chunk {index} of {file} from {peer} failed verification",
+            event="chunk-rejected",
+            file=self.name,
+            id=self.file_id,
+            index=index,
+            peer=source.label,
+        )
+        if self.bans.strike(source.key):
+            self._emit(
+                "peer-banned",
+                peer=source.label,
+                name=getattr(source.peer, "name", None),
+                strikes=self.bans.strikes(source.key),
+            )
+        if self.bans.is_banned(source.key):
+            self._drop(source)
+            source.client.close()
+
+    # -- scheduling ------------------------------------------------------------------
+
+    def _schedule_soon(self):
+        """
+        Plan once the current event is handled: many events in a row (a
+        burst of chunks) cost one plan.
+        """
+        if self._plan_call is None and self.stage == "fetching":
+            self._plan_call = self._clock.callLater(0, self._schedule)
+
+    def _schedule(self):
+        if self._plan_call is not None and self._plan_call.active():
+            self._plan_call.cancel()
+        self._plan_call = None
+        ledger = self._ledger
+        if self.stage != "fetching" or ledger.complete:
+            return
+        now = self._clock.seconds()
+        usable = []
+        for source in self.sources:
+            if self._usable(source):
+                usable.append(source)
+            elif source in ledger:
+                self._drop(source)
+        decided = plan(ledger, usable, now)
+        for victim, chunks in decided.cancels:
+            if victim.stream is not None:
+                victim.stream.cancel(chunks)
+        for source, chunks in decided.asks:
+            self._ask(source, chunks, now)
+        if decided.wake_at is not None:
+            self._wake_at(decided.wake_at)
+        self._check_stuck(decided)
+
+    def _ask(self, source, chunks, now):
+        stream = source.stream
+        if stream is None:
+            stream = SourceStream(
+                self, source, self.manifest, self.file_id, self._receiver_port, self._clock
+            )
+            source.stream = stream
+            self._inbox.expect(stream)
+        request = GetRequest(stream, chunks)
+        self._ledger.ask(request, source, chunks, now)
+        stream.ask(request)
+
+    def _check_stuck(self, decided):
+        ledger = self._ledger
+        if (
+            ledger.requests_in_flight()
+            or decided.wake_at is not None
+            or self._verifying
+            or self._finder.busy
+        ):
+            return
+        # Nothing more is coming.  A chunk nobody holds fails the download,
+        # unless partial holders are left: they may get it yet.
+        index = ledger.first_unheld()
+        if not any(self._usable(s) for s in self.sources):
+            self._lifecycle.stuck(f"no peer is left to download {self.name} from")
+        elif index is not None and not ledger.partial_sources():
+            self._lifecycle.stuck(
+                f"no peer left has chunk {index} of {self.name}; "
+                "download again when one that has the whole file is back"
+            )
+
+    def _wake_at(self, when):
+        if self._wake is not None and self._wake.active():
+            if self._wake.getTime() <= when:
+                return
+            self._wake.cancel()
+        self._wake = self._clock.callLater(
+            max(0.0, when - self._clock.seconds()), self._woken
+        )
+
+    def _woken(self):
+        self._wake = None
+        self._schedule()
+
+    def _tick(self):
+        """
+        Every L{PROGRESS_INTERVAL}: a progress event, a look for silent
+        streams, for what partial holders have gained, and for peers that
+        offer the file since.
+        """
+        now = self._clock.seconds()
+        self.progress.tick()
+        for source in list(self.sources):
+            self._check_silence(source, now)
+        if now - self._last_refresh >= HAVE_REFRESH:
+            self._last_refresh = now
+            for source in self._ledger.partial_sources():
+                self._finder.refresh(source)
+            if self._find_peers is not None:
+                self._finder.add(self._find_peers())
+        self._show_progress()
+        self._schedule()
+
+    def _check_silence(self, source, now):
+        stream = source.stream
+        if stream is None or self._reading_paused or not stream.outstanding:
+            return
+        if now - stream.heard_at >= REQUEST_TIMEOUT:
+            self._give_up_stream(source, f"sent nothing for {REQUEST_TIMEOUT:.0f} s")
+
+    def _show_progress(self):
+        if self.manifest is None or self.manifest.size == 0:
+            return
+        status = self.status()
+        self._emit(
+            "download-progress",
+            percent=status["percent"],
+            bytes=status["bytes"],
+            size=status["size"],
+            rate=status["rate"],
+            sources=status["sources"],
+            eta=status["eta"],
+        )
+
+
+class Downloads:
+    """
+    Owns the downloads in progress: starts them, keeps one per file, hands
+    finished files to the index so they are offered in turn, and shares one
+    L{Bans} between them for the session.
+
+    @param make_download: C{make_download(name, file_id, peers, report,
+        bans, index)} giving an unstarted L{Download} that shares C{bans} and
+        offers its verified chunks through C{index}.
+    @param index: the L{SharedIndex} that finished files join, and partial
+        ones are offered from, or C{None} when downloads are not offered.
+    """
+
+    def __init__(self, make_download, index):
+        self._make = make_download
+        self._index = index
+        self.bans = Bans()
+        self.active = {}
+
+    def start(self, name, file_id, peers, report):
+        """
+        Start (or resume) downloading C{file_id}; a Deferred of the final
+        name.
+
+        @raise DownloadFailed: it is already being downloaded.
+        """
+        if file_id in self.active:
+            raise DownloadFailed(f"{name} is already being downloaded")
+        download = self._make(name, file_id, peers, report, self.bans, self._index)
+        self.active[file_id] = download
+        d = download.start()
+
+        def finished(result):
+            final_name, signature = result
+            if self._index is not None:
+                self._index.add(download.storage.folder, final_name, download.manifest, signature)
+            return final_name
+
+        def ended(result):
+            del self.active[file_id]
+            return result
+
+        return d.addCallback(finished).addBoth(ended)
+
+    # The peer table's observer: a peer that leaves is a source lost.
+
+    def joined(self, peer):
+        pass
+
+    def changed(self, peer, old_revision):
+        pass
+
+    def left(self, peer, reason):
+        for download in list(self.active.values()):
+            download.peer_left(peer.peer_id, reason)
+
+    def cancel_all(self):
+        """
+        Stop every download, keeping what each has verified, so that the
+        next C{download} of the same file resumes it (the peer is stopping).
+        """
+        for download in list(self.active.values()):
+            download.pause()

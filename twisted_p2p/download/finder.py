@@ -1,0 +1,211 @@
+"""
+Finding a download's sources: connecting to every peer that offers the
+file at once, the race for the manifest (the first one that matches the
+file id wins, and the other fetches stop), asking each source which chunks
+it holds, and asking partial holders again as they gain more.
+"""
+
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.logger import Logger
+
+from twisted_p2p.client import fetch_have, fetch_manifest
+from twisted_p2p.download.requests import Source
+
+log = Logger()
+
+#: Seconds a peer has to answer each manifest or "have" call before it is
+#: left out of the download (its connection closed), so that a silent peer
+#: costs the others nothing.
+ANSWER_TIMEOUT = 10.0
+
+
+class _Deadline:
+    """
+    A sender connection whose every call fails with L{TimeoutError} unless
+    answered within C{seconds} (the call is cancelled; a late answer is
+    dropped, and the answers after it stay in order).
+    """
+
+    def __init__(self, client, seconds, clock):
+        self._client = client
+        self._seconds = seconds
+        self._clock = clock
+
+    def call(self, header):
+        return self._client.call(header).addTimeout(self._seconds, self._clock)
+
+
+class Finder:
+    """
+    Owns the search for one download's sources.  It tells its C{owner} (the
+    L{Download}):
+
+     - C{manifest_found(manifest)}, once, for the first valid manifest;
+     - C{source_found(source)} for each peer that answered (a L{Source}
+       with its holdings in C{has});
+     - C{finding_over(errors)} once every first attempt has ended, with a
+       line for each peer that failed;
+     - C{holdings_changed(source, has)} and C{source_failed(source,
+       reason)} for the refreshes of partial holders.
+
+    @param open_client: C{open_client(peer)}, a Deferred L{SenderClient}.
+    @param skip: C{skip(peer)}, whether to leave a peer out (banned).
+    """
+
+    def __init__(self, owner, file_id, open_client, clock, skip=lambda peer: False):
+        self._owner = owner
+        self._file_id = file_id
+        self._open_client = open_client
+        self._clock = clock
+        self._skip = skip
+        self._tried = set()
+        self._connecting = set()
+        self._manifest_fetches = set()
+        self._refreshing = set()
+        self._manifest = None
+        self._over = False
+        self._adding = False
+        self._stopped = False
+        self.errors = []
+
+    @property
+    def tried(self):
+        """
+        How many peers were tried (connected to, or being connected to).
+        """
+        return len(self._tried)
+
+    @property
+    def busy(self):
+        """
+        Whether some peer is still being connected to.
+        """
+        return bool(self._connecting) or self._adding
+
+    def add(self, peers):
+        """
+        Connect to each of C{peers} not tried yet, all at once.
+        """
+        fresh = []
+        for peer in peers:
+            key = getattr(peer, "peer_id", None) or peer.label
+            if not (self._stopped or key in self._tried or self._skip(peer)):
+                self._tried.add(key)
+                fresh.append(peer)
+        self._adding = True
+        try:
+            for peer in fresh:
+                d = defer.ensureDeferred(self._connect(peer))
+                self._connecting.add(d)
+                d.addErrback(self._connect_crashed, peer)
+                d.addBoth(self._connect_ended, d)
+        finally:
+            # A connection that fails at once must not end the search
+            # before the others are even started.
+            self._adding = False
+        self._maybe_over()
+
+    def manifest_known(self, manifest):
+        """
+        The manifest the download uses (from us or from the storage).
+        """
+        self._manifest = manifest
+
+    async def _connect(self, peer):
+        try:
+            client = await self._open_client(peer)
+        except Exception as e:
+            self.errors.append(
+                f"{peer.label}: could not connect ({e}); it may have stopped, "
+                "or a firewall or --host keeps it out of reach"
+            )
+            return
+        source = Source(peer, client)
+        timed = _Deadline(client, ANSWER_TIMEOUT, self._clock)
+        try:
+            if self._manifest is None:
+                manifest = await self._fetch_manifest(timed)
+                if manifest is not None and self._manifest is None and not self._stopped:
+                    self._manifest = manifest
+                    for fetch in list(self._manifest_fetches):
+                        fetch.cancel()
+                    self._owner.manifest_found(manifest)
+            if self._stopped:
+                raise CancelledError()
+            if self._manifest.chunk_count:
+                source.has = await fetch_have(timed, self._file_id, self._manifest.chunk_count)
+        except Exception as e:
+            client.close()
+            if isinstance(e, TimeoutError):
+                e = f"no answer in {ANSWER_TIMEOUT:.0f} s"
+            if not isinstance(e, CancelledError):
+                self.errors.append(f"{peer.label}: {e}")
+            return
+        if self._stopped:
+            client.close()
+            return
+        self._owner.source_found(source)
+
+    async def _fetch_manifest(self, client):
+        """
+        The manifest from C{client}; C{None} if another peer's came first
+        (this fetch is then cancelled).
+        """
+        fetch = defer.ensureDeferred(fetch_manifest(client, self._file_id))
+        self._manifest_fetches.add(fetch)
+        try:
+            return await fetch
+        except CancelledError:
+            if self._manifest is None or self._stopped:
+                raise
+            return None
+        finally:
+            self._manifest_fetches.discard(fetch)
+
+    def _connect_crashed(self, failure, peer):
+        log.failure("Connecting to {peer} failed", failure, peer=peer.label)
+
+    def _connect_ended(self, _, d):
+        self._connecting.discard(d)
+        self._maybe_over()
+
+    def _maybe_over(self):
+        if not (self._connecting or self._adding or self._over or self._stopped):
+            self._over = True
+            self._owner.finding_over(list(self.errors))
+
+    def refresh(self, source):
+        """
+        Ask partial holder C{source} again which chunks it holds.
+        """
+        if source in self._refreshing or self._stopped:
+            return
+        self._refreshing.add(source)
+        timed = _Deadline(source.client, ANSWER_TIMEOUT, self._clock)
+        d = defer.ensureDeferred(fetch_have(timed, self._file_id, self._manifest.chunk_count))
+
+        def got(has):
+            if not self._stopped:
+                self._owner.holdings_changed(source, has)
+
+        def failed(failure):
+            if self._stopped:
+                return
+            error = (
+                f"no answer in {ANSWER_TIMEOUT:.0f} s"
+                if failure.check(TimeoutError)
+                else failure.getErrorMessage()
+            )
+            self._owner.source_failed(source, f"could not ask which chunks it has ({error})")
+
+        d.addCallbacks(got, failed)
+        d.addBoth(lambda _: self._refreshing.discard(source))
+
+    def stop(self):
+        """
+        Stop connecting and asking.
+        """
+        self._stopped = True
+        for d in list(self._connecting):
+            d.cancel()
