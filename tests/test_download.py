@@ -1246,3 +1246,41 @@ def test_a_source_that_leaves_the_network_is_lost_at_once(tmp_path):
     h.serve(B)
     assert result_of(done) == "movie.bin"
     assert h.downloaded("movie.bin") == h.content
+
+
+def test_a_chunk_its_source_sends_anyway_is_cancelled_at_the_other(tmp_path):
+    """
+    A steal asks the chunk of a faster source and cancels it at the slow
+    one; if the slow one is sending it already, the faster one is told to
+    cancel its copy instead: one copy travels, not two.
+    """
+    slow, fast = A, B
+    h = Harness(tmp_path, content_of(24 * CHUNK_SIZE), hosts=(slow, fast))
+    h.clients[slow].cancellable = set()  # it sends everything it was asked
+    done = h.start()
+    assert h.send(slow, h.outstanding(slow)[0])
+    for index in h.outstanding(fast):
+        assert h.send(fast, index)
+    h.advance(1)
+    taken_over = h.clients[slow].cancelled()
+    assert taken_over, "the fast source took nothing over"
+    # The slow source refused: the fast one is told to cancel those.
+    assert set(taken_over) <= set(h.clients[fast].cancelled())
+    h.serve(slow)
+    h.serve(fast)
+    assert result_of(done)
+    assert h.downloaded("movie.bin") == h.content
+    assert h.download.bytes_wasted == 0
+
+
+def test_a_cancel_that_came_too_late_teaches_how_much_is_on_its_way(tmp_path):
+    slow, fast = A, B
+    h = Harness(tmp_path, content_of(24 * CHUNK_SIZE), hosts=(slow, fast))
+    h.clients[slow].cancellable = set()
+    h.start()
+    assert h.send(slow, h.outstanding(slow)[0])
+    for index in h.outstanding(fast):
+        assert h.send(fast, index)
+    h.advance(1)
+    [(header, _)] = h.clients[slow].cancels[:1]
+    assert h.source(slow).in_transit > 0

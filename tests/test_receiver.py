@@ -370,7 +370,7 @@ class Owner:
     def get_refused(self, stream, request, failure):
         pass
 
-    def cancel_answered(self, stream, withdrawn):
+    def cancel_answered(self, stream, withdrawn, coming=()):
         pass
 
 

@@ -905,7 +905,7 @@ class Owner:
     def get_refused(self, stream, request, failure):
         self.refused.append(failure)
 
-    def cancel_answered(self, stream, withdrawn):
+    def cancel_answered(self, stream, withdrawn, coming=()):
         self.withdrawn.extend(index for _, index in withdrawn)
 
 

@@ -117,6 +117,14 @@ MIN_ASK = 4
 #: time the other would take; the other is told to cancel it.
 STEAL_MARGIN = 0.7
 
+#: A source has already sent (or is sending) the chunks at the head of its
+#: queue: about this many seconds of its rate, and a frame.  Those are not
+#: taken over: a cancel would come too late, and both copies would travel.
+#: A fast source's are many (a sending batch and the socket buffers on both
+#: sides hold megabytes); measured on loopback, 0.05 s wasted 5% of a file
+#: fetched from 8 uncapped seeders, 0.3 s under 1%.
+STEAL_IN_FLIGHT_SECONDS = 0.3
+
 #: Frames (each of up to MAX_RUN chunks) of one download that may wait to
 #: be verified and written at once; past this its data connections stop
 #: being read (at most 8 MiB of buffers).

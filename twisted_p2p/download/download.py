@@ -381,7 +381,8 @@ class Download:
         )
         log.info(
             "Bytes of {file} by source: {counts}; received {received} B, "
-            "resumed {resumed} B, wasted {wasted} B",
+            "resumed {resumed} B, wasted {wasted} B; chunks taken over {taken_over}, "
+            "asked twice {doubled}",
             event="download-sources",
             file=self.name,
             counts=", ".join(f"{label}={n}" for label, n in sorted(by_source.items())),
@@ -389,6 +390,8 @@ class Download:
             received=progress.received,
             resumed=progress.resumed,
             wasted=progress.wasted,
+            taken_over=progress.taken_over,
+            doubled=progress.doubled,
         )
         self.done.callback(result)
 
@@ -605,11 +608,22 @@ class Download:
             )
             self._drop(source)
 
-    def cancel_answered(self, stream, withdrawn):
+    def cancel_answered(self, stream, withdrawn, coming):
+        """
+        C{stream}'s source took C{withdrawn} (C{(request, index)}) off its
+        queue, and is sending C{coming} anyway.  A chunk that comes anyway
+        and was asked of another source too (a steal) is cancelled there
+        in turn, so that only one copy travels.
+        """
         if self._ledger is None or self.stage != "fetching":
             return
+        ledger = self._ledger
         for request, index in withdrawn:
-            self._ledger.withdraw(request, index)
+            ledger.withdraw(request, index)
+        for index in coming:
+            for other in ledger.askers(index):
+                if other.stream is not stream and not other.stream.closed:
+                    other.stream.cancel([index])
         self._schedule_soon()
 
     def chunks_arrived(self, stream, first, arrived, buffer):
@@ -773,11 +787,15 @@ class Download:
             elif source in ledger:
                 self._drop(source)
         decided = plan(ledger, usable, now)
+        self.progress.taken_over += decided.taken_over
+        self.progress.doubled += decided.doubled
+        # Asks first: a cancel answered at once must find the chunks asked
+        # of their new source already.
+        for source, chunks in decided.asks:
+            self._ask(source, chunks, now)
         for victim, chunks in decided.cancels:
             if victim.stream is not None:
                 victim.stream.cancel(chunks)
-        for source, chunks in decided.asks:
-            self._ask(source, chunks, now)
         if decided.wake_at is not None:
             self._wake_at(decided.wake_at)
         self._check_stuck(decided)

@@ -34,6 +34,8 @@ class Source:
     @ivar failures: streams of it given up (silent for too long, or lost).
     @ivar received: verified bytes from it.
     @ivar stream: its L{SourceStream}, while one is open.
+    @ivar in_transit: how much of its queue it has been seen to send before
+        a cancel could reach it.
     """
 
     def __init__(self, peer, client):
@@ -49,6 +51,9 @@ class Source:
         self.received = 0
         self.meter = RateMeter()
         self.stream = None
+        #: The most chunks at the head of its queue it was found to have on
+        #: their way (a cancel it could not honour); none are taken over.
+        self.in_transit = 0
 
     def rate(self, now):
         return self.meter.rate(now)
@@ -95,7 +100,7 @@ class SourceStream:
     arrives goes to the C{owner} (the L{Download}): C{chunk_arrived(stream,
     request, index, buffer)}, C{stream_lost(stream, reason)},
     C{get_refused(stream, request, failure)} and
-    C{cancel_answered(stream, removed)}.
+    C{cancel_answered(stream, withdrawn, coming)}.
 
     @ivar outstanding: chunk index -> the L{GetRequest} that asked it, in the
         order asked.
@@ -120,6 +125,7 @@ class SourceStream:
         self.heard_at = clock.seconds()
         self.closed = False
         self._reading = None
+        self._cancel_positions = {}
 
     # -- asking ------------------------------------------------------------------
 
@@ -158,11 +164,16 @@ class SourceStream:
         chunks = [i for i in chunks if i in self.outstanding and i not in self.cancelling]
         if not chunks or self.closed:
             return
+        # Where each waits in the queue: one the source sends anyway tells
+        # how much of its queue is on its way (see Source.in_transit).
+        order = {index: position for position, index in enumerate(self.outstanding)}
+        self._cancel_positions.update((i, order[i]) for i in chunks)
         self.cancelling.update(chunks)
         d = self.source.client.call(wire.request("cancel", token=self.token, chunks=chunks))
-        d.addCallbacks(self._cancel_answered, self._cancel_failed, errbackArgs=(chunks,))
+        d.addCallbacks(self._cancel_answered, self._cancel_failed,
+                       callbackArgs=(chunks,), errbackArgs=(chunks,))
 
-    def _cancel_answered(self, answer):
+    def _cancel_answered(self, answer, chunks):
         header, _ = answer
         if self.closed:
             return
@@ -172,13 +183,22 @@ class SourceStream:
             log.info("{peer} answered a cancel with nonsense", peer=self.source.label)
             return
         withdrawn = []
+        taken_off = set()
         for index in removed:
             if isinstance(index, int) and index in self.cancelling:
                 self.cancelling.discard(index)
+                taken_off.add(index)
                 request = self.outstanding.pop(index, None)
                 if request is not None:
                     withdrawn.append((request, index))
-        self.owner.cancel_answered(self, withdrawn)
+        # Those it is sending anyway: they will come from here.
+        coming = [i for i in chunks if i not in taken_off and i in self.outstanding]
+        positions = self._cancel_positions
+        for index in coming:
+            self.source.in_transit = max(self.source.in_transit, positions.get(index, -1) + 1)
+        for index in chunks:
+            positions.pop(index, None)
+        self.owner.cancel_answered(self, withdrawn, coming)
 
     def _cancel_failed(self, failure, chunks):
         # The connection is gone (the stream goes with it) or the source

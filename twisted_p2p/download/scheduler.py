@@ -13,7 +13,8 @@ it out.
  - When nothing is left to ask, a source with room takes over chunks still
    waiting at another source that it would deliver well before that one
    (L{STEAL_MARGIN}); the other is told to cancel them, so at the end every
-   source stays busy and few chunks arrive twice.  A chunk whose request has
+   source stays busy and few chunks arrive twice.  Chunks at the head of a
+   source's queue are on their way already, and are left to it.  A chunk whose request has
    made no progress for the endgame stall is asked of a second source too.
 """
 
@@ -25,9 +26,11 @@ from twisted_p2p.limits import (
     ENDGAME_COPIES,
     INITIAL_WINDOW,
     MAX_CHUNKS_PER_REQUEST,
+    MAX_RUN,
     MAX_WINDOW,
     MIN_ASK,
     MIN_WINDOW,
+    STEAL_IN_FLIGHT_SECONDS,
     STEAL_MARGIN,
     WINDOW_SECONDS,
 )
@@ -44,6 +47,10 @@ class Plan:
     asks: list = field(default_factory=list)
     cancels: list = field(default_factory=list)
     wake_at: object = None
+    #: Chunks taken over from other sources, and chunks asked a second time
+    #: because their request stalled (both count towards the endgame's cost).
+    taken_over: int = 0
+    doubled: int = 0
 
 
 def window_for(rate):
@@ -67,15 +74,26 @@ def ask_size(window):
     return max(MIN_ASK, window // 4)
 
 
+def in_flight_at(rate):
+    """
+    How many chunks at the head of the queue of a source delivering C{rate}
+    are sent already or being sent (see L{STEAL_IN_FLIGHT_SECONDS}).
+    """
+    if not rate:
+        return 0  # stalled: nothing is on its way
+    return math.ceil(rate * STEAL_IN_FLIGHT_SECONDS / CHUNK_SIZE) + MAX_RUN
+
+
 def plan(ledger, sources, now):
     """
     The L{Plan} for C{sources} (the usable ones, in order of preference)
     over C{ledger}.
 
     Each source provides C{rest_until} (when it may be asked again),
-    C{rate(now)} (bytes per second, or C{None}) and C{queue()} (the chunks
+    C{rate(now)} (bytes per second, or C{None}), C{queue()} (the chunks
     asked of it and not yet here, in the order asked, but for those it is
-    being told to cancel).
+    being told to cancel) and, optionally, C{in_transit} (how many at the
+    head of its queue it was found to be sending already).
     """
     result = Plan()
     taken = set()
@@ -102,9 +120,11 @@ def plan(ledger, sources, now):
     cancels = {}
     for thief, room in idle:
         stolen = _steal(ledger, sources, thief, room, taken, now, cancels)
+        result.taken_over += len(stolen)
         if not stolen:
             stolen = [i for i in ledger.endgame_pick(thief, room, now) if i not in taken]
             taken.update(stolen)
+            result.doubled += len(stolen)
         if stolen:
             result.asks.append((thief, stolen))
     result.cancels = [(victim, chunks) for victim, chunks in cancels.items()]
@@ -126,7 +146,10 @@ def _steal(ledger, sources, thief, room, taken, now, cancels):
         if victim is thief:
             continue
         victim_rate = victim.rate(now)
-        for position, index in enumerate(victim.queue()):
+        queue = victim.queue()
+        first = max(in_flight_at(victim_rate), getattr(victim, "in_transit", 0))
+        for position in range(first, len(queue)):
+            index = queue[position]
             copies = ledger.copies(index)
             # A chunk no request waits for any more is here already (or
             # being verified); one asked twice has had its second chance.

@@ -63,6 +63,8 @@ class Progress:
     @ivar resumed: bytes found verified on disk at the start (a resume).
     @ivar received: chunk bytes that arrived and were wanted.
     @ivar wasted: chunk bytes that arrived and were not (a second copy).
+    @ivar taken_over: chunks the scheduler took over from a slower source.
+    @ivar doubled: chunks asked of a second source because they stalled.
     @ivar by_source: verified bytes from each source, by label.
     """
 
@@ -77,6 +79,8 @@ class Progress:
         self.resumed = 0
         self.received = 0
         self.wasted = 0
+        self.taken_over = 0
+        self.doubled = 0
         self.by_source = {}
         self._samples = collections.deque(maxlen=RATE_WINDOW + 1)
 
