@@ -9,6 +9,7 @@ from twisted.internet import task
 from twisted_p2p.download.buffers import BufferPool
 from twisted_p2p.download.status import Progress, RateMeter
 from twisted_p2p.limits import CHUNK_SIZE, MAX_RUN
+from twisted_p2p.seal import TAG_SIZE
 
 
 def test_a_source_has_no_rate_until_something_arrived_over_a_while():
@@ -75,7 +76,7 @@ def test_buffers_are_reused_and_counted():
     pool.give_back(first)
     again = pool.take(10)
     assert again.obj is owner and len(again) == 10
-    other = pool.take(MAX_RUN * CHUNK_SIZE)
+    other = pool.take(MAX_RUN * CHUNK_SIZE + TAG_SIZE)  # a sealed frame's body
     assert other.obj is not owner and pool.out == 2
     with pytest.raises(ValueError):
-        pool.take(MAX_RUN * CHUNK_SIZE + 1)
+        pool.take(MAX_RUN * CHUNK_SIZE + TAG_SIZE + 1)

@@ -24,7 +24,7 @@ from twisted_p2p.transfer import (
 
 
 class NoUploads:
-    def session(self, host, keepalive=None):
+    def session(self, host, keepalive=None, transport=None):
         return self
 
     def close(self):

@@ -41,6 +41,8 @@ class FakeStream:
     C{refuse_from} on).
     """
 
+    seal = None  # an open group's stream: not sealed
+
     def __init__(self, token=TOKEN, host=PEER_HOST, refuse_from=None):
         self.token = token
         self.host = host
@@ -65,7 +67,7 @@ class FakeStream:
     def bytes_arrived(self, count):
         self.arrived_bytes += count
 
-    def chunk_arrived(self, first, count, buffer):
+    def chunk_arrived(self, first, count, buffer, line=b""):
         assert buffer is self.buffers[-1]
         self.events.append(("arrived", first, count, bytes(buffer)))
 
@@ -360,7 +362,7 @@ class Owner:
     def stream_attached(self, stream):
         self.attached.append(stream)
 
-    def chunks_arrived(self, stream, first, arrived, buffer):
+    def chunks_arrived(self, stream, first, arrived, buffer, opener=None):
         self.arrived.append((first, [index for index, _ in arrived], bytes(buffer)))
         self.buffers.give_back(buffer)
 

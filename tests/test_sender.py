@@ -49,7 +49,7 @@ class FakeUploads:
         self.calls = []
         self.sessions = []
 
-    def session(self, host, keepalive=None):
+    def session(self, host, keepalive=None, transport=None):
         session = FakeSession(host, keepalive)
         self.sessions.append(session)
         return session

@@ -893,7 +893,7 @@ class Owner:
             handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
             stream.connection.pause()
 
-    def chunks_arrived(self, stream, first, arrived, buffer):
+    def chunks_arrived(self, stream, first, arrived, buffer, opener=None):
         for index, _ in arrived:
             offset = (index - first) * CHUNK_SIZE
             self.arrived.append((index, bytes(buffer[offset : offset + CHUNK_SIZE])))

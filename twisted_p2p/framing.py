@@ -50,6 +50,8 @@ class FrameReader:
 
     @ivar max_frame: the largest frame length accepted; may change between
         frames (a connection takes larger frames once it knows who talks).
+    @ivar line: the header line of the frame being read, as it came (what a
+        sealed frame's body is bound to; see C{seal.py}).
     """
 
     def __init__(self, owner, max_frame, max_header):
@@ -61,6 +63,7 @@ class FrameReader:
         self._head_used = 0
         self._body = None
         self._body_used = 0
+        self.line = b""
         self.stopped = False
 
     def buffer(self):
@@ -131,7 +134,8 @@ class FrameReader:
             body_length = length - line_length
             if body_length < 0:
                 raise wire.ProtocolError("a frame shorter than its header")
-            header = wire.decode_header(bytes(head[_LENGTH:newline]))
+            self.line = bytes(head[_LENGTH:newline])
+            header = wire.decode_header(self.line)
             target = self._owner.header_received(header, body_length)
             rest = bytes(self._head_view[newline + 1 : self._head_used])
             if body_length:

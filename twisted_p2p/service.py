@@ -868,24 +868,28 @@ class PeerService(MultiService):
             endpoints = [four(self.reactor, port, interface="")]
             if ipv6_available():
                 endpoints.append(six(self.reactor, port, interface="::"))
-        if self.security is not None:
+        # The receiver port stays plain TCP in a private group too: its
+        # streams are sealed with keys from the TLS of the request
+        # connections they were asked on (see seal.py).
+        if self.security is not None and not receiver:
             endpoints = [self.security.server_endpoint(e) for e in endpoints]
         return endpoints
 
-    def _connect(self, host, port, protocol, peer_id=None):
+    def _connect(self, host, port, protocol, peer_id=None, secure=True):
         """
         Connect C{protocol} to C{(host, port)}: IPv4 or IPv6 (a link-local
         address carries its scope, C{fe80::1%eth0}).
 
         In a private group the connection is the group's TLS, and fires
         only once the other side has shown it is a member, and the peer
-        C{peer_id} if one is given (else any member).
+        C{peer_id} if one is given (else any member); but for C{secure}
+        false (a stream's data connection, sealed on its own).
         """
         if ":" in host:
             endpoint = TCP6ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
         else:
             endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
-        if self.security is not None:
+        if self.security is not None and secure:
             endpoint = self.security.client_endpoint(
                 endpoint, peer_id, where=interfaces.format_address(host, port)
             )
@@ -895,12 +899,10 @@ class PeerService(MultiService):
 
     def _connect_back(self, host, port, protocol):
         """
-        The sender's connection to a requester's receiver port: in a private
-        group, to the peer we know there, if we know one (else to any
-        member).
+        The sender's data connection to a requester's receiver port: plain
+        TCP, for its frames are sealed in a private group (see seal.py).
         """
-        known = [p for p in self.table.peers() if p.host == host and p.transfer_port == port]
-        return self._connect(host, port, protocol, known[0].peer_id if len(known) == 1 else None)
+        return self._connect(host, port, protocol, secure=False)
 
     def _verified(self, peer_id, fingerprint):
         """

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from twisted_p2p import events, wire
 from twisted_p2p.interfaces import format_address
+from twisted_p2p.seal import stream_seal
 from twisted_p2p.limits import (
     CATALOG_PAGE_BYTES,
     HAVE_PAGE,
@@ -112,14 +113,16 @@ class Uploads:
         self.active = 0
         self.bytes_sent = 0
 
-    def session(self, host, keepalive=None):
+    def session(self, host, keepalive=None, transport=None):
         """
         The state of one request connection from C{host}: the streams it
         opens end when it closes (L{UploadSession.close}).
 
         @param keepalive: called whenever one of its streams makes progress.
+        @param transport: the request connection's transport: in a private
+            group, its TLS keys the seal of the streams it opens.
         """
-        return UploadSession(host, keepalive)
+        return UploadSession(host, keepalive, transport)
 
     def handle(self, header, session):
         """
@@ -279,6 +282,7 @@ class Uploads:
             self._clock,
             pace=self.bucket.take if self.bucket is not None else None,
             progress=session.keepalive,
+            seal=stream_seal(session.transport, token),
         )
         # Known to the session before the connection is up: a second "get"
         # of the token, queued behind this one, finds it.
@@ -369,9 +373,10 @@ class UploadSession:
     @ivar keepalive: called whenever one of its streams sends something.
     """
 
-    def __init__(self, host, keepalive=None):
+    def __init__(self, host, keepalive=None, transport=None):
         self.host = host
         self.keepalive = keepalive
+        self.transport = transport
         self.streams = {}
         self.ports = {}
         self.closed = False

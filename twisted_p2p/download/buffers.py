@@ -3,6 +3,7 @@ The buffers a download reads chunks into.
 """
 
 from twisted_p2p.limits import CHUNK_SIZE, MAX_RUN
+from twisted_p2p.seal import TAG_SIZE
 
 
 class BufferPool:
@@ -20,7 +21,7 @@ class BufferPool:
     @ivar out: buffers given and not yet given back.
     """
 
-    def __init__(self, size=MAX_RUN * CHUNK_SIZE):
+    def __init__(self, size=MAX_RUN * CHUNK_SIZE + TAG_SIZE):
         self._size = size
         self._free = []
         self.out = 0
@@ -28,7 +29,7 @@ class BufferPool:
     def take(self, length):
         """
         A writable C{memoryview} of C{length} bytes (at most a frame's
-        body: L{MAX_RUN} chunks).
+        body: L{MAX_RUN} chunks, and a seal's tag).
         """
         if length > self._size:
             raise ValueError(f"a buffer of {length} bytes is over {self._size}")

@@ -36,6 +36,7 @@ from twisted_p2p.limits import (
     TIMEOUT_REST,
     VERIFY_QUEUE,
 )
+from twisted_p2p.seal import SealBroken, stream_seal
 from twisted_p2p.storage import StorageError
 
 log = Logger()
@@ -44,12 +45,19 @@ log = Logger()
 PROGRESS_INTERVAL = 1.0
 
 
-def verify(manifest, first, wanted, buffer):
+def verify(manifest, first, wanted, buffer, opener=None):
     """
     Which of chunks C{wanted} (indexes, in order) of the frame that starts
     at chunk C{first}, in C{buffer}, are right.  Blocks for the hashes: a
     worker thread runs it.
+
+    @param opener: for a sealed stream, C{(seal, frame number, header
+        line)}: the frame is opened in place first.
+    @raise SealBroken: a sealed frame that does not open.
     """
+    if opener is not None:
+        seal, number, line = opener
+        buffer = seal.open_in_place(number, line, buffer)
     base = manifest.chunk_offset(first)
     good = []
     for index in wanted:
@@ -626,12 +634,13 @@ class Download:
                     other.stream.cancel([index])
         self._schedule_soon()
 
-    def chunks_arrived(self, stream, first, arrived, buffer):
+    def chunks_arrived(self, stream, first, arrived, buffer, opener=None):
         """
         Chunks C{first}, C{first + 1}, ... came on C{stream} in C{buffer}:
         C{arrived} is the C{(index, request)} of each.  Those still wanted
-        are verified and written, in one job for a worker; the others are
-        dropped (another copy came first).
+        are verified (a sealed frame opened first, with C{opener}) and
+        written, in one job for a worker each; the others are dropped
+        (another copy came first).
         """
         source = stream.source
         ledger = self._ledger
@@ -663,7 +672,7 @@ class Download:
             self._pause_reading()
         # Hashing and writing are two jobs for two threads: the hashes of a
         # frame are taken while the one before it is written.
-        d = self._hasher.submit(verify, manifest, first, wanted, buffer)
+        d = self._hasher.submit(verify, manifest, first, wanted, buffer, opener)
         d.addCallback(self._verified, first, buffer)
         d = self._busy(d)
         d.addBoth(self._give_back, buffer)
@@ -671,7 +680,7 @@ class Download:
             self._stored,
             self._store_failed,
             callbackArgs=(source, wanted),
-            errbackArgs=(wanted,),
+            errbackArgs=(wanted, stream),
         )
         window = source.window(now)
         if window - ledger.in_flight(source) >= ask_size(window):
@@ -702,12 +711,20 @@ class Download:
             return
         self._schedule_soon()
 
-    def _store_failed(self, failure, wanted):
+    def _store_failed(self, failure, wanted, stream):
         self._settled()
         if self.stage != "fetching":
             return
         for index in wanted:
             self._ledger.requeue(index)
+        if failure.check(SealBroken):
+            # Not the source's doing for sure (someone on the way may have
+            # altered it): its stream is closed, as on any broken frame.
+            log.info("A sealed frame from {peer} did not open; closing its stream",
+                     peer=stream.source.label)
+            if stream.source.stream is stream:
+                self._give_up_stream(stream.source, "sent a sealed frame that did not open")
+            return
         error = failure.value
         if isinstance(error, StorageError):
             reason = str(error)
@@ -806,6 +823,9 @@ class Download:
             stream = SourceStream(
                 self, source, self.manifest, self.file_id, self._receiver_port, self._clock
             )
+            # In a private group its frames are sealed, keyed by the TLS of
+            # the request connection it is asked on.
+            stream.seal = stream_seal(getattr(source.client, "transport", None), stream.token)
             source.stream = stream
             self._inbox.expect(stream)
         request = GetRequest(stream, chunks)

@@ -108,7 +108,7 @@ class SourceStream:
         send (then they are accepted, and the owner decides).
     """
 
-    def __init__(self, owner, source, manifest, file_id, receiver_port, clock):
+    def __init__(self, owner, source, manifest, file_id, receiver_port, clock, seal=None):
         self.owner = owner
         self.source = source
         self.host = source.peer.host
@@ -120,6 +120,9 @@ class SourceStream:
         self.outstanding = {}
         self.cancelling = set()
         self._clock = clock
+        #: In a private group, what opens its sealed frames (L{StreamSeal}).
+        self.seal = seal
+        self.frames = 0
         #: When chunk data last arrived, or it was last given something to
         #: wait for while it waited for nothing (the silence check).
         self.heard_at = clock.seconds()
@@ -227,7 +230,7 @@ class SourceStream:
         @raise wire.ProtocolError: it is not.
         """
         manifest = self._manifest
-        expected = 0
+        expected = self.seal.overhead if self.seal is not None else 0
         for index in range(first, first + count):
             if index not in self.outstanding:
                 raise wire.ProtocolError(f"chunk {index} was not asked for")
@@ -240,8 +243,11 @@ class SourceStream:
     def bytes_arrived(self, count):
         self.heard_at = self._clock.seconds()
 
-    def chunk_arrived(self, first, count, buffer):
+    def chunk_arrived(self, first, count, buffer, line=b""):
         self._reading = None
+        # Frames are numbered as they come: a sealed one opens with its
+        # number as nonce (see seal.py).
+        number, self.frames = self.frames, self.frames + 1
         outstanding, cancelling = self.outstanding, self.cancelling
         arrived = []
         for index in range(first, first + count):
@@ -249,7 +255,8 @@ class SourceStream:
             # (the source said it would not send it); not wanted, dropped.
             arrived.append((index, outstanding.pop(index, None)))
             cancelling.discard(index)
-        self.owner.chunks_arrived(self, first, arrived, buffer)
+        opener = (self.seal, number, line) if self.seal is not None else None
+        self.owner.chunks_arrived(self, first, arrived, buffer, opener)
 
     def detached(self, connection, reason):
         self.connection = None

@@ -47,6 +47,7 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
         self.stream = None
         self._index = None
         self._count = 0
+        self._line = b""
         self._buffer = None
         self._reader = FrameReader(self, MAX_DATA_HEADER, MAX_DATA_HEADER)
         self.setTimeout(HELLO_TIMEOUT)
@@ -85,7 +86,8 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
                 raise wire.ProtocolError("a token nobody handed out")
             self.setTimeout(None)
             self.stream = stream
-            self._reader.max_frame = MAX_DATA_HEADER + MAX_RUN * CHUNK_SIZE
+            overhead = stream.seal.overhead if stream.seal is not None else 0
+            self._reader.max_frame = MAX_DATA_HEADER + MAX_RUN * CHUNK_SIZE + overhead
             stream.attach(self)
             return None
         if kind != "chunk":
@@ -93,7 +95,7 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
         index = wire.int_field(header, "i", 0, 2**31)
         count = wire.int_field(header, "n", 1, MAX_RUN) if "n" in header else 1
         self._buffer = self.stream.chunk_started(index, count, body_length)
-        self._index, self._count = index, count
+        self._index, self._count, self._line = index, count, self._reader.line
         return self._buffer
 
     def body_progress(self, count):
@@ -104,7 +106,7 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
             return  # the hello
         index, count, buffer = self._index, self._count, self._buffer
         self._index = self._buffer = None
-        self.stream.chunk_arrived(index, count, buffer)
+        self.stream.chunk_arrived(index, count, buffer, self._line)
 
     # -- what the stream's owner may do ------------------------------------------
 

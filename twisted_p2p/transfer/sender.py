@@ -47,7 +47,7 @@ class SenderProtocol(FramedProtocol):
         self._write_gate = _WriteGate(self)
         self.transport.registerProducer(self._write_gate, True)
         self.session = self.factory.uploads.session(
-            self.transport.getPeer().host, self.resetTimeout
+            self.transport.getPeer().host, self.resetTimeout, self.transport
         )
 
     def dataReceived(self, data):

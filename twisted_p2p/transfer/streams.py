@@ -25,7 +25,7 @@ from zope.interface import implementer
 from twisted_p2p import wire
 from twisted_p2p.framing import frame_head
 from twisted_p2p.index import file_signature
-from twisted_p2p.limits import IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES
+from twisted_p2p.limits import CHUNK_SIZE, IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES
 
 log = Logger()
 
@@ -83,6 +83,24 @@ class OpenChunks:
         ):
             raise FileChanged(f"{self.path} changed since it was indexed")
 
+    def read_into(self, segments, buffer):
+        """
+        Read C{segments} into the start of the writable C{buffer}; how many
+        bytes that is.
+        """
+        view = memoryview(buffer)
+        position = 0
+        for fd, offset, length in segments:
+            target = view[position : position + length]
+            while target:
+                got = os.preadv(fd, [target], offset)
+                if got == 0:
+                    raise FileChanged(f"{self.path} is shorter than when it was indexed")
+                target = target[got:]
+                offset += got
+            position += length
+        return position
+
     def read(self, segments):
         """
         The bytes of C{segments} (for transports that cannot sendfile).
@@ -105,22 +123,27 @@ class _Outgoing:
     """
     One frame to send: its head (length prefix and header line), and the
     file ranges that are its body: chunks C{first} to C{first + count - 1}
-    (C{first} is C{None} for the hello).  The C{*_sent} counts are written
-    by the worker thread while it sends, and read by the reactor only after.
+    (C{first} is C{None} for the hello).  On a sealed stream, C{sealed}
+    holds the sealed body once a worker has sealed it (it then must be
+    sent: the next frame's nonce follows).  The C{*_sent} counts and
+    C{sealed} are written by the worker thread while it sends, and read by
+    the reactor only after.
     """
 
-    __slots__ = ("first", "count", "head", "segments", "length", "head_sent", "segment",
-                 "segment_sent")
+    __slots__ = ("first", "count", "head", "line", "segments", "length", "head_sent",
+                 "segment", "segment_sent", "sealed")
 
-    def __init__(self, first, count, head, segments=()):
+    def __init__(self, first, count, head, segments=(), line=b""):
         self.first = first
         self.count = count
         self.head = head
+        self.line = line
         self.segments = list(segments)
         self.length = sum(length for _, _, length in self.segments)
         self.head_sent = 0
         self.segment = 0
         self.segment_sent = 0
+        self.sealed = None
 
     @property
     def chunks(self):
@@ -128,11 +151,26 @@ class _Outgoing:
 
     @property
     def started(self):
-        return self.head_sent > 0
+        return self.head_sent > 0 or self.sealed is not None
 
     @property
     def size(self):
         return len(self.head) + self.length
+
+
+def _send_head(sock, item):
+    """
+    Send what is left of C{item}'s head; whether it is all sent (else the
+    socket would block).
+    """
+    head = item.head
+    while item.head_sent < len(head):
+        try:
+            # MSG_MORE: the head goes out with the body that follows.
+            item.head_sent += sock.send(memoryview(head)[item.head_sent :], socket.MSG_MORE)
+        except BlockingIOError:
+            return False
+    return True
 
 
 def send_batch(sock, items, opened):
@@ -148,13 +186,8 @@ def send_batch(sock, items, opened):
     fileno = sock.fileno()
     done = 0
     for item in items:
-        head = item.head
-        while item.head_sent < len(head):
-            try:
-                # MSG_MORE: the head goes out with the body that follows.
-                item.head_sent += sock.send(memoryview(head)[item.head_sent :], socket.MSG_MORE)
-            except BlockingIOError:
-                return done, True
+        if not _send_head(sock, item):
+            return done, True
         while item.segment < len(item.segments):
             fd, offset, length = item.segments[item.segment]
             while item.segment_sent < length:
@@ -174,13 +207,51 @@ def send_batch(sock, items, opened):
     return done, False
 
 
-def read_batch(items, opened):
+def seal_batch(sock, items, opened, seal, buffer):
     """
-    The bodies of C{items}, read from the file (for transports that cannot
-    sendfile).  Blocking: run it in a worker thread.
+    Like L{send_batch} for a sealed stream: each body is read into
+    C{buffer}, sealed there (the next nonce of C{seal}) and sent as it comes
+    to be sent, so a frame not yet reached can still be cancelled; only one
+    frame is sealed and not yet sent at a time, so one buffer of the stream
+    serves them all.  Blocking: run it in a worker thread.
     """
     opened.check()
-    bodies = [opened.read(item.segments) for item in items]
+    done = 0
+    for item in items:
+        if item.first is not None and item.sealed is None:
+            length = opened.read_into(item.segments, buffer)
+            view = memoryview(buffer)
+            seal.seal_into(item.line, view[:length], view[: length + seal.overhead])
+            item.sealed = view[: length + seal.overhead]
+        if not _send_head(sock, item):
+            return done, True
+        body = item.sealed or b""
+        while item.segment_sent < len(body):
+            try:
+                item.segment_sent += sock.send(memoryview(body)[item.segment_sent :])
+            except BlockingIOError:
+                return done, True
+        item.sealed = b"" if item.sealed is not None else None  # sent: let it go
+        done += 1
+    opened.check()
+    return done, False
+
+
+def read_batch(items, opened, seal=None):
+    """
+    The bodies of C{items}, read from the file, and sealed on a sealed
+    stream (for transports that cannot sendfile).  Blocking: run it in a
+    worker thread.
+    """
+    opened.check()
+    bodies = []
+    for item in items:
+        body = opened.read(item.segments)
+        if seal is not None:
+            sealed = bytearray(len(body) + seal.overhead)
+            seal.seal_into(item.line, body, sealed)
+            body = bytes(sealed)
+        bodies.append(body)
     opened.check()
     return bodies
 
@@ -225,8 +296,11 @@ class OutgoingStream:
 
     stall_timeout = IDLE_TIMEOUT
 
-    def __init__(self, token, local, opened, workers, clock, pace=None, progress=None):
+    def __init__(self, token, local, opened, workers, clock, pace=None, progress=None,
+                 seal=None):
         self.token = token
+        self._seal = seal
+        self._seal_buffer = None
         self.local = local
         self._opened = opened
         self._workers = workers
@@ -399,12 +473,19 @@ class OutgoingStream:
         if self._sendfile:
             batch = list(self._paid)
             self._job = batch
-            d = self._workers.submit(send_batch, self._sock, batch, self._opened)
+            if self._seal is None:
+                d = self._workers.submit(send_batch, self._sock, batch, self._opened)
+            else:
+                if self._seal_buffer is None:
+                    self._seal_buffer = bytearray(MAX_RUN * CHUNK_SIZE + self._seal.overhead)
+                d = self._workers.submit(
+                    seal_batch, self._sock, batch, self._opened, self._seal, self._seal_buffer
+                )
             d.addCallbacks(self._sent, self._failed, callbackArgs=(batch,))
         else:
             batch = [item for item in self._paid if item.first is not None]
             self._job = batch
-            d = self._workers.submit(read_batch, batch, self._opened)
+            d = self._workers.submit(read_batch, batch, self._opened, self._seal)
             d.addCallbacks(self._read, self._failed, callbackArgs=(batch,))
 
     def _take_paid(self):
@@ -455,7 +536,10 @@ class OutgoingStream:
         segments = self._opened.segments(first, count)
         length = sum(length for _, _, length in segments)
         header = {"t": "chunk", "i": first} if count == 1 else {"t": "chunk", "i": first, "n": count}
-        return _Outgoing(first, count, frame_head(header, length), segments)
+        sealed = length + (self._seal.overhead if self._seal is not None else 0)
+        head = frame_head(header, sealed)
+        # The header line, as the receiver reads it: what a seal binds to.
+        return _Outgoing(first, count, head, segments, line=head[4:-1])
 
     def _sent(self, result, batch):
         done, blocked = result
