@@ -311,10 +311,11 @@ class Harness:
                 return header["token"]
         raise AssertionError(f"chunk {index} was never asked of {host}")
 
-    def send(self, host, index, data=None, count=1, token=None):
+    def send(self, host, index, data=None, count=1, token=None, line=b""):
         """
-        Chunks C{index} to C{index + count - 1} (one frame) from C{host},
-        arriving on the receiver port.  Whether the stream accepted them.
+        Chunks C{index} to C{index + count - 1} (one frame, its header
+        C{line}) from C{host}, arriving on the receiver port.  Whether the
+        stream accepted them.
         """
         stream = self.stream(host, token or self.token_for(host, index))
         assert stream is not None, "the token was not (or no longer) expected"
@@ -325,7 +326,7 @@ class Harness:
             return False
         buffer[:] = data
         stream.bytes_arrived(len(data))
-        stream.chunk_arrived(index, count, buffer)
+        stream.chunk_arrived(index, count, buffer, line)
         self.turn()
         return True
 

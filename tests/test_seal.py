@@ -12,7 +12,7 @@ import os
 import pytest
 from support import frames_in, result_of
 from test_download import A, Harness, content_of
-from test_streams import HELLO, TOKEN, CopyLink, Opened, SendfileLink  # noqa: F401
+from test_streams import HELLO, TOKEN, Opened, eleven, link  # noqa: F401 (fixtures)
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
@@ -23,7 +23,6 @@ from twisted_p2p.download.buffers import BufferPool
 from twisted_p2p.limits import MAX_RUN
 from twisted_p2p.manifest import CHUNK_SIZE
 from twisted_p2p.seal import EXPORTER_LABEL, TAG_SIZE, SealBroken, StreamSeal, stream_seal
-from twisted_p2p.transfer.streams import OutgoingStream, StreamConnection
 
 KEY = bytes(range(16))
 OTHER_KEY = bytes(range(1, 17))
@@ -165,21 +164,6 @@ def test_another_token_is_another_key():
 # -- the sending side ----------------------------------------------------------------
 
 
-class SealedOpened(Opened):
-    """L{Opened}, with a sealed stream keyed L{KEY}."""
-
-    def __init__(self, local, transport):
-        Opened.__init__(self, local, StringTransport())
-        self.stream = OutgoingStream(
-            TOKEN, local, self.opened, self.workers, self.clock, seal=StreamSeal(KEY)
-        )
-        self.ends = []
-        self.stream.done.addCallback(self.ends.append)
-        self.connection = StreamConnection(self.stream)
-        self.transport = transport
-        self.connection.makeConnection(transport)
-
-
 def opened_frames(data):
     """
     The C{(first, count, plain body)} of the sealed chunk frames in C{data},
@@ -196,17 +180,9 @@ def opened_frames(data):
     return found
 
 
-@pytest.fixture(params=[CopyLink, SendfileLink], ids=["copy", "sendfile"])
-def link(request):
-    made = request.param()
-    yield made
-    if hasattr(made, "close"):
-        made.close()
-
-
 def test_a_sealed_stream_sends_frames_that_open_in_order(link, eleven):
     local, content = eleven
-    opened = SealedOpened(local, link.transport)
+    opened = Opened(local, link.transport, seal=StreamSeal(KEY))
     opened.stream.add([0, 1, 2, 3, 4, 9, 10, 7])
     link.pull()
     data = link.data()
@@ -226,7 +202,7 @@ def test_a_cancel_on_a_sealed_stream_keeps_the_numbers_in_step(link, eleven):
     open with the receiver's count.
     """
     local, content = eleven
-    opened = SealedOpened(local, link.transport)
+    opened = Opened(local, link.transport, seal=StreamSeal(KEY))
     opened.stream.add([0])
     opened.stream.add([2])
     opened.stream.add([4])
@@ -237,13 +213,6 @@ def test_a_cancel_on_a_sealed_stream_keeps_the_numbers_in_step(link, eleven):
     assert [first for first, _, _ in frames] == [0, 4, 6]
     for first, count, plain in frames:
         assert plain == content[first * CHUNK_SIZE : (first + count) * CHUNK_SIZE]
-
-
-@pytest.fixture
-def eleven(tmp_path):
-    from support import shared_file
-
-    return shared_file(str(tmp_path), "eleven.bin", 10 * CHUNK_SIZE + 100, seed=11)
 
 
 # -- the receiving side --------------------------------------------------------------
@@ -268,24 +237,15 @@ class SealedHarness(Harness):
 
     def send_sealed(self, host, index, count=1, alter=False):
         token = self.token_for(host, index)
-        stream = self.stream(host, token)
         seal = self.seals.setdefault(token, StreamSeal(KEY))
-        data = self.chunk(index, count)
         header = {"t": "chunk", "i": index} if count == 1 else {"t": "chunk", "i": index, "n": count}
         line = wire.encode_frame(header)[:-1]
+        data = self.chunk(index, count)
         body = bytearray(len(data) + TAG_SIZE)
         seal.seal_into(line, data, body)
         if alter:
             body[7] ^= 0x40
-        try:
-            buffer = stream.chunk_started(index, count, len(body))
-        except wire.ProtocolError:
-            return False
-        buffer[:] = body
-        stream.bytes_arrived(len(body))
-        stream.chunk_arrived(index, count, buffer, line)
-        self.turn()
-        return True
+        return self.send(host, index, data=bytes(body), count=count, token=token, line=line)
 
 
 def test_a_sealed_download_opens_every_frame_and_is_byte_identical(tmp_path, monkeypatch):
