@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from twisted_p2p import events
 from twisted_p2p.download import DownloadFailed
+from twisted_p2p.names import BadName, check_path, is_legal_path, leaf
 from twisted_p2p.units import human_size
 from twisted_p2p.version import version
 
@@ -23,7 +24,8 @@ from twisted_p2p.version import version
 COMMANDS = (
     ("list", "list [PATTERN]", "files here and on the peers", ("ls",)),
     ("peers", "peers", "the peers this one knows", ()),
-    ("download", "download FILE... [--from PEER]", "fetch files into downloads/", ("get",)),
+    ("download", "download FILE... [--folder] [--from PEER]", "fetch files or folders into downloads/",
+     ("get",)),
     ("status", "status", "downloads running, stopped and partial", ()),
     ("resume", "resume FILE", "continue a stopped download", ()),
     ("cancel", "cancel FILE", "stop a download, throw its data away", ()),
@@ -35,8 +37,9 @@ COMMANDS = (
 
 #: Said below the commands in C{help}.
 HELP_NOTES = (
-    "FILE: a name, a pattern (*.jpg) or an id prefix.  PATTERN: *.jpg, or",
-    "part of a name.  PEER: a name, an address or an id prefix.",
+    "FILE: a name or path (photos/a.jpg), a pattern (*.jpg) or an id prefix;",
+    "a folder ends with / (download photos/, list photos/) or takes --folder.",
+    "PATTERN: *.jpg, or part of a name.  PEER: a name, an address or an id prefix.",
     'Quote names with spaces: download "my photo.jpg".  Tab completes.',
 )
 
@@ -130,7 +133,7 @@ class Commands:
         elif command == "cancel":
             names = {d.name for d in self._downloads.active.values()}
         else:
-            names = {offer.name for offer in self._catalog.offers()}
+            names = {offer.name for offer in _paths_of(self._catalog)}
             if command == "list":
                 names.update(f.name for f in self._index.files())
         return sorted(names)
@@ -205,7 +208,20 @@ class Commands:
         emit(events.event("version", version=version()))
 
     def list(self, args, emit, origin):
+        """
+        The files here and on the peers.  Without a pattern, the folders
+        below the one asked (the top by default, C{list photos/} for
+        another) are collapsed into one row each, with their file count
+        and size; a pattern lists every file whose path matches.
+        """
         pattern = args[0] if args else None
+        folder = None
+        if pattern is not None and pattern.endswith("/") and not _PATTERN & set(pattern):
+            folder, pattern = pattern.rstrip("/") + "/", None
+            try:
+                check_path(folder[:-1])
+            except BadName as e:
+                raise CommandError(f"{folder} is not a folder path: {e}") from e
         rows = {}
         for local in self._index.files():
             row = rows.setdefault(local.file_id, _row(local.name, local.size, local.file_id))
@@ -218,9 +234,15 @@ class Commands:
                 row["where"].append(peer.label)
                 row["sources"].append({"peer": peer.label, "name": _name_of(peer)})
         files = sorted(rows.values(), key=lambda f: (f["name"], f["id"]))
+        folders = []
         if pattern is not None:
             files = [f for f in files if _matches(pattern, f["name"])]
-        emit(events.event("list", files=files, pattern=pattern, peers=len(self._table)))
+        else:
+            files, folders = _collapse(files, folder or "")
+        emit(events.event(
+            "list", files=files, folders=folders, folder=folder, pattern=pattern,
+            peers=len(self._table),
+        ))
 
     def peers(self, args, emit, origin):
         now = self._clock.seconds()
@@ -242,11 +264,15 @@ class Commands:
         emit(events.event("peers", peers=peers, dropped=dropped))
 
     def download(self, args, emit, origin):
-        wanted, source = _split_from(args)
+        wanted, source, as_folder = _split_options(args)
         offers = self._catalog.offers()
         chosen = {}
+        folders = []
         for arg in wanted:
             try:
+                if as_folder or arg.endswith("/"):
+                    folders.append(self._resolve_folder(arg))
+                    continue
                 found = self._resolve(arg, offers, many=bool(_PATTERN & set(arg)))
             except CommandError as e:
                 if len(wanted) == 1:
@@ -255,12 +281,51 @@ class Commands:
                 emit(events.error(str(e)))
                 continue
             for offer in found:
-                chosen.setdefault(offer.file_id, offer)
-        if not chosen:
+                # A file asked for by itself lands in downloads/ under its
+                # own name, wherever it is in the peer's tree.
+                chosen.setdefault(offer.file_id, (offer, leaf(offer.name)))
+        if not chosen and not folders:
             return None
         if source is not None:
             chosen = self._from(source, chosen)
-        return self._start(list(chosen.values()), emit, origin)
+            folders = [
+                (path, list(self._from(source, dict(enumerate(items))).values()))
+                for path, items in folders
+            ]
+        running = []
+        if chosen:
+            running.append(self._start(list(chosen.values()), emit, origin))
+        for path, items in folders:
+            running.append(self._start_folder(path, items, emit, origin))
+        if len(running) == 1:
+            return running[0]
+        return defer.gatherResults(running, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure
+        )
+
+    def _resolve_folder(self, wanted):
+        """
+        C{(folder, [(offer, path under it)])}: every file the peers offer
+        below folder C{wanted}, by path and id.
+
+        @raise CommandError: not a folder path, or nothing offered below it.
+        """
+        folder = wanted.rstrip("/")
+        try:
+            check_path(folder)
+        except BadName as e:
+            raise CommandError(f"{wanted!r} is not a folder path: {e}") from e
+        prefix = folder + "/"
+        items = [
+            (offer, offer.name[len(prefix):])
+            for offer in _paths_of(self._catalog)
+            if offer.name.startswith(prefix)
+        ]
+        if not items:
+            raise CommandError(
+                f"no known peer offers a folder {prefix}; 'list' shows what they do"
+            )
+        return folder, items
 
     def resume(self, args, emit, origin):
         wanted = args[0]
@@ -284,7 +349,10 @@ class Commands:
             raise CommandError(
                 f"no known peer offers {entry['file']} now; resume it when one that has it is back"
             )
-        return self._start(offers, emit, origin)
+        # Where it was going: a file of a folder download goes back into
+        # that folder.
+        target = entry["file"] if is_legal_path(entry["file"]) else leaf(offers[0].name)
+        return self._start([(offers[0], target)], emit, origin)
 
     def status(self, args, emit, origin):
         transfers = [d.status() for d in self._downloads.active.values()]
@@ -375,37 +443,45 @@ class Commands:
 
     def _from(self, wanted, chosen):
         """
-        C{chosen} offers with their peers narrowed to those C{wanted} names
-        (by name, address or id prefix).
+        C{chosen} C{(offer, target)} pairs, by key, with their peers
+        narrowed to those C{wanted} names (by name, address or id prefix).
         """
         known = [p for p in self._table.peers() if _is_peer(p, wanted)]
         if not known:
             raise CommandError(f"no known peer is called {wanted!r}; 'peers' lists them")
         narrowed = {}
-        for file_id, offer in chosen.items():
+        for key, (offer, target) in chosen.items():
             peers = tuple(p for p in offer.peers if _is_peer(p, wanted))
             if not peers:
                 raise CommandError(f"{wanted} does not offer {offer.name}; 'list' shows who does")
-            narrowed[file_id] = type(offer)(offer.file_id, offer.name, offer.size, peers)
+            narrowed[key] = (type(offer)(offer.file_id, offer.name, offer.size, peers), target)
         return narrowed
 
-    def _start(self, offers, emit, origin):
+    def _start(self, chosen, emit, origin):
         """
-        Start a download of each of C{offers}; a Deferred that fires when
-        they are all over.
+        Start a download of each C{(offer, target)} of C{chosen}, into
+        C{target} below the downloads folder; a Deferred that fires when
+        they are all over.  One file starts at once; several wait their
+        turn in the downloads' queue.
         """
         emit(events.event(
             "download-requested",
-            files=[{"file": o.name, "id": o.file_id, "sources": len(o.peers)} for o in offers],
+            files=[
+                {"file": target, "id": o.file_id, "sources": len(o.peers)}
+                for o, target in chosen
+            ],
         ))
         running = []
-        for offer in offers:
+        for offer, target in chosen:
             report = self._reporter(emit, origin)
-            try:
-                d = self._downloads.start(offer.name, offer.file_id, offer.peers, report)
-            except DownloadFailed as e:
-                emit(events.error(str(e), file=offer.name, id=offer.file_id))
-                continue
+            if len(chosen) == 1:
+                try:
+                    d = self._downloads.start(target, offer.file_id, offer.peers, report)
+                except DownloadFailed as e:
+                    emit(events.error(str(e), file=target, id=offer.file_id))
+                    continue
+            else:
+                d = self._downloads.queue(target, offer.file_id, offer.peers, report)
             running.append(d.addErrback(self._failed, emit))
         if len(running) == 1:
             return running[0]
@@ -413,14 +489,61 @@ class Commands:
             lambda f: f.value.subFailure
         )
 
-    def _reporter(self, emit, origin):
+    def _start_folder(self, folder, items, emit, origin):
+        """
+        Download every C{(offer, path below folder)} of C{items} into one
+        new folder of downloads/, keeping the tree.  The folder's name is
+        decided once, before any file arrives: C{folder}'s own name, or
+        C{name (1)} and so on if that is taken.  Each file is verified and
+        renamed into place on its own, and the whole is summed up at the
+        end.
+        """
+        top = self._downloads.free_folder(leaf(folder))
+        started = self._clock.seconds()
+        total = sum(offer.size for offer, _ in items)
+        emit(events.event(
+            "folder-requested", folder=folder + "/", into=top + "/", existed=top != leaf(folder),
+            files=len(items), size=total,
+        ))
+        outcome = {"done": 0, "failed": 0, "bytes": 0}
+        running = []
+        for offer, below in items:
+            target = f"{top}/{below}"
+            report = self._reporter(emit, origin, folder=folder + "/")
+            d = self._downloads.queue(target, offer.file_id, offer.peers, report)
+
+            def ok(result, size=offer.size):
+                outcome["done"] += 1
+                outcome["bytes"] += size
+
+            def failed(failure):
+                outcome["failed"] += 1
+                failure.trap(CommandError, DownloadFailed)
+                if not getattr(failure.value, "reported", False):
+                    emit(events.error(failure.getErrorMessage()))
+
+            running.append(d.addCallbacks(ok, failed))
+
+        def summed(_):
+            emit(events.event(
+                "folder-finished", folder=folder + "/", into=top + "/",
+                files=outcome["done"], failed=outcome["failed"], size=outcome["bytes"],
+                seconds=round(self._clock.seconds() - started, 3),
+            ))
+
+        return defer.DeferredList(running, consumeErrors=True).addCallback(summed)
+
+    def _reporter(self, emit, origin, folder=None):
         """
         Where a download's events go: the record of partial downloads, the
-        face that asked, and every other face.
+        face that asked, and every other face.  The events of a file of a
+        folder download name the folder (the faces sum those up).
         """
         face = getattr(origin, "face", None)
 
         def report(e):
+            if folder is not None:
+                e = dict(e, folder=folder)
             if (
                 e.get("event") == "download-stopped"
                 and "percent" not in e
@@ -471,14 +594,19 @@ def _matches(pattern, name):
     return pattern.casefold() in name.casefold()
 
 
-def _split_from(args):
+def _split_options(args):
     """
-    The names of a C{download} and its C{--from PEER}, if any.
+    The names of a C{download}, its C{--from PEER} if any, and whether
+    C{--folder} was given.
     """
-    names, source = [], None
+    names, source, as_folder = [], None, False
     i = 0
     while i < len(args):
         arg = args[i]
+        if arg == "--folder":
+            as_folder = True
+            i += 1
+            continue
         if arg == "--from" or arg.startswith("--from="):
             if arg == "--from":
                 if i + 1 >= len(args):
@@ -495,5 +623,50 @@ def _split_from(args):
         names.append(arg)
         i += 1
     if not names:
-        raise CommandError("download needs a file: download FILE... [--from PEER]")
-    return names, source
+        raise CommandError("download needs a file: download FILE... [--folder] [--from PEER]")
+    return names, source, as_folder
+
+
+def _paths_of(catalog):
+    """
+    Every path and id the catalog offers (L{NetworkCatalog.paths}); its
+    offers, one per id, from a catalog without paths.
+    """
+    paths = getattr(catalog, "paths", None)
+    return paths() if paths is not None else catalog.offers()
+
+
+def _collapse(files, folder):
+    """
+    The list rows below C{folder} (C{""} for the top, else a path ending in
+    C{/}): C{(files directly in it, one row per subfolder)}.  A subfolder's
+    row sums its files (count, size) and names every peer that has any.
+    """
+    shown, folders = [], {}
+    for f in files:
+        name = f["name"]
+        if not name.startswith(folder):
+            continue
+        rest = name[len(folder):]
+        if "/" not in rest:
+            shown.append(f)
+            continue
+        path = folder + rest.split("/", 1)[0] + "/"
+        row = folders.get(path)
+        if row is None:
+            row = folders[path] = {"name": path, "files": 0, "size": 0, "here": 0,
+                                   "where": [], "sources": [], "_seen": set()}
+        row["files"] += 1
+        row["size"] += f["size"]
+        row["here"] += 1 if f.get("here") else 0
+        for source in f.get("sources", ()):
+            if source["peer"] not in row["_seen"]:
+                row["_seen"].add(source["peer"])
+                row["where"].append(source["peer"])
+                row["sources"].append(source)
+    rows = []
+    for path in sorted(folders):
+        row = folders[path]
+        del row["_seen"]
+        rows.append(row)
+    return shown, rows
