@@ -222,14 +222,24 @@ class Commands:
                 check_path(folder[:-1])
             except BadName as e:
                 raise CommandError(f"{folder} is not a folder path: {e}") from e
+        # One row per path and content: a folder may hold the same content
+        # twice, and its count is of its files.
         rows = {}
+        here = set()
         for local in self._index.files():
-            row = rows.setdefault(local.file_id, _row(local.name, local.size, local.file_id))
+            row = rows.setdefault((local.name, local.file_id),
+                                  _row(local.name, local.size, local.file_id))
+            here.add(local.file_id)
             row["here"] = True
             if "here" not in row["where"]:
                 row["where"].append("here")
-        for offer in self._catalog.offers():
-            row = rows.setdefault(offer.file_id, _row(offer.name, offer.size, offer.file_id))
+        for offer in _paths_of(self._catalog):
+            row = rows.get((offer.name, offer.file_id))
+            if row is None:
+                row = rows[offer.name, offer.file_id] = _row(offer.name, offer.size, offer.file_id)
+                if offer.file_id in here:
+                    row["here"] = True
+                    row["where"].append("here")
             for peer in offer.peers:
                 row["where"].append(peer.label)
                 row["sources"].append({"peer": peer.label, "name": _name_of(peer)})
