@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from twisted_p2p import heap
 from twisted_p2p.limits import CATALOG_RETRY_MAX, CATALOG_RETRY_MIN, MAX_CATALOG_ENTRIES
 
 log = Logger()
@@ -133,6 +134,7 @@ class NetworkCatalog:
             self._files[peer_id] = files
             self._file_ids[peer_id] = {file_id for file_id, _, _ in files}
             self._entries += len(files)
+        heap.settled(f"catalog {id(self)}", self._entries)
 
     def _failed(self, failure, peer):
         log.info(

@@ -8,7 +8,7 @@ from collections import deque
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 
-from twisted_p2p import wire
+from twisted_p2p import heap, wire
 from twisted_p2p.limits import (
     HAVE_PAGE,
     MANIFEST_PAGE,
@@ -161,12 +161,14 @@ async def fetch_catalog(client):
     fetch starts over once; if it changes again, L{CatalogChanged} (the
     caller tries again later).
     """
-    for attempt in range(2):
-        try:
-            return await _fetch_catalog_pages(client)
-        except CatalogChanged:
-            if attempt:
-                raise
+    # 100,000 entries are as many new objects: see heap.py.
+    with heap.collector_paused():
+        for attempt in range(2):
+            try:
+                return await _fetch_catalog_pages(client)
+            except CatalogChanged:
+                if attempt:
+                    raise
 
 
 async def _fetch_catalog_pages(client):

@@ -75,11 +75,15 @@ class Commands:
     @param partials: the L{PartialDownloads} record, for C{status} and
         C{resume}.
     @param partial_files: where the hidden partial files are, for C{status}.
+    @param run_in_thread: C{deferToThread}, for C{list} over a large
+        catalog; by default it runs at once.
     """
 
     def __init__(self, index, table, catalog, downloads, clock, shutdown, hub=None,
-                 dropped=dict, uploads_active=lambda: 0, partials=None, partial_files=None):
+                 dropped=dict, uploads_active=lambda: 0, partials=None, partial_files=None,
+                 run_in_thread=defer.maybeDeferred):
         self._index = index
+        self._run = run_in_thread
         self._table = table
         self._catalog = catalog
         self._downloads = downloads
@@ -222,37 +226,19 @@ class Commands:
                 check_path(folder[:-1])
             except BadName as e:
                 raise CommandError(f"{folder} is not a folder path: {e}") from e
-        # One row per path and content: a folder may hold the same content
-        # twice, and its count is of its files.
-        rows = {}
-        here = set()
-        for local in self._index.files():
-            row = rows.setdefault((local.name, local.file_id),
-                                  _row(local.name, local.size, local.file_id))
-            here.add(local.file_id)
-            row["here"] = True
-            if "here" not in row["where"]:
-                row["where"].append("here")
-        for offer in _paths_of(self._catalog):
-            row = rows.get((offer.name, offer.file_id))
-            if row is None:
-                row = rows[offer.name, offer.file_id] = _row(offer.name, offer.size, offer.file_id)
-                if offer.file_id in here:
-                    row["here"] = True
-                    row["where"].append("here")
-            for peer in offer.peers:
-                row["where"].append(peer.label)
-                row["sources"].append({"peer": peer.label, "name": _name_of(peer)})
-        files = sorted(rows.values(), key=lambda f: (f["name"], f["id"]))
-        folders = []
-        if pattern is not None:
-            files = [f for f in files if _matches(pattern, f["name"])]
-        else:
-            files, folders = _collapse(files, folder or "")
-        emit(events.event(
-            "list", files=files, folders=folders, folder=folder, pattern=pattern,
-            peers=len(self._table),
-        ))
+        local = self._index.files()
+        catalog = self._catalog
+
+        def said(result):
+            files, folders = result
+            emit(events.event(
+                "list", files=files, folders=folders, folder=folder, pattern=pattern,
+                peers=len(self._table),
+            ))
+
+        # 100,000 entries take longer than a turn of the reactor: worked
+        # out in a thread, from lists that are replaced, never changed.
+        return self._run(_list_rows, local, catalog, pattern, folder or "").addCallback(said)
 
     def peers(self, args, emit, origin):
         now = self._clock.seconds()
@@ -646,37 +632,82 @@ def _paths_of(catalog):
     return paths() if paths is not None else catalog.offers()
 
 
-def _collapse(files, folder):
+def _list_rows(local, catalog, pattern, folder):
     """
-    The list rows below C{folder} (C{""} for the top, else a path ending in
-    C{/}): C{(files directly in it, one row per subfolder)}.  A subfolder's
-    row sums its files (count, size) and names every peer that has any.
+    C{(file rows, folder rows)} of a C{list}: one row per path and content
+    (a folder may hold the same content twice, and it counts its files).
+    With a C{pattern}, every file whose path matches; else the files
+    directly in C{folder} (C{""} for the top, else a path ending in C{/})
+    and one row per subfolder, summing its files (count, size, how many are
+    here) and naming every peer that has any.  Runs in a thread.
     """
-    shown, folders = [], {}
-    for f in files:
-        name = f["name"]
+    here = {f.file_id for f in local}
+    rows = {}
+    folders = {}
+    counted = set()
+    cut = len(folder)
+
+    def wanted(name):
+        if pattern is not None:
+            return _matches(pattern, name), -1
         if not name.startswith(folder):
-            continue
-        rest = name[len(folder):]
-        if "/" not in rest:
-            shown.append(f)
-            continue
-        path = folder + rest.split("/", 1)[0] + "/"
+            return False, -1
+        return True, name.find("/", cut)
+
+    def fold(name, file_id, size, in_here, sources):
+        key = (name, file_id)
+        path = name[: slash_at[0] + 1]
         row = folders.get(path)
         if row is None:
             row = folders[path] = {"name": path, "files": 0, "size": 0, "here": 0,
-                                   "where": [], "sources": [], "_seen": set()}
-        row["files"] += 1
-        row["size"] += f["size"]
-        row["here"] += 1 if f.get("here") else 0
-        for source in f.get("sources", ()):
-            if source["peer"] not in row["_seen"]:
-                row["_seen"].add(source["peer"])
-                row["where"].append(source["peer"])
-                row["sources"].append(source)
-    rows = []
+                                   "where": [], "sources": {}}
+        if key not in counted:
+            counted.add(key)
+            row["files"] += 1
+            row["size"] += size
+            row["here"] += 1 if in_here else 0
+        for label, name_of in sources:
+            row["sources"].setdefault(label, name_of)
+
+    slash_at = [-1]
+    for f in local:
+        show, slash = wanted(f.name)
+        if not show:
+            continue
+        if slash >= 0:
+            slash_at[0] = slash
+            fold(f.name, f.file_id, f.size, True, ())
+            continue
+        row = rows.setdefault((f.name, f.file_id), _row(f.name, f.size, f.file_id))
+        row["here"] = True
+        if "here" not in row["where"]:
+            row["where"].append("here")
+    for offer in _paths_of(catalog):
+        show, slash = wanted(offer.name)
+        if not show:
+            continue
+        sources = [(peer.label, _name_of(peer)) for peer in offer.peers]
+        if slash >= 0:
+            slash_at[0] = slash
+            fold(offer.name, offer.file_id, offer.size, offer.file_id in here, sources)
+            continue
+        row = rows.get((offer.name, offer.file_id))
+        if row is None:
+            row = rows[offer.name, offer.file_id] = _row(offer.name, offer.size, offer.file_id)
+            if offer.file_id in here:
+                row["here"] = True
+                row["where"].append("here")
+        for label, name_of in sources:
+            row["where"].append(label)
+            row["sources"].append({"peer": label, "name": name_of})
+    files = sorted(rows.values(), key=lambda f: (f["name"], f["id"]))
+    summed = []
     for path in sorted(folders):
         row = folders[path]
-        del row["_seen"]
-        rows.append(row)
-    return shown, rows
+        sources = row.pop("sources")
+        row["where"] = list(sources)
+        row["sources"] = [{"peer": label, "name": n} for label, n in sources.items()]
+        summed.append(row)
+    return files, summed
+
+

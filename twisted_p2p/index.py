@@ -23,6 +23,7 @@ from twisted.python.filepath import FilePath
 
 import bisect
 
+from twisted_p2p import heap
 from twisted_p2p.limits import MAX_PATH_BYTES, MAX_PATH_DEPTH, RESCAN_INTERVAL
 from twisted_p2p.manifest import HASH_SIZE, Manifest, ManifestMismatch, hash_file
 from twisted_p2p.names import is_legal_name
@@ -298,12 +299,19 @@ class SharedIndex:
         return self._scanning.addBoth(done)
 
     async def _scan(self):
-        if self._cache is None:
-            self._cache = await self._run(_load_cache, self._cache_path)
-        self._added = {}
-        snapshot = await self._run(
-            _scan_all, self.folders, self._state.files, self._cache, self._cache_path
-        )
+        # A first scan of 100,000 files builds a million objects: see heap.py.
+        with heap.collector_paused():
+            if self._cache is None:
+                self._cache = await self._run(_load_cache, self._cache_path)
+            self._added = {}
+            snapshot = await self._run(
+                _scan_all, self.folders, self._state.files, self._cache, self._cache_path
+            )
+            self._install_scanned(snapshot)
+        for listener in list(self._scan_listeners):
+            listener(set(snapshot.subfolders))
+
+    def _install_scanned(self, snapshot):
         for path, error in snapshot.warnings:
             log.warn("Not sharing {path}: {error}", path=path, error=error)
         if self._added:
@@ -315,8 +323,6 @@ class SharedIndex:
             snapshot = _snapshot(files, subfolders)
             self._added = {}
         self._install(snapshot)
-        for listener in list(self._scan_listeners):
-            listener(set(snapshot.subfolders))
 
     def add(self, folder, name, manifest, signature):
         """
@@ -356,6 +362,7 @@ class SharedIndex:
 
     def _install(self, snapshot):
         self._state = snapshot
+        heap.settled(f"index {id(self)}", len(snapshot.files))
         self._update_revision()
 
     def _update_revision(self):
@@ -444,23 +451,49 @@ def _cache_holds(entry, local_file):
 def _load_cache(path):
     """
     The hash cache at C{path}, or an empty one if it is missing or damaged.
+
+    It is one JSON object, written one entry per line (L{_save_cache}), and
+    read a line at a time: one C{json.load} of 100,000 entries would hold
+    the GIL, and so the reactor, for a tenth of a second.  A file written
+    otherwise is read whole.
     """
     try:
         with open(path, encoding="utf-8") as f:
-            cache = json.load(f)
-    except (OSError, ValueError, RecursionError):
+            text = f.read()
+    except (OSError, ValueError):
+        return {}
+    lines = text.split("\n")
+    if len(lines) >= 2 and lines[0] == "{" and lines[-1] in ("}", ""):
+        cache = {}
+        try:
+            for line in lines[1:]:
+                if line in ("}", ""):
+                    continue
+                cache.update(json.loads("{" + line.rstrip(",") + "}"))
+            return cache
+        except (ValueError, RecursionError, TypeError):
+            pass
+    try:
+        cache = json.loads(text)
+    except (ValueError, RecursionError):
         return {}
     return cache if isinstance(cache, dict) else {}
 
 
 def _save_cache(path, cache):
     """
-    Write the hash cache atomically.  Losing it costs only a re-hash.
+    Write the hash cache atomically, one entry per line (see L{_load_cache}).
+    Losing it costs only a re-hash.
     """
     temporary = path + ".tmp"
     try:
         with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(cache, f)
+            f.write("{\n")
+            last = len(cache) - 1
+            for i, (key, entry) in enumerate(cache.items()):
+                comma = "," if i < last else ""
+                f.write(f"{json.dumps(key)}: {json.dumps(entry)}{comma}\n")
+            f.write("}\n")
         os.replace(temporary, path)
     except OSError as e:
         log.warn("Could not save the hash cache {path}: {error}", path=path, error=e)

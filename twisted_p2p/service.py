@@ -712,6 +712,7 @@ class PeerService(MultiService):
             uploads_active=lambda: self.uploads.active,
             partials=self.partials,
             partial_files=os.path.join(settings["downloads"], f"{PARTIAL_PREFIX}<id>.part"),
+            run_in_thread=self.run_in_thread,
         )
         self.table.subscribe(_PeerLog(self.hub))
         self.table.subscribe(self.downloads)
