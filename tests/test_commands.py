@@ -695,3 +695,13 @@ def test_a_file_in_a_folder_asked_alone_lands_by_its_name():
     peer = tree_peer()
     run(peer, "download photos/c.jpg")
     assert [s[0] for s in peer.downloads.started] == ["c.jpg"]
+
+
+def test_status_says_what_waits_its_turn():
+    peer = FakePeer()
+    peer.downloads.waiting = ["photos/a.jpg", "photos/b.jpg", "photos/c.jpg", "photos/d.jpg"]
+    said, _ = run(peer, "status")
+    assert said == [
+        "no downloads in progress",
+        "4 files waiting their turn: photos/a.jpg, photos/b.jpg, photos/c.jpg, ...",
+    ]

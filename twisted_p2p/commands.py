@@ -357,7 +357,8 @@ class Commands:
         if self._partials is not None:
             stopped = [s for s in self._partials.stopped() if s["id"] not in running]
         emit(events.event(
-            "status", transfers=transfers, stopped=stopped, partial_files=self._partial_files
+            "status", transfers=transfers, stopped=stopped, partial_files=self._partial_files,
+            waiting=list(getattr(self._downloads, "waiting", ())),
         ))
 
     def cancel(self, args, emit, origin):

@@ -204,6 +204,10 @@ def _status(e, _):
         lines += columns(rows)
     else:
         lines.append("no downloads in progress")
+    waiting = e.get("waiting") or ()
+    if waiting:
+        names = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+        lines.append(f"{plural(len(waiting), 'file')} waiting their turn: {names}")
     if stopped:
         lines.append("stopped or partial ('resume FILE' continues one):")
         rows = [("FILE", "DONE", "WHY")]
