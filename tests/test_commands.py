@@ -705,3 +705,23 @@ def test_status_says_what_waits_its_turn():
         "no downloads in progress",
         "4 files waiting their turn: photos/a.jpg, photos/b.jpg, photos/c.jpg, ...",
     ]
+
+
+def test_a_large_list_is_worked_out_in_a_thread():
+    from twisted.internet import defer
+
+    from twisted_p2p import commands as commands_module
+
+    peer = tree_peer()
+    ran = []
+
+    def in_thread(f, *args):
+        ran.append(f.__name__)
+        return defer.maybeDeferred(f, *args)
+
+    peer.commands._run = in_thread
+    small, _ = run(peer, "list")
+    assert ran == []
+    peer.catalog.size = commands_module.LIST_IN_THREAD
+    large, d = run(peer, "list")
+    assert ran == ["_list_rows"] and large == small and d.called

@@ -217,6 +217,13 @@ class NetworkCatalog:
             for (name, file_id), size in sorted(pairs.items())
         ]
 
+    @property
+    def size(self):
+        """
+        Catalog entries kept, across all peers.
+        """
+        return self._entries
+
     def files_of(self, peer_id):
         return list(self._files.get(peer_id, ()))
 

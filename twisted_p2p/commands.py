@@ -43,6 +43,10 @@ HELP_NOTES = (
     'Quote names with spaces: download "my photo.jpg".  Tab completes.',
 )
 
+#: Entries (here and in the catalog) from which C{list} is worked out in a
+#: thread: 20,000 take ~30 ms, longer would hold the reactor too long.
+LIST_IN_THREAD = 20_000
+
 #: Characters that make an argument a pattern rather than a name.
 _PATTERN = frozenset("*?[")
 
@@ -236,6 +240,12 @@ class Commands:
                 peers=len(self._table),
             ))
 
+        entries = len(local) + getattr(catalog, "size", 0)
+        if entries < LIST_IN_THREAD:
+            # Answered at once, so that it comes before what the next
+            # command says.
+            said(_list_rows(local, catalog, pattern, folder or ""))
+            return None
         # 100,000 entries take longer than a turn of the reactor: worked
         # out in a thread, from lists that are replaced, never changed.
         return self._run(_list_rows, local, catalog, pattern, folder or "").addCallback(said)
