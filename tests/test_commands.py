@@ -725,3 +725,17 @@ def test_a_large_list_is_worked_out_in_a_thread():
     peer.catalog.size = commands_module.LIST_IN_THREAD
     large, d = run(peer, "list")
     assert ran == ["_list_rows"] and large == small and d.called
+
+
+def test_cancel_a_folder():
+    peer = FakePeer()
+    inside = FakeDownload("photos (1)/a.jpg", "a" * 64)
+    outside = FakeDownload("photos.txt", "b" * 64)
+    peer.downloads.active = {d.file_id: d for d in (inside, outside)}
+    peer.downloads.unqueue = lambda which: [n for n in ("photos (1)/b.jpg", "x/c") if which(n)]
+    said, _ = run(peer, "cancel 'photos (1)/'")
+    assert said == ["cancelling photos (1)/a.jpg",
+                    "dropped 1 file of photos (1)/ that had not started"]
+    assert inside.cancelled and not outside.cancelled
+    assert run(peer, "cancel nope/")[0] == [
+        "error: no download below nope/ is in progress; 'status' lists them"]

@@ -1372,3 +1372,17 @@ def test_a_folder_name_nothing_uses(tmp_path):
     (tmp_path / "photos").mkdir()
     os.symlink(tmp_path / "nowhere", tmp_path / "photos (1)")
     assert downloads.free_folder("photos") == "photos (2)"
+
+
+def test_unqueue_drops_only_what_it_is_told():
+    downloads, made = queued_downloads(parallel=1)
+    downloads.queue("a/0", "0" * 64, (), lambda e: None)
+    dropped = downloads.queue("a/1", "1" * 64, (), lambda e: None)
+    kept = downloads.queue("b/2", "2" * 64, (), lambda e: None)
+    failures = []
+    dropped.addErrback(failures.append)
+    assert downloads.unqueue(lambda name: name.startswith("a/")) == ["a/1"]
+    assert failures and failures[0].value.reported
+    assert downloads.waiting == ["b/2"]
+    made[0].done.callback(("a/0", None))
+    assert [d.name for d in made] == ["a/0", "b/2"] and not kept.called

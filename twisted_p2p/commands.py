@@ -28,7 +28,7 @@ COMMANDS = (
      ("get",)),
     ("status", "status", "downloads running, stopped and partial", ()),
     ("resume", "resume FILE", "continue a stopped download", ()),
-    ("cancel", "cancel FILE", "stop a download, throw its data away", ()),
+    ("cancel", "cancel FILE", "stop a download (or a FOLDER/), throw its data away", ()),
     ("version", "version", "the version of twisted-p2p", ()),
     ("help", "help", "this text", ("?",)),
     ("exit", "exit", "say goodbye and stop; asks if busy", ("quit",)),
@@ -373,6 +373,8 @@ class Commands:
 
     def cancel(self, args, emit, origin):
         wanted = args[0]
+        if wanted.endswith("/"):
+            return self._cancel_folder(wanted, emit)
         matches = self._find_active(wanted)
         if not matches:
             raise CommandError(f"no download of {wanted!r} is in progress; 'status' lists them")
@@ -381,6 +383,23 @@ class Commands:
         download = matches[0]
         emit(events.event("cancelled", file=download.name, id=download.file_id))
         download.cancel()
+
+    def _cancel_folder(self, wanted, emit):
+        """
+        Cancel every download below folder C{wanted} (as it is named in
+        downloads/, C{photos (1)/} say), those waiting their turn too.
+        """
+        prefix = wanted.rstrip("/") + "/"
+        unqueue = getattr(self._downloads, "unqueue", None)
+        dropped = unqueue(lambda name: name.startswith(prefix)) if unqueue else []
+        active = [d for d in self._downloads.active.values() if d.name.startswith(prefix)]
+        if not active and not dropped:
+            raise CommandError(f"no download below {prefix} is in progress; 'status' lists them")
+        for download in active:
+            emit(events.event("cancelled", file=download.name, id=download.file_id))
+            download.cancel()
+        if dropped:
+            emit(events.event("unqueued", folder=prefix, files=len(dropped)))
 
     def exit(self, args, emit, origin):
         if getattr(origin, "interactive", False) and not self._exit_asked:

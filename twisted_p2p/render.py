@@ -233,6 +233,10 @@ def _cancelled(e, _):
     return [f"cancelling {e['file']}"]
 
 
+def _unqueued(e, _):
+    return [f"dropped {plural(e['files'], 'file')} of {e['folder']} that had not started"]
+
+
 def _bye(e, _):
     return ["bye"]
 
@@ -399,6 +403,7 @@ _RENDERERS = {
     "status": _status,
     "cancelled": _cancelled,
     "bye": _bye,
+    "unqueued": _unqueued,
     "exit-confirm": _exit_confirm,
     "input-closed": _input_closed,
     "download-requested": _requested,

@@ -1009,6 +1009,22 @@ class Downloads:
         passed.extend(self._waiting)
         self._waiting = passed
 
+    def unqueue(self, which):
+        """
+        Drop the queued downloads not started yet whose name C{which(name)}
+        accepts (a folder download cancelled); their Deferreds fail with a
+        L{DownloadFailed} already reported.  Their names.
+        """
+        kept, dropped = deque(), []
+        for item in self._waiting:
+            (dropped if which(item[0]) else kept).append(item)
+        self._waiting = kept
+        for name, *_, d in dropped:
+            error = DownloadFailed(f"{name} was cancelled before it started")
+            error.reported = True
+            d.errback(error)
+        return [item[0] for item in dropped]
+
     def free_folder(self, name):
         """
         A name for a folder download's top folder in the downloads folder
