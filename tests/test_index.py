@@ -666,3 +666,14 @@ class TestWatchSubfolders:
             assert sorted(f.name for f in index.files()) == wanted
         finally:
             watcher.stopService()
+
+
+def test_downloads_inside_shared_is_offered_once(tmp_path):
+    shared = tmp_path / "shared"
+    downloads = shared / "downloads"
+    downloads.mkdir(parents=True)
+    write(shared / "a.txt", b"a")
+    write(downloads / "b.txt", b"b")
+    index = SharedIndex([str(shared), str(downloads)], str(tmp_path / "h.json"), run_now)
+    result_of(index.rescan())
+    assert names(index) == [("a.txt", "shared"), ("b.txt", "downloads")]

@@ -98,7 +98,7 @@ def file_signature(stat):
     return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def scan_folder(folder, subfolders=None):
+def scan_folder(folder, subfolders=None, skip=()):
     """
     C{{path: signature}} of the regular files under C{folder} that may be
     shared, each by its path relative to C{folder} with C{/} between parts
@@ -109,6 +109,9 @@ def scan_folder(folder, subfolders=None):
 
     @param subfolders: a set the absolute paths of the folders walked below
         C{folder} are added to (for the watcher), or C{None}.
+    @param skip: absolute paths of folders not to go into: the other
+        offered folders (C{downloads/} inside C{shared/}), which are scanned
+        on their own.
     """
     found = {}
     pending = [(folder, "", 1)]
@@ -129,6 +132,8 @@ def scan_folder(folder, subfolders=None):
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
+                    if skip and os.path.abspath(entry.path) in skip:
+                        continue
                     if depth < MAX_PATH_DEPTH:
                         pending.append((entry.path, path + "/", depth + 1))
                         if subfolders is not None:
@@ -386,8 +391,9 @@ def _scan_all(folders, current, cache, cache_path):
     subfolders = set()
     warnings = []
     cache_dirty = False
+    offered = {os.path.abspath(f) for f in folders}
     for folder in folders:
-        listing = scan_folder(folder, subfolders)
+        listing = scan_folder(folder, subfolders, offered)
         for name, signature in listing.items():
             key = os.path.join(folder, name)
             known = current.get(key)
