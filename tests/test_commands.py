@@ -739,3 +739,13 @@ def test_cancel_a_folder():
     assert inside.cancelled and not outside.cancelled
     assert run(peer, "cancel nope/")[0] == [
         "error: no download below nope/ is in progress; 'status' lists them"]
+
+
+def test_download_a_folder_from_one_peer_takes_what_it_has():
+    peer = tree_peer()
+    said, _ = run(peer, "download photos/ --from 192.0.2.3:7100")
+    assert said == ["downloading folder photos/ (2 files, 4.9 KiB) into photos/"]
+    assert sorted((s[0], [p.label for p in s[2]]) for s in peer.downloads.started) == [
+        ("photos/2026/b b.jpg", ["192.0.2.3:7100"]), ("photos/c.jpg", ["192.0.2.3:7100"])]
+    assert run(tree_peer(), "download photos/2026/ --from 192.0.2.3:7100")[0] == [
+        "downloading folder photos/2026/ (1 file, 2.0 KiB) into 2026/"]

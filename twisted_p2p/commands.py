@@ -294,10 +294,18 @@ class Commands:
             return None
         if source is not None:
             chosen = self._from(source, chosen)
-            folders = [
-                (path, list(self._from(source, dict(enumerate(items))).values()))
-                for path, items in folders
-            ]
+            # A folder takes the files that peer has; the others are left.
+            narrowed = []
+            for path, items in folders:
+                held = [
+                    (o, below) for o, below in items if any(_is_peer(p, source) for p in o.peers)
+                ]
+                if not held:
+                    raise CommandError(
+                        f"{source} offers nothing below {path}/; 'list' shows who does"
+                    )
+                narrowed.append((path, list(self._from(source, dict(enumerate(held))).values())))
+            folders = narrowed
         running = []
         if chosen:
             running.append(self._start(list(chosen.values()), emit, origin))
