@@ -169,7 +169,8 @@ def test_parse_catalog():
 @pytest.mark.parametrize(
     "name",
     [".hidden", "../etc/passwd", "a/../b", "/etc/passwd", "a//b", "a/", "a/./b", "a/.git/x",
-     "a\\b", "", "bell\x07", "trailing ", "dot.", "x" * 256, "d/" * 16 + "f", "x/" * 400 + "x", "é/" * 300 + "é"],
+     "a\\b", "", "bell\x07", "trailing ", "dot.", "x" * 256, "d/" * 16 + "f",
+     "x/" * 400 + "x", "/".join(["é" * 120] * 5)],
 )
 def test_parse_catalog_leaves_out_illegal_names(name):
     header = catalog(
