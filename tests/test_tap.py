@@ -24,6 +24,7 @@ from twisted_p2p.service import (
     ConsoleService,
     ControlService,
     DiscoveryService,
+    DistributionService,
     PeerService,
     WorkersService,
 )
@@ -455,6 +456,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
         StreamServerEndpointService,
         StreamServerEndpointService,
         StreamServerEndpointService,
+        DistributionService,
         DiscoveryService,
         ControlService,
         ConsoleService,
@@ -466,8 +468,8 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
     assert [type(s.factory) for s in port_services] == [
         transfer.ReceiverFactory,
         transfer.SenderFactory,
-        transfer.NotSupportedFactory,
-        transfer.NotSupportedFactory,
+        transfer.DistributorFactory,
+        transfer.DistributeeFactory,
     ]
     assert port_services[0].factory.inbox is peer.inbox
     assert port_services[1].factory.uploads is peer.uploads
@@ -517,7 +519,7 @@ def test_make_service_without_a_console(folder, ports, global_reactor, monkeypat
     options = parse(*good_args(ports, "--console", "off"))
     peer = tap.makeService(options, global_reactor)
     assert not any(isinstance(c, ConsoleService) for c in peer)
-    assert len(list(peer)) == 9
+    assert len(list(peer)) == 10
 
 
 @pytest.mark.parametrize(

@@ -375,6 +375,14 @@ class ChunkCache:
             entry = self._entries.get(file_id)
             return frozenset(entry.held) if entry is not None else frozenset()
 
+    def holds(self, file_id, index):
+        """
+        Whether chunk C{index} of C{file_id} is held.
+        """
+        with self._lock:
+            entry = self._entries.get(file_id)
+            return entry is not None and index in entry.held
+
     def bitmap(self, file_id):
         """
         The chunks of C{file_id} held, as the C{have} answer's bitmap: chunk
@@ -447,6 +455,38 @@ class ChunkCache:
         finally:
             os.close(folder)
         return data
+
+    def open_chunk(self, file_id, index):
+        """
+        A descriptor of held chunk C{index} of C{file_id}, for an upload
+        that sends it straight from the disk; the caller closes it.  Opening
+        does no reading: it may be called from the reactor's thread.
+
+        @raise CacheMiss: the chunk is not held (or not ours on disk: then
+            it is dropped).
+        """
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is None or index not in entry.held or self._root is None:
+                raise CacheMiss((file_id, index))
+            length = entry.manifest.chunk_length(index)
+            try:
+                folder = _open_folder(file_id, self._root)
+            except OSError:
+                self._drop(file_id)
+                raise CacheMiss((file_id, index))
+            try:
+                fd = _open_regular(str(index), folder)
+            except OSError:
+                self._evict(file_id, index)
+                raise CacheMiss((file_id, index))
+            finally:
+                os.close(folder)
+            if os.fstat(fd).st_size != length:
+                os.close(fd)
+                self._evict(file_id, index)
+                raise CacheMiss((file_id, index))
+            return fd
 
     # -- taking chunks ----------------------------------------------------------
 

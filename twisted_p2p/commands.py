@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from twisted_p2p import events
 from twisted_p2p.download import DownloadFailed
+from twisted_p2p.manifest import chunk_count
 from twisted_p2p.units import human_size
 from twisted_p2p.version import version
 
@@ -25,6 +26,7 @@ COMMANDS = (
     ("peers", "peers", "the peers this one knows", ()),
     ("download", "download FILE... [--from PEER]", "fetch files into downloads/", ("get",)),
     ("status", "status", "downloads running, stopped and partial", ()),
+    ("cache", "cache", "what this peer holds for others, what it pushed", ()),
     ("resume", "resume FILE", "continue a stopped download", ()),
     ("cancel", "cancel FILE", "stop a download, throw its data away", ()),
     ("version", "version", "the version of twisted-p2p", ()),
@@ -72,10 +74,14 @@ class Commands:
     @param partials: the L{PartialDownloads} record, for C{status} and
         C{resume}.
     @param partial_files: where the hidden partial files are, for C{status}.
+    @param distribution: C{distribution()}, the fields of the C{cache}
+        answer (the cache, and what distribution sent and took); C{None}
+        for a peer without distribution.
     """
 
     def __init__(self, index, table, catalog, downloads, clock, shutdown, hub=None,
-                 dropped=dict, uploads_active=lambda: 0, partials=None, partial_files=None):
+                 dropped=dict, uploads_active=lambda: 0, partials=None, partial_files=None,
+                 distribution=None):
         self._index = index
         self._table = table
         self._catalog = catalog
@@ -87,12 +93,14 @@ class Commands:
         self._uploads_active = uploads_active
         self._partials = partials
         self._partial_files = partial_files
+        self._distribution = distribution
         self._exit_asked = False
         methods = {
             "list": (self.list, 0, 1),
             "peers": (self.peers, 0, 0),
             "download": (self.download, 1, None),
             "status": (self.status, 0, 0),
+            "cache": (self.cache, 0, 0),
             "resume": (self.resume, 1, 1),
             "cancel": (self.cancel, 1, 1),
             "version": (self.version, 0, 0),
@@ -212,11 +220,23 @@ class Commands:
             row["here"] = True
             if "here" not in row["where"]:
                 row["where"].append("here")
+        availability = getattr(self._catalog, "availability", None)
+        holdings_of = getattr(self._catalog, "holdings_of", None)
         for offer in self._catalog.offers():
             row = rows.setdefault(offer.file_id, _row(offer.name, offer.size, offer.file_id))
             for peer in offer.peers:
                 row["where"].append(peer.label)
                 row["sources"].append({"peer": peer.label, "name": _name_of(peer)})
+            if availability is not None:
+                # The share of its chunks the known peers hold, and the
+                # fewest copies of any: what is left once its origin left.
+                reachable, copies = availability(offer.file_id, chunk_count(offer.size))
+                row["available"] = round(reachable, 4)
+                row["copies"] = copies + (1 if row["here"] else 0)
+                row["whole"] = row["here"] or any(
+                    holdings_of(peer.peer_id).get(offer.file_id, b"") is None
+                    for peer in offer.peers
+                )
         files = sorted(rows.values(), key=lambda f: (f["name"], f["id"]))
         if pattern is not None:
             files = [f for f in files if _matches(pattern, f["name"])]
@@ -295,6 +315,11 @@ class Commands:
         emit(events.event(
             "status", transfers=transfers, stopped=stopped, partial_files=self._partial_files
         ))
+
+    def cache(self, args, emit, origin):
+        if self._distribution is None:
+            raise CommandError("this peer does not distribute")
+        emit(events.event("cache", **self._distribution()))
 
     def cancel(self, args, emit, origin):
         wanted = args[0]

@@ -113,11 +113,14 @@ def scan_folder(folder):
 
 def revision_of(files, partials=()):
     """
-    A short digest that changes whenever the offered files change.
+    A short digest that changes whenever the offered files change (and the
+    chunks cached for others: a partial with a C{held} count).
     """
     listing = sorted((f.file_id, f.name, f.size) for f in files)
     if partials:
-        listing.append(sorted(("partial", p.file_id, p.name, p.size) for p in partials))
+        listing.append(sorted(
+            ("partial", p.file_id, p.name, p.size, getattr(p, "held", 0)) for p in partials
+        ))
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
@@ -137,6 +140,7 @@ class SharedIndex:
         self._files = {}
         self._by_id = {}
         self._partials = {}
+        self._cached = {}
         self._cache = None
         self.revision = revision_of([])
         self._scanning = None
@@ -169,16 +173,30 @@ class SharedIndex:
             self._update_revision()
 
     def partial_by_id(self, file_id):
-        return self._partials.get(file_id)
+        return self._partials.get(file_id) or self._cached.get(file_id)
 
     def partials(self):
         """
-        The partial downloads we offer, but for files we also hold whole.
+        The partial downloads we offer, and the files of which we cache
+        chunks for others, but for files we also hold whole.
         """
+        found = dict(self._cached)
+        found.update(self._partials)
         return sorted(
-            (p for p in self._partials.values() if p.file_id not in self._by_id),
+            (p for p in found.values() if p.file_id not in self._by_id),
             key=lambda p: (p.name, p.file_id),
         )
+
+    # chunks cached for others
+
+    def set_cached(self, cached):
+        """
+        Offer the chunks this peer caches for others: C{cached} is a list of
+        objects like L{PartialLocal} (a C{holds(index)}, a C{chunks} with a
+        C{snapshot()}, and an C{open_chunks()}), and replaces the last list.
+        """
+        self._cached = {c.file_id: c for c in cached}
+        self._update_revision()
 
     def rescan(self):
         """
