@@ -20,6 +20,7 @@ C{transfer/distribution.py}.  The cache's methods block: they run in a
 thread.
 """
 
+import re
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -52,7 +53,7 @@ log = Logger()
 DISTRIBUTOR_OFFSET = 2
 DISTRIBUTEE_OFFSET = 3
 
-_PEER_ID = r"\A[0-9a-f]{32}\Z"
+_PEER_ID = re.compile(r"\A[0-9a-f]{32}\Z")
 
 
 class DistributionStats:
@@ -503,6 +504,11 @@ class Distributor:
         for key, until in list(self._pending.items()):
             if until <= now or self._catalog_shows(key):
                 del self._pending[key]
+        # A peer that pulled before we knew it: what is on its way to it
+        # still counts.
+        known = {view.peer_id for view in peers} | {self.own_id}
+        for peer_id in sorted({key[0] for key in self._pending} - known):
+            peers.append(PeerView(peer_id))
         return ReplicaPlanner(self.own_id, files, peers, self.replicas, pending=list(self._pending))
 
     def _catalog_shows(self, key):

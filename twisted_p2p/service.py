@@ -616,6 +616,7 @@ class DistributionService(Service):
         self._peer = peer
         self._loop = None
         self._opening = None
+        self._pulled = set()
 
     def startService(self):
         Service.startService(self)
@@ -659,14 +660,18 @@ class DistributionService(Service):
 
     def _catalog_fetched(self, peer_id, first):
         """
-        A peer's first catalog: if it has files whole, ask it what to hold.
+        The first catalog of a peer (since it joined) that lists files
+        whole: ask it what to hold.
         """
         peer = self._peer
-        if not first or not self.running or peer.cache.quota == 0:
+        if first:
+            self._pulled.discard(peer_id)
+        if peer_id in self._pulled or not self.running or peer.cache.quota == 0:
             return
         holdings = peer.catalog.holdings_of(peer_id)
         if not any(held is None for held in holdings.values()):
             return
+        self._pulled.add(peer_id)
         other = peer.table.get(peer_id)
         if other is not None:
             peer.distributee.pull_from(
