@@ -518,3 +518,25 @@ def test_availability_counts_whole_and_partial_holders(shared):
     lonely.peer(CACHE_A, [local], holdings={local.file_id: bytes([0b1, 0])})
     reachable, fewest = lonely.catalog.availability(local.file_id, chunks)
     assert (round(reachable, 3), fewest) == (round(1 / chunks, 3), 0)
+
+
+def test_a_target_that_never_answers_is_given_up(shared):
+    from twisted_p2p.limits import DISTRIBUTION_ANSWER_TIMEOUT
+
+    o = Origin(shared, replicas=1, targets=(CACHE_A,))
+
+    class Silent(PushTarget):
+        def call(self, header, body=b""):
+            self.log.append((self.peer_id, header["t"], None))
+            return defer.Deferred()
+
+    o.targets[CACHE_A] = Silent(CACHE_A, o.content, o.log)
+    o.distributor.round()
+    assert o.distributor._round is not None
+    o.net.clock.advance(DISTRIBUTION_ANSWER_TIMEOUT + 1)
+    assert o.distributor._round is None
+    assert o.distributor._pending == {}
+    assert o.targets[CACHE_A].closed
+    # The next round tries again.
+    o.distributor.round()
+    assert [kind for _, kind, _ in o.log] == ["offer", "offer"]

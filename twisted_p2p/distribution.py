@@ -34,6 +34,7 @@ from twisted_p2p.interfaces import format_address
 from twisted_p2p.limits import (
     CACHE_ANNOUNCE_DELAY,
     CHUNK_SIZE,
+    DISTRIBUTION_ANSWER_TIMEOUT,
     DISTRIBUTION_YIELD,
     MANIFEST_FETCH_TIMEOUT,
     MAX_FILE_SIZE,
@@ -643,9 +644,8 @@ class Distributor:
                     sent += len(data)
                     chunks_sent += 1
                     try:
-                        await client.call(
-                            wire.request("push", id=push.file_id, i=index), data
-                        )
+                        await self._call(client, wire.request("push", id=push.file_id, i=index),
+                                         data)
                     except PeerRefused as e:
                         self._forget(target, push.file_id, [index])
                         log.info(
@@ -675,7 +675,7 @@ class Distributor:
         stay counted as held there; the others are forgotten.
         """
         try:
-            header, _ = await client.call(wire.request("offer", id=file_id, chunks=group))
+            header, _ = await self._call(client, wire.request("offer", id=file_id, chunks=group))
         except PeerRefused as e:
             self._forget(target, file_id, group)
             raise PeerRefused(e.code, f"refused the offer: {e.message}")
@@ -694,6 +694,9 @@ class Distributor:
         if refused:
             self.stats.refused_offers += 1
         return [i for i in group if i in set(accepted)]
+
+    def _call(self, client, header, body=b""):
+        return client.call(header, body).addTimeout(DISTRIBUTION_ANSWER_TIMEOUT, self._clock)
 
     async def _take_turn(self, length):
         """

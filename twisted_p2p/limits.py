@@ -267,8 +267,9 @@ OFFER_GROUP = 16
 
 #: Frames a distribution connection may send ahead of our answers; a
 #: distributor waits for each answer, so more is a misbehaving peer, and
-#: the connection is dropped (each frame may be a 256 KiB chunk in memory).
-MAX_DISTRIBUTION_QUEUE = 8
+#: the connection is dropped (each frame may be a 256 KiB chunk in memory,
+#: and a host may hold 64 connections).
+MAX_DISTRIBUTION_QUEUE = 2
 
 #: Seconds a chunk pushed (or on its way) counts as held by its target
 #: before that target's catalog shows it: long enough for its catalog to be
@@ -288,3 +289,8 @@ DISTRIBUTION_YIELD = 0.25
 
 #: Seconds a manifest fetch may take when a push for a new file comes.
 MANIFEST_FETCH_TIMEOUT = 10.0
+
+#: Seconds a distributor waits for the answer to an offer (the target may
+#: first fetch the manifest from up to three peers) or a push, before it
+#: gives up on that target for this round.
+DISTRIBUTION_ANSWER_TIMEOUT = 45.0
