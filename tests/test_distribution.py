@@ -540,3 +540,18 @@ def test_a_target_that_never_answers_is_given_up(shared):
     # The next round tries again.
     o.distributor.round()
     assert [kind for _, kind, _ in o.log] == ["offer", "offer"]
+
+
+def test_distribution_keeps_to_the_upload_rate(shared):
+    from twisted_p2p.uploads import TokenBucket
+
+    o = Origin(shared, replicas=1, targets=(CACHE_A,))
+    o.uploads.bucket = TokenBucket(CHUNK_SIZE, o.net.clock)  # a chunk a second
+    o.distributor.round()
+    # The burst (two chunks) at once, then one a second.
+    assert o.stats.pushed_chunks <= 3
+    o.net.clock.advance(4)
+    assert o.stats.pushed_chunks <= 7
+    for _ in range(20):
+        o.net.clock.advance(1)
+    assert o.targets[CACHE_A].held == set(range(o.local.manifest.chunk_count))

@@ -310,3 +310,60 @@ def test_a_cache_never_goes_over_its_size(network):
     assert sum(pushed) <= quota + 2 * CHUNK * len(origins)
     print(f"\ncache held {highest / MiB:.2f} MiB at most of {quota / MiB:.0f} MiB; "
           f"origins pushed {[round(p / MiB, 2) for p in pushed]} MiB, {refused} refusals")
+
+
+def test_distribution_in_a_private_group(network, tmp_path):
+    """
+    In a private group T+2 and T+3 are the group's TLS: a member's cache
+    fills, and a stranger's plain connection to T+3 gets no frame.
+    """
+    from twisted_p2p.group import write_new_key
+
+    key = tmp_path / "group.key"
+    write_new_key(str(key))
+    size = 4 * MiB
+    origin = network.peer("origin", "--group-key-file", str(key), "--cache-size", "0",
+                          shared=("small.bin", size))
+    cache = network.peer("member", "--group-key-file", str(key), "--cache-size", "8M")
+    for p in (cache, origin):
+        p.start()
+    for p in (cache, origin):
+        p.ready()
+
+    def filled():
+        files = cache_of(cache)["files"]
+        return files and files[0]["chunks"] == size // CHUNK
+
+    ok, waited = poll(filled, timeout=20, interval=0.3)
+    assert ok, cache_of(cache)
+    assert cache_of(origin)["pushed_bytes"] == size
+    # A plain connection, no TLS: the frame is not understood, and nothing
+    # comes back but the end of the connection.
+    with socket.create_connection((HOST, cache.transfer_port + 3), timeout=10) as sock:
+        payload = json.dumps({"t": "offer", "v": 1, "id": "ab" * 32, "chunks": [0]}).encode()
+        sock.sendall(struct.pack(">I", len(payload) + 1) + payload + b"\n")
+        answer = b""
+        try:
+            while True:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                answer += piece
+        except (ConnectionResetError, socket.timeout):
+            pass
+    assert b"offered" not in answer and b'"t"' not in answer
+    # The cache serves a member after the origin left, on sealed streams.
+    assert origin.kill() == -9
+    fetcher = network.peer("fetcher", "--group-key-file", str(key), "--cache-size", "0")
+    fetcher.start()
+    fetcher.ready()
+    listed, _ = poll(lambda: "small.bin" in list_rows(fetcher), timeout=10, interval=0.3)
+    assert listed
+    fetcher.mark()
+    fetcher.send("download small.bin")
+    fetcher.expect(r"^downloaded small\.bin", timeout=20, fail=_ERROR)
+    assert sha256_of(fetcher.downloads / "small.bin") == origin.digest
+    for p in (cache, fetcher):
+        text = p.log_path.read_text()
+        assert not any(marker in text for marker in LOG_ERRORS), (p.name, text[-3000:])
+    print(f"\na private group's cache filled in {waited:.1f} s")
