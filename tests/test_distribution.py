@@ -554,4 +554,9 @@ def test_distribution_keeps_to_the_upload_rate(shared):
     assert o.stats.pushed_chunks <= 7
     for _ in range(20):
         o.net.clock.advance(1)
+    # A round sends at most what the rate allows in an interval (10 s, so
+    # 10 chunks); the next round sends the rest.
+    assert o.stats.pushed_chunks == 10
+    o.distributor.round()
+    o.net.clock.advance(1)
     assert o.targets[CACHE_A].held == set(range(o.local.manifest.chunk_count))
