@@ -210,6 +210,19 @@ class TestDistributee:
             session.close()
         assert c.cache.reserved == 0
 
+    def test_a_manifest_fetched_for_nothing_goes_with_the_connection(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        kept, idle = c.session(), c.session()
+        offer(kept, c.local.file_id, [0])
+        push(kept, c.local.file_id, 0, chunk(c.content, 0))
+        kept.close()
+        assert c.cache.manifest(c.local.file_id) is not None
+        c.cache.drop_file(c.local.file_id)
+        offer(idle, c.local.file_id, [1])
+        idle.close()
+        assert c.cache.manifest(c.local.file_id) is None
+        assert c.cache.used == c.cache.reserved == 0
+
     def test_hosting_off_takes_nothing(self, tmp_path, shared):
         c = Cache(tmp_path, shared, quota=0)
         d = c.session().handle(wire.request("offer", id=c.local.file_id, chunks=[0]), b"")

@@ -711,6 +711,16 @@ class ChunkCache:
                 self._evict(file_id, index)
         return plan
 
+    def forget_if_empty(self, file_id):
+        """
+        Drop the manifest of C{file_id} if no chunk of it is held or on its
+        way: room taken by an offer that came to nothing is given back.
+        """
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is not None and not entry.held and not entry.reservations:
+                self._drop(file_id)
+
     def drop_file(self, file_id):
         """
         Forget every chunk of C{file_id} and its manifest, and delete them.

@@ -332,6 +332,7 @@ class DistributeeSession:
         self._owner = owner
         self.host = host
         self.reservations = {}
+        self.files = set()
         self.closed = False
 
     def handle(self, header, body):
@@ -366,6 +367,7 @@ class DistributeeSession:
             raise wire.ProtocolError("too many chunks offered and not pushed")
         try:
             await owner.manifest_for(file_id, self.host)
+            self.files.add(file_id)
         except RequestRefused:
             owner.stats.refused_offers += 1
             raise
@@ -419,6 +421,10 @@ class DistributeeSession:
         reservations, self.reservations = self.reservations, {}
         for reservation in reservations.values():
             reservation.release()
+        # A manifest fetched for offers that came to nothing goes too.
+        for file_id in self.files:
+            d = self._owner._run(self._owner.cache.forget_if_empty, file_id)
+            d.addErrback(lambda f: log.failure("Tidying the cache failed", f))
 
 
 def _reserve_all(cache, file_id, chunks, copies):
