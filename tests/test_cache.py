@@ -606,3 +606,22 @@ def test_foreign_entries_at_the_top_are_left_alone(tmp_path, samples):
     assert report.chunks == 0
     assert open(notes).read() == "mine"
     assert again.files() == []
+
+
+def test_a_chunk_put_after_close_is_refused_and_written_nowhere(tmp_path, monkeypatch):
+    import hashlib
+
+    from twisted_p2p.manifest import Manifest
+
+    data = b"x" * 1000
+    manifest = Manifest.build(len(data), [hashlib.sha256(data).digest()])
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 20)
+    cache.open()
+    cache.add_manifest(manifest, "x.bin")
+    reservation = cache.reserve(manifest.file_id, 0)
+    cache.close()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CacheRefused) as e:
+        cache.put(manifest.file_id, 0, [data], reservation)
+    assert e.value.code == "disk-error"
+    assert not (tmp_path / manifest.file_id).exists()

@@ -634,6 +634,7 @@ class ChunkCache:
             raise ValueError("a reservation for another chunk")
         try:
             with self._lock:
+                self._check_open()
                 entry = self._entries.get(file_id)
                 if reservation.dropped or entry is None:
                     raise CacheRefused(UNKNOWN_FILE, "the file left the cache meanwhile")
