@@ -630,7 +630,6 @@ class DistributionService(Service):
         if not self.running:
             peer.cache.close()
             return
-        peer.distribution_service_open = True
         if report.dropped_chunks or report.dropped_files:
             log.warn(
                 "Cache: dropped {chunks} damaged chunk(s) and {files} damaged file(s)",
@@ -687,7 +686,6 @@ class DistributionService(Service):
         peer.distributor.stop()
         peer.cache_announcer.stop()
         if self._opening is None:
-            peer.distribution_service_open = False
             peer.cache.close()
 
 
@@ -733,7 +731,6 @@ class PeerService(MultiService):
         self.settings = settings
         self.log_file = None
         self._lock = None
-        self.distribution_service_open = False
         self.host = settings["host"]
         self.transfer_port = settings["transfer-port"]
         state_dir = settings["state-dir"]
@@ -1099,7 +1096,7 @@ class PeerService(MultiService):
             "files": [
                 {"id": f.file_id, "name": f.name, "size": f.size, "chunks": f.chunks,
                  "bytes": f.bytes}
-                for f in (cache.files() if self.distribution_service_open else [])
+                for f in cache.files()
             ],
             **self.distribution_stats.as_dict(),
         }
