@@ -285,7 +285,10 @@ def test_a_cache_never_goes_over_its_size(network):
     fits and refuses the rest, and is never over its size, on disk either.
     """
     size = 8 * MiB
-    origins = [network.peer(f"origin{n}", "--cache-size", "0", shared=(f"file{n}.bin", size))
+    # At 1 MiB/s each, neither fills the cache before the other has begun,
+    # however long each takes to start.
+    origins = [network.peer(f"origin{n}", "--cache-size", "0", "--max-upload-rate", "1M",
+                            shared=(f"file{n}.bin", size))
                for n in range(2)]
     cache = network.peer("cache", "--cache-size", "5M")
     for p in [cache, *origins]:
@@ -303,7 +306,7 @@ def test_a_cache_never_goes_over_its_size(network):
         assert status["used"] <= quota and on_disk <= quota, (status, on_disk)
         return status["free"] < CHUNK and len(status["files"]) == 2 and status
 
-    status, _ = poll(full, timeout=20, interval=0.2)
+    status, _ = poll(full, timeout=30, interval=0.2)
     assert status, cache_of(cache)
     # Both pushed, and the cache refused what did not fit.
     pushed = [cache_of(p)["pushed_bytes"] for p in origins]
