@@ -573,3 +573,97 @@ def test_distribution_keeps_to_the_upload_rate(shared):
     o.distributor.round()
     o.net.clock.advance(1)
     assert o.targets[CACHE_A].held == set(range(o.local.manifest.chunk_count))
+
+
+# -- the service -------------------------------------------------------------------
+
+
+class FakeDistributor:
+    interval = 10.0
+
+    def __init__(self):
+        self.rounds = 0
+        self.stopped = False
+
+    def round(self):
+        self.rounds += 1
+
+    def stop(self):
+        self.stopped = True
+
+
+class FakeDistributee:
+    def __init__(self):
+        self.pulls = []
+
+    def pull_from(self, peer, connect, own_id, port):
+        self.pulls.append((peer.peer_id, own_id, port))
+
+
+class ServedPeer:
+    """What L{DistributionService} uses of a L{PeerService}."""
+
+    def __init__(self, tmp_path, shared, quota=64 * CHUNK_SIZE):
+        self.local, self.content = shared
+        self.net = Network()
+        self.reactor = self.net.clock
+        self.table = self.net.table
+        self.catalog = self.net.catalog
+        self.cache = ChunkCache(str(tmp_path / "cache"), quota, CACHE_A)
+        self.index = SharedIndex([], str(tmp_path / "hashes.json"), now)
+        self.cache_announcer = CacheAnnouncer(self.cache, self.index, now, self.reactor)
+        self.distributor = FakeDistributor()
+        self.distributee = FakeDistributee()
+        self.peer_id = CACHE_A
+        self.transfer_port = 6000
+        self.run_in_thread = now
+
+    def _connect(self, *args):
+        raise AssertionError("not here")
+
+
+def test_the_service_opens_the_cache_offers_it_and_runs_rounds(tmp_path, shared):
+    from twisted_p2p.service import DistributionService
+
+    # A cache left by an earlier run, with a chunk damaged since.
+    local, content = shared
+    earlier = ChunkCache(str(tmp_path / "cache"), 64 * CHUNK_SIZE)
+    earlier.open()
+    earlier.add_manifest(local.manifest, "big.bin")
+    earlier.put(local.file_id, 0, [chunk(content, 0)])
+    earlier.put(local.file_id, 1, [chunk(content, 1)])
+    earlier.close()
+    damaged = tmp_path / "cache" / local.file_id / "1"
+    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+
+    peer = ServedPeer(tmp_path, shared)
+    service = DistributionService(peer)
+    service.startService()
+    [offered] = peer.index.partials()
+    assert [i for i in range(11) if offered.holds(i)] == [0]
+    assert not damaged.exists()
+    peer.reactor.advance(10)
+    peer.reactor.advance(10)
+    assert peer.distributor.rounds == 2
+    # A peer whose catalog lists files whole is asked what to hold, once.
+    peer.net.peer(ORIGIN, [local])
+    peer.catalog.refresh(ORIGIN)
+    peer.net.fetches.pop(ORIGIN).callback(("3" * 16, [(local.file_id, "big.bin", local.size)]))
+    assert peer.distributee.pulls == [(ORIGIN, CACHE_A, 6003)]
+    service.stopService()
+    assert peer.distributor.stopped
+    peer.reactor.advance(10)
+    assert peer.distributor.rounds == 2
+    assert peer.cache._root is None
+
+
+def test_a_peer_that_hosts_nothing_asks_for_nothing(tmp_path, shared):
+    from twisted_p2p.service import DistributionService
+
+    local, _ = shared
+    peer = ServedPeer(tmp_path, shared, quota=0)
+    service = DistributionService(peer)
+    service.startService()
+    peer.net.peer(ORIGIN, [local])
+    assert peer.distributee.pulls == []
+    service.stopService()
