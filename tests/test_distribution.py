@@ -7,6 +7,8 @@ distributor with fakes for the network, both on a L{Clock}; no sockets.
 import hashlib
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import FakeIndex, frame, result_of, sent_frames, shared_file
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -667,3 +669,44 @@ def test_a_peer_that_hosts_nothing_asks_for_nothing(tmp_path, shared):
     peer.net.peer(ORIGIN, [local])
     assert peer.distributee.pulls == []
     service.stopService()
+
+
+def test_a_pull_fed_a_byte_at_a_time_is_answered(shared):
+    o = Origin(shared, replicas=1, targets=())
+    protocol = connected(DistributorFactory(o.distributor), host="192.0.2.9")
+    data = frame(wire.request("pull", peer=CACHE_C, port=6003, free=100 * CHUNK_SIZE))
+    for i in range(len(data)):
+        protocol.dataReceived(data[i:i + 1])
+    [(answer, _)] = sent_frames(protocol.transport)
+    assert answer == {"t": "pulling", "chunks": o.local.manifest.chunk_count}
+    assert not protocol.transport.disconnecting
+
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 2**41), st.text(max_size=70),
+    st.lists(st.one_of(st.integers(-2, 70), st.text(max_size=3)), max_size=70),
+    st.sampled_from(["ab" * 32, "0" * 32, CACHE_A]),
+)
+_headers = st.fixed_dictionaries(
+    {"t": st.sampled_from(["offer", "push", "pull", "x"]), "v": st.sampled_from([1, 1, 2, "1"])},
+    optional={k: _values for k in ("id", "chunks", "i", "peer", "port", "free")},
+)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=_headers, body=st.binary(max_size=64))
+def test_no_frame_crashes_the_distribution_ports(tmp_path, shared, header, body):
+    """
+    Whatever a peer sends, each port answers or drops the connection: never
+    an internal error.
+    """
+    c = Cache(tmp_path / "fuzz", shared)
+    o = Origin(shared, replicas=1, targets=())
+    for factory in (DistributeeFactory(c.distributee), DistributorFactory(o.distributor)):
+        protocol = connected(factory)
+        protocol.dataReceived(frame(header, body))
+        for answer, _ in sent_frames(protocol.transport):
+            assert answer.get("code") != "internal", (header, answer)
+        protocol.connectionLost(Failure(ConnectionDone()))
+    c.cache.close()
