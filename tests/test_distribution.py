@@ -43,7 +43,9 @@ ORIGIN = "0" * 32
 CACHE_A = "a" * 32
 CACHE_B = "b" * 32
 CACHE_C = "c" * 32
-ADDRESSES = {ORIGIN: "192.0.2.1", CACHE_A: "192.0.2.2", CACHE_B: "192.0.2.3", CACHE_C: "192.0.2.4"}
+ORIGIN_2 = "9" * 32
+ADDRESSES = {ORIGIN: "192.0.2.1", CACHE_A: "192.0.2.2", CACHE_B: "192.0.2.3", CACHE_C: "192.0.2.4",
+             ORIGIN_2: "192.0.2.5"}
 
 
 def now(f, *args, **kwargs):
@@ -710,3 +712,26 @@ def test_no_frame_crashes_the_distribution_ports(tmp_path, shared, header, body)
             assert answer.get("code") != "internal", (header, answer)
         protocol.connectionLost(Failure(ConnectionDone()))
     c.cache.close()
+
+
+def test_two_distributors_of_one_file_do_not_fill_the_same_gap(shared):
+    """
+    Two whole holders with the same view: between them, each chunk gets
+    its missing copy once.
+    """
+    local, content = shared
+    origins = []
+    log, targets = [], {}
+    for own, other in ((ORIGIN, ORIGIN_2), (ORIGIN_2, ORIGIN)):
+        o = Origin(shared, replicas=2, targets=(CACHE_A, CACHE_B, CACHE_C))
+        o.net.peer(other, [local])
+        o.targets, o.log = targets, log
+        o.distributor.own_id = own
+        origins.append(o)
+    for o in origins:
+        o.distributor.round()
+    chunks = local.manifest.chunk_count
+    # Two whole copies already: one more each, and no more.
+    assert sum(len(t.held) for t in targets.values()) == chunks
+    assert sum(o.stats.pushed_chunks for o in origins) == chunks
+    assert all(o.stats.pushed_chunks for o in origins), "one of them did everything"
