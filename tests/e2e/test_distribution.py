@@ -308,12 +308,20 @@ def test_a_cache_never_goes_over_its_size(network):
 
     status, _ = poll(full, timeout=30, interval=0.2)
     assert status, cache_of(cache)
-    # Both pushed, and the cache refused what did not fit.
+    # Both pushed, and no more than fit: room is reserved before bytes go.
     pushed = [cache_of(p)["pushed_bytes"] for p in origins]
     assert all(pushed), pushed
+    assert sum(pushed) <= quota
     refused = sum(cache_of(p)["refused_offers"] for p in origins)
-    assert refused > 0
-    assert sum(pushed) <= quota + 2 * CHUNK * len(origins)
+    # Full, it refuses more (it evicts nothing: every chunk it holds has as
+    # few copies as the one offered would).
+    cached = status["files"][0]
+    missing = min(set(range(size // CHUNK)) - held_chunks(cache, cached["id"]))
+    header, _ = call(cache.transfer_port + 3,
+                     {"t": "offer", "v": 1, "id": cached["id"], "chunks": [missing]})
+    assert header == {"t": "offered", "id": cached["id"], "accepted": [],
+                      "refused": [{"i": missing, "code": "over-quota"}]}, header
+    assert cache_of(cache)["used"] <= quota
     print(f"\ncache held {highest / MiB:.2f} MiB at most of {quota / MiB:.0f} MiB; "
           f"origins pushed {[round(p / MiB, 2) for p in pushed]} MiB, {refused} refusals")
 
