@@ -177,11 +177,23 @@ def test_an_index_out_of_the_file_is_refused(tmp_path, samples, index):
     refused(BAD_INDEX, cache.reserve, samples[0].file_id, index)
 
 
-@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "../up", "x\n", 7])
+@pytest.mark.parametrize("name", ["", ".hidden", "a/../b", "../up", "/etc/x", "a//b", "x\n", 7])
 def test_a_manifest_with_an_illegal_name_is_refused(tmp_path, samples, name):
     cache = open_cache(tmp_path)
     refused(BAD_NAME, cache.add_manifest, samples[0].manifest, name)
     assert os.listdir(cache.folder) == []
+
+
+def test_a_file_in_a_shared_subfolder_is_cached_under_its_path(tmp_path, samples):
+    """Files are offered by path (photos/2026/a.jpg); the cache keeps it."""
+    path = "/".join(["\U0001f4f7 \u00e9t\u00e9" * 20] * 3) + ".jpg"
+    cache = open_cache(tmp_path)
+    cache.add_manifest(samples[0].manifest, path)
+    cache.put(samples[0].file_id, 1, [samples[0].chunk(1)])
+    cache.close()
+    again = ChunkCache(cache.folder, 1 << 30, salt=ME)
+    again.open()
+    assert [f.name for f in again.files()] == [path]
 
 
 def test_adding_a_manifest_twice_stores_it_once(tmp_path, samples):
@@ -606,3 +618,22 @@ def test_foreign_entries_at_the_top_are_left_alone(tmp_path, samples):
     assert report.chunks == 0
     assert open(notes).read() == "mine"
     assert again.files() == []
+
+
+def test_a_chunk_put_after_close_is_refused_and_written_nowhere(tmp_path, monkeypatch):
+    import hashlib
+
+    from twisted_p2p.manifest import Manifest
+
+    data = b"x" * 1000
+    manifest = Manifest.build(len(data), [hashlib.sha256(data).digest()])
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 20)
+    cache.open()
+    cache.add_manifest(manifest, "x.bin")
+    reservation = cache.reserve(manifest.file_id, 0)
+    cache.close()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CacheRefused) as e:
+        cache.put(manifest.file_id, 0, [data], reservation)
+    assert e.value.code == "disk-error"
+    assert not (tmp_path / manifest.file_id).exists()

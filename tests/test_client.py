@@ -645,3 +645,28 @@ def test_error_answer_text_is_cleaned(connected, feed):
     assert len(e.value.message) == 200
     assert str(e.value) == e.value.message
     assert not any(ord(ch) < 32 for ch in e.value.message)
+
+
+def test_a_catalog_view_has_the_partial_files_and_the_free_space():
+    from twisted_p2p.client import fetch_catalog_view
+
+    pages = [
+        {"t": "catalog", "rev": "0123456789abcdef", "start": 0, "total": 2, "free": 5000,
+         "files": [{"id": ID_A, "name": "a.txt", "size": 3, "partial": True}]},
+        {"t": "catalog", "rev": "0123456789abcdef", "start": 1, "total": 2,
+         "files": [{"id": ID_B, "name": "b.txt", "size": 4}]},
+    ]
+    client = CannedClient(lambda h: (pages[h["start"]], b""))
+    view = result_of(defer.ensureDeferred(fetch_catalog_view(client)))
+    assert view.files == [(ID_A, "a.txt", 3), (ID_B, "b.txt", 4)]
+    assert view.partial == {ID_A}
+    assert view.free == 5000
+    # No "free": the peer hosts nothing.
+    bare = CannedClient(lambda h: (catalog({"id": ID_A, "name": "a.txt", "size": 3}), b""))
+    assert result_of(defer.ensureDeferred(fetch_catalog_view(bare))).free is None
+
+
+@pytest.mark.parametrize("free", [-1, "5", 1.5, True])
+def test_a_bad_free_space_is_malformed(free):
+    with pytest.raises(wire.ProtocolError):
+        parse_catalog(dict(catalog(), free=free))

@@ -749,3 +749,87 @@ def test_download_a_folder_from_one_peer_takes_what_it_has():
         ("photos/2026/b b.jpg", ["192.0.2.3:7100"]), ("photos/c.jpg", ["192.0.2.3:7100"])]
     assert run(tree_peer(), "download photos/2026/ --from 192.0.2.3:7100")[0] == [
         "downloading folder photos/2026/ (1 file, 2.0 KiB) into 2026/"]
+
+
+class PiecesCatalog:
+    """A catalog in which caches hold MOVIE in pieces, and ALICE NOTES whole."""
+
+    def __init__(self, offers, availability):
+        self._offers = offers
+        self._availability = availability
+
+    def offers(self):
+        return list(self._offers)
+
+    def files_of(self, peer_id):
+        return []
+
+    def holdings_of(self, peer_id):
+        return {NOTES.file_id: None} if peer_id == ALICE.peer_id else {MOVIE.file_id: b"\x01"}
+
+    def holds_whole(self, peer_id, file_id):
+        return self.holdings_of(peer_id).get(file_id, b"") is None
+
+    def availability(self, file_id, chunks):
+        return self._availability[file_id]
+
+
+def test_list_shows_availability_when_only_pieces_are_left():
+    peer = FakePeer(peers=[ALICE, BOB])
+    peer.commands._catalog = PiecesCatalog(
+        [offer("movie.bin", MOVIE, BOB), offer("notes.txt", NOTES, ALICE)],
+        {MOVIE.file_id: (1.0, 2), NOTES.file_id: (1.0, 1)},
+    )
+    kept = []
+    said, _ = run(peer, "list", keep=kept)
+    assert said == [
+        "NAME       SIZE     ID        AVAILABLE        WHERE",
+        f"movie.bin  5.0 MiB  {MOVIE.file_id[:8]}  100% (2 copies)  192.0.2.3:7100",
+        f"notes.txt  1.2 KiB  {NOTES.file_id[:8]}  100% (1 copy)    192.0.2.2:7000",
+    ]
+    movie = kept[0]["files"][0]
+    assert (movie["available"], movie["copies"], movie["whole"]) == (1.0, 2, False)
+    # Chunks no known peer holds: the share of those still to be had.
+    peer.commands._catalog._availability[MOVIE.file_id] = (0.75, 0)
+    said, _ = run(peer, "list movie")
+    assert said[1].split("  ")[3] == "75% of chunks"
+
+
+def test_list_shows_no_availability_when_every_file_is_whole_somewhere():
+    peer = FakePeer(peers=[ALICE])
+    peer.commands._catalog = PiecesCatalog(
+        [offer("notes.txt", NOTES, ALICE)], {NOTES.file_id: (1.0, 1)}
+    )
+    said, _ = run(peer, "list")
+    assert said[0] == "NAME       SIZE     ID        WHERE"
+
+
+def test_cache_shows_what_is_held_and_what_was_pushed():
+    status = {
+        "quota": 40 << 20, "used": 10 << 20, "free": 30 << 20, "replicas": 2,
+        "files": [{"id": MOVIE.file_id, "name": "movie.bin", "size": MOVIE.size,
+                   "chunks": 8, "bytes": 2 << 20}],
+        "pushed_chunks": 3, "pushed_bytes": 3 << 18, "refused_offers": 1,
+        "stored_chunks": 8, "stored_bytes": 2 << 20, "refused_pushes": 0, "rounds": 4,
+    }
+    peer = FakePeer()
+    peer.commands._distribution = lambda: status
+    kept = []
+    said, _ = run(peer, "cache", keep=kept)
+    assert kept == [dict(status, event="cache")]
+    assert said == [
+        "cache: 10.0 MiB of 40.0 MiB used, 30.0 MiB free",
+        "NAME       SIZE     ID        CHUNKS  HELD",
+        f"movie.bin  5.0 MiB  {MOVIE.file_id[:8]}  8/20    2.0 MiB",
+        "distribution (replicas 2): pushed 3 chunks (768.0 KiB), stored 8 chunks (2.0 MiB) "
+        "for others; refused 0 push(es), 1 offer(s) were refused in part or whole",
+    ]
+    said, _ = run(peer, "cache", keep=[])
+    status.update(quota=0, used=0, free=0, files=[])
+    said, _ = run(peer, "cache")
+    assert said[0] == "cache: this peer hosts nothing for others (--cache-size 0)"
+
+
+def test_cache_without_distribution_is_an_error():
+    said, _ = run(FakePeer(), "cache")
+    assert said == ["error: this peer does not distribute"]

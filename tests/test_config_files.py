@@ -40,7 +40,8 @@ KNOWN = (
     "transfer-port, discovery-port, host, broadcast, peer, advertise-host, name, "
     "max-peers-per-host, announce-interval, peer-timeout, "
     "shared, downloads, state-dir, console, max-upload-rate, max-uploads, "
-    "share-downloads, log-file, log-format, group-key-file"
+    "share-downloads, log-file, log-format, group-key-file, replicas, cache-size, "
+    "distribute-interval"
 )
 
 #: A commented-out setting: "# key = value".

@@ -1,12 +1,9 @@
 """
 What the transfer ports share: a cap on the connections one host may hold
-to each port, and the distribution ports that answer "not supported".
+to each port.
 """
 
-import json
-
 import pytest
-from support import sent_frames
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -15,9 +12,9 @@ from twisted.python.failure import Failure
 
 from twisted_p2p.limits import MAX_CONNECTIONS_PER_HOST
 from twisted_p2p.transfer import (
+    DistributeeFactory,
+    DistributorFactory,
     Inbox,
-    NotSupportedFactory,
-    NotSupportedProtocol,
     ReceiverFactory,
     SenderFactory,
 )
@@ -34,7 +31,8 @@ class NoUploads:
 FACTORIES = {
     "receiver": lambda: ReceiverFactory(Inbox()),
     "sender": lambda: SenderFactory(NoUploads()),
-    "distribution": NotSupportedFactory,
+    "distributor": lambda: DistributorFactory(None),
+    "distributee": lambda: DistributeeFactory(NoUploads()),
 }
 
 
@@ -63,21 +61,3 @@ def test_a_host_gets_at_most_its_share_of_connections(make):
     assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50001)) is not None
     assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50002)) is None
     assert factory.refused == 2
-
-
-def test_not_supported_says_so_and_closes():
-    protocol = connected(NotSupportedProtocol(), "192.0.2.7")
-    transport = protocol.transport
-    assert sent_frames(transport) == [
-        (
-            {
-                "t": "error",
-                "code": "not-supported",
-                "message": "distribution is not supported yet",
-            },
-            b"",
-        )
-    ]
-    assert transport.disconnecting
-    # The error is plain JSON a client can read.
-    assert json.loads(transport.value()[4:].split(b"\n")[0])["code"] == "not-supported"

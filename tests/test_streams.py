@@ -790,3 +790,41 @@ async def test_sendfile_on_a_real_loopback_connection(tmp_path, monkeypatch):
     finally:
         await port.stopListening()
         await workers.stop()
+
+
+def test_cached_chunks_go_from_their_own_files_and_are_closed_once_sent(link, eleven, tmp_path):
+    """
+    A stream of chunks cached for others: one file per chunk, a run one
+    segment per chunk, each file closed once its frames went out.
+    """
+    from twisted_p2p.transfer.streams import CachedChunks
+
+    local, content = eleven
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    for i in range(local.manifest.chunk_count):
+        (folder / str(i)).write_bytes(content[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE])
+    opened_fds = []
+
+    def open_chunk(index):
+        if index == 9:
+            raise OSError("evicted")
+        fd = os.open(folder / str(index), os.O_RDONLY)
+        opened_fds.append(fd)
+        return fd
+
+    cached = CachedChunks("eleven.bin", local.manifest, open_chunk)
+    stream = OutgoingStream(TOKEN, local, cached, SyncWorkers(), task.Clock())
+    StreamConnection(stream).makeConnection(link.transport)
+    stream.add([2, 3, 4, 5, 6, 10])
+    link.pull()
+    assert runs(link.data()) == [(2, 4), (6, 1), (10, 1)]
+    check_bodies(link.data(), content)
+    assert cached._fds == {}
+    for fd in opened_fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    # A chunk that left the cache since it was offered: the stream ends.
+    with pytest.raises(FileChanged):
+        cached.segments(9, 1)
+    stream.close()

@@ -24,6 +24,7 @@ from twisted_p2p.service import (
     ConsoleService,
     ControlService,
     DiscoveryService,
+    DistributionService,
     PeerService,
     WorkersService,
 )
@@ -455,6 +456,7 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
         StreamServerEndpointService,
         StreamServerEndpointService,
         StreamServerEndpointService,
+        DistributionService,
         DiscoveryService,
         ControlService,
         ConsoleService,
@@ -466,8 +468,8 @@ def test_make_service(folder, ports, global_reactor, monkeypatch):
     assert [type(s.factory) for s in port_services] == [
         transfer.ReceiverFactory,
         transfer.SenderFactory,
-        transfer.NotSupportedFactory,
-        transfer.NotSupportedFactory,
+        transfer.DistributorFactory,
+        transfer.DistributeeFactory,
     ]
     assert port_services[0].factory.inbox is peer.inbox
     assert port_services[1].factory.uploads is peer.uploads
@@ -522,7 +524,7 @@ def test_make_service_without_a_console(folder, ports, global_reactor, monkeypat
     options = parse(*good_args(ports, "--console", "off"))
     peer = tap.makeService(options, global_reactor)
     assert not any(isinstance(c, ConsoleService) for c in peer)
-    assert len(list(peer)) == 9
+    assert len(list(peer)) == 10
 
 
 @pytest.mark.parametrize(
@@ -743,3 +745,48 @@ def test_upload_rate_refusals(text, message):
     with pytest.raises(usage.UsageError) as e:
         tap.parse_rate(text)
     assert str(e.value) == message
+
+
+def test_distribution_defaults(folder, ports):
+    options = parse(*good_args(ports))
+    assert options["replicas"] == tap.DEFAULT_REPLICAS == 2
+    assert options["cache-size"] == 1 << 30
+    assert options["distribute-interval"] == 10.0
+
+
+def test_distribution_options(folder, ports):
+    options = parse(*good_args(
+        ports, "--replicas", "3", "--cache-size", "1.5G", "--distribute-interval", "0.5"
+    ))
+    assert options["replicas"] == 3
+    assert options["cache-size"] == 3 << 29
+    assert options["distribute-interval"] == 0.5
+    assert parse(*good_args(ports, "--cache-size", "0"))["cache-size"] == 0
+
+
+def test_distribution_settings_from_a_file(folder, ports):
+    (folder / "peer.toml").write_text(
+        'replicas = 0\ncache-size = "64M"\ndistribute-interval = 2\n'
+    )
+    options = parse(*good_args(ports, "--config", "peer.toml"))
+    assert (options["replicas"], options["cache-size"], options["distribute-interval"]) == (
+        0, 64 << 20, 2.0)
+    (folder / "peer.toml").write_text("cache-size = 1000\n")
+    assert parse(*good_args(ports, "--config", "peer.toml"))["cache-size"] == 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--replicas", "17"), "--replicas must be from 0 to 16"),
+    (("--replicas", "-1"), "--replicas must be from 0 to 16"),
+    (("--replicas", "two"), "--replicas must be a whole number, not 'two'"),
+    (("--cache-size", "lots"), "--cache-size must be bytes such as 500000000, 800M or 2G "
+                              "(K, M, G: KiB, MiB, GiB), or 0 to host nothing; not 'lots'"),
+    (("--cache-size", "-1G"), "--cache-size must be bytes such as 500000000, 800M or 2G "
+                              "(K, M, G: KiB, MiB, GiB), or 0 to host nothing; not '-1G'"),
+    (("--distribute-interval", "0"),
+     "--distribute-interval must be more than 0 and at most 86400 seconds"),
+    (("--distribute-interval", "soon"),
+     "--distribute-interval must be a number of seconds, not 'soon'"),
+])
+def test_distribution_refusals(folder, ports, args, message):
+    assert refusal(*good_args(ports, *args)) == message

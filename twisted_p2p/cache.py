@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 from twisted_p2p.limits import MAX_FILE_SIZE
 from twisted_p2p.manifest import HASH_SIZE, Manifest, ManifestMismatch, chunk_count
-from twisted_p2p.names import BadName, check_name
+from twisted_p2p.names import BadName, check_path
 from twisted_p2p.replication import eviction_order
 
 #: The name of the cache folder in the state dir.
@@ -66,9 +66,10 @@ _MANIFEST_MAGIC = b"p2p-cache-manifest 1\n"
 
 # Limits of this module, with their reasons (to move to limits.py).
 
-#: Bytes of a stored manifest's JSON line (name and size): a 255-byte name
-#: escaped to \uXXXX is under 1600 bytes, so this is never met by a good one.
-MAX_MANIFEST_HEADER = 4096
+#: Bytes of a stored manifest's JSON line (name and size): a path of
+#: MAX_PATH_BYTES (1024) escaped to \uXXXX is at most three times as long,
+#: so this is never met by a good one.
+MAX_MANIFEST_HEADER = 8192
 
 #: Bytes read from the disk at once when a manifest's hashes are loaded.
 _READ_PIECE = 1 << 20
@@ -375,6 +376,14 @@ class ChunkCache:
             entry = self._entries.get(file_id)
             return frozenset(entry.held) if entry is not None else frozenset()
 
+    def holds(self, file_id, index):
+        """
+        Whether chunk C{index} of C{file_id} is held.
+        """
+        with self._lock:
+            entry = self._entries.get(file_id)
+            return entry is not None and index in entry.held
+
     def bitmap(self, file_id):
         """
         The chunks of C{file_id} held, as the C{have} answer's bitmap: chunk
@@ -448,6 +457,38 @@ class ChunkCache:
             os.close(folder)
         return data
 
+    def open_chunk(self, file_id, index):
+        """
+        A descriptor of held chunk C{index} of C{file_id}, for an upload
+        that sends it straight from the disk; the caller closes it.  Opening
+        does no reading: it may be called from the reactor's thread.
+
+        @raise CacheMiss: the chunk is not held (or not ours on disk: then
+            it is dropped).
+        """
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is None or index not in entry.held or self._root is None:
+                raise CacheMiss((file_id, index))
+            length = entry.manifest.chunk_length(index)
+            try:
+                folder = _open_folder(file_id, self._root)
+            except OSError:
+                self._drop(file_id)
+                raise CacheMiss((file_id, index))
+            try:
+                fd = _open_regular(str(index), folder)
+            except OSError:
+                self._evict(file_id, index)
+                raise CacheMiss((file_id, index))
+            finally:
+                os.close(folder)
+            if os.fstat(fd).st_size != length:
+                os.close(fd)
+                self._evict(file_id, index)
+                raise CacheMiss((file_id, index))
+            return fd
+
     # -- taking chunks ----------------------------------------------------------
 
     def add_manifest(self, manifest, name):
@@ -462,9 +503,9 @@ class ChunkCache:
         """
         file_id = check_file_id(manifest.file_id)
         try:
-            check_name(name)
+            check_path(name)
         except BadName as e:
-            raise CacheRefused(BAD_NAME, f"not a legal file name: {e}") from e
+            raise CacheRefused(BAD_NAME, f"not a legal file path: {e}") from e
         data = _encode_manifest(manifest, name)
         with self._manifest_lock:
             with self._lock:
@@ -594,6 +635,7 @@ class ChunkCache:
             raise ValueError("a reservation for another chunk")
         try:
             with self._lock:
+                self._check_open()
                 entry = self._entries.get(file_id)
                 if reservation.dropped or entry is None:
                     raise CacheRefused(UNKNOWN_FILE, "the file left the cache meanwhile")
@@ -670,6 +712,16 @@ class ChunkCache:
             for file_id, index in plan:
                 self._evict(file_id, index)
         return plan
+
+    def forget_if_empty(self, file_id):
+        """
+        Drop the manifest of C{file_id} if no chunk of it is held or on its
+        way: room taken by an offer that came to nothing is given back.
+        """
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is not None and not entry.held and not entry.reservations:
+                self._drop(file_id)
 
     def drop_file(self, file_id):
         """
@@ -813,7 +865,7 @@ def _read_manifest(folder, file_id):
         name, size = header.get("name"), header.get("size")
         if type(size) is not int:
             raise ValueError("a manifest without a size")
-        check_name(name)
+        check_path(name)
         offset = end + 1
         # Checked before the hashes are read, so that a huge planted file
         # is never loaded: a good manifest is at most 128 MiB (1 TiB file).

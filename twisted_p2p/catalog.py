@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
-from twisted_p2p import heap
+from twisted_p2p import heap, wire
 from twisted_p2p.limits import CATALOG_RETRY_MAX, CATALOG_RETRY_MIN, MAX_CATALOG_ENTRIES
 
 log = Logger()
@@ -46,7 +46,10 @@ class NetworkCatalog:
 
     @param table: the L{PeerTable}.
     @param fetch: C{fetch(peer)} giving a Deferred of C{(revision, files)}
-        where files are C{(file_id, name, size)}.
+        where files are C{(file_id, name, size)}, or of C{(revision, files,
+        free, holdings)}: the peer's free cache space (C{None} if it hosts
+        nothing) and, for the files it holds only part of, file id -> the
+        bitmap of its chunks (as in the C{have} answer).
     @param clock: an L{IReactorTime}, for retries.
     """
 
@@ -57,6 +60,9 @@ class NetworkCatalog:
         self._max_entries = max_entries
         self._files = {}
         self._file_ids = {}
+        self._free = {}
+        self._holdings = {}
+        self._listeners = []
         self._entries = 0
         self._cut = set()
         self._revisions = {}
@@ -66,6 +72,13 @@ class NetworkCatalog:
         self._generation = 0
         self._cached = {}
         table.subscribe(self)
+
+    def on_fetched(self, listener):
+        """
+        Call C{listener(peer_id, first)} after each catalog of a peer is
+        stored; C{first} for the first one since it joined.
+        """
+        self._listeners.append(listener)
 
     # PeerTable observer
 
@@ -106,7 +119,8 @@ class NetworkCatalog:
     def _fetched(self, result, peer_id):
         if peer_id not in self._table:
             return
-        revision, files = result
+        revision, files, *extra = result
+        free, holdings = extra if extra else (None, {})
         files = list(files)
         room = self._max_entries - (self._entries - len(self._files.get(peer_id, ())))
         if len(files) > room:
@@ -122,18 +136,29 @@ class NetworkCatalog:
                     limit=self._max_entries,
                 )
             files = files[: max(room, 0)]
-        self._store(peer_id, files)
+        self._store(peer_id, files, free, holdings)
+        first = peer_id not in self._revisions
         self._revisions[peer_id] = revision
         self._failures.pop(peer_id, None)
+        for listener in list(self._listeners):
+            listener(peer_id, first)
 
-    def _store(self, peer_id, files):
+    def _store(self, peer_id, files, free=None, holdings=None):
         self._generation += 1
         self._entries -= len(self._files.pop(peer_id, ()))
         self._file_ids.pop(peer_id, None)
+        self._free.pop(peer_id, None)
+        self._holdings.pop(peer_id, None)
+        if free is not None:
+            self._free[peer_id] = free
         if files:
             self._files[peer_id] = files
-            self._file_ids[peer_id] = {file_id for file_id, _, _ in files}
+            ids = self._file_ids[peer_id] = {file_id for file_id, _, _ in files}
             self._entries += len(files)
+            self._holdings[peer_id] = {
+                file_id: (holdings or {}).get(file_id, b"") if file_id in (holdings or {}) else None
+                for file_id in ids
+            }
         heap.settled(f"catalog {id(self)}", self._entries)
 
     def _failed(self, failure, peer):
@@ -224,6 +249,94 @@ class NetworkCatalog:
         """
         return self._entries
 
+    def free_of(self, peer_id):
+        """
+        The cache space C{peer_id} said it has free for others, or C{None}.
+        """
+        return self._free.get(peer_id)
+
+    def holdings_of(self, peer_id):
+        """
+        What C{peer_id} holds: file id -> C{None} (the whole file) or the
+        bitmap of the chunks it holds (as in the C{have} answer).
+        """
+        return dict(self._holdings.get(peer_id, {}))
+
+    def holds_whole(self, peer_id, file_id):
+        """
+        Whether C{peer_id} offers the whole of C{file_id} (not chunks of it).
+        """
+        held = self._holdings.get(peer_id)
+        return held is not None and file_id in held and held[file_id] is None
+
+    def copies(self, file_id, index):
+        """
+        How many known peers hold chunk C{index} of C{file_id}.
+        """
+        count = 0
+        for peer in self._table.peers():
+            held = self._holdings.get(peer.peer_id, {})
+            if file_id not in held:
+                continue
+            bitmap = held[file_id]
+            if bitmap is None or (
+                index >> 3 < len(bitmap) and (bitmap[index >> 3] >> (index & 7)) & 1
+            ):
+                count += 1
+        return count
+
+    def copies_counter(self):
+        """
+        L{copies}, over a snapshot of what the known peers hold taken now:
+        safe to call from another thread (a peer's holdings are replaced
+        whole, never changed in place).
+        """
+        held = [self._holdings.get(peer.peer_id, {}) for peer in self._table.peers()]
+
+        def copies(file_id, index):
+            count = 0
+            for holdings in held:
+                if file_id not in holdings:
+                    continue
+                bitmap = holdings[file_id]
+                if bitmap is None or (
+                    index >> 3 < len(bitmap) and (bitmap[index >> 3] >> (index & 7)) & 1
+                ):
+                    count += 1
+            return count
+
+        return copies
+
+    def availability(self, file_id, chunks):
+        """
+        C{(reachable, copies)} of a file of C{chunks} chunks: the share of
+        its chunks that some known peer holds (0 to 1), and the fewest
+        holders of any chunk.
+        """
+        if chunks <= 0:
+            return 1.0, len(self.sources(file_id))
+        whole = 0
+        counts = None
+        for peer in self._table.peers():
+            held = self._holdings.get(peer.peer_id, {})
+            if file_id not in held:
+                continue
+            bitmap = held[file_id]
+            if bitmap is None:
+                whole += 1
+                continue
+            if counts is None:
+                counts = bytearray(chunks)
+            flags = wire.expand_bits(bitmap, chunks)
+            for index in _positions(flags):
+                if counts[index] < 255:
+                    counts[index] += 1
+        if counts is None:
+            return (1.0 if whole else 0.0), whole
+        fewest = min(counts)
+        reachable = 1.0 if whole else (chunks - counts.count(0)) / chunks
+        return reachable, whole + fewest
+
     def files_of(self, peer_id):
         return list(self._files.get(peer_id, ()))
 
@@ -236,3 +349,14 @@ class NetworkCatalog:
             for peer in self._table.peers()
             if file_id in self._file_ids.get(peer.peer_id, ())
         ]
+
+
+def _positions(flags):
+    """
+    The indexes of the bytes set to 1 in C{flags} (bytes of 0 and 1).
+    """
+    flags = bytes(flags)
+    index = flags.find(1)
+    while index >= 0:
+        yield index
+        index = flags.find(1, index + 1)

@@ -4,6 +4,7 @@ Our side of a peer's sender port: ask, and get answers in order.
 
 import unicodedata
 from collections import deque
+from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
@@ -77,12 +78,12 @@ class SenderClient(FramedProtocol):
         self._closed.addBoth(lambda r: d.callback(None) or r)
         return d
 
-    def call(self, header):
+    def call(self, header, body=b""):
         if self.transport is None or self._closed.called or self.transport.disconnecting:
             return defer.fail(ConnectionLost("the connection is closed"))
         d = defer.Deferred()
         self._waiting.append(d)
-        self.send(header)
+        self.send(header, body)
         return d
 
     def frame_received(self, header, body):
@@ -117,15 +118,30 @@ def parse_catalog(header):
     serves) is checked but not returned: a download asks every source which
     chunks it has (see L{fetch_have}).
     """
-    revision, _, _, _, files = _parse_catalog_page(header)
+    revision, _, _, _, files, _, _ = _parse_catalog_page(header)
     return revision, files
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    """
+    A peer's catalog as fetched: its revision, its files C{(file_id, name,
+    size)}, the ids of those it holds only part of (partial downloads, and
+    chunks it caches for others), and the cache space it has free for
+    others (C{None}: it hosts nothing, or did not say).
+    """
+
+    revision: str
+    files: list
+    partial: frozenset = frozenset()
+    free: int = None
 
 
 def _parse_catalog_page(header):
     """
-    C{(revision, start, total, entries on the page, legal files)} of one
-    catalog page.  An answer without C{start} and C{total} (a peer from
-    before paging) is the whole catalog.
+    C{(revision, start, total, entries on the page, legal files, partial
+    ids, free)} of one catalog page.  An answer without C{start} and
+    C{total} (a peer from before paging) is the whole catalog.
     """
     if header["t"] != "catalog":
         raise wire.ProtocolError("expected a catalog")
@@ -136,7 +152,9 @@ def _parse_catalog_page(header):
         total = wire.int_field(header, "total", start + len(entries), 2**31)
     else:
         start, total = 0, len(entries)
+    free = wire.int_field(header, "free", 0, MAX_FILE_SIZE * 1024) if "free" in header else None
     files = []
+    partial = set()
     for entry in entries:
         if not isinstance(entry, dict):
             raise wire.ProtocolError("a catalog entry is not an object")
@@ -149,7 +167,9 @@ def _parse_catalog_page(header):
         # part) is left out here, before anything else sees it.
         if is_legal_path(name):
             files.append((file_id, name, size))
-    return revision, start, total, len(entries), files
+            if entry.get("partial"):
+                partial.add(file_id)
+    return revision, start, total, len(entries), files, partial, free
 
 
 async def fetch_catalog(client):
@@ -160,6 +180,14 @@ async def fetch_catalog(client):
     Every page must carry the same revision.  If it changes part way, the
     fetch starts over once; if it changes again, L{CatalogChanged} (the
     caller tries again later).
+    """
+    view = await fetch_catalog_view(client)
+    return view.revision, view.files
+
+
+async def fetch_catalog_view(client):
+    """
+    A peer's catalog as a L{CatalogView}, fetched as L{fetch_catalog} does.
     """
     # 100,000 entries are as many new objects: see heap.py.
     with heap.collector_paused():
@@ -175,9 +203,12 @@ async def _fetch_catalog_pages(client):
     revision = total = None
     fetched = 0
     files = []
+    partial = set()
+    free = None
     while True:
         header, _ = await client.call(wire.request("catalog", start=fetched))
-        page_revision, start, page_total, count, page_files = _parse_catalog_page(header)
+        (page_revision, start, page_total, count, page_files, page_partial,
+         page_free) = _parse_catalog_page(header)
         if revision is None:
             revision, total = page_revision, page_total
         elif page_revision != revision:
@@ -188,8 +219,13 @@ async def _fetch_catalog_pages(client):
             raise wire.ProtocolError("a catalog page we did not ask for")
         fetched += count
         files.extend(page_files)
+        partial |= page_partial
+        if start == 0:
+            free = page_free
         if fetched >= min(total, MAX_CATALOG_FILES):
-            return revision, files[:MAX_CATALOG_FILES]
+            files = files[:MAX_CATALOG_FILES]
+            kept = {file_id for file_id, _, _ in files}
+            return CatalogView(revision, files, frozenset(partial & kept), free)
         if not count:
             raise wire.ProtocolError("an empty catalog page before the end")
 async def fetch_manifest(client, file_id):

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted_p2p import events
 from twisted_p2p.download import DownloadFailed
 from twisted_p2p.names import BadName, check_path, is_legal_path, leaf
+from twisted_p2p.manifest import chunk_count
 from twisted_p2p.units import human_size
 from twisted_p2p.version import version
 
@@ -27,6 +28,7 @@ COMMANDS = (
     ("download", "download FILE... [--folder] [--from PEER]", "fetch files or folders into downloads/",
      ("get",)),
     ("status", "status", "downloads running, stopped and partial", ()),
+    ("cache", "cache", "what this peer holds for others, what it pushed", ()),
     ("resume", "resume FILE", "continue a stopped download", ()),
     ("cancel", "cancel FILE", "stop a download (or a FOLDER/), throw its data away", ()),
     ("version", "version", "the version of twisted-p2p", ()),
@@ -81,11 +83,14 @@ class Commands:
     @param partial_files: where the hidden partial files are, for C{status}.
     @param run_in_thread: C{deferToThread}, for C{list} over a large
         catalog; by default it runs at once.
+    @param distribution: C{distribution()}, the fields of the C{cache}
+        answer (the cache, and what distribution sent and took); C{None}
+        for a peer without distribution.
     """
 
     def __init__(self, index, table, catalog, downloads, clock, shutdown, hub=None,
                  dropped=dict, uploads_active=lambda: 0, partials=None, partial_files=None,
-                 run_in_thread=defer.maybeDeferred):
+                 run_in_thread=defer.maybeDeferred, distribution=None):
         self._index = index
         self._run = run_in_thread
         self._table = table
@@ -98,12 +103,14 @@ class Commands:
         self._uploads_active = uploads_active
         self._partials = partials
         self._partial_files = partial_files
+        self._distribution = distribution
         self._exit_asked = False
         methods = {
             "list": (self.list, 0, 1),
             "peers": (self.peers, 0, 0),
             "download": (self.download, 1, None),
             "status": (self.status, 0, 0),
+            "cache": (self.cache, 0, 0),
             "resume": (self.resume, 1, 1),
             "cancel": (self.cancel, 1, 1),
             "version": (self.version, 0, 0),
@@ -378,6 +385,11 @@ class Commands:
             "status", transfers=transfers, stopped=stopped, partial_files=self._partial_files,
             waiting=list(getattr(self._downloads, "waiting", ())),
         ))
+
+    def cache(self, args, emit, origin):
+        if self._distribution is None:
+            raise CommandError("this peer does not distribute")
+        emit(events.event("cache", **self._distribution()))
 
     def cancel(self, args, emit, origin):
         wanted = args[0]
@@ -670,6 +682,23 @@ def _paths_of(catalog):
     return paths() if paths is not None else catalog.offers()
 
 
+def _add_availability(row, offer, catalog):
+    """
+    Add to a file's C{list} row the share of its chunks the known peers
+    hold, the fewest copies of any chunk and whether anyone holds it whole:
+    what is left of it once its origin left.
+    """
+    availability = getattr(catalog, "availability", None)
+    if availability is None:
+        return
+    reachable, copies = availability(offer.file_id, chunk_count(offer.size))
+    row["available"] = round(reachable, 4)
+    row["copies"] = copies + (1 if row["here"] else 0)
+    row["whole"] = row["here"] or any(
+        catalog.holds_whole(peer.peer_id, offer.file_id) for peer in offer.peers
+    )
+
+
 def _list_rows(local, catalog, pattern, folder):
     """
     C{(file rows, folder rows)} of a C{list}: one row per path and content
@@ -738,6 +767,7 @@ def _list_rows(local, catalog, pattern, folder):
         for label, name_of in sources:
             row["where"].append(label)
             row["sources"].append({"peer": label, "name": name_of})
+        _add_availability(row, offer, catalog)
     files = sorted(rows.values(), key=lambda f: (f["name"], f["id"]))
     summed = []
     for path in sorted(folders):

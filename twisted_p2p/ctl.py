@@ -27,6 +27,7 @@ COMMANDS = {
     "peers": (0, 0),
     "download": (1, None),
     "status": (0, 0),
+    "cache": (0, 0),
     "resume": (1, 1),
     "cancel": (1, 1),
     "version": (0, 0),

@@ -161,7 +161,8 @@ def _revision_text(total):
 
 def revision_of(files, partials=()):
     """
-    A short digest that changes whenever the offered files change.
+    A short digest that changes whenever the offered files change (and the
+    chunks cached for others: a partial with a C{held} count).
 
     It is the sum (mod 2**64) of one hash per entry, so that it does not
     depend on order, and so that one file added or removed changes it
@@ -169,7 +170,7 @@ def revision_of(files, partials=()):
     go over on the reactor thread).
     """
     total = sum(_entry_digest(f.file_id, f.name, f.size) for f in files)
-    total += sum(_entry_digest(p.file_id, p.name, p.size, True) for p in partials)
+    total += sum(_entry_digest(p.file_id, p.name, p.size, getattr(p, "held", True)) for p in partials)
     return _revision_text(total)
 
 
@@ -216,6 +217,7 @@ class SharedIndex:
         self._run = run_in_thread
         self._state = _snapshot({})
         self._partials = {}
+        self._cached = {}
         self._cache = None
         self.revision = revision_of([])
         self._scanning = None
@@ -266,16 +268,30 @@ class SharedIndex:
             self._update_revision()
 
     def partial_by_id(self, file_id):
-        return self._partials.get(file_id)
+        return self._partials.get(file_id) or self._cached.get(file_id)
 
     def partials(self):
         """
-        The partial downloads we offer, but for files we also hold whole.
+        The partial downloads we offer, and the files of which we cache
+        chunks for others, but for files we also hold whole.
         """
+        found = dict(self._cached)
+        found.update(self._partials)
         return sorted(
-            (p for p in self._partials.values() if p.file_id not in self._state.by_id),
+            (p for p in found.values() if p.file_id not in self._state.by_id),
             key=lambda p: (p.name, p.file_id),
         )
+
+    # chunks cached for others
+
+    def set_cached(self, cached):
+        """
+        Offer the chunks this peer caches for others: C{cached} is a list of
+        objects like L{PartialLocal} (a C{holds(index)}, a C{chunks} with a
+        C{snapshot()}, and an C{open_chunks()}), and replaces the last list.
+        """
+        self._cached = {c.file_id: c for c in cached}
+        self._update_revision()
 
     def rescan(self):
         """
@@ -372,7 +388,7 @@ class SharedIndex:
 
     def _update_revision(self):
         total = self._state.total
-        total += sum(_entry_digest(p.file_id, p.name, p.size, True) for p in self.partials())
+        total += sum(_entry_digest(p.file_id, p.name, p.size, getattr(p, "held", True)) for p in self.partials())
         revision = _revision_text(total)
         if revision != self.revision:
             self.revision = revision

@@ -268,3 +268,46 @@ MAX_REPLAY_RECORDS = 4096
 #: Seconds a TLS handshake (and the check of the peer's certificate) may
 #: take before the connection is dropped: a stranger cannot hold one open.
 HANDSHAKE_TIMEOUT = 10.0
+
+# -- Distribution (T+2 and T+3).
+
+#: Chunks named in one offer on a distributee port: 4 MiB of room asked at
+#: once, so a refusal (no room, held already) is known before the bytes go.
+MAX_OFFER_CHUNKS = 64
+
+#: Chunks one distributor connection may hold room for at once (offered and
+#: accepted, not yet pushed): a connection cannot sit on a cache's space.
+MAX_OFFERED_CHUNKS = 64
+
+#: Chunks a distributor offers at a time (then pushes those accepted).
+OFFER_GROUP = 16
+
+#: Frames a distribution connection may send ahead of our answers; a
+#: distributor waits for each answer, so more is a misbehaving peer, and
+#: the connection is dropped (each frame may be a 256 KiB chunk in memory,
+#: and a host may hold 64 connections).
+MAX_DISTRIBUTION_QUEUE = 2
+
+#: Seconds a chunk pushed (or on its way) counts as held by its target
+#: before that target's catalog shows it: long enough for its catalog to be
+#: fetched again, short enough that a chunk lost on the way is sent again.
+PENDING_PUSH_SECONDS = 60.0
+
+#: Seconds from a change of the cache to the new revision being announced:
+#: the chunks of a burst of pushes are told in one announce, not one each.
+CACHE_ANNOUNCE_DELAY = 1.0
+
+#: Peers a distributor pushes to at once.
+PUSHES_AT_ONCE = 4
+
+#: Seconds a distribution waits between looks at whether downloads still
+#: use the uploads (they go first).
+DISTRIBUTION_YIELD = 0.25
+
+#: Seconds a manifest fetch may take when a push for a new file comes.
+MANIFEST_FETCH_TIMEOUT = 10.0
+
+#: Seconds a distributor waits for the answer to an offer (the target may
+#: first fetch the manifest from up to three peers) or a push, before it
+#: gives up on that target for this round.
+DISTRIBUTION_ANSWER_TIMEOUT = 45.0

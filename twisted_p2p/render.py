@@ -16,6 +16,7 @@ import json
 
 from wcwidth import wcswidth, wcwidth
 
+from twisted_p2p.limits import CHUNK_SIZE
 from twisted_p2p.units import human_duration, human_rate, human_size
 
 #: Kinds that say what goes on around the user rather than answer them:
@@ -134,21 +135,29 @@ def _list(e, max_rows):
         key=lambda pair: pair[1]["name"],
     )
     shown = entries if max_rows is None else entries[:max_rows]
-    rows = [("NAME", "SIZE", "ID", "WHERE")]
+    # Availability is shown when some file is held whole by nobody known:
+    # its origin left, and caches hold it in pieces.
+    pieces = any(f.get("whole") is False for kind, f in shown if kind == "file")
+    rows = [("NAME", "SIZE", "ID", "AVAILABLE", "WHERE") if pieces else ("NAME", "SIZE", "ID", "WHERE")]
     for kind, f in shown:
         if kind == "folder":
             here = f.get("here") or 0
             where = ["here"] if here == f["files"] else (
                 [f"here ({here} of {f['files']})"] if here else [])
             where += [peer_name(s["peer"], s.get("name")) for s in f.get("sources", ())]
-            rows.append((f["name"], human_size(f["size"]), plural(f["files"], "file"),
-                         ", ".join(where)))
+            row = [f["name"], human_size(f["size"]), plural(f["files"], "file"), ", ".join(where)]
+            if pieces:
+                row.insert(3, "")
+            rows.append(tuple(row))
             continue
         where = ["here"] if f.get("here") else []
         where += [peer_name(s["peer"], s.get("name")) for s in f.get("sources", ())]
         if f.get("partial"):
             where.append("(partly)")
-        rows.append((f["name"], human_size(f["size"]), f["id"][:8], ", ".join(where)))
+        row = [f["name"], human_size(f["size"]), f["id"][:8], ", ".join(where)]
+        if pieces:
+            row.insert(3, _availability(f))
+        rows.append(tuple(row))
     lines = list(columns(rows))
     if len(shown) < len(entries):
         lines.append(
@@ -157,6 +166,47 @@ def _list(e, max_rows):
         )
     if folders and not e.get("pattern"):
         lines.append("'list FOLDER/' shows what a folder holds; 'download FOLDER/' fetches it")
+    return lines
+
+
+def _availability(f):
+    """
+    A file's availability for people: C{100% (2 copies)}, or the share of
+    its chunks still to be had when some are on no known peer.
+    """
+    share = f.get("available")
+    if share is None:
+        return "-"
+    if share >= 1:
+        copies = f.get("copies", 0)
+        return f"100% ({copies} {'copy' if copies == 1 else 'copies'})"
+    return f"{int(share * 100)}% of chunks"
+
+
+def _cache(e, _):
+    quota = e["quota"]
+    if not quota:
+        head = "cache: this peer hosts nothing for others (--cache-size 0)"
+    else:
+        head = (
+            f"cache: {human_size(e['used'])} of {human_size(quota)} used, "
+            f"{human_size(e['free'])} free"
+        )
+    lines = [head]
+    files = e.get("files") or []
+    if files:
+        rows = [("NAME", "SIZE", "ID", "CHUNKS", "HELD")]
+        for f in files:
+            total = (f["size"] + CHUNK_SIZE - 1) // CHUNK_SIZE
+            rows.append((f["name"], human_size(f["size"]), f["id"][:8],
+                         f"{f['chunks']}/{total}", human_size(f["bytes"])))
+        lines += list(columns(rows))
+    lines.append(
+        f"distribution (replicas {e['replicas']}): pushed {plural(e['pushed_chunks'], 'chunk')} "
+        f"({human_size(e['pushed_bytes'])}), stored {plural(e['stored_chunks'], 'chunk')} "
+        f"({human_size(e['stored_bytes'])}) for others; refused {e['refused_pushes']} push(es), "
+        f"{e['refused_offers']} offer(s) were refused in part or whole"
+    )
     return lines
 
 
@@ -401,6 +451,7 @@ _RENDERERS = {
     "list": _list,
     "peers": _peers,
     "status": _status,
+    "cache": _cache,
     "cancelled": _cancelled,
     "bye": _bye,
     "unqueued": _unqueued,

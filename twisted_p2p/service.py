@@ -9,9 +9,11 @@ reverse one:
  1. the index of C{shared/} and C{downloads/} (first scan, then re-scans,
     and inotify watches that re-scan at once after a change);
  2. the four transfer ports, T to T+3;
- 3. discovery (stops by saying goodbye, while the ports are still up);
- 4. the control socket for C{p2ppeer-ctl};
- 5. the console, if any.
+ 3. distribution: the cache (opened and re-checked in a thread), then the
+    distributor's rounds;
+ 4. discovery (stops by saying goodbye, while the ports are still up);
+ 5. the control socket for C{p2ppeer-ctl};
+ 6. the console, if any.
 """
 
 import atexit
@@ -27,7 +29,7 @@ import sys
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
@@ -49,6 +51,7 @@ from twisted_p2p import (
     console,
     control,
     discovery,
+    distribution,
     download,
     events,
     index,
@@ -58,11 +61,14 @@ from twisted_p2p import (
     render,
     tls,
     transfer,
+    wire,
 )
+from twisted_p2p.cache import CACHE_FOLDER, ChunkCache
 from twisted_p2p.commands import Commands
 from twisted_p2p.group import DiscoverySeal
 from twisted_p2p.identity import Identity, IdentityError
 from twisted_p2p.limits import RESCAN_INTERVAL, WORKER_THREADS
+from twisted_p2p.manifest import chunk_count
 from twisted_p2p.peers import PeerTable
 from twisted_p2p.storage import PARTIAL_PREFIX, PartialFile
 from twisted_p2p.uploads import Uploads
@@ -80,6 +86,9 @@ LOCK_NAME = "peer.lock"
 #: Catalog fetches under way at once, and the seconds each may take.
 CATALOG_FETCHES = 8
 CATALOG_FETCH_TIMEOUT = 20
+
+#: Partial files of one catalog whose chunk maps are fetched with it.
+CATALOG_HAVE_FETCHES = 256
 
 
 def stdin_kind(fd=0):
@@ -592,6 +601,94 @@ class TCP6OnlyServerEndpoint:
             sock.close()
 
 
+class DistributionService(Service):
+    """
+    Owns distribution's lifetime: it opens the cache (re-checking every
+    chunk against its hash, in a thread), offers what it holds, asks the
+    peers with files what to hold (pulls), and runs the distributor's
+    rounds every C{--distribute-interval}.  Stopping it ends the rounds and
+    the pushes, and lets go of the cache (what it holds stays on disk).
+
+    @param peer: the L{PeerService} whose parts it runs.
+    """
+
+    def __init__(self, peer):
+        self._peer = peer
+        self._loop = None
+        self._opening = None
+        self._pulled = set()
+
+    def startService(self):
+        Service.startService(self)
+        peer = self._peer
+        self._opening = peer.run_in_thread(peer.cache.open)
+        self._opening.addCallbacks(self._opened, self._open_failed)
+
+    def _opened(self, report):
+        self._opening = None
+        peer = self._peer
+        if not self.running:
+            peer.cache.close()
+            return
+        if report.dropped_chunks or report.dropped_files:
+            log.warn(
+                "Cache: dropped {chunks} damaged chunk(s) and {files} damaged file(s)",
+                event="cache-damaged",
+                chunks=report.dropped_chunks,
+                files=report.dropped_files,
+            )
+        log.info(
+            "Cache: {kept} chunk(s) kept ({used} of {quota} B), {evicted} evicted to fit",
+            event="cache-opened",
+            kept=report.chunks,
+            used=peer.cache.used,
+            quota=peer.cache.quota,
+            evicted=report.evicted,
+        )
+        peer.cache_announcer.publish_now()
+        peer.catalog.on_fetched(self._catalog_fetched)
+        self._loop = task.LoopingCall(peer.distributor.round)
+        self._loop.clock = peer.reactor
+        self._loop.start(peer.distributor.interval, now=False).addErrback(
+            lambda f: log.failure("The distribution rounds stopped", f)
+        )
+
+    def _open_failed(self, failure):
+        self._opening = None
+        log.failure("Could not open the cache; this peer hosts nothing", failure)
+
+    def _catalog_fetched(self, peer_id, first):
+        """
+        The first catalog of a peer (since it joined) that lists files
+        whole: ask it what to hold.
+        """
+        peer = self._peer
+        if first:
+            self._pulled.discard(peer_id)
+        if peer_id in self._pulled or not self.running or peer.cache.quota == 0:
+            return
+        holdings = peer.catalog.holdings_of(peer_id)
+        if not any(held is None for held in holdings.values()):
+            return
+        self._pulled.add(peer_id)
+        other = peer.table.get(peer_id)
+        if other is not None:
+            peer.distributee.pull_from(
+                other, peer._connect, peer.peer_id, peer.transfer_port + 3
+            )
+
+    def stopService(self):
+        Service.stopService(self)
+        peer = self._peer
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        peer.distributor.stop()
+        peer.cache_announcer.stop()
+        if self._opening is None:
+            peer.cache.close()
+
+
 class WorkersService(Service):
     """
     Owns the transfer's worker threads (L{WorkerPool}): stopping it lets
@@ -685,6 +782,12 @@ class PeerService(MultiService):
         self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
         self.inbox = transfer.Inbox()
         self.workers = WorkerPool(reactor, WORKER_THREADS, "p2ppeer-transfer")
+        # Distribution: the cache this peer holds for others, and the
+        # copies of its own files it keeps on theirs.
+        self.cache = ChunkCache(
+            os.path.join(state_dir, CACHE_FOLDER), settings.get("cache-size", 0), self.peer_id
+        )
+        self.distribution_stats = distribution.DistributionStats()
         self.uploads = Uploads(
             self.index,
             self._connect_back,
@@ -694,12 +797,38 @@ class PeerService(MultiService):
             max_uploads=settings["max-uploads"],
             max_rate=settings["max-upload-rate"],
             publish=self.hub.publish,
+            free_space=(lambda: self.cache.free) if self.cache.quota > 0 else None,
         )
         self.downloads = download.Downloads(
             self._make_download, self.index if settings["share-downloads"] else None,
             folder=settings["downloads"],
         )
         self.partials = partials.PartialDownloads(os.path.join(state_dir, partials.RECORD_NAME))
+        self.cache_announcer = distribution.CacheAnnouncer(
+            self.cache, self.index, self.run_in_thread, reactor
+        )
+        self.distributee = distribution.Distributee(
+            self.cache,
+            self.catalog,
+            self._open_client,
+            self.run_in_thread,
+            reactor,
+            self.distribution_stats,
+            self.cache_announcer.changed,
+        )
+        self.distributor = distribution.Distributor(
+            self.peer_id,
+            self.index,
+            self.catalog,
+            self.table,
+            self.uploads,
+            self._connect,
+            self.run_in_thread,
+            reactor,
+            settings.get("replicas", 2),
+            settings.get("distribute-interval", 10.0),
+            self.distribution_stats,
+        )
         self.commands = Commands(
             index=self.index,
             table=self.table,
@@ -713,6 +842,7 @@ class PeerService(MultiService):
             partials=self.partials,
             partial_files=os.path.join(settings["downloads"], f"{PARTIAL_PREFIX}<id>.part"),
             run_in_thread=self.run_in_thread,
+            distribution=self._distribution_status,
         )
         self.table.subscribe(_PeerLog(self.hub))
         self.table.subscribe(self.downloads)
@@ -727,14 +857,15 @@ class PeerService(MultiService):
         factories = [
             transfer.ReceiverFactory(self.inbox),
             transfer.SenderFactory(self.uploads),
-            transfer.NotSupportedFactory(),
-            transfer.NotSupportedFactory(),
+            transfer.DistributorFactory(self.distributor),
+            transfer.DistributeeFactory(self.distributee),
         ]
         for offset, factory in enumerate(factories):
             for endpoint in self._server_endpoints(self.transfer_port + offset, offset == 0):
                 port_service = StreamServerEndpointService(endpoint, factory)
                 port_service._raiseSynchronously = True
                 port_service.setServiceParent(self)
+        DistributionService(self).setServiceParent(self)
         DiscoveryService(
             reactor,
             self.discovery,
@@ -920,16 +1051,30 @@ class PeerService(MultiService):
 
     def _fetch_catalog(self, peer):
         """
-        Fetch C{peer}'s catalog: at most L{CATALOG_FETCHES} at once, so that
-        many peers (or invented ones) cannot hold many catalogs in memory
-        together, and each within L{CATALOG_FETCH_TIMEOUT}, so that a peer
-        that never answers does not hold a place.
+        Fetch C{peer}'s catalog, with the chunk map of each file it holds
+        only part of (at most L{CATALOG_HAVE_FETCHES} of them): at most
+        L{CATALOG_FETCHES} at once, so that many peers (or invented ones)
+        cannot hold many catalogs in memory together, and each within
+        L{CATALOG_FETCH_TIMEOUT}, so that a peer that never answers does not
+        hold a place.
         """
 
         async def fetch():
             sender = await self._open_client(peer)
             try:
-                return await client.fetch_catalog(sender)
+                view = await client.fetch_catalog_view(sender)
+                sizes = {file_id: size for file_id, _, size in view.files}
+                holdings = {}
+                for file_id in sorted(view.partial)[:CATALOG_HAVE_FETCHES]:
+                    chunks = chunk_count(sizes[file_id])
+                    try:
+                        held = await client.fetch_have(sender, file_id, chunks)
+                    except client.PeerRefused:
+                        held = bytearray(chunks)
+                    holdings[file_id] = wire.pack_bits(held) if held is not None else None
+                for file_id in view.partial:
+                    holdings.setdefault(file_id, b"")
+                return view.revision, view.files, view.free, holdings
             finally:
                 sender.close()
 
@@ -938,6 +1083,25 @@ class PeerService(MultiService):
             return d.addTimeout(CATALOG_FETCH_TIMEOUT, self.reactor)
 
         return self._catalog_fetches.run(limited)
+
+    def _distribution_status(self):
+        """
+        What the C{cache} command shows: the cache, and what distribution
+        sent and took.
+        """
+        cache = self.cache
+        return {
+            "quota": cache.quota,
+            "used": cache.used,
+            "free": cache.free,
+            "replicas": self.distributor.replicas,
+            "files": [
+                {"id": f.file_id, "name": f.name, "size": f.size, "chunks": f.chunks,
+                 "bytes": f.bytes}
+                for f in cache.files()
+            ],
+            **self.distribution_stats.as_dict(),
+        }
 
     def _make_download(self, name, file_id, peers, report, bans, index):
         return download.Download(

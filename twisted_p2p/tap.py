@@ -17,12 +17,23 @@ from twisted_p2p.interfaces import ANY_HOST, AUTO_BROADCAST, families, parse_hos
 from twisted_p2p.limits import MAX_PEER_TARGETS, MAX_PEERS, MAX_PEERS_PER_HOST, MAX_UPLOADS
 from twisted_p2p.wire import clean_peer_name, parse_address
 from twisted_p2p.logs import LOG_FORMATS
+from twisted_p2p.replication import MAX_REPLICAS
 from twisted_p2p.units import parse_size
 
 #: The UDP port every peer on a network shares for discovery, unless told
 #: otherwise.  Below the Linux ephemeral range (32768-60999) so that no
 #: outgoing connection is ever handed it.
 DEFAULT_DISCOVERY_PORT = 27000
+
+#: Copies of each chunk the network should hold outside its origin.
+DEFAULT_REPLICAS = 2
+
+#: What a peer holds for others unless told: enough for a few large files,
+#: little on a disk of today.
+DEFAULT_CACHE_SIZE = "1G"
+
+#: Seconds between distribution rounds, as in the original design.
+DEFAULT_DISTRIBUTE_INTERVAL = 10.0
 
 #: Log file under C{twistd -n} without C{--logfile}, inside the state dir.
 CONSOLE_LOG_NAME = "p2ppeer.log"
@@ -50,6 +61,9 @@ SETTINGS = {
     "log-file": (None, (str,)),
     "log-format": ("text", (str,)),
     "group-key-file": (None, (str,)),
+    "replicas": (DEFAULT_REPLICAS, (int,)),
+    "cache-size": (DEFAULT_CACHE_SIZE, (str, int)),
+    "distribute-interval": (DEFAULT_DISTRIBUTE_INTERVAL, (int, float)),
 }
 
 CONSOLE_MODES = ("auto", "on", "off")
@@ -135,6 +149,17 @@ class Options(usage.Options):
          "only peers holding the same key find this one, list or download, and "
          "every transfer is encrypted [default: none; the group is open to anyone "
          "on the network]."],
+        ["replicas", None, None,
+         f"Copies of each chunk of this peer's files the network should hold "
+         f"on other peers, 0 to {MAX_REPLICAS} [default: {DEFAULT_REPLICAS}]."],
+        ["cache-size", None, None,
+         "Disk this peer gives to other peers' files, in bytes with an optional "
+         "K, M or G suffix (KiB, MiB, GiB), kept in <state-dir>/cache; 0 hosts "
+         f"nothing [default: {DEFAULT_CACHE_SIZE}]."],
+        ["distribute-interval", None, None,
+         "Seconds between distribution rounds, in which this peer copies chunks "
+         "of its files that have too few copies to peers with room "
+         f"[default: {DEFAULT_DISTRIBUTE_INTERVAL:g}]."],
     ]
 
     def __init__(self):
@@ -214,6 +239,23 @@ class Options(usage.Options):
         if not 1 <= per_host <= MAX_PEERS:
             raise usage.UsageError(f"--max-peers-per-host must be from 1 to {MAX_PEERS}")
         self["max-peers-per-host"] = per_host
+        replicas = _whole(self, "replicas")
+        if not 0 <= replicas <= MAX_REPLICAS:
+            raise usage.UsageError(f"--replicas must be from 0 to {MAX_REPLICAS}")
+        self["replicas"] = replicas
+        try:
+            self["cache-size"] = parse_size(self["cache-size"])
+        except ValueError:
+            raise usage.UsageError(
+                "--cache-size must be bytes such as 500000000, 800M or 2G "
+                f"(K, M, G: KiB, MiB, GiB), or 0 to host nothing; not {self['cache-size']!r}"
+            )
+        distribute = _number(self, "distribute-interval")
+        if not 0 < distribute <= 86400:
+            raise usage.UsageError(
+                "--distribute-interval must be more than 0 and at most 86400 seconds"
+            )
+        self["distribute-interval"] = distribute
         if self["name"] is None:
             self["name"] = clean_peer_name(socket.gethostname()) or None
         else:

@@ -88,6 +88,9 @@ class Uploads:
     @param max_rate: bytes per second for all uploads together, or C{None}.
     @param publish: C{publish(event)}, for the events every face may show
         (an upload started, an upload finished).
+    @param free_space: C{free_space()}, the bytes of cache this peer has
+        free for other peers' chunks, or C{None} when it hosts nothing: told
+        in the catalog answer.
     @ivar active: streams open or opening now.
     """
 
@@ -101,6 +104,7 @@ class Uploads:
         max_uploads=MAX_UPLOADS,
         max_rate=None,
         publish=None,
+        free_space=None,
     ):
         self._index = index
         self._connect = connect
@@ -109,6 +113,7 @@ class Uploads:
         self._clock = clock
         self._max_uploads = max_uploads
         self._publish = publish or (lambda event: None)
+        self._free_space = free_space
         self.bucket = TokenBucket(max_rate, clock) if max_rate else None
         self.active = 0
         self.bytes_sent = 0
@@ -169,13 +174,17 @@ class Uploads:
             if entries and used > CATALOG_PAGE_BYTES:
                 break
             entries.append(entry)
-        return {
+        answer = {
             "t": "catalog",
             "rev": self._index.revision,
             "start": start,
             "total": total,
             "files": entries,
         }
+        free = self._free_space() if self._free_space is not None else None
+        if free is not None:
+            answer["free"] = free
+        return answer
 
     def _local(self, header):
         """
@@ -267,8 +276,13 @@ class Uploads:
         """
         path = local.path
         signature = getattr(local, "signature", None)
+        # Chunks cached for others are files of their own (see cache.py).
+        open_chunks = getattr(local, "open_chunks", None)
         try:
-            opened = await self._run(OpenChunks, path, local.manifest, signature)
+            if open_chunks is not None:
+                opened = await self._run(open_chunks)
+            else:
+                opened = await self._run(OpenChunks, path, local.manifest, signature)
         except FileChanged:
             self._changed(path)
             raise RequestRefused("unknown-file", "that file changed; ask again later")

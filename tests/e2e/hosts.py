@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .peers import TWISTD, Peer
+from .peers import TWISTD, Peer, hosting_off
 
 IP = shutil.which("ip")
 TC = shutil.which("tc")
@@ -136,7 +136,7 @@ class HostPeer(Peer):
             IP, "netns", "exec", self.host.namespace,
             TWISTD, "-n", "--pidfile", str(self.folder / "twistd.pid"),
             "p2ppeer", "--transfer-port", str(self.transfer_port),
-        ] + self.extra_args
+        ] + hosting_off(self.extra_args) + self.extra_args
 
 
 class Network:

@@ -87,6 +87,15 @@ def free_udp_port():
     return _pick(1, lambda p: _can_bind(socket.SOCK_DGRAM, "", p))
 
 
+def hosting_off(args):
+    """
+    C{--cache-size 0} unless C{args} give a cache size: a test peer holds
+    nothing for others unless its test asks, so that what each peer lists
+    is what its test set up (tests/e2e/test_distribution.py asks).
+    """
+    return [] if any(str(a).startswith("--cache-size") for a in args) else ["--cache-size", "0"]
+
+
 def peer_env():
     """
     The environment for a peer: the checkout first on PYTHONPATH, so that
@@ -180,7 +189,7 @@ class Peer:
             "--broadcast", BROADCAST,
             "--announce-interval", str(self.announce_interval),
             "--peer-timeout", str(self.peer_timeout),
-        ] + self.extra_args
+        ] + hosting_off(self.extra_args) + self.extra_args
 
     def start(self):
         self._stderr_file = open(self.stderr_path, "ab")

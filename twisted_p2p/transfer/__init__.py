@@ -8,12 +8,19 @@ what they read to the objects that hold the logic:
  - T+1, sender (C{sender.py}): catalog, manifest, chunk map, C{get} and
    C{cancel} requests, answered by an L{twisted_p2p.uploads.Uploads}; chunk
    data goes out on the streams of C{streams.py}.
- - T+2, distributor, and T+3, distributee (C{distribution.py}).
+ - T+2, distributor, and T+3, distributee (C{distribution.py}): pulls,
+   and offers and pushes of chunks for other peers' caches, handed to the
+   objects of L{twisted_p2p.distribution}.
 
 C{framed.py} has what they share.  The wire format is in C{PROTOCOL.md}.
 """
 
-from twisted_p2p.transfer.distribution import NotSupportedFactory, NotSupportedProtocol
+from twisted_p2p.transfer.distribution import (
+    DistributeeFactory,
+    DistributeeProtocol,
+    DistributorFactory,
+    DistributorProtocol,
+)
 from twisted_p2p.transfer.framed import FramedProtocol, PerHostLimitedFactory, RequestRefused
 from twisted_p2p.transfer.receiver import (
     Inbox,
@@ -24,10 +31,12 @@ from twisted_p2p.transfer.receiver import (
 from twisted_p2p.transfer.sender import SenderFactory, SenderProtocol
 
 __all__ = [
+    "DistributeeFactory",
+    "DistributeeProtocol",
+    "DistributorFactory",
+    "DistributorProtocol",
     "FramedProtocol",
     "Inbox",
-    "NotSupportedFactory",
-    "NotSupportedProtocol",
     "PerHostLimitedFactory",
     "ReceiverEndpoint",
     "ReceiverFactory",

@@ -119,6 +119,63 @@ class OpenChunks:
             os.close(fd)
 
 
+class CachedChunks(OpenChunks):
+    """
+    The chunks of a file this peer caches for others, held open for a
+    stream: each chunk is a file of its own (see L{twisted_p2p.cache}), so
+    a run is one segment per chunk.
+
+    A chunk's file is opened when a frame for it is made, and closed once
+    the frames that use it are sent (L{sent}), so that a stream holds a few
+    descriptors whatever the file's size.  Opening is the only disk work
+    done on the reactor's thread: a name looked up, no data read.  Its
+    bytes are ours (checked when they were stored, and again at every
+    start), so there is no signature to check.
+
+    @param open_chunk: C{open_chunk(index)}, a descriptor of that chunk's
+        file (the caller's to close); raises L{OSError} if it is not held.
+    """
+
+    def __init__(self, name, manifest, open_chunk):
+        self.path = name
+        self.manifest = manifest
+        self._signature = None
+        self._open_chunk = open_chunk
+        self._fds = {}  # index -> [fd, frames using it]
+        self.fd = None
+
+    def segments(self, first, count):
+        segments = []
+        for index in range(first, first + count):
+            entry = self._fds.get(index)
+            if entry is None:
+                try:
+                    fd = self._open_chunk(index)
+                except OSError as e:
+                    raise FileChanged(f"chunk {index} of {self.path} left the cache ({e})")
+                entry = self._fds[index] = [fd, 0]
+            entry[1] += 1
+            segments.append((entry[0], 0, self.manifest.chunk_length(index)))
+        return segments
+
+    def sent(self, chunks):
+        """
+        Frames of C{chunks} went out: close what no frame uses any more.
+        """
+        for index in chunks:
+            entry = self._fds.get(index)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._fds[index]
+                    os.close(entry[0])
+
+    def close(self):
+        fds, self._fds = self._fds, {}
+        for fd, _ in fds.values():
+            os.close(fd)
+
+
 class _Outgoing:
     """
     One frame to send: its head (length prefix and header line), and the
@@ -573,10 +630,13 @@ class OutgoingStream:
         C{items} are sent: progress, for the stall timeout and the request
         connection's idle timeout.
         """
+        sent = getattr(self._opened, "sent", None)
         for item in items:
             self._asked.difference_update(item.chunks)
             self.chunks_sent += item.count if item.first is not None else 0
             self.bytes_sent += item.length
+            if sent is not None and item.first is not None:
+                sent(item.chunks)
         if items:
             self._progress()
             self._arm_stall()

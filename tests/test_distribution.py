@@ -1,0 +1,737 @@
+"""
+Tests for L{twisted_p2p.distribution} and the T+2/T+3 protocols: the
+distributee with a real L{ChunkCache} in a temporary folder, the
+distributor with fakes for the network, both on a L{Clock}; no sockets.
+"""
+
+import hashlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import FakeIndex, frame, result_of, sent_frames, shared_file
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from twisted_p2p import wire
+from twisted_p2p.cache import ChunkCache
+from twisted_p2p.catalog import NetworkCatalog
+from twisted_p2p.client import PeerRefused
+from twisted_p2p.distribution import (
+    CacheAnnouncer,
+    CachedLocal,
+    Distributee,
+    DistributionStats,
+    Distributor,
+)
+from twisted_p2p.index import SharedIndex
+from twisted_p2p.limits import CHUNK_SIZE, MAX_DISTRIBUTION_QUEUE, PENDING_PUSH_SECONDS
+from twisted_p2p.peers import PeerTable
+from twisted_p2p.transfer import (
+    DistributeeFactory,
+    DistributorFactory,
+)
+from twisted_p2p.transfer.framed import RequestRefused
+from twisted_p2p.uploads import Uploads
+from twisted_p2p.wire import Announce
+
+ORIGIN = "0" * 32
+CACHE_A = "a" * 32
+CACHE_B = "b" * 32
+CACHE_C = "c" * 32
+ORIGIN_2 = "9" * 32
+ADDRESSES = {ORIGIN: "192.0.2.1", CACHE_A: "192.0.2.2", CACHE_B: "192.0.2.3", CACHE_C: "192.0.2.4",
+             ORIGIN_2: "192.0.2.5"}
+
+
+def now(f, *args, **kwargs):
+    """A run_in_thread that runs at once."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class ManifestServer:
+    """A sender client that answers manifest requests for C{local}."""
+
+    def __init__(self, local):
+        self.local = local
+        self.closed = False
+
+    def call(self, header, body=b""):
+        assert header["t"] == "manifest"
+        hashes = self.local.manifest.chunk_hashes[header["start"]:]
+        return defer.succeed((
+            {"t": "manifest", "id": self.local.file_id, "size": self.local.size,
+             "start": header["start"], "count": len(hashes)},
+            b"".join(hashes),
+        ))
+
+    def close(self):
+        self.closed = True
+
+
+class Network:
+    """A peer table and catalog on a clock, with peers that announce."""
+
+    def __init__(self):
+        self.clock = Clock()
+        self.table = PeerTable(self.clock, 3600)
+        self.fetches = {}
+        self.catalog = NetworkCatalog(self.table, self._fetch, self.clock)
+
+    def _fetch(self, peer):
+        d = defer.Deferred()
+        self.fetches[peer.peer_id] = d
+        return d
+
+    def peer(self, peer_id, files=(), free=None, holdings=None):
+        """A peer joins, with this catalog."""
+        self.table.heard(Announce(peer_id, "1" * 16, 4000, "2" * 16), ADDRESSES[peer_id], 5000)
+        entries = [(f.file_id, f.name, f.size) for f in files]
+        self.fetches.pop(peer_id).callback(("2" * 16, entries, free, holdings or {}))
+
+
+@pytest.fixture
+def shared(tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    local, content = shared_file(str(folder), "big.bin", 10 * CHUNK_SIZE + 100)
+    return local, content
+
+
+def chunk(content, index):
+    return content[index * CHUNK_SIZE:(index + 1) * CHUNK_SIZE]
+
+
+# -- the distributee -----------------------------------------------------------
+
+
+class Cache:
+    def __init__(self, tmp_path, shared, quota=64 * CHUNK_SIZE):
+        self.local, self.content = shared
+        self.net = Network()
+        self.net.peer(ORIGIN, [self.local])
+        self.cache = ChunkCache(str(tmp_path / "cache"), quota, CACHE_A)
+        self.cache.open()
+        self.stats = DistributionStats()
+        self.changes = []
+        self.clients = []
+        self.distributee = Distributee(
+            self.cache, self.net.catalog, self._open_client, now, self.net.clock,
+            self.stats, lambda: self.changes.append(1),
+        )
+
+    def _open_client(self, peer):
+        assert peer.peer_id == ORIGIN
+        client = ManifestServer(self.local)
+        self.clients.append(client)
+        return defer.succeed(client)
+
+    def session(self):
+        return self.distributee.session(ADDRESSES[ORIGIN])
+
+
+def offer(session, file_id, chunks):
+    reply, _ = result_of(session.handle(wire.request("offer", id=file_id, chunks=chunks), b""))
+    return reply
+
+
+def push(session, file_id, index, data):
+    reply, _ = result_of(session.handle(wire.request("push", id=file_id, i=index), data))
+    return reply
+
+
+def refusal(d):
+    with pytest.raises(RequestRefused) as caught:
+        result_of(d)
+    return caught.value.code
+
+
+class TestDistributee:
+    def test_a_file_nobody_serves_is_refused(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        unknown = hashlib.sha256(b"x").hexdigest()
+        d = c.session().handle(wire.request("offer", id=unknown, chunks=[0]), b"")
+        assert refusal(d) == "unknown-file"
+        assert c.cache.manifest(unknown) is None
+        assert c.stats.refused_offers == 1
+
+    def test_the_manifest_is_fetched_from_a_server_of_the_file(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        reply = offer(c.session(), c.local.file_id, [0, 3])
+        assert reply == {"t": "offered", "id": c.local.file_id, "accepted": [0, 3], "refused": []}
+        assert c.cache.manifest(c.local.file_id) == c.local.manifest
+        assert [client.closed for client in c.clients] == [True]
+
+    def test_a_good_chunk_is_stored_and_a_bad_one_refused(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        session = c.session()
+        offer(session, c.local.file_id, [0, 1])
+        assert push(session, c.local.file_id, 0, chunk(c.content, 0)) == {
+            "t": "stored", "id": c.local.file_id, "i": 0}
+        bad = bytearray(chunk(c.content, 1))
+        bad[5] ^= 1
+        d = session.handle(wire.request("push", id=c.local.file_id, i=1), bytes(bad))
+        assert refusal(d) == "bad-hash"
+        assert c.cache.held(c.local.file_id) == {0}
+        assert c.cache.reserved == 0
+        assert (c.stats.stored_chunks, c.stats.refused_pushes) == (1, 1)
+        assert c.changes
+
+    def test_a_push_must_be_offered_first(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        session = c.session()
+        offer(session, c.local.file_id, [0])
+        d = session.handle(wire.request("push", id=c.local.file_id, i=2), chunk(c.content, 2))
+        assert refusal(d) == "not-offered"
+
+    def test_a_held_chunk_is_refused_before_its_bytes_come(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        first, second = c.session(), c.session()
+        offer(first, c.local.file_id, [0])
+        # On its way from another pusher: refused too.
+        reply = offer(second, c.local.file_id, [0, 1])
+        assert reply["accepted"] == [1]
+        assert reply["refused"] == [{"i": 0, "code": "already-held"}]
+
+    def test_the_quota_holds_whoever_offers(self, tmp_path, shared):
+        local, _ = shared
+        c = Cache(tmp_path, shared, quota=3 * CHUNK_SIZE)
+        sessions = [c.session() for _ in range(3)]
+        accepted = []
+        for n, session in enumerate(sessions):
+            reply = offer(session, local.file_id, [n * 3, n * 3 + 1, n * 3 + 2])
+            accepted += reply["accepted"]
+            assert all(r["code"] == "over-quota" for r in reply["refused"])
+            assert c.cache.used + c.cache.reserved <= c.cache.quota
+        # The manifest takes some room: three chunks do not fit.
+        assert len(accepted) == 2
+        # A closed connection gives its room back.
+        for session in sessions:
+            session.close()
+        assert c.cache.reserved == 0
+
+    def test_a_manifest_fetched_for_nothing_goes_with_the_connection(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        kept, idle = c.session(), c.session()
+        offer(kept, c.local.file_id, [0])
+        push(kept, c.local.file_id, 0, chunk(c.content, 0))
+        kept.close()
+        assert c.cache.manifest(c.local.file_id) is not None
+        c.cache.drop_file(c.local.file_id)
+        offer(idle, c.local.file_id, [1])
+        idle.close()
+        assert c.cache.manifest(c.local.file_id) is None
+        assert c.cache.used == c.cache.reserved == 0
+
+    def test_hosting_off_takes_nothing(self, tmp_path, shared):
+        c = Cache(tmp_path, shared, quota=0)
+        d = c.session().handle(wire.request("offer", id=c.local.file_id, chunks=[0]), b"")
+        assert refusal(d) == "hosting-off"
+        assert c.clients == []
+
+    @pytest.mark.parametrize("header", [
+        {"t": "offer", "v": 1, "id": "ab" * 32, "chunks": []},
+        {"t": "offer", "v": 1, "id": "ab" * 32, "chunks": [1, 1]},
+        {"t": "offer", "v": 1, "id": "ab" * 32, "chunks": [-1]},
+        {"t": "offer", "v": 1, "id": "ab" * 32, "chunks": list(range(65))},
+        {"t": "offer", "v": 1, "id": "nothex", "chunks": [0]},
+        {"t": "offer", "v": 2, "id": "ab" * 32, "chunks": [0]},
+        {"t": "push", "v": 1, "id": "ab" * 32, "i": "0"},
+        {"t": "steal", "v": 1},
+    ])
+    def test_malformed_frames_are_protocol_errors(self, tmp_path, shared, header):
+        c = Cache(tmp_path, shared)
+        with pytest.raises(wire.ProtocolError):
+            result_of(defer.maybeDeferred(c.session().handle, header, b""))
+
+
+# -- the distributee port --------------------------------------------------------
+
+
+def connected(factory, host="192.0.2.1"):
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))
+    protocol.callLater = Clock().callLater
+    protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", host, 40000)))
+    return protocol
+
+
+class TestDistributeePort:
+    @pytest.mark.parametrize("byte_by_byte", [False, True])
+    def test_frames_are_answered_in_order(self, tmp_path, shared, byte_by_byte):
+        c = Cache(tmp_path, shared)
+        protocol = connected(DistributeeFactory(c.distributee))
+        data = (
+            frame(wire.request("offer", id=c.local.file_id, chunks=[0]))
+            + frame(wire.request("push", id=c.local.file_id, i=0), chunk(c.content, 0))
+            + frame(wire.request("push", id=c.local.file_id, i=0), chunk(c.content, 0))
+        )
+        if byte_by_byte:
+            for i in range(len(data)):
+                protocol.dataReceived(data[i:i + 1])
+        else:
+            protocol.dataReceived(data)
+        answers = [h for h, _ in sent_frames(protocol.transport)]
+        assert [a["t"] for a in answers] == ["offered", "stored", "error"]
+        assert answers[2]["code"] == "not-offered"
+        assert not protocol.transport.disconnecting
+
+    def test_a_malformed_frame_drops_the_connection(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        protocol = connected(DistributeeFactory(c.distributee))
+        protocol.dataReceived(frame({"t": "offer", "v": 1, "id": "zz", "chunks": [0]}))
+        assert sent_frames(protocol.transport)[0][0]["code"] == "bad-request"
+        assert protocol.transport.disconnecting
+
+    def test_too_many_frames_ahead_drop_the_connection(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        waiting = defer.Deferred()
+        c.distributee.manifest_for = lambda file_id, host: waiting  # a slow manifest fetch
+        protocol = connected(DistributeeFactory(c.distributee))
+        request = frame(wire.request("offer", id=c.local.file_id, chunks=[0]))
+        protocol.dataReceived(request * (MAX_DISTRIBUTION_QUEUE + 1))
+        assert not protocol.transport.disconnecting
+        protocol.dataReceived(request)
+        assert protocol.transport.disconnecting
+
+    def test_room_is_given_back_when_the_connection_closes(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        protocol = connected(DistributeeFactory(c.distributee))
+        protocol.dataReceived(frame(wire.request("offer", id=c.local.file_id, chunks=[0, 1])))
+        assert c.cache.reserved == 2 * CHUNK_SIZE
+        protocol.connectionLost(Failure(ConnectionDone()))
+        assert c.cache.reserved == 0
+
+
+# -- serving what is cached --------------------------------------------------------
+
+
+class TestCachedLocal:
+    def test_cached_chunks_are_offered_and_sent_from_their_files(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        session = c.session()
+        offer(session, c.local.file_id, [2, 3, 7])
+        for i in (2, 3, 7):
+            push(session, c.local.file_id, i, chunk(c.content, i))
+        cached = CachedLocal("big.bin", c.local.manifest, c.cache, 3)
+        assert [i for i in range(10) if cached.holds(i)] == [2, 3, 7]
+        assert wire.expand_bits(cached.chunks.snapshot(), 11)[:8] == bytearray(
+            [0, 0, 1, 1, 0, 0, 0, 1])
+        opened = cached.open_chunks()
+        segments = opened.segments(2, 2)
+        assert [length for _, _, length in segments] == [CHUNK_SIZE, CHUNK_SIZE]
+        assert opened.read(segments) == chunk(c.content, 2) + chunk(c.content, 3)
+        opened.sent([2, 3])
+        assert opened._fds == {}
+        with pytest.raises(OSError):
+            opened.segments(4, 1)
+        opened.close()
+
+    def test_the_index_offers_them_and_the_revision_follows_the_count(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        index = SharedIndex([], str(tmp_path / "hashes.json"), now)
+        announcer = CacheAnnouncer(c.cache, index, now, c.net.clock)
+        session = c.session()
+        offer(session, c.local.file_id, [0, 1])
+        push(session, c.local.file_id, 0, chunk(c.content, 0))
+        announcer.changed()
+        announcer.changed()
+        assert index.partials() == []  # not before the delay
+        c.net.clock.advance(1.0)
+        [offered] = index.partials()
+        assert index.partial_by_id(c.local.file_id) is offered and offered.held == 1
+        revision = index.revision
+        push(session, c.local.file_id, 1, chunk(c.content, 1))
+        announcer.changed()
+        c.net.clock.advance(1.0)
+        assert index.revision != revision
+
+    def test_the_catalog_answer_says_how_much_is_free(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        index = SharedIndex([], str(tmp_path / "hashes.json"), now)
+        uploads = Uploads(index, None, now, None, c.net.clock, free_space=lambda: c.cache.free)
+        reply, _ = uploads.handle(wire.request("catalog", start=0), None)
+        assert reply["free"] == c.cache.free == c.cache.quota
+        plain = Uploads(index, None, now, None, c.net.clock)
+        assert "free" not in plain.handle(wire.request("catalog", start=0), None)[0]
+
+
+# -- the distributor ---------------------------------------------------------------
+
+
+class FakeUploads:
+    def __init__(self):
+        self.active = 0
+        self.bucket = None
+
+
+class PushTarget:
+    """
+    A target's distributee port as a client sees it: it stores what it
+    is pushed, if it checks out, in a set.
+    """
+
+    def __init__(self, peer_id, content, log):
+        self.peer_id = peer_id
+        self.content = content
+        self.log = log
+        self.held = set()
+        self.refuse = set()
+        self.closed = False
+
+    def call(self, header, body=b""):
+        self.log.append((self.peer_id, header["t"], header.get("chunks") or header.get("i")))
+        if header["t"] == "offer":
+            accepted = [i for i in header["chunks"] if i not in self.held | self.refuse]
+            refused = [{"i": i, "code": "over-quota"} for i in header["chunks"] if i in self.refuse]
+            return defer.succeed(({"t": "offered", "id": header["id"], "accepted": accepted,
+                                   "refused": refused}, b""))
+        if header["t"] == "push":
+            if body != chunk(self.content, header["i"]):
+                return defer.fail(PeerRefused("bad-hash", "no"))
+            self.held.add(header["i"])
+            return defer.succeed(({"t": "stored", "id": header["id"], "i": header["i"]}, b""))
+        raise AssertionError(header)
+
+    def close(self):
+        self.closed = True
+
+
+class Origin:
+    def __init__(self, shared, replicas=2, targets=(CACHE_A, CACHE_B, CACHE_C), free=None):
+        self.local, self.content = shared
+        self.net = Network()
+        for peer_id in targets:
+            self.net.peer(peer_id, free=free or 100 * CHUNK_SIZE)
+        self.uploads = FakeUploads()
+        self.log = []
+        self.targets = {}
+        self.connects = []
+        self.stats = DistributionStats()
+        self.distributor = Distributor(
+            ORIGIN, FakeIndex([self.local]), self.net.catalog, self.net.table, self.uploads,
+            self._connect, now, self.net.clock, replicas, 10.0, self.stats,
+        )
+
+    def _connect(self, host, port, protocol, peer_id):
+        self.connects.append((host, port, peer_id))
+        target = self.targets.get(peer_id)
+        if target is None:
+            target = self.targets[peer_id] = PushTarget(peer_id, self.content, self.log)
+        return defer.succeed(target)
+
+    def copies(self):
+        counts = [0] * self.local.manifest.chunk_count
+        for target in self.targets.values():
+            for i in target.held:
+                counts[i] += 1
+        return counts
+
+
+class TestDistributor:
+    def test_a_round_gives_every_chunk_its_copies_once(self, shared):
+        o = Origin(shared)
+        o.distributor.round()
+        chunks = o.local.manifest.chunk_count
+        assert o.copies() == [2] * chunks
+        assert o.stats.pushed_chunks == 2 * chunks
+        assert o.stats.pushed_bytes == 2 * o.local.size
+        assert all(port == 4003 for _, port, _ in o.connects)
+        assert all(t.closed for t in o.targets.values())
+        # Until the catalogs show them, the copies pushed count as held.
+        o.distributor.round()
+        assert o.stats.pushed_chunks == 2 * chunks
+
+    def test_copies_the_catalogs_show_are_not_sent(self, shared):
+        local, _ = shared
+        o = Origin(shared, targets=())
+        o.net.peer(CACHE_A, [local], free=100 * CHUNK_SIZE,
+                   holdings={local.file_id: b"\xff\x07"})
+        o.net.peer(CACHE_B, free=100 * CHUNK_SIZE)
+        o.distributor.round()
+        # Every chunk had one copy (at A): one more each, all to B.
+        assert set(o.targets) == {CACHE_B}
+        assert o.targets[CACHE_B].held == set(range(local.manifest.chunk_count))
+
+    def test_a_refused_chunk_is_planned_again_later(self, shared):
+        o = Origin(shared, replicas=1, targets=(CACHE_A,))
+        o._connect("x", 1, None, CACHE_A)
+        o.targets[CACHE_A].refuse = {4}
+        o.distributor.round()
+        assert 4 not in o.targets[CACHE_A].held
+        o.targets[CACHE_A].refuse = set()
+        o.distributor.round()
+        assert o.targets[CACHE_A].held == set(range(o.local.manifest.chunk_count))
+        # And the pending copies expire if no catalog ever shows them.
+        o.net.clock.advance(PENDING_PUSH_SECONDS + 1)
+        assert o.distributor._planner() is not None
+        assert o.distributor._pending == {}
+
+    def test_downloads_go_first(self, shared):
+        o = Origin(shared, replicas=1, targets=(CACHE_A,))
+        o.uploads.active = 1
+        o.distributor.round()
+        assert [kind for _, kind, _ in o.log] == ["offer"]
+        o.net.clock.advance(5)
+        assert o.stats.pushed_chunks == 0
+        o.uploads.active = 0
+        o.net.clock.advance(1)
+        assert o.stats.pushed_chunks > 0
+
+    def test_a_pull_is_answered_with_the_askers_part(self, shared):
+        o = Origin(shared, replicas=1, targets=())
+        reply, _ = o.distributor.pull(
+            wire.request("pull", peer=CACHE_C, port=6003, free=100 * CHUNK_SIZE), "192.0.2.9")
+        chunks = o.local.manifest.chunk_count
+        assert reply == {"t": "pulling", "chunks": chunks}
+        # Pushed to the address the pull came from, at the port it named.
+        assert o.connects == [("192.0.2.9", 6003, CACHE_C)]
+        assert o.targets[CACHE_C].held == set(range(chunks))
+        # Asked again, nothing more: it is all on its way.
+        reply, _ = o.distributor.pull(
+            wire.request("pull", peer=CACHE_C, port=6003, free=100 * CHUNK_SIZE), "192.0.2.9")
+        assert reply["chunks"] == 0
+
+    @pytest.mark.parametrize("header", [
+        {"t": "pull", "v": 1, "peer": "short", "port": 1, "free": 0},
+        {"t": "pull", "v": 1, "peer": CACHE_A, "port": 0, "free": 0},
+        {"t": "pull", "v": 1, "peer": CACHE_A, "port": 1, "free": -1},
+        {"t": "offer", "v": 1},
+    ])
+    def test_a_bad_pull_drops_the_connection(self, shared, header):
+        o = Origin(shared)
+        protocol = connected(DistributorFactory(o.distributor))
+        protocol.dataReceived(frame(header))
+        assert sent_frames(protocol.transport)[0][0]["code"] == "bad-request"
+        assert protocol.transport.disconnecting
+        assert o.connects == []
+
+    def test_nothing_to_do_without_replicas(self, shared):
+        o = Origin(shared, replicas=0)
+        o.distributor.round()
+        assert o.connects == [] and o.stats.rounds == 0
+
+
+# -- availability in the catalog -------------------------------------------------------
+
+
+def test_availability_counts_whole_and_partial_holders(shared):
+    local, _ = shared
+    net = Network()
+    net.peer(CACHE_A, [local], holdings={local.file_id: bytes([0b00001111, 0])})
+    net.peer(CACHE_B, [local], holdings={local.file_id: bytes([0b11110000, 0b111])})
+    chunks = local.manifest.chunk_count
+    assert net.catalog.availability(local.file_id, chunks) == (1.0, 1)
+    assert net.catalog.copies(local.file_id, 0) == 1
+    net.peer(CACHE_C, [local], holdings={local.file_id: bytes([0b1, 0])})
+    assert net.catalog.availability(local.file_id, chunks) == (1.0, 1)
+    assert net.catalog.copies_counter()(local.file_id, 0) == 2
+    net.peer(ORIGIN, [local])
+    assert net.catalog.availability(local.file_id, chunks) == (1.0, 2)
+    lonely = Network()
+    lonely.peer(CACHE_A, [local], holdings={local.file_id: bytes([0b1, 0])})
+    reachable, fewest = lonely.catalog.availability(local.file_id, chunks)
+    assert (round(reachable, 3), fewest) == (round(1 / chunks, 3), 0)
+
+
+def test_a_target_that_never_answers_is_given_up(shared):
+    from twisted_p2p.limits import DISTRIBUTION_ANSWER_TIMEOUT
+
+    o = Origin(shared, replicas=1, targets=(CACHE_A,))
+
+    class Silent(PushTarget):
+        def call(self, header, body=b""):
+            self.log.append((self.peer_id, header["t"], None))
+            return defer.Deferred()
+
+    o.targets[CACHE_A] = Silent(CACHE_A, o.content, o.log)
+    o.distributor.round()
+    assert o.distributor._round is not None
+    o.net.clock.advance(DISTRIBUTION_ANSWER_TIMEOUT + 1)
+    assert o.distributor._round is None
+    assert o.distributor._pending == {}
+    assert o.targets[CACHE_A].closed
+    # The next round tries again.
+    o.distributor.round()
+    assert [kind for _, kind, _ in o.log] == ["offer", "offer"]
+
+
+def test_distribution_keeps_to_the_upload_rate(shared):
+    from twisted_p2p.uploads import TokenBucket
+
+    o = Origin(shared, replicas=1, targets=(CACHE_A,))
+    o.uploads.bucket = TokenBucket(CHUNK_SIZE, o.net.clock)  # a chunk a second
+    o.distributor.round()
+    # The burst (two chunks) at once, then one a second.
+    assert o.stats.pushed_chunks <= 3
+    o.net.clock.advance(4)
+    assert o.stats.pushed_chunks <= 7
+    for _ in range(20):
+        o.net.clock.advance(1)
+    # A round sends at most what the rate allows in an interval (10 s, so
+    # 10 chunks); the next round sends the rest.
+    assert o.stats.pushed_chunks == 10
+    o.distributor.round()
+    o.net.clock.advance(1)
+    assert o.targets[CACHE_A].held == set(range(o.local.manifest.chunk_count))
+
+
+# -- the service -------------------------------------------------------------------
+
+
+class FakeDistributor:
+    interval = 10.0
+
+    def __init__(self):
+        self.rounds = 0
+        self.stopped = False
+
+    def round(self):
+        self.rounds += 1
+
+    def stop(self):
+        self.stopped = True
+
+
+class FakeDistributee:
+    def __init__(self):
+        self.pulls = []
+
+    def pull_from(self, peer, connect, own_id, port):
+        self.pulls.append((peer.peer_id, own_id, port))
+
+
+class ServedPeer:
+    """What L{DistributionService} uses of a L{PeerService}."""
+
+    def __init__(self, tmp_path, shared, quota=64 * CHUNK_SIZE):
+        self.local, self.content = shared
+        self.net = Network()
+        self.reactor = self.net.clock
+        self.table = self.net.table
+        self.catalog = self.net.catalog
+        self.cache = ChunkCache(str(tmp_path / "cache"), quota, CACHE_A)
+        self.index = SharedIndex([], str(tmp_path / "hashes.json"), now)
+        self.cache_announcer = CacheAnnouncer(self.cache, self.index, now, self.reactor)
+        self.distributor = FakeDistributor()
+        self.distributee = FakeDistributee()
+        self.peer_id = CACHE_A
+        self.transfer_port = 6000
+        self.run_in_thread = now
+
+    def _connect(self, *args):
+        raise AssertionError("not here")
+
+
+def test_the_service_opens_the_cache_offers_it_and_runs_rounds(tmp_path, shared):
+    from twisted_p2p.service import DistributionService
+
+    # A cache left by an earlier run, with a chunk damaged since.
+    local, content = shared
+    earlier = ChunkCache(str(tmp_path / "cache"), 64 * CHUNK_SIZE)
+    earlier.open()
+    earlier.add_manifest(local.manifest, "big.bin")
+    earlier.put(local.file_id, 0, [chunk(content, 0)])
+    earlier.put(local.file_id, 1, [chunk(content, 1)])
+    earlier.close()
+    damaged = tmp_path / "cache" / local.file_id / "1"
+    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+
+    peer = ServedPeer(tmp_path, shared)
+    service = DistributionService(peer)
+    service.startService()
+    [offered] = peer.index.partials()
+    assert [i for i in range(11) if offered.holds(i)] == [0]
+    assert not damaged.exists()
+    peer.reactor.advance(10)
+    peer.reactor.advance(10)
+    assert peer.distributor.rounds == 2
+    # A peer whose catalog lists files whole is asked what to hold, once.
+    peer.net.peer(ORIGIN, [local])
+    peer.catalog.refresh(ORIGIN)
+    peer.net.fetches.pop(ORIGIN).callback(("3" * 16, [(local.file_id, "big.bin", local.size)]))
+    assert peer.distributee.pulls == [(ORIGIN, CACHE_A, 6003)]
+    service.stopService()
+    assert peer.distributor.stopped
+    peer.reactor.advance(10)
+    assert peer.distributor.rounds == 2
+    assert peer.cache._root is None
+
+
+def test_a_peer_that_hosts_nothing_asks_for_nothing(tmp_path, shared):
+    from twisted_p2p.service import DistributionService
+
+    local, _ = shared
+    peer = ServedPeer(tmp_path, shared, quota=0)
+    service = DistributionService(peer)
+    service.startService()
+    peer.net.peer(ORIGIN, [local])
+    assert peer.distributee.pulls == []
+    service.stopService()
+
+
+def test_a_pull_fed_a_byte_at_a_time_is_answered(shared):
+    o = Origin(shared, replicas=1, targets=())
+    protocol = connected(DistributorFactory(o.distributor), host="192.0.2.9")
+    data = frame(wire.request("pull", peer=CACHE_C, port=6003, free=100 * CHUNK_SIZE))
+    for i in range(len(data)):
+        protocol.dataReceived(data[i:i + 1])
+    [(answer, _)] = sent_frames(protocol.transport)
+    assert answer == {"t": "pulling", "chunks": o.local.manifest.chunk_count}
+    assert not protocol.transport.disconnecting
+
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 2**41), st.text(max_size=70),
+    st.lists(st.one_of(st.integers(-2, 70), st.text(max_size=3)), max_size=70),
+    st.sampled_from(["ab" * 32, "0" * 32, CACHE_A]),
+)
+_headers = st.fixed_dictionaries(
+    {"t": st.sampled_from(["offer", "push", "pull", "x"]), "v": st.sampled_from([1, 1, 2, "1"])},
+    optional={k: _values for k in ("id", "chunks", "i", "peer", "port", "free")},
+)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=_headers, body=st.binary(max_size=64))
+def test_no_frame_crashes_the_distribution_ports(tmp_path, shared, header, body):
+    """
+    Whatever a peer sends, each port answers or drops the connection: never
+    an internal error.
+    """
+    c = Cache(tmp_path / "fuzz", shared)
+    o = Origin(shared, replicas=1, targets=())
+    for factory in (DistributeeFactory(c.distributee), DistributorFactory(o.distributor)):
+        protocol = connected(factory)
+        protocol.dataReceived(frame(header, body))
+        for answer, _ in sent_frames(protocol.transport):
+            assert answer.get("code") != "internal", (header, answer)
+        protocol.connectionLost(Failure(ConnectionDone()))
+    c.cache.close()
+
+
+def test_two_distributors_of_one_file_do_not_fill_the_same_gap(shared):
+    """
+    Two whole holders with the same view: between them, each chunk gets
+    its missing copy once.
+    """
+    local, content = shared
+    origins = []
+    log, targets = [], {}
+    for own, other in ((ORIGIN, ORIGIN_2), (ORIGIN_2, ORIGIN)):
+        o = Origin(shared, replicas=2, targets=(CACHE_A, CACHE_B, CACHE_C))
+        o.net.peer(other, [local])
+        o.targets, o.log = targets, log
+        o.distributor.own_id = own
+        origins.append(o)
+    for o in origins:
+        o.distributor.round()
+    chunks = local.manifest.chunk_count
+    # Two whole copies already: one more each, and no more.
+    assert sum(len(t.held) for t in targets.values()) == chunks
+    assert sum(o.stats.pushed_chunks for o in origins) == chunks
+    assert all(o.stats.pushed_chunks for o in origins), "one of them did everything"
