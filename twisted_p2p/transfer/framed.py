@@ -55,6 +55,16 @@ class FramedProtocol(Int32StringReceiver, TimeoutMixin):
     def connectionMade(self):
         self.setTimeout(self.idle_timeout)
 
+    def dataReceived(self, data):
+        # Once a connection is dropped, what still arrives (over TLS, or
+        # before the transport stops reading) is thrown away rather than
+        # kept: a dropped peer cannot grow our buffer.
+        if self._dropped:
+            return
+        Int32StringReceiver.dataReceived(self, data)
+
+    _dropped = False
+
     def stringReceived(self, frame):
         self.resetTimeout()
         try:
@@ -86,6 +96,8 @@ class FramedProtocol(Int32StringReceiver, TimeoutMixin):
             reason=reason,
         )
         self.paused = True  # parse nothing more from this connection
+        self._dropped = True
+        self._unprocessed = b""
         self.setTimeout(None)
         self.transport.loseConnection()
 
