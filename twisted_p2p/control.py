@@ -63,6 +63,13 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
         self._unsubscribe = None
         self.setTimeout(REQUEST_TIMEOUT)
 
+    def dataReceived(self, data):
+        # Once the connection is closing, what still arrives is thrown away
+        # rather than gathered (LineOnlyReceiver would keep appending it).
+        if self.transport is None or self.transport.disconnecting:
+            return
+        LineOnlyReceiver.dataReceived(self, data)
+
     def lineReceived(self, line):
         if self._asked:
             return  # one request per connection; the rest is ignored
@@ -132,6 +139,7 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
         self.transport.loseConnection()
 
     def lineLengthExceeded(self, line):
+        self._buffer = b""
         self.transport.loseConnection()
 
     def timeoutConnection(self):
