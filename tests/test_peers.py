@@ -93,9 +93,10 @@ class TestHeard:
         # A restart has no old revision worth comparing with.
         assert recorder.events == [("joined", ALICE), ("changed", ALICE, None)]
 
-    def test_restarted_with_new_revision_and_address(self, table, recorder):
+    def test_restarted_with_new_revision_and_port(self, table, recorder):
+        # A restart binds a new private UDP port: same host, another port.
         table.heard(announce(), "192.0.2.1", 5000)
-        outcome = table.heard(announce(instance=OTHER_INSTANCE, rev=REV2), "192.0.2.2", 5001)
+        outcome = table.heard(announce(instance=OTHER_INSTANCE, rev=REV2), "192.0.2.1", 5001)
         assert outcome == "restarted"
         assert recorder.events[-1] == ("changed", ALICE, None)
 
@@ -126,13 +127,29 @@ class TestHeard:
         assert table.at(host, udp_port) is peer
         assert recorder.events == [("joined", ALICE)]
 
-    def test_restart_from_another_address_moves_the_entry(self, table, recorder):
+    def test_a_new_instance_from_another_host_is_refused_while_the_peer_lives(
+        self, table, recorder, clock
+    ):
+        # Someone else claiming a live peer's id (issue 11): the entry stays.
         table.heard(announce(), "192.0.2.1", 5000)
+        clock.advance(TIMEOUT - 1)
+        table.heard(announce(), "192.0.2.1", 5000)
+        clock.advance(TIMEOUT - 1)
         outcome = table.heard(announce(instance=OTHER_INSTANCE, port=4009), "192.0.2.9", 5009)
-        assert outcome == "restarted"
+        assert outcome == "duplicate"
+        peer = table.get(ALICE)
+        assert (peer.host, peer.instance_id) == ("192.0.2.1", INSTANCE)
+        assert recorder.events == [("joined", ALICE)]
+
+    def test_a_peer_that_moved_and_restarted_is_taken_once_its_old_entry_expired(
+        self, table, recorder, clock
+    ):
+        table.heard(announce(), "192.0.2.1", 5000)
+        clock.advance(TIMEOUT)
+        outcome = table.heard(announce(instance=OTHER_INSTANCE, port=4009), "192.0.2.9", 5009)
+        assert outcome == "new"
         peer = table.get(ALICE)
         assert (peer.host, peer.udp_port, peer.transfer_port) == ("192.0.2.9", 5009, 4009)
-        assert recorder.events == [("joined", ALICE), ("changed", ALICE, None)]
 
     def test_new_address_after_expiry_is_taken(self, table, clock):
         table.heard(announce(), "192.0.2.1", 5000)
@@ -228,10 +245,10 @@ class TestGoodbye:
 
     def test_goodbye_from_new_address_after_restart_elsewhere(self, table):
         table.heard(announce(), "192.0.2.1", 5000)
-        table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.2", 5000)
+        table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.1", 5001)
         assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is None
         assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.1", 5000) is None
-        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.2", 5000) == "dropped"
+        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.1", 5001) == "dropped"
 
     def test_replayed_announce_cannot_open_the_way_for_a_goodbye(self, table, recorder):
         # An attacker who heard Alice's announce replays it from its own
@@ -302,8 +319,8 @@ class TestAddresses:
     def test_restart_forgets_the_old_addresses(self, table):
         table.heard(announce(), "192.0.2.1", 5000)
         table.heard(announce(), "192.0.2.7", 5000)
-        assert table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.9", 5009) == "restarted"
-        assert list(table.get(ALICE).addresses) == [("192.0.2.9", 5009)]
+        assert table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.7", 5009) == "restarted"
+        assert list(table.get(ALICE).addresses) == [("192.0.2.7", 5009)]
         assert table.at("192.0.2.1", 5000) is None
 
 
@@ -380,9 +397,11 @@ class TestBounds:
         assert len(table) == 3
 
     def test_per_host_room_follows_restarts_and_departures(self):
-        table = PeerTable(Clock(), TIMEOUT, max_peers=10, max_per_host=1)
+        clock = Clock()
+        table = PeerTable(clock, TIMEOUT, max_peers=10, max_per_host=1)
         table.heard(announce(peer_id(0)), "192.0.2.1", 5000)
-        # Peer 0 restarts on another host: its old host has room again.
+        # Peer 0 goes, and restarts on another host: its old host has room again.
+        clock.advance(TIMEOUT)
         table.heard(announce(peer_id(0), instance=OTHER_INSTANCE), "192.0.2.2", 5000)
         assert table.heard(announce(peer_id(1)), "192.0.2.1", 5000) == "new"
         assert table.heard(announce(peer_id(2)), "192.0.2.2", 5000) == "full"

@@ -425,6 +425,8 @@ class Discovery:
             self.dropped["peer table full"] += 1
         elif outcome == "too many addresses":
             self.dropped["too many addresses"] += 1
+        elif outcome == "duplicate":
+            self.dropped["a live peer's id from another host"] += 1
         elif outcome in ("new", "restarted"):
             # A newcomer learns of us, and of the peers it cannot hear, now
             # rather than one interval from now.

@@ -61,6 +61,23 @@ MAX_QUEUED_REQUESTS = 8
 #: hold thousands of half-sent frames in our memory.
 MAX_CONNECTIONS_PER_HOST = 64
 
+#: A connection that has sent nothing for this long (seconds), and holds
+#: nothing open (no stream, no request being answered, no hello yet on a
+#: data connection), may be closed to make room for a new connection when
+#: its host is at MAX_CONNECTIONS_PER_HOST, or the process near its
+#: descriptor limit: the least recently active goes first.  So idle
+#: connections and slowloris clients (a frame never finished counts as
+#: nothing sent) cannot keep out an honest peer of the same host, and a
+#: connection at work is never the one closed.
+EVICTABLE_AFTER = 2.0
+
+#: File descriptors never given to accepted connections: they are kept for
+#: what the peer opens itself (the files it serves, the streams and catalog
+#: fetches it connects, its log and state files).  Past the process's
+#: limit less this, a new connection makes room by closing an idle one
+#: anywhere, or is refused; the peer never runs out in the middle of work.
+DESCRIPTOR_RESERVE = 128
+
 #: A data connection must present its token within this many seconds.
 HELLO_TIMEOUT = 10.0
 
@@ -89,6 +106,16 @@ MAX_STREAM_QUEUE = 256
 
 #: A console line longer than this is rejected.
 MAX_COMMAND_LINE = 4096
+
+#: A control-socket client that sends no request within this many seconds
+#: is dropped (p2ppeer-ctl sends its request at once).
+CONTROL_REQUEST_TIMEOUT = 10.0
+
+#: Control-socket connections that may wait for their request at once; a
+#: new one past this closes the one that has waited longest, so that idle
+#: connections can never keep p2ppeer-ctl out (nor hold the descriptors
+#: the network side needs).
+MAX_CONTROL_WAITING = 32
 
 #: Longest shared file name, in UTF-8 bytes (the usual filesystem limit).
 MAX_NAME_BYTES = 255
@@ -140,6 +167,13 @@ REQUEST_TIMEOUT = 10.0
 
 #: Simultaneous incoming requests one peer serves; more get "busy".
 MAX_UPLOADS = 32
+
+#: When every upload slot is taken, a stream that has sent nothing for this
+#: long (seconds) while chunks wait on it, not held back by our own upload
+#: rate, gives its slot to the new request: its requester is not reading,
+#: and must not hold a slot an honest peer could use.  (Alone, such a
+#: stream lasts until IDLE_TIMEOUT.)
+UPLOAD_RECLAIM_AFTER = 5.0
 
 #: Verification failures after which a peer is banned for the session.
 MAX_STRIKES = 3

@@ -163,9 +163,10 @@ class PeerTable:
         C{via}.
 
         The addresses of an entry are replaced only with a new instance id
-        (a restart); while it is alive, an announce naming its current
-        instance from another address adds that address, and the main one
-        stays, so that nobody can move a peer to their own address.
+        (a restart) from a host it is at; while it is alive, an announce
+        naming its current instance from another address adds that address,
+        and the main one stays, so that nobody can move a peer to their own
+        address, and a new instance from another host is refused.
 
         @return: C{"new"} for a peer id we did not know, C{"restarted"} for a
             known one with a new instance id, C{"changed"} for a changed
@@ -203,6 +204,12 @@ class PeerTable:
         outcome = "same"
         old_revision = peer.revision
         before = (peer.transfer_port, peer.revision, peer.name, peer.advertised, peer.host)
+        if restarted and host not in {h for h, _ in peer.addresses}:
+            # A new instance from a host the peer is not at, while the
+            # current one is still heard: another host claiming its id.  A
+            # peer that moved and restarted is taken once its old entry
+            # has expired (or said goodbye, as a peer that stops does).
+            return "duplicate"
         if restarted:
             for old in list(peer.addresses):
                 self._remove_address(peer, old)

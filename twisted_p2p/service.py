@@ -728,6 +728,12 @@ class PeerService(MultiService):
             transfer.NotSupportedFactory(),
             transfer.NotSupportedFactory(),
         ]
+        # One count of accepted connections for all the ports, under the
+        # descriptor limit less a reserve for the peer's own work.
+        self.connections = transfer.ConnectionBudget()
+        for factory in factories:
+            factory.clock = reactor
+            self.connections.watch(factory)
         for offset, factory in enumerate(factories):
             for endpoint in self._server_endpoints(self.transfer_port + offset, offset == 0):
                 port_service = StreamServerEndpointService(endpoint, factory)

@@ -24,6 +24,7 @@ from twisted_p2p.limits import (
     MAX_STREAMS_PER_CONNECTION,
     MAX_UPLOADS,
     UPLOAD_BURST,
+    UPLOAD_RECLAIM_AFTER,
 )
 from twisted_p2p.transfer.framed import RequestRefused
 from twisted_p2p.transfer.streams import FileChanged, OpenChunks, OutgoingStream, StreamConnection
@@ -112,6 +113,8 @@ class Uploads:
         self.bucket = TokenBucket(max_rate, clock) if max_rate else None
         self.active = 0
         self.bytes_sent = 0
+        self.reclaimed = 0
+        self._streams = set()
 
     def session(self, host, keepalive=None, transport=None):
         """
@@ -246,6 +249,8 @@ class Uploads:
         if session.open_streams() >= MAX_STREAMS_PER_CONNECTION:
             raise wire.ProtocolError("too many streams on one connection")
         if self.active >= self._max_uploads:
+            self._reclaim()
+        if self.active >= self._max_uploads:
             raise RequestRefused("busy", "this peer is serving too many requests; try later")
         self.active += 1
         d = self._open_stream(local, token, port, session)
@@ -312,8 +317,32 @@ class Uploads:
         )
         # After "started": a stream may have ended already (its request
         # connection closed while it connected), and then ends at once.
+        self._streams.add(stream)
         stream.done.addCallback(self._stream_ended, stream, session.host, port)
         return stream
+
+    def _reclaim(self):
+        """
+        Every slot is taken: close the stream stalled longest, if it has sent
+        nothing for L{UPLOAD_RECLAIM_AFTER} seconds though chunks wait (its
+        requester does not read), so that its slot goes to the new request.
+        Its slot is free at once, or, while a worker still sends on it, as
+        soon as that is done (the new request is "busy" meanwhile).
+        """
+        stalled = max(self._streams, key=lambda s: s.stalled_for(), default=None)
+        if stalled is None or stalled.stalled_for() < UPLOAD_RECLAIM_AFTER:
+            return
+        log.info(
+            "Upload of {name} stopped: the requester read nothing for {seconds:.0f} s, "
+            "and its slot is wanted",
+            name=stalled.local.name,
+            seconds=stalled.stalled_for(),
+        )
+        self.reclaimed += 1
+        self._streams.discard(stalled)
+        if stalled.transport is not None:
+            stalled.transport.abortConnection()
+        stalled.close("the requester stopped reading, and its slot was wanted")
 
     def _open_stream(self, local, token, port, session):
         return defer.ensureDeferred(self._open(local, token, port, session))
@@ -330,6 +359,7 @@ class Uploads:
     def _stream_ended(self, result, stream, host, port):
         chunks, sent, reason = result
         self.active -= 1
+        self._streams.discard(stream)
         self.bytes_sent += sent
         seconds = max(self._clock.seconds() - stream.started, 0.0)
         name = stream.local.name

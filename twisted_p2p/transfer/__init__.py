@@ -14,7 +14,12 @@ C{framed.py} has what they share.  The wire format is in C{PROTOCOL.md}.
 """
 
 from twisted_p2p.transfer.distribution import NotSupportedFactory, NotSupportedProtocol
-from twisted_p2p.transfer.framed import FramedProtocol, PerHostLimitedFactory, RequestRefused
+from twisted_p2p.transfer.framed import (
+    ConnectionBudget,
+    FramedProtocol,
+    PerHostLimitedFactory,
+    RequestRefused,
+)
 from twisted_p2p.transfer.receiver import (
     Inbox,
     ReceiverEndpoint,
@@ -24,6 +29,7 @@ from twisted_p2p.transfer.receiver import (
 from twisted_p2p.transfer.sender import SenderFactory, SenderProtocol
 
 __all__ = [
+    "ConnectionBudget",
     "FramedProtocol",
     "Inbox",
     "NotSupportedFactory",
