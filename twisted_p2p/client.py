@@ -108,6 +108,21 @@ class SenderClient(FramedProtocol):
             self.transport.loseConnection()
 
 
+class Deadline:
+    """
+    A sender connection whose every call fails with C{TimeoutError} unless
+    answered within C{seconds}.
+    """
+
+    def __init__(self, client, seconds, clock):
+        self._client = client
+        self._seconds = seconds
+        self._clock = clock
+
+    def call(self, header):
+        return self._client.call(header).addTimeout(self._seconds, self._clock)
+
+
 def parse_catalog(header):
     """
     C{(revision, [(file_id, name, size)])} from a catalog answer (one page).

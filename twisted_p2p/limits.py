@@ -261,6 +261,19 @@ NEWCOMER_REPLY_RATE = 8.0
 #: list); a peer whose catalog would go over this keeps only what fits.
 MAX_CATALOG_ENTRIES = 100_000
 
+#: Catalog fetches under way at once: each may hold a catalog of up to
+#: MAX_CATALOG_FILES entries in memory until it is stored.
+CATALOG_FETCHES = 8
+
+#: Seconds a whole catalog fetch may take, and each of its answers (a page
+#: of 32 KiB is answered in milliseconds by any live peer): a peer whose
+#: port accepts and never answers gives its place up soon.
+CATALOG_FETCH_TIMEOUT = 20.0
+CATALOG_ANSWER_TIMEOUT = 5.0
+
+#: Seconds to wait for a TCP connection to a peer.
+CONNECT_TIMEOUT = 5.0
+
 #: First and longest wait before a failed catalog fetch is tried again
 #: (doubling in between), so an unreachable peer costs little.
 CATALOG_RETRY_MIN = 2.0

@@ -62,7 +62,14 @@ from twisted_p2p import (
 from twisted_p2p.commands import Commands
 from twisted_p2p.group import DiscoverySeal
 from twisted_p2p.identity import Identity, IdentityError
-from twisted_p2p.limits import RESCAN_INTERVAL, WORKER_THREADS
+from twisted_p2p.limits import (
+    CATALOG_ANSWER_TIMEOUT,
+    CATALOG_FETCH_TIMEOUT,
+    CATALOG_FETCHES,
+    CONNECT_TIMEOUT,
+    RESCAN_INTERVAL,
+    WORKER_THREADS,
+)
 from twisted_p2p.peers import PeerTable
 from twisted_p2p.storage import PARTIAL_PREFIX, PartialFile
 from twisted_p2p.uploads import Uploads
@@ -70,16 +77,9 @@ from twisted_p2p.workers import WorkerPool
 
 log = Logger()
 
-#: Seconds to wait for a TCP connection to a peer.
-CONNECT_TIMEOUT = 5
-
 #: The state dir's lock: one peer per state dir (its peer id, its hash
 #: cache, its control socket).
 LOCK_NAME = "peer.lock"
-
-#: Catalog fetches under way at once, and the seconds each may take.
-CATALOG_FETCHES = 8
-CATALOG_FETCH_TIMEOUT = 20
 
 
 def stdin_kind(fd=0):
@@ -681,7 +681,7 @@ class PeerService(MultiService):
             seal=seal,
         )
         self.index.on_change(self.discovery.revision_changed)
-        self._catalog_fetches = defer.DeferredSemaphore(CATALOG_FETCHES)
+        self._catalog_fetches = catalog.FairFetches(CATALOG_FETCHES)
         self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
         self.inbox = transfer.Inbox()
         self.workers = WorkerPool(reactor, WORKER_THREADS, "p2ppeer-transfer")
@@ -924,16 +924,19 @@ class PeerService(MultiService):
 
     def _fetch_catalog(self, peer):
         """
-        Fetch C{peer}'s catalog: at most L{CATALOG_FETCHES} at once, so that
-        many peers (or invented ones) cannot hold many catalogs in memory
-        together, and each within L{CATALOG_FETCH_TIMEOUT}, so that a peer
-        that never answers does not hold a place.
+        Fetch C{peer}'s catalog: at most L{CATALOG_FETCHES} at once, hosts
+        taking turns, so that many peers (or invented ones) cannot hold many
+        catalogs in memory together nor keep others waiting, and each within
+        L{CATALOG_FETCH_TIMEOUT} (each answer within
+        L{CATALOG_ANSWER_TIMEOUT}), so that a peer that never answers does
+        not hold a place.
         """
 
         async def fetch():
             sender = await self._open_client(peer)
             try:
-                return await client.fetch_catalog(sender)
+                timed = client.Deadline(sender, CATALOG_ANSWER_TIMEOUT, self.reactor)
+                return await client.fetch_catalog(timed)
             finally:
                 sender.close()
 
@@ -941,7 +944,7 @@ class PeerService(MultiService):
             d = defer.ensureDeferred(fetch())
             return d.addTimeout(CATALOG_FETCH_TIMEOUT, self.reactor)
 
-        return self._catalog_fetches.run(limited)
+        return self._catalog_fetches.run(peer.host, limited)
 
     def _make_download(self, name, file_id, peers, report, bans, index):
         return download.Download(
