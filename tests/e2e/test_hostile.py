@@ -1,0 +1,210 @@
+"""
+Hostile networks (issue 11): real C{twistd p2ppeer} processes on loopback
+against fake peers written in the test (tests/e2e/fake.py), which speak the
+wire protocol from addresses of their own (127.0.0.2 and up) and lie in
+every way the protocol allows.
+
+Each test says what honest work must still finish, and prints the time it
+took, with the attack and, where it matters, without (run with C{-s}).
+"""
+
+import os
+import re
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from twisted_p2p.limits import CHUNK_SIZE, MAX_CATALOG_FILES
+from twisted_p2p.manifest import hash_file
+
+from . import fake
+from .ctl import ctl, ctl_command
+from .peers import HOST, Peer, free_transfer_port, free_udp_port, peer_env
+from .test_three_peers import LOG_ERRORS, listing, poll, sha256_of, write_random
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+#: An error line, but for the ones Peer.ask provokes to find its end.
+_ERROR = r"^error: (?!unknown command '__e2e_sync_)"
+
+
+class Cast:
+    """
+    The real peers of one test, on one discovery port, and the fakes.
+    """
+
+    def __init__(self, base):
+        self.base = Path(base)
+        self.discovery = free_udp_port()
+        self.peers = []
+        self.fakes = []
+
+    def peer(self, name, files=None, kind=Peer, extra_args=()):
+        folder = self.base / name
+        (folder / "shared").mkdir(parents=True)
+        (folder / "downloads").mkdir()
+        digests = {}
+        for filename, size in (files or {}).items():
+            digests[filename] = write_random(folder / "shared" / filename, size)
+        peer = kind(name, folder, free_transfer_port(), self.discovery,
+                    extra_args=list(extra_args))
+        peer.digests = digests
+        self.peers.append(peer)
+        return peer
+
+    def fake(self, host, files=(), mode="honest", name="fake"):
+        f = fake.FakePeer(host, self.discovery, files, mode, name)
+        self.fakes.append(f)
+        return f
+
+    def start(self, *peers):
+        for p in peers:
+            p.start()
+        for p in peers:
+            p.ready()
+
+    def diagnostics(self):
+        return "\n\n".join(p.diagnostics() for p in self.peers)
+
+    def cleanup(self):
+        for f in self.fakes:
+            f.stop()
+        for p in self.peers:
+            p.cleanup()
+
+    def check_logs(self):
+        for p in self.peers:
+            if p.log_path.exists():
+                log = p.log_path.read_text()
+                found = [marker for marker in LOG_ERRORS if marker in log]
+                assert not found, f"{p.name}'s log has {found}:\n{p.diagnostics()}"
+
+
+@pytest.fixture
+def cast(tmp_path):
+    c = Cast(tmp_path)
+    yield c
+    c.cleanup()
+
+
+def wait_listed(peer, name, where=None, timeout=15.0):
+    def found():
+        row = listing(peer).get(name)
+        return row is not None and (where is None or where in row)
+
+    ok, seconds = poll(found, timeout, interval=0.1)
+    assert ok, f"{peer.name} never listed {name}\n{peer.diagnostics()}"
+    return seconds
+
+
+def download(peer, name, timeout=50.0):
+    """
+    C{download NAME} on C{peer}'s console, until it is done: the seconds.
+    """
+    started = time.monotonic()
+    peer.command(f"download {name}", rf"^downloaded {re.escape(name)} ", timeout, fail=_ERROR)
+    return time.monotonic() - started
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+# -- names that try to escape ----------------------------------------------------------
+
+EVIL_NAMES = [
+    "../x", "../../etc/passwd", "/etc/passwd", "a/b", "..\\x", "x\x00y", "..", ".",
+    "\x1b[2J\x1b[31mred", "bell\x07", "rtl\u202egnp.exe", "line\nbreak", "x" * 300,
+    ".p2ppeer", ".p2ppeer-0123456789abcdef0123456789abcdef.part", ".hidden", "",
+]
+
+
+def test_names_that_try_to_escape_are_never_listed_nor_written(cast):
+    downloader = cast.peer("downloader")
+    cast.start(downloader)
+    outside = cast.base / "outside"
+    outside.mkdir()
+    content = cast.base / "fine.bin"
+    write_random(content, 3 * CHUNK_SIZE)
+    files = [fake.FakeFile(name, size=100) for name in EVIL_NAMES]
+    files.append(fake.FakeFile("fine.bin", path=content))
+    files.append(fake.FakeFile("\u00e9" * 126 + ".bin", path=content))  # 256 bytes: too long
+    liar = cast.fake("127.0.0.2", files, name="\x1b]0;owned\x07evil\x1b[2J")
+    wait_listed(downloader, "fine.bin")
+    before = tree(cast.base)
+    answer = downloader.ask("list") + downloader.ask("peers")
+    text = "\n".join(answer)
+    assert "\x1b" not in text and "\x07" not in text and "\x00" not in text
+    names = set(listing(downloader))
+    for name in EVIL_NAMES + ["\u00e9" * 126 + ".bin"]:
+        assert name not in names
+    # Each is asked for by name: nothing is found, nothing is written.
+    for name in ["../x", "/etc/passwd", "a/b", "..\\x", ".p2ppeer", ".hidden"]:
+        line = downloader.command(f'download "{name}"', r"^error:")
+        assert "no known peer offers" in line
+    download(downloader, "fine.bin")
+    assert sha256_of(downloader.downloads / "fine.bin") == sha256_of(content)
+    after = tree(cast.base)
+    new = sorted(set(after) - set(before))
+    assert all(n.startswith("downloader/") for n in new), new
+    assert os.listdir(outside) == []
+    assert liar.requests, "the fake was never asked anything"
+    cast.check_logs()
+
+
+# -- a source that lies ------------------------------------------------------------------
+
+
+class WrongCountFake(fake.FakePeer):
+    """A fake whose manifest page's count does not fit its size."""
+
+    def manifest_page(self, local, start):
+        header, body = fake.FakePeer.manifest_page(self, local, start)
+        header["count"] -= 1
+        return header, body[: -32]
+
+
+class BillionChunksFake(fake.FakePeer):
+    """A fake whose manifest says the file has 10**9 chunks."""
+
+    def manifest_page(self, local, start):
+        header, body = fake.FakePeer.manifest_page(self, local, start)
+        header["size"] = 10**9 * CHUNK_SIZE
+        return header, body
+
+
+LIES = ["wrong-data", "truncated", "out-of-range", "huge-frame", "silent", "wrong-count",
+        "billion-chunks"]
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_a_lying_source_costs_the_download_little(cast, lie):
+    """
+    An honest seeder and a fake offering the same file, which lies: the
+    download finishes, whole and right, from the honest one.
+    """
+    seeder = cast.peer("seeder", {"big.bin": 16 * MiB})
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    kind = {"wrong-count": WrongCountFake, "billion-chunks": BillionChunksFake}.get(
+        lie, fake.FakePeer)
+    mode = lie if kind is fake.FakePeer else "honest"
+    liar = kind("127.0.0.2", cast.discovery,
+                [fake.FakeFile("big.bin", path=seeder.shared / "big.bin")], mode)
+    cast.fakes.append(liar)
+    wait_listed(downloader, "big.bin", where="127.0.0.2")
+    wait_listed(downloader, "big.bin", where=seeder.label)
+    seconds = download(downloader, "big.bin")
+    print(f"e2e hostile: 16 MiB with a source that lies ({lie}): {seconds:.2f} s")
+    assert sha256_of(downloader.downloads / "big.bin") == seeder.digests["big.bin"]
+    assert [n for n in os.listdir(downloader.downloads) if n.startswith(".")] == []
+    assert any(r.get("t") == "manifest" for r in liar.requests)
+    if kind is fake.FakePeer:
+        assert liar.connections_back, "the liar was never asked for chunks"
+    cast.check_logs()
