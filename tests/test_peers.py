@@ -366,6 +366,36 @@ def peer_id(n):
 
 
 class TestBounds:
+    def test_a_full_table_makes_room_for_a_peer_of_a_less_crowded_host(self, clock):
+        """
+        Invented ids from a few hosts fill the table; a real newcomer from
+        another host takes the place of the least recently heard of the
+        most crowded host, and the flood cannot take it back.
+        """
+        table = PeerTable(clock, TIMEOUT, max_peers=8, max_per_host=8)
+        for n in range(8):
+            clock.advance(1)
+            host = "198.51.100.1" if n < 6 else "198.51.100.2"
+            assert table.heard(announce(peer_id(n)), host, 5000 + n) == "new"
+        clock.advance(1)
+        assert table.heard(announce(peer_id(100)), "192.0.2.50", 5000) == "new"
+        assert peer_id(0) not in table  # the oldest of the crowded host
+        assert table.made_room == 1
+        # The crowded host's new ids make no room for themselves...
+        assert table.heard(announce(peer_id(101)), "198.51.100.1", 6000) == "full"
+        # ...nor does a host as crowded as the rest, once they are even.
+        for n in range(102, 106):
+            table.heard(announce(peer_id(n)), f"192.0.2.{n}", 5000)
+        assert table.heard(announce(peer_id(200)), "198.51.100.2", 7000) == "full"
+        assert len(table) == 8
+
+    def test_ipv6_addresses_of_one_64_count_as_one_host(self, clock):
+        table = PeerTable(clock, TIMEOUT, max_peers=100, max_per_host=2)
+        assert table.heard(announce(peer_id(0)), "2001:db8:1:2::1", 5000) == "new"
+        assert table.heard(announce(peer_id(1)), "2001:db8:1:2::ffff", 5000) == "new"
+        assert table.heard(announce(peer_id(2)), "2001:db8:1:2:abcd::9", 5000) == "full"
+        assert table.heard(announce(peer_id(3)), "2001:db8:1:3::1", 5000) == "new"
+
     def test_new_ids_beyond_the_limit_are_refused(self, clock):
         table = PeerTable(clock, TIMEOUT, max_peers=3, max_per_host=3)
         recorder = Recorder(table)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from twisted_p2p.interfaces import format_address, is_link_local
 from twisted_p2p.limits import MAX_ADDRESSES_PER_PEER, MAX_PEERS, MAX_PEERS_PER_HOST
+from twisted_p2p.wire import address_group
 
 #: Goodbyes remembered, so that the second goodbye of a peer that has left
 #: (over its other address) is not taken for a spoofed one.
@@ -125,6 +126,8 @@ class PeerTable:
         self.max_per_host = max_per_host
         self._peers = {}
         self._per_host = Counter()
+        #: Peers dropped to make room for a peer of a less crowded host.
+        self.made_room = 0
         self._by_address = {}
         self._departed = OrderedDict()
         self._observers = []
@@ -179,7 +182,9 @@ class PeerTable:
         now = self._clock.seconds()
         peer = self._peers.get(announce.peer_id)
         if peer is None:
-            if len(self._peers) >= self._max_peers or self._per_host[host] >= self.max_per_host:
+            if self._per_host[address_group(host)] >= self.max_per_host:
+                return "full"
+            if len(self._peers) >= self._max_peers and not self._make_room(host):
                 return "full"
             peer = Peer(
                 announce.peer_id,
@@ -213,7 +218,7 @@ class PeerTable:
         if restarted:
             for old in list(peer.addresses):
                 self._remove_address(peer, old)
-            if self._per_host[host] >= self.max_per_host:
+            if self._per_host[address_group(host)] >= self.max_per_host:
                 self._drop(peer, "restarted elsewhere, and its address is full")
                 return "full"
             self._add_address(peer, host, udp_port, via, now)
@@ -224,7 +229,10 @@ class PeerTable:
         else:
             if len(peer.addresses) >= MAX_ADDRESSES_PER_PEER:
                 return "too many addresses"
-            if self._by_address.get(key) not in (None, peer) or self._per_host[host] >= self.max_per_host:
+            if (
+                self._by_address.get(key) not in (None, peer)
+                or self._per_host[address_group(host)] >= self.max_per_host
+            ):
                 return "full"
             self._add_address(peer, host, udp_port, via, now)
             outcome = "added"
@@ -297,17 +305,17 @@ class PeerTable:
     def _add_address(self, peer, host, udp_port, via, now):
         peer.addresses[(host, udp_port)] = Address(host, udp_port, via, now)
         self._by_address[(host, udp_port)] = peer
-        self._per_host[host] += 1
+        self._per_host[address_group(host)] += 1
         self._choose_main(peer)
 
     def _remove_address(self, peer, key):
         peer.addresses.pop(key)
         if self._by_address.get(key) is peer:
             del self._by_address[key]
-        host = key[0]
-        self._per_host[host] -= 1
-        if not self._per_host[host]:
-            del self._per_host[host]
+        group = address_group(key[0])
+        self._per_host[group] -= 1
+        if not self._per_host[group]:
+            del self._per_host[group]
 
     def _choose_main(self, peer):
         if not peer.addresses:
@@ -352,6 +360,31 @@ class PeerTable:
             # its place.
             self._changed_main(peer)
         self._arm(peer)
+
+    def _make_room(self, host):
+        """
+        The table is full and a new peer of C{host} would join: make room by
+        dropping the least recently heard peer of the most crowded host, if
+        that host holds at least two more entries than C{host} does.  So
+        invented ids from a few hosts can fill the table only until a peer
+        of another host comes, which then takes a place of theirs, and the
+        table ends shared out between hosts.
+        """
+        if not self._per_host:
+            return False
+        crowded, count = self._per_host.most_common(1)[0]
+        if count < self._per_host[address_group(host)] + 2:
+            return False
+        victim = min(
+            (p for p in self._peers.values() if address_group(p.main_address[0]) == crowded),
+            key=lambda p: p.last_seen,
+            default=None,
+        )
+        if victim is None:
+            return False
+        self._drop(victim, "made room for a peer of a less crowded host")
+        self.made_room += 1
+        return True
 
     def _drop(self, peer, reason):
         if peer.expiry is not None and peer.expiry.active():

@@ -208,3 +208,52 @@ def test_a_lying_source_costs_the_download_little(cast, lie):
     if kind is fake.FakePeer:
         assert liar.connections_back, "the liar was never asked for chunks"
     cast.check_logs()
+
+
+class MillionFilesFake(fake.FakePeer):
+    """A fake whose catalog has 10**6 entries, made up page by page."""
+
+    TOTAL = 10**6
+
+    def answer(self, header, address):
+        if header.get("t") != "catalog":
+            return fake.FakePeer.answer(self, header, address)
+        start = header.get("start", 0)
+        page = [
+            {"id": f"{n:064x}", "name": f"junk{n}.bin", "size": n}
+            for n in range(start, min(start + 500, self.TOTAL))
+        ]
+        return [({"t": "catalog", "rev": self.revision, "start": start, "total": self.TOTAL,
+                  "files": page}, b"")]
+
+
+def test_a_catalog_of_a_million_entries_is_cut_and_the_rest_stays_usable(cast):
+    seeder = cast.peer("seeder", {"real.bin": MiB})
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "real.bin")
+    before = fake.rss_kib(downloader.proc.pid)
+    liar = MillionFilesFake("127.0.0.2", cast.discovery)
+    cast.fakes.append(liar)
+    wait_listed(downloader, "junk0.bin")
+
+    def fetched():
+        return sum(1 for r in liar.requests if r.get("t") == "catalog") >= 20
+
+    assert poll(fetched, 20)[0]
+    time.sleep(0.5)
+    started = time.monotonic()
+    rows = listing(downloader)
+    seconds = time.monotonic() - started
+    after = fake.rss_kib(downloader.proc.pid)
+    print(f"e2e hostile: a catalog of 10**6 entries: list of {len(rows)} rows in "
+          f"{seconds:.2f} s; downloader RSS {before // 1024} MiB before, {after // 1024} MiB after")
+    junk = [name for name in rows if name.startswith("junk")]
+    assert len(junk) == MAX_CATALOG_FILES
+    # Fetched a page at a time up to the limit, never the million.
+    assert max(r.get("start", 0) for r in liar.requests if r.get("t") == "catalog") < MAX_CATALOG_FILES
+    assert "real.bin" in rows
+    assert seconds < 10
+    download(downloader, "real.bin")
+    assert after - before < 200 * 1024
+    cast.check_logs()

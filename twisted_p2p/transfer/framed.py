@@ -252,7 +252,7 @@ class PerHostLimitedFactory(Factory):
 
     def buildProtocol(self, addr):
         places = self.places()
-        host = getattr(addr, "host", None)
+        host = wire.address_group(getattr(addr, "host", None))
         now = _now(self)
         held = places.get(host, ())
         if len(held) >= self.max_per_host:
