@@ -257,3 +257,107 @@ def test_a_catalog_of_a_million_entries_is_cut_and_the_rest_stays_usable(cast):
     download(downloader, "real.bin")
     assert after - before < 200 * 1024
     cast.check_logs()
+
+
+# -- discovery -------------------------------------------------------------------------
+
+
+def peer_row(peer, label):
+    return next((line for line in peer.ask("peers") if line.startswith(label + " ")), None)
+
+
+def black_holes(host, count):
+    """
+    C{count} listening sockets on C{host} whose connections are never
+    accepted nor answered (the kernel completes the handshake): sender
+    ports that swallow catalog fetches.  Their transfer ports T (one below).
+    """
+    holes = []
+    for _ in range(count):
+        port = fake.free_port(host)
+        sock = socket.socket()
+        sock.bind((host, port + 1))
+        sock.listen(128)
+        holes.append((port, sock))
+    return holes
+
+
+def test_discovery_lies_and_storms_leave_real_peers_listed_and_list_fast(cast):
+    """
+    A spoofed goodbye, a live peer's id announced from another address,
+    oversized and wrong-version datagrams, 40 invented peers whose ports
+    swallow catalog fetches, and 6,000 invented ids from 16 addresses:
+    the real seeder stays listed, and a real peer that joins during the
+    storm is listed (with its files) within seconds.
+    """
+    seeder = cast.peer("seeder", {"real.bin": MiB})
+    downloader = cast.peer("downloader")
+    newcomer = cast.peer("newcomer", {"late.bin": MiB})
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "real.bin")
+    heard = fake.sniff_announce(cast.discovery, seeder.transfer_port)
+    liar = fake.Datagrams("127.0.0.3", cast.discovery)
+    # A goodbye for the seeder, from elsewhere, naming its current instance.
+    for _ in range(3):
+        liar.goodbye(heard.peer_id, heard.instance_id)
+    # Its id, a new instance, from another address, pointing at a black hole.
+    holes = black_holes("127.0.0.4", 41)
+    hijack_port = holes.pop()[0]
+    for _ in range(3):
+        liar.announce(heard.peer_id, fake.random_hex(16), hijack_port)
+    # Oversized, wrong-version and garbage datagrams.
+    liar.send(b"{" + b" " * 2000 + b"}")
+    liar.send(b'{"p2p":2,"type":"announce","peer":"' + b"a" * 32 + b'"}')
+    liar.send(os.urandom(300))
+    time.sleep(1.5)
+    row = peer_row(downloader, seeder.label)
+    assert row is not None, downloader.ask("peers")
+    assert "real.bin" in listing(downloader)
+
+    # The storm: 40 invented peers whose sender ports swallow fetches, then
+    # 6,000 invented ids from 16 addresses, while a real peer joins.
+    storm = [fake.Datagrams(f"127.0.1.{n}", cast.discovery) for n in range(1, 17)]
+    stop = threading.Event()
+
+    def flood():
+        n = 0
+        while not stop.is_set() and n < 6000:
+            for port, _ in holes:
+                storm[n % 16].announce(fake.random_hex(32), fake.random_hex(16), port)
+                n += 1
+            for _ in range(200):
+                storm[n % 16].announce(fake.random_hex(32), fake.random_hex(16), 9)
+                n += 1
+            time.sleep(0.05)
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        time.sleep(0.5)
+        joined = time.monotonic()
+        cast.start(newcomer)
+        seconds = wait_listed(downloader, "late.bin", timeout=30)
+        seconds = time.monotonic() - joined
+        started = time.monotonic()
+        rows = listing(downloader)
+        list_seconds = time.monotonic() - started
+    finally:
+        stop.set()
+        flooder.join(10)
+    peers_answer = downloader.ask("peers")
+    dropped = next((line for line in peers_answer if line.startswith("discovery datagrams dropped")), "")
+    print(f"e2e hostile: a real peer joining during an announcement storm is listed with its "
+          f"files in {seconds:.2f} s; list takes {list_seconds:.2f} s; {dropped}")
+    assert "real.bin" in rows and "late.bin" in rows
+    assert peer_row(downloader, seeder.label) is not None
+    assert seconds < 20 and list_seconds < 5
+    for counted in ("oversized", "wrong version", "malformed", "a live peer's id from another host",
+                    "unmatched goodbye"):
+        assert counted in dropped, dropped
+    # The real peers still work together.
+    download(downloader, "late.bin")
+    for _, sock in holes:
+        sock.close()
+    for d in storm + [liar]:
+        d.close()
+    cast.check_logs()
