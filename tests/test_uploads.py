@@ -635,6 +635,24 @@ def test_a_stream_whose_requester_does_not_read_gives_its_slot_to_a_new_one(file
     assert chunk_runs(fresh) == [(1, 1)]
 
 
+def test_one_address_holds_at_most_its_share_of_the_slots(files):
+    peer = Peer(files, max_uploads=32)
+    five = files[2]
+    share = peer.uploads.max_per_host
+    assert share == 8
+    sessions = [peer.new_session() for _ in range(share // 4 + 1)]
+    tokens = iter(f"{n:032x}" for n in range(1, 100))
+    for n in range(share):
+        peer.stream(five, [0], token=next(tokens), session=sessions[n // 4])
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(get(five.file_id, [0], token=next(tokens)), sessions[-1])
+    assert e.value.code == "busy" and "share" in e.value.message
+    # Another address is served: most slots are left to the others.
+    other = peer.uploads.session("192.0.2.99")
+    peer.stream(five, [0], token=next(tokens), session=other)
+    assert peer.uploads.active == share + 1
+
+
 def test_a_stream_that_drains_keeps_its_slot(files):
     peer = Peer(files, max_uploads=1)
     five = files[2]

@@ -168,6 +168,13 @@ REQUEST_TIMEOUT = 10.0
 #: Simultaneous incoming requests one peer serves; more get "busy".
 MAX_UPLOADS = 32
 
+#: Share of the upload slots one address may hold: a quarter of them, but
+#: at least MIN_UPLOADS_PER_HOST (all of them, when there are fewer): 8 of
+#: the default 32.  A host asking for more streams is "busy", so that one
+#: host, however it behaves, leaves most slots to the others.
+UPLOADS_PER_HOST_SHARE = 4
+MIN_UPLOADS_PER_HOST = 8
+
 #: When every upload slot is taken, a stream that has sent nothing for this
 #: long (seconds) while chunks wait on it, not held back by our own upload
 #: rate, gives its slot to the new request: its requester is not reading,

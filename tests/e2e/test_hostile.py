@@ -361,3 +361,190 @@ def test_discovery_lies_and_storms_leave_real_peers_listed_and_list_fast(cast):
     for d in storm + [liar]:
         d.close()
     cast.check_logs()
+
+
+# -- connection floods, slowloris, and a requester that never reads ----------------------
+
+
+class Flood:
+    """
+    Connections from C{host} to C{ports}, held open: idle ones, and
+    slowloris ones that send a frame's length and then one byte a second.
+    Reopened as they are closed, as an attacker would.
+    """
+
+    def __init__(self, host, ports, idle, slow):
+        self.host = host
+        self.ports = list(ports)
+        self.idle = idle
+        self.slow = slow
+        self.opened = 0
+        self.closed = 0
+        self.sockets = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._keep, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _open(self, n):
+        port = self.ports[n % len(self.ports)]
+        sock = socket.socket()
+        sock.setblocking(True)
+        sock.settimeout(2)
+        try:
+            sock.bind((self.host, 0))
+            sock.connect((HOST, port))
+        except OSError:
+            sock.close()
+            return None
+        sock.setblocking(False)
+        self.opened += 1
+        return sock
+
+    def _keep(self):
+        slow = [self._open(n) for n in range(self.slow)]
+        for sock in slow:
+            if sock is not None:
+                try:
+                    sock.send((60000).to_bytes(4, "big"))
+                except OSError:
+                    pass
+        idle = [self._open(n) for n in range(self.idle)]
+        self.sockets = slow + idle
+        while not self._stop.wait(1.0):
+            for i, sock in enumerate(self.sockets):
+                if sock is None:
+                    continue
+                try:
+                    if i < len(slow):
+                        sock.send(b"{")
+                    if sock.recv(65536) == b"":
+                        raise ConnectionError()
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.closed += 1
+                    sock.close()
+                    self.sockets[i] = self._open(i)
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        for sock in self.sockets:
+            if sock is not None:
+                sock.close()
+
+
+def test_idle_connections_and_slowloris_do_not_stop_a_download(cast):
+    """
+    1,000 idle connections and 40 slowloris ones, from the downloader's own
+    address and from 16 others, to both ends of a 64 MiB download (the
+    seeder's sender port, the downloader's receiver port), reopened as they
+    are closed: the download finishes.  Printed: its time with and without
+    the attack.
+    """
+    seeder = cast.peer("seeder", {"big.bin": 64 * MiB})
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "big.bin")
+    quiet = download(downloader, "big.bin")
+    (downloader.downloads / "big.bin").unlink()
+    targets = [seeder.transfer_port + 1, downloader.transfer_port, seeder.transfer_port]
+    floods = [Flood(HOST, targets, idle=200, slow=40)]
+    floods += [Flood(f"127.0.3.{n}", targets, idle=50, slow=0) for n in range(1, 17)]
+    try:
+        poll(lambda: sum(f.opened for f in floods) >= 1000, 20)
+        time.sleep(EVICTABLE_WAIT)
+        fds = fake.open_fds(seeder.proc.pid)
+        attacked = download(downloader, "big.bin")
+    finally:
+        opened = sum(f.opened for f in floods)
+        closed = sum(f.closed for f in floods)
+        for f in floods:
+            f.stop()
+    print(f"e2e hostile: 64 MiB in {quiet:.2f} s quietly, {attacked:.2f} s under {opened} "
+          f"connections opened by a flood ({closed} of them closed by the peers); "
+          f"seeder held {fds} descriptors")
+    assert sha256_of(downloader.downloads / "big.bin") == seeder.digests["big.bin"]
+    assert opened >= 1000
+    cast.check_logs()
+
+
+#: Seconds for the flood's connections to become idle (EVICTABLE_AFTER).
+EVICTABLE_WAIT = 2.5
+
+
+class NeverReads:
+    """
+    A requester on C{host} that asks a seeder for every chunk of a file on
+    C{streams} streams and never reads a byte of them: its receiver port
+    accepts the data connections and leaves them be.
+    """
+
+    def __init__(self, host, seeder_port, file_id, chunk_count, streams=32, per_connection=4):
+        self.listener = socket.socket()
+        self.listener.bind((host, 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = []
+        self._stop = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+        self.requests = []
+        for c in range(streams // per_connection):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sock.connect((HOST, seeder_port))
+            for s in range(per_connection):
+                token = fake.random_hex(32)
+                for first in range(0, min(chunk_count, 256), 64):
+                    chunks = list(range(first, min(first + 64, chunk_count)))
+                    sock.sendall(fake.frame({"t": "get", "v": 1, "id": file_id, "chunks": chunks,
+                                             "port": self.port, "token": token}))
+            self.requests.append(sock)
+
+    def _accept(self):
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.accepted.append(conn)
+
+    def close(self):
+        self._stop.set()
+        self._acceptor.join(2)
+        for sock in self.requests + self.accepted + [self.listener]:
+            sock.close()
+
+
+def test_a_requester_that_never_reads_holds_neither_slots_nor_memory(cast):
+    seeder = cast.peer("seeder", {"big.bin": 64 * MiB})
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "big.bin")
+    quiet = download(downloader, "big.bin")
+    (downloader.downloads / "big.bin").unlink()
+    manifest = hash_file(seeder.shared / "big.bin")
+    before = fake.rss_kib(seeder.proc.pid)
+    hog = NeverReads("127.0.0.5", seeder.transfer_port + 1, manifest.file_id, manifest.chunk_count)
+    try:
+        poll(lambda: len(hog.accepted) >= 8, 10)
+        time.sleep(1)
+        during = fake.rss_kib(seeder.proc.pid)
+        attacked = download(downloader, "big.bin")
+        after = fake.rss_kib(seeder.proc.pid)
+        streams = len(hog.accepted)
+    finally:
+        hog.close()
+    print(f"e2e hostile: 64 MiB in {quiet:.2f} s quietly, {attacked:.2f} s while a requester "
+          f"that never reads asked for 32 streams ({streams} opened); seeder RSS "
+          f"{before // 1024} MiB before, {during // 1024} MiB during, {after // 1024} MiB after")
+    assert sha256_of(downloader.downloads / "big.bin") == seeder.digests["big.bin"]
+    assert after - before < 32 * 1024
+    cast.check_logs()
