@@ -548,3 +548,164 @@ def test_a_requester_that_never_reads_holds_neither_slots_nor_memory(cast):
     assert sha256_of(downloader.downloads / "big.bin") == seeder.digests["big.bin"]
     assert after - before < 32 * 1024
     cast.check_logs()
+
+
+# -- the peer's own folders --------------------------------------------------------------
+
+
+def percent(peer, name):
+    for line in peer.ask("status"):
+        match = re.match(rf"^{re.escape(name)}\s+(\d+)%", line)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def test_odd_files_in_shared_and_a_damaged_state_dir(cast):
+    """
+    In shared/: a symlink to a file outside, a FIFO, an unreadable file
+    (when not root), and a file cut short while it is served; then a
+    damaged hash cache and chunk map in the state dir.  Only the regular
+    files are offered, nothing hangs, no wrong byte is taken, and after
+    the damage the peers start and the download resumes right.
+    """
+    seeder = cast.peer("seeder", {"plain.bin": MiB, "cut.bin": 24 * MiB, "resume.bin": 16 * MiB},
+                       extra_args=["--max-upload-rate", "4M"])
+    secret = cast.base / "secret.bin"
+    secret.write_bytes(b"not yours\n")
+    (seeder.shared / "link.bin").symlink_to(secret)
+    os.mkfifo(seeder.shared / "pipe.bin")
+    unreadable = seeder.shared / "unreadable.bin"
+    unreadable.write_bytes(b"x" * 1000)
+    unreadable.chmod(0)
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "cut.bin")
+    rows = listing(downloader)
+    assert "plain.bin" in rows and "resume.bin" in rows
+    assert "link.bin" not in rows and "pipe.bin" not in rows
+    if os.geteuid() != 0:
+        assert "unreadable.bin" not in rows
+
+    # Cut short while it is served: nothing wrong is ever taken.
+    cut_digest = seeder.digests["cut.bin"]
+    start = downloader.mark()
+    downloader.send("download cut.bin")
+    assert poll(lambda: (percent(downloader, "cut.bin") or 0) >= 10, 20)[0]
+    os.truncate(seeder.shared / "cut.bin", 12 * MiB)
+    time.sleep(3)
+    final = downloader.downloads / "cut.bin"
+    if final.exists():  # finished before the cut took effect: then it is whole
+        assert sha256_of(final) == cut_digest
+    downloader.send("cancel cut.bin")
+    assert "changed while it was being served" in seeder.log_path.read_text()
+
+    # A download killed half way, then its chunk map and the seeder's hash
+    # cache damaged: both start, and the download finishes right.
+    downloader.mark()
+    downloader.send("download resume.bin")
+    assert poll(lambda: (percent(downloader, "resume.bin") or 0) >= 30, 20)[0]
+    downloader.kill()
+    seeder.exit()
+    maps = [p for p in downloader.downloads.iterdir() if p.name.endswith(".map")]
+    assert maps, list(downloader.downloads.iterdir())
+    for path in maps:
+        data = bytearray(path.read_bytes())
+        for i in range(0, len(data), 7):
+            data[i] ^= 0x5A
+        path.write_bytes(bytes(data))
+    cache = seeder.folder / ".p2ppeer" / "hashes.json"
+    assert cache.exists()
+    cache.write_bytes(b'{"x": {"signature": [1, 2], "hashes": "zz"}, ' + os.urandom(200))
+    for p in (seeder, downloader):
+        p.proc = None
+    restarted_seeder = Peer("seeder", seeder.folder, seeder.transfer_port, cast.discovery)
+    restarted = Peer("downloader", downloader.folder, downloader.transfer_port, cast.discovery)
+    cast.peers += [restarted_seeder, restarted]
+    cast.start(restarted_seeder, restarted)
+    wait_listed(restarted, "resume.bin")
+    seconds = download(restarted, "resume.bin")
+    print(f"e2e hostile: resumed after a damaged chunk map and hash cache in {seconds:.2f} s")
+    assert sha256_of(restarted.downloads / "resume.bin") == seeder.digests["resume.bin"]
+    assert os.listdir(cast.base / "seeder" / "shared")
+    cast.check_logs()
+
+
+# -- the control socket ------------------------------------------------------------------
+
+
+def test_the_control_socket_refuses_strangers_garbage_and_idle_floods(cast):
+    seeder = cast.peer("seeder", {"real.bin": 4 * MiB})
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "real.bin")
+    state = downloader.folder / ".p2ppeer"
+    path = str(state / "control.sock")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    # Another local user cannot connect.
+    if os.geteuid() == 0 and os.path.exists("/usr/bin/python3"):
+        probe = subprocess.run(
+            ["/usr/bin/python3", "-c",
+             "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])", path],
+            user=65534, capture_output=True, text=True, timeout=20,
+        )
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr, probe
+
+    def talk(data):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(path)
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+        out = b""
+        try:
+            while True:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                out += piece
+        except OSError:
+            pass
+        sock.close()
+        return out
+
+    # Garbage is answered with an error, a huge line closes the connection.
+    assert b'"event": "error"' in talk(b"\x00\xff not json\n")
+    assert b'"ok": false' in talk(b'{"command": 7}\n')
+    assert talk(b"x" * (1 << 20)) == b""
+
+    # 1,100 idle connections: p2ppeer-ctl still answers, and so does the
+    # network side.
+    idle = []
+    for _ in range(1100):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        idle.append(sock)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        result = ctl(state, "peers", timeout=30)
+        seconds = time.monotonic() - started
+        assert result.returncode == 0, result
+        assert seeder.label in result.stdout
+        fetched = download(downloader, "real.bin")
+        alive = 0
+        for sock in idle:
+            sock.setblocking(False)
+            try:
+                alive += sock.recv(1) != b""
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                pass
+    finally:
+        for sock in idle:
+            sock.close()
+    print(f"e2e hostile: p2ppeer-ctl peers answered in {seconds:.2f} s with 1,100 idle control "
+          f"connections open ({alive} still open); a download took {fetched:.2f} s meanwhile")
+    assert seconds < 10
+    assert alive <= 64
+    cast.check_logs()
