@@ -404,7 +404,7 @@ def test_fetches_take_turns_between_hosts():
 
     from twisted_p2p.catalog import FairFetches
 
-    fetches = FairFetches(2)
+    fetches = FairFetches(4)
     started = []
 
     def fetch(name):
@@ -413,15 +413,19 @@ def test_fetches_take_turns_between_hosts():
         return d
 
     results = [fetches.run("198.51.100.6", lambda n=n: fetch(f"fake{n}")) for n in range(5)]
-    real = fetches.run("192.0.2.1", lambda: fetch("real"))
+    # One host has at most half the places running.
     assert [name for name, _ in started] == ["fake0", "fake1"]
+    results += [fetches.run("198.51.100.7", lambda n=n: fetch(f"other{n}")) for n in range(3)]
+    assert [name for name, _ in started] == ["fake0", "fake1", "other0", "other1"]
+    real = fetches.run("192.0.2.1", lambda: fetch("real"))
     started[0][1].errback(defer.TimeoutError())
-    assert [name for name, _ in started] == ["fake0", "fake1", "real"]
-    started[2][1].callback(("rev", []))
+    # The host with none running goes first.
+    assert [name for name, _ in started][-1] == "real"
+    started[-1][1].callback(("rev", []))
     got = []
     real.addCallback(got.append)
     assert got == [("rev", [])]
     assert started[-1][0] == "fake2"
-    assert fetches.running() == 2
+    assert fetches.running() == 4
     for d in results:
         d.addErrback(lambda f: None)

@@ -39,7 +39,8 @@ class FairFetches:
     """
     Runs at most C{slots} catalog fetches at once, taking turns between the
     hosts they go to: the next to start is, of those waiting, one whose host
-    has the fewest fetches running (the longest waiting first among them).
+    has the fewest fetches running (the longest waiting first among them),
+    and no host has more than half of them running.
     So invented peers on a few hosts, whose ports never answer, hold at
     most the places their hosts' turns give them, and a real peer on
     another host is fetched as soon as any place is free.
@@ -47,6 +48,9 @@ class FairFetches:
 
     def __init__(self, slots):
         self._slots = slots
+        #: Fetches one host may have running: half the places, so that
+        #: another host always finds one free at once.
+        self._per_host = max(1, slots // 2)
         self._running = Counter()
         self._waiting = []
         self._order = itertools.count()
@@ -67,6 +71,8 @@ class FairFetches:
     def _next(self):
         while self._waiting and self.running() < self._slots:
             entry = min(self._waiting, key=lambda e: (self._running[e[1]], e[0]))
+            if self._running[entry[1]] >= self._per_host:
+                return  # every host waiting has its share running
             self._waiting.remove(entry)
             _, host, f, d = entry
             self._running[host] += 1

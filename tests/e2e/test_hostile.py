@@ -286,9 +286,10 @@ def test_discovery_lies_and_storms_leave_real_peers_listed_and_list_fast(cast):
     """
     A spoofed goodbye, a live peer's id announced from another address,
     oversized and wrong-version datagrams, 40 invented peers whose ports
-    swallow catalog fetches, and 6,000 invented ids from 16 addresses:
-    the real seeder stays listed, and a real peer that joins during the
-    storm is listed (with its files) within seconds.
+    swallow catalog fetches, 256 invented ids from 16 addresses kept alive
+    (a full table), and a burst of 5,000 more: the real seeder stays
+    listed, and a real peer that joins during the storm is listed (with
+    its files) within seconds.
     """
     seeder = cast.peer("seeder", {"real.bin": MiB})
     downloader = cast.peer("downloader")
@@ -314,30 +315,39 @@ def test_discovery_lies_and_storms_leave_real_peers_listed_and_list_fast(cast):
     assert row is not None, downloader.ask("peers")
     assert "real.bin" in listing(downloader)
 
-    # The storm: 40 invented peers whose sender ports swallow fetches, then
-    # 6,000 invented ids from 16 addresses, while a real peer joins.
+    # The storm: 40 invented peers whose sender ports swallow catalog
+    # fetches, and 256 invented ids from 16 addresses (enough to fill the
+    # table), all kept alive by announces every 0.3 s, while a real peer
+    # joins.  Then a burst of 5,000 more new ids.
     storm = [fake.Datagrams(f"127.0.1.{n}", cast.discovery) for n in range(1, 17)]
+    holders = fake.Datagrams("127.0.0.4", cast.discovery)
+    hole_ids = [(fake.random_hex(32), fake.random_hex(16), port) for port, _ in holes]
+    filler_ids = [(fake.random_hex(32), fake.random_hex(16)) for _ in range(256)]
     stop = threading.Event()
+    burst = threading.Event()
 
     def flood():
-        n = 0
-        while not stop.is_set() and n < 6000:
-            for port, _ in holes:
-                storm[n % 16].announce(fake.random_hex(32), fake.random_hex(16), port)
-                n += 1
-            for _ in range(200):
-                storm[n % 16].announce(fake.random_hex(32), fake.random_hex(16), 9)
-                n += 1
-            time.sleep(0.05)
+        while not stop.is_set():
+            for peer_id, instance, port in hole_ids:
+                holders.announce(peer_id, instance, port)
+            for n, (peer_id, instance) in enumerate(filler_ids):
+                storm[n % 16].announce(peer_id, instance, 9)
+            if burst.is_set():
+                burst.clear()
+                for n in range(5000):
+                    storm[n % 16].announce(fake.random_hex(32), fake.random_hex(16), 9)
+            stop.wait(0.3)
 
     flooder = threading.Thread(target=flood, daemon=True)
     flooder.start()
     try:
-        time.sleep(0.5)
+        time.sleep(1.0)
         joined = time.monotonic()
         cast.start(newcomer)
-        seconds = wait_listed(downloader, "late.bin", timeout=30)
+        wait_listed(downloader, "late.bin", timeout=40)
         seconds = time.monotonic() - joined
+        burst.set()
+        time.sleep(1.0)
         started = time.monotonic()
         rows = listing(downloader)
         list_seconds = time.monotonic() - started
@@ -358,7 +368,7 @@ def test_discovery_lies_and_storms_leave_real_peers_listed_and_list_fast(cast):
     download(downloader, "late.bin")
     for _, sock in holes:
         sock.close()
-    for d in storm + [liar]:
+    for d in storm + [liar, holders]:
         d.close()
     cast.check_logs()
 
