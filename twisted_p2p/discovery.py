@@ -39,14 +39,14 @@ from twisted_p2p.limits import (
     EXCHANGE_INTRO_RATE,
     MAX_EXCHANGE_CANDIDATES,
     MAX_EXCHANGE_PEERS,
+    MAX_OWN_ADDRESSES,
     NEWCOMER_REPLY_BURST,
     NEWCOMER_REPLY_RATE,
 )
 
 log = Logger()
 
-#: Our own addresses remembered (heard when our announces come back to us).
-_OWN_ADDRESSES = 64
+_OWN_ADDRESSES = MAX_OWN_ADDRESSES
 
 #: What the console says when discovery cannot send anywhere.
 NO_ROUTE_ADVICE = (

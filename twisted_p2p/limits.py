@@ -104,6 +104,11 @@ MAX_STREAMS_PER_CONNECTION = 4
 #: window a requester keeps.
 MAX_STREAM_QUEUE = 256
 
+#: Downloads the record of partial downloads in the state dir remembers;
+#: the oldest are forgotten first (their data stays on disk and resumes on
+#: a plain "download"), and a damaged or planted record loads no more.
+MAX_RECORDED_PARTIALS = 200
+
 #: A console line longer than this is rejected.
 MAX_COMMAND_LINE = 4096
 
@@ -255,6 +260,14 @@ EXCHANGE_INTRO_RATE = 8.0
 #: LAN at once rather than at the next interval, but at most this often (s).
 EARLY_ANNOUNCE_INTERVAL = 1.0
 
+#: Goodbyes remembered, so that the second goodbye of a peer that has left
+#: (over its other address) is not taken for a spoofed one.
+MAX_DEPARTED = 256
+
+#: Our own addresses remembered (heard when our announces come back to
+#: us), so that we never introduce ourselves to ourselves.
+MAX_OWN_ADDRESSES = 64
+
 #: C{--peer} targets: each is sent an announce every interval.
 MAX_PEER_TARGETS = 64
 
@@ -271,6 +284,11 @@ MAX_CATALOG_ENTRIES = 100_000
 #: Catalog fetches under way at once: each may hold a catalog of up to
 #: MAX_CATALOG_FILES entries in memory until it is stored.
 CATALOG_FETCHES = 8
+
+#: Seconds a peer has to answer each manifest or "have" call of a download
+#: before it is left out of it (its connection closed), so that a silent
+#: peer costs the others nothing.
+ANSWER_TIMEOUT = 10.0
 
 #: Seconds a whole catalog fetch may take, and each of its answers (a page
 #: of 32 KiB is answered in milliseconds by any live peer): a peer whose

@@ -8,12 +8,10 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from twisted_p2p.interfaces import format_address, is_link_local
-from twisted_p2p.limits import MAX_ADDRESSES_PER_PEER, MAX_PEERS, MAX_PEERS_PER_HOST
+from twisted_p2p.limits import MAX_ADDRESSES_PER_PEER, MAX_DEPARTED, MAX_PEERS, MAX_PEERS_PER_HOST
 from twisted_p2p.wire import address_group
 
-#: Goodbyes remembered, so that the second goodbye of a peer that has left
-#: (over its other address) is not taken for a spoofed one.
-_DEPARTED = 256
+_DEPARTED = MAX_DEPARTED
 
 
 @dataclass
