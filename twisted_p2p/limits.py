@@ -190,6 +190,11 @@ UPLOAD_RECLAIM_AFTER = 5.0
 #: Verification failures after which a peer is banned for the session.
 MAX_STRIKES = 3
 
+#: Seconds the address of a banned peer stays banned too, so that a liar
+#: that comes back under a new peer id from the same address is not asked
+#: again; not for ever, as an address may pass to someone else.
+BAN_ADDRESS_SECONDS = 600.0
+
 #: Requests of one download that may time out on one source before it is
 #: no longer asked.
 MAX_TIMEOUTS = 3

@@ -696,7 +696,8 @@ class PeerService(MultiService):
             publish=self.hub.publish,
         )
         self.downloads = download.Downloads(
-            self._make_download, self.index if settings["share-downloads"] else None
+            self._make_download, self.index if settings["share-downloads"] else None,
+            clock=reactor,
         )
         self.partials = partials.PartialDownloads(os.path.join(state_dir, partials.RECORD_NAME))
         self.commands = Commands(

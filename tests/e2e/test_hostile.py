@@ -719,3 +719,26 @@ def test_the_control_socket_refuses_strangers_garbage_and_idle_floods(cast):
     assert seconds < 10
     assert alive <= 64
     cast.check_logs()
+
+
+def test_a_banned_liar_that_comes_back_under_a_new_id_is_not_asked(cast):
+    seeder = cast.peer("seeder", {"a.bin": 8 * MiB, "b.bin": 8 * MiB})
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    files = [fake.FakeFile(n, path=seeder.shared / n) for n in ("a.bin", "b.bin")]
+    liar = cast.fake("127.0.0.2", files, mode="wrong-data")
+    wait_listed(downloader, "a.bin", where="127.0.0.2")
+    download(downloader, "a.bin")
+    assert "banned" in "\n".join(downloader.lines).lower() or liar.connections_back
+    liar.stop()
+    # Back under a new id and instance, from the same address.
+    again = cast.fake("127.0.0.2", files, mode="wrong-data", name="innocent")
+    assert again.peer_id != liar.peer_id
+    wait_listed(downloader, "b.bin", where="127.0.0.2")
+    seconds = download(downloader, "b.bin")
+    print(f"e2e hostile: a banned liar back under a new id: b.bin in {seconds:.2f} s, "
+          f"the liar asked for chunks {again.connections_back} times")
+    assert again.connections_back == 0
+    assert not any(r.get("t") in ("manifest", "have", "get") for r in again.requests)
+    assert sha256_of(downloader.downloads / "b.bin") == seeder.digests["b.bin"]
+    cast.check_logs()
