@@ -567,10 +567,14 @@ def test_a_banned_peers_address_stays_banned_for_a_time_under_a_new_id():
     for _ in range(MAX_STRIKES):
         bans.strike("liar-id", "192.0.2.66")
     assert bans.is_banned("liar-id")
-    assert bans.is_banned("new-id", "192.0.2.66")
-    assert not bans.is_banned("new-id", "192.0.2.67")
+    clock.advance(1)
+    # A new id first heard there after the ban is banned; a peer known
+    # there before (another peer of the same host) is not.
+    assert bans.is_banned("new-id", "192.0.2.66", joined=clock.seconds())
+    assert not bans.is_banned("neighbour", "192.0.2.66", joined=clock.seconds() - 10)
+    assert not bans.is_banned("new-id", "192.0.2.67", joined=clock.seconds())
     clock.advance(BAN_ADDRESS_SECONDS)
-    assert not bans.is_banned("new-id", "192.0.2.66")
+    assert not bans.is_banned("new-id", "192.0.2.66", joined=clock.seconds())
     assert bans.is_banned("liar-id", "192.0.2.67")  # the id itself, for the session
 
 
@@ -579,8 +583,11 @@ def test_a_liar_under_a_new_id_at_the_same_address_is_not_connected_to(tmp_path)
     bans = Bans(clock=clock)
     for _ in range(MAX_STRIKES):
         bans.strike("the old id", A)
+    clock.advance(1)
     h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=(A, B), bans=bans)
     assert h.peers[0].peer_id != "the old id"
+    h.peers[0].joined = clock.seconds()  # first heard after the ban
+    h.peers[1].joined = 0.0
     done = h.start()
     assert h.clients[A].gets == [] and h.clients[A].have_asked == 0
     h.serve(B)

@@ -619,8 +619,8 @@ def test_catalog_fetches_are_limited_and_timed_out(folder, ports, monkeypatch):
 
     monkeypatch.setattr(peer, "_open_client", never_answers)
     results = [
-        peer._fetch_catalog(SimpleNamespace(host="192.0.2.9"))
-        for _ in range(service_module.CATALOG_FETCHES + 3)
+        peer._fetch_catalog(SimpleNamespace(host=f"192.0.2.{n}"))
+        for n in range(service_module.CATALOG_FETCHES + 3)
     ]
     # Only so many at once; the rest wait for a place.
     assert len(opened) == service_module.CATALOG_FETCHES

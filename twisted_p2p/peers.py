@@ -62,6 +62,8 @@ class Peer:
     main: object = field(default=None, repr=False, compare=False)
     addresses: dict = field(default_factory=dict, repr=False, compare=False)
     expiry: object = field(default=None, repr=False, compare=False)
+    #: When this peer id was first heard (for the bans of an address).
+    joined: float = field(default=0.0, compare=False)
 
     @property
     def short_id(self):
@@ -195,6 +197,7 @@ class PeerTable:
                 name=announce.name,
                 advertised=announce.host,
                 via=via,
+                joined=now,
             )
             self._peers[peer.peer_id] = peer
             self._add_address(peer, host, udp_port, via, now)

@@ -104,8 +104,10 @@ class Bans:
     Owns the strikes against peers that sent bad data, for the whole session
     (every download shares one), and the list of peers banned for it.  The
     address a banned peer was at is banned too, for L{BAN_ADDRESS_SECONDS}
-    (with a C{clock}), so that a liar that changes its id but keeps its
-    address is still not asked.
+    (with a C{clock}), for the peer ids first heard after the ban: a liar
+    that comes back under a new id from that address is not asked, while
+    the honest peers already known there (on one host, or behind one NAT)
+    still are.
     """
 
     def __init__(self, max_strikes=MAX_STRIKES, clock=None,
@@ -126,27 +128,32 @@ class Bans:
         if self._strikes[peer_key] >= self._max and peer_key not in self._banned:
             self._banned.add(peer_key)
             if host is not None and self._clock is not None:
-                until = self._clock.seconds() + self._address_seconds
-                self._addresses[wire.address_group(host)] = until
+                now = self._clock.seconds()
+                self._addresses[wire.address_group(host)] = (now, now + self._address_seconds)
             return True
         return False
 
     def strikes(self, peer_key):
         return self._strikes.get(peer_key, 0)
 
-    def is_banned(self, peer_key, host=None):
+    def is_banned(self, peer_key, host=None, joined=None):
+        """
+        Whether the peer C{peer_key} is banned; or, at C{host} and first
+        heard at C{joined}, whether its address is, for it.
+        """
         if peer_key in self._banned:
             return True
-        if host is None or self._clock is None:
+        if host is None or joined is None or self._clock is None:
             return False
         group = wire.address_group(host)
-        until = self._addresses.get(group)
-        if until is None:
+        ban = self._addresses.get(group)
+        if ban is None:
             return False
+        since, until = ban
         if self._clock.seconds() >= until:
             del self._addresses[group]
             return False
-        return True
+        return joined >= since
 
 
 def _peer_key(peer):
@@ -155,6 +162,13 @@ def _peer_key(peer):
 
 def _host(peer):
     return getattr(peer, "host", None)
+
+
+def _where(peer):
+    """
+    C{(host, joined)} of a peer, for the bans of an address.
+    """
+    return _host(peer), getattr(peer, "joined", None)
 
 
 class Download:
@@ -224,7 +238,7 @@ class Download:
         self._lifecycle = Lifecycle(self)
         self._finder = Finder(
             self, file_id, open_client, clock,
-            skip=lambda peer: self.bans.is_banned(_peer_key(peer), _host(peer)),
+            skip=lambda peer: self.bans.is_banned(_peer_key(peer), *_where(peer)),
         )
         self._ledger = None
         self._verifying = 0
@@ -510,7 +524,7 @@ class Download:
     # -- sources ---------------------------------------------------------------------
 
     def _usable(self, source):
-        return source.usable and not self.bans.is_banned(source.key, _host(source.peer))
+        return source.usable and not self.bans.is_banned(source.key, *_where(source.peer))
 
     def _end_stream(self, source):
         """
@@ -802,7 +816,7 @@ class Download:
                 name=getattr(source.peer, "name", None),
                 strikes=self.bans.strikes(source.key),
             )
-        if self.bans.is_banned(source.key, _host(source.peer)):
+        if self.bans.is_banned(source.key, *_where(source.peer)):
             self._drop(source)
             source.client.close()
 
