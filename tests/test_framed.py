@@ -206,3 +206,22 @@ def test_the_default_budget_keeps_the_reserve():
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert ConnectionBudget().limit == max(soft - DESCRIPTOR_RESERVE, MAX_CONNECTIONS_PER_HOST)
+
+
+def test_at_the_budget_a_crowded_host_cannot_make_room_for_itself():
+    """
+    A flood reconnecting as fast as it is closed cannot take the places a
+    host with few connections is owed: only a less crowded host makes room.
+    """
+    clock = task.Clock()
+    budget = ConnectionBudget(limit=4)
+    senders = SenderFactory(SessionUploads())
+    senders.clock = clock
+    budget.watch(senders)
+    flood = [connect_to(senders, clock, "198.51.100.9", 40000 + i) for i in range(3)]
+    honest = connect_to(senders, clock, "192.0.2.1")
+    clock.advance(EVICTABLE_AFTER)
+    assert connect_to(senders, clock, "198.51.100.9", 50000) is None
+    assert connect_to(senders, clock, "198.51.100.10", 50000) is not None
+    assert sum(p.transport.disconnecting for p in flood) == 1
+    assert not honest.transport.disconnecting

@@ -10,6 +10,7 @@ took, with the attack and, where it matters, without (run with C{-s}).
 
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -483,6 +484,45 @@ def test_idle_connections_and_slowloris_do_not_stop_a_download(cast):
 
 #: Seconds for the flood's connections to become idle (EVICTABLE_AFTER).
 EVICTABLE_WAIT = 2.5
+
+
+class LimitedPeer(Peer):
+    """A peer run with a soft and hard limit of 300 file descriptors."""
+
+    def argv(self):
+        return ["prlimit", "--nofile=300:300", "--"] + Peer.argv(self)
+
+
+def test_a_flood_up_to_the_descriptor_limit_does_not_stop_a_download(cast):
+    """
+    A seeder allowed 300 descriptors, flooded from 16 addresses with 1,000
+    idle connections: it keeps DESCRIPTOR_RESERVE for its own work, so an
+    honest 64 MiB download still finishes, and nothing is logged as an error.
+    """
+    if not shutil.which("prlimit"):
+        pytest.skip("prlimit (util-linux) is not installed")
+    seeder = cast.peer("seeder", {"big.bin": 64 * MiB}, kind=LimitedPeer)
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "big.bin")
+    quiet = download(downloader, "big.bin")
+    (downloader.downloads / "big.bin").unlink()
+    targets = [seeder.transfer_port + 1, seeder.transfer_port, seeder.transfer_port + 2]
+    floods = [Flood(f"127.0.4.{n}", targets, idle=63, slow=0) for n in range(1, 17)]
+    try:
+        poll(lambda: sum(f.opened for f in floods) >= 1000, 20)
+        time.sleep(EVICTABLE_WAIT)
+        fds = fake.open_fds(seeder.proc.pid)
+        attacked = download(downloader, "big.bin")
+    finally:
+        opened = sum(f.opened for f in floods)
+        for f in floods:
+            f.stop()
+    print(f"e2e hostile: a seeder limited to 300 descriptors: 64 MiB in {quiet:.2f} s quietly, "
+          f"{attacked:.2f} s under a flood of {opened} connections; it held {fds} descriptors")
+    assert sha256_of(downloader.downloads / "big.bin") == seeder.digests["big.bin"]
+    assert fds < 300
+    cast.check_logs()
 
 
 class NeverReads:

@@ -174,9 +174,12 @@ class ConnectionBudget:
     """
     Owns the count of connections accepted on all our ports together, so
     that they never take the descriptors the peer needs for its own work
-    (L{DESCRIPTOR_RESERVE}).  At the limit, a new connection makes room by
-    closing the least recently active idle one (see L{evictable}) of the
-    host holding the most; if none is idle, it is refused.
+    (L{DESCRIPTOR_RESERVE}).  At the limit, a new connection from a host
+    holding at least two fewer than the host holding the most makes room by
+    closing the least recently active idle one (see L{evictable}) of that
+    host; else it is refused.  So a flood from many addresses, however fast
+    it reconnects, ends up with the connections shared out between hosts,
+    and a host with few still gets in.
 
     @param limit: connections at most; by default the process's descriptor
         limit less the reserve.
@@ -200,18 +203,21 @@ class ConnectionBudget:
     def used(self):
         return sum(factory.connections() for factory in self._factories)
 
-    def make_room(self, now):
+    def make_room(self, now, host=None):
         """
-        Whether a new connection may be accepted, closing an idle one if
-        that is what it takes.
+        Whether a new connection from C{host} may be accepted, closing an
+        idle one of a more crowded host if that is what it takes.
         """
         if self.used() < self.limit:
             return True
         by_host = {}
         for factory in self._factories:
-            for host, protocols in factory.places().items():
-                by_host.setdefault(host, []).extend(protocols)
-        for host, protocols in sorted(by_host.items(), key=lambda item: -len(item[1])):
+            for held_host, protocols in factory.places().items():
+                by_host.setdefault(held_host, []).extend(protocols)
+        mine = len(by_host.get(host, ()))
+        for held_host, protocols in sorted(by_host.items(), key=lambda item: -len(item[1])):
+            if len(protocols) < mine + 2:
+                break
             idle = [p for p in protocols if evictable(p, now)]
             if idle:
                 evict(min(idle, key=lambda p: p.last_active), "too many connections in all")
@@ -261,7 +267,7 @@ class PerHostLimitedFactory(Factory):
                 return self._refuse()
             evict(min(idle, key=lambda p: p.last_active), "its host has too many")
             self.__dict__["evicted"] = self.__dict__.get("evicted", 0) + 1
-        if self.budget is not None and not self.budget.make_room(now):
+        if self.budget is not None and not self.budget.make_room(now, host):
             return self._refuse()
         protocol = Factory.buildProtocol(self, addr)
         protocol._limited_host = host
