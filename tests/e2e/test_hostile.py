@@ -782,3 +782,26 @@ def test_a_banned_liar_that_comes_back_under_a_new_id_is_not_asked(cast):
     assert not any(r.get("t") in ("manifest", "have", "get") for r in again.requests)
     assert sha256_of(downloader.downloads / "b.bin") == seeder.digests["b.bin"]
     cast.check_logs()
+
+
+def test_a_file_rewritten_while_it_is_served_is_never_taken_mixed(cast):
+    seeder = cast.peer("seeder", {"moving.bin": 24 * MiB}, extra_args=["--max-upload-rate", "4M"])
+    downloader = cast.peer("downloader")
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "moving.bin")
+    original = seeder.digests["moving.bin"]
+    downloader.send("download moving.bin")
+    assert poll(lambda: (percent(downloader, "moving.bin") or 0) >= 10, 20)[0]
+    with open(seeder.shared / "moving.bin", "r+b") as f:
+        for _ in range(24):
+            f.write(os.urandom(MiB))
+    time.sleep(4)
+    final = downloader.downloads / "moving.bin"
+    if final.exists():
+        assert sha256_of(final) == original
+    downloader.send("cancel moving.bin")
+    assert "changed while it was being served" in seeder.log_path.read_text()
+    # The new content is offered under its new id, and downloads right.
+    rewritten = hash_file(seeder.shared / "moving.bin").file_id
+    assert poll(lambda: any(rewritten[:8] in line for line in downloader.ask("list")), 20)[0]
+    cast.check_logs()
