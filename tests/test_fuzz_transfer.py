@@ -353,3 +353,55 @@ def test_a_truncated_chunk_is_never_delivered():
     protocol.connectionLost(None)
     assert owner.arrived == []
     assert owner.buffers.out == 0
+
+
+# -- the network catalog, fed what peers answer -------------------------------------------
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(
+    st.tuples(
+        st.integers(0, 5),  # which peer
+        st.one_of(
+            st.none(),  # the fetch fails
+            st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["a", "b", "c"]),
+                               st.integers(0, 10)), max_size=40),
+        ),
+        st.booleans(),  # the peer leaves afterwards
+    ),
+    max_size=30,
+))
+def test_the_network_catalog_stays_within_its_limit_whatever_peers_answer(events):
+    from twisted_p2p.catalog import NetworkCatalog
+    from twisted_p2p.peers import PeerTable
+    from twisted_p2p.wire import Announce
+
+    clock = task.Clock()
+    table = PeerTable(clock, 30.0)
+    pending = {}
+
+    def fetch(peer):
+        pending[peer.peer_id] = defer.Deferred()
+        return pending[peer.peer_id]
+
+    limit = 50
+    catalog = NetworkCatalog(table, fetch, clock, max_entries=limit)
+    for which, files, leaves in events:
+        peer_id = f"{which:032x}"
+        table.heard(Announce(peer_id, "1" * 16, 4000, f"{len(events):016x}"),
+                    f"192.0.2.{which + 1}", 5000)
+        d = pending.pop(peer_id, None)
+        if d is not None:
+            if files is None:
+                d.errback(ConnectionRefusedError())
+            else:
+                d.callback(("r" * 16, [(f"{i:064x}", name, size) for i, name, size in files]))
+        if leaves:
+            table.forget(peer_id, "test")
+        assert catalog._entries <= limit
+        assert catalog._entries == sum(len(f) for f in catalog._files.values())
+        for offer in catalog.offers():
+            assert all(p.peer_id in table for p in offer.peers)
+    for d in pending.values():
+        d.errback(ConnectionRefusedError())
+    clock.advance(120)
