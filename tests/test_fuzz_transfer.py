@@ -405,3 +405,27 @@ def test_the_network_catalog_stays_within_its_limit_whatever_peers_answer(events
     for d in pending.values():
         d.errback(ConnectionRefusedError())
     clock.advance(120)
+
+
+def test_a_liar_claiming_a_huge_manifest_costs_only_its_hashes():
+    """
+    A peer claims a file of 2**17 chunks (32 GiB) and sends random hashes:
+    the fetch is refused, having held about 32 bytes a chunk, not the ~100
+    that a list of bytes objects would.
+    """
+    import tracemalloc
+
+    count = 2**17
+    size = count * CHUNK_SIZE
+    pages = []
+    for start in range(0, count, 8192):
+        pages.append(({"t": "manifest", "id": WHOLE.file_id, "size": size, "start": start,
+                       "count": 8192}, os.urandom(8192 * 32)))
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        assert _outcome(fetch_manifest(_Scripted(pages), WHOLE.file_id)) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * count * 32, peak
