@@ -343,3 +343,46 @@ def test_a_frame_length_of_2_32_minus_1_stops_the_reader_at_once():
         raise AssertionError("a 4 GiB frame was taken")
     # Nothing was allocated for it: the head area is all the reader holds.
     assert len(reader._head) == 4 + 256
+
+
+# -- sealed stream frames (private groups) ------------------------------------------
+
+
+def test_a_sealed_stream_frame_damaged_at_any_byte_does_not_open():
+    """
+    Every byte of a sealed body (ciphertext and tag) and of the header line
+    it is bound to, flipped in turn; also the wrong frame number and key:
+    none opens.
+    """
+    from twisted_p2p.seal import TAG_SIZE, SealBroken, StreamSeal
+
+    key = bytes(range(16))
+    line = b'{"t":"chunk","i":3}'
+    plain = bytes(range(256)) * 2
+    sealed = bytearray(len(plain) + TAG_SIZE)
+    StreamSeal(key).seal_into(line, plain, sealed)
+    opener = StreamSeal(key)
+    assert bytes(opener.open_in_place(0, line, bytearray(sealed))) == plain
+    tries = [(0, line, bytearray(sealed[:n])) for n in (0, TAG_SIZE - 1, len(sealed) - 1)]
+    tries += [(1, line, bytearray(sealed))]
+    for at in range(len(sealed)):
+        damaged = bytearray(sealed)
+        damaged[at] ^= 0x01
+        tries.append((0, line, damaged))
+    for at in range(len(line)):
+        damaged_line = bytearray(line)
+        damaged_line[at] ^= 0x01
+        tries.append((0, bytes(damaged_line), bytearray(sealed)))
+    for number, header_line, buffer in tries:
+        try:
+            opener.open_in_place(number, header_line, buffer)
+        except SealBroken:
+            continue
+        raise AssertionError("a damaged sealed frame opened")
+    other = StreamSeal(bytes(16))
+    try:
+        other.open_in_place(0, line, bytearray(sealed))
+    except SealBroken:
+        pass
+    else:
+        raise AssertionError("opened with another key")
