@@ -84,7 +84,7 @@ twisted-p2p demo
   peer1 ($PEER1_PORT) is this console; its log is $SANDBOX/peer1/.p2ppeer/p2ppeer.log.
   Discovery: UDP port $DISCOVERY_PORT on 127.0.0.1.
 
-Try: list, peers, download random-32MiB.bin (Tab completes names), status, help
+Try: list, peers, download random-32MiB.bin (Tab completes names), download photos/, status, help
 Leaving peer1 (exit, or Ctrl-C) stops the other peers too.
 
 BANNER

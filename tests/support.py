@@ -218,6 +218,19 @@ class FakeDownloads:
         self.started.append((name, file_id, peers, report, d))
         return d
 
+    #: Folder names the downloads folder holds already.
+    taken = frozenset()
+
+    def queue(self, name, file_id, peers, report):
+        return self.start(name, file_id, peers, report)
+
+    def free_folder(self, name):
+        n, candidate = 0, name
+        while candidate in self.taken:
+            n += 1
+            candidate = f"{name} ({n})"
+        return candidate
+
 
 class CommandParts:
     """

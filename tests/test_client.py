@@ -168,7 +168,9 @@ def test_parse_catalog():
 
 @pytest.mark.parametrize(
     "name",
-    [".hidden", "../etc/passwd", "a/b", "a\\b", "", "bell\x07", "trailing ", "dot.", "x" * 256],
+    [".hidden", "../etc/passwd", "a/../b", "/etc/passwd", "a//b", "a/", "a/./b", "a/.git/x",
+     "a\\b", "", "bell\x07", "trailing ", "dot.", "x" * 256, "d/" * 16 + "f",
+     "x/" * 400 + "x", "/".join(["é" * 120] * 5)],
 )
 def test_parse_catalog_leaves_out_illegal_names(name):
     header = catalog(
@@ -176,6 +178,11 @@ def test_parse_catalog_leaves_out_illegal_names(name):
         {"id": ID_B, "name": "fine.txt", "size": 2},
     )
     assert parse_catalog(header) == ("0123456789abcdef", [(ID_B, "fine.txt", 2)])
+
+
+def test_parse_catalog_keeps_paths():
+    header = catalog({"id": ID_A, "name": "photos/2026/a b é.jpg", "size": 1})
+    assert parse_catalog(header)[1] == [(ID_A, "photos/2026/a b é.jpg", 1)]
 
 
 @pytest.mark.parametrize(

@@ -76,9 +76,9 @@ def test_empty_line_says_nothing():
 
 
 @pytest.mark.parametrize("line, usage", [
-    ("download", "download FILE... [--from PEER]"),
-    ("get", "get FILE... [--from PEER]"),
-    ("download   ", "download FILE... [--from PEER]"),
+    ("download", "download FILE... [--folder] [--from PEER]"),
+    ("get", "get FILE... [--folder] [--from PEER]"),
+    ("download   ", "download FILE... [--folder] [--from PEER]"),
     ("resume", "resume FILE"),
     ("cancel", "cancel FILE"),
 ])
@@ -109,7 +109,7 @@ def test_help_names_every_command_and_alias():
     said, _ = run(FakePeer(), "help")
     text = "\n".join(said)
     assert said[0] == "commands:"
-    for word in ("list [PATTERN]", "peers", "download FILE... [--from PEER]", "status",
+    for word in ("list [PATTERN]", "peers", "download FILE... [--folder] [--from PEER]", "status",
                  "resume FILE", "cancel FILE", "version", "help", "exit", "exit!"):
         assert f"  {word}" in text
     for alias in ("(also: ls)", "(also: get)", "(also: ?)", "(also: quit)", "(also: stop)"):
@@ -585,3 +585,167 @@ def test_download_events_reach_the_other_faces():
     # The face that asked has it as its answer, not twice, and knows who asked.
     assert mine == []
     assert said == ["download movie.bin: 5.0 MiB in 20 chunks from 1 peer"]
+
+
+# -- folders ---------------------------------------------------------------------
+
+A = manifest_of(1000, 21)
+B = manifest_of(2000, 22)
+C = manifest_of(3000, 23)
+
+
+def tree_peer(**kwargs):
+    return FakePeer(
+        offers=[offer("photos/2026/a.jpg", A, ALICE), offer("photos/2026/b b.jpg", B, ALICE, BOB),
+                offer("photos/c.jpg", C, BOB), offer("notes.txt", NOTES, ALICE)],
+        peers=[ALICE, BOB], **kwargs,
+    )
+
+
+def test_list_collapses_folders():
+    said, _ = run(tree_peer(), "list")
+    assert said == [
+        "NAME       SIZE     ID        WHERE",
+        f"notes.txt  1.2 KiB  {NOTES.file_id[:8]}  192.0.2.2:7000",
+        "photos/    5.9 KiB  3 files   192.0.2.2:7000, 192.0.2.3:7100",
+        "'list FOLDER/' shows what a folder holds; 'download FOLDER/' fetches it",
+    ]
+
+
+def test_list_a_folder_expands_it():
+    said, _ = run(tree_peer(), "list photos/")
+    assert said[1:3] == [
+        "photos/2026/  2.9 KiB  2 files   192.0.2.2:7000, 192.0.2.3:7100",
+        f"photos/c.jpg  2.9 KiB  {C.file_id[:8]}  192.0.2.3:7100",
+    ]
+    said, _ = run(tree_peer(), "list photos/2026/")
+    assert [line.split()[0] for line in said[1:]] == ["photos/2026/a.jpg", "photos/2026/b"]
+    assert run(tree_peer(), "list nope/")[0] == ["no folder nope/ here or on 2 known peers"]
+    assert run(tree_peer(), "list ../")[0][0].startswith("error: ../ is not a folder path")
+
+
+def test_list_a_pattern_is_flat():
+    said, _ = run(tree_peer(), "list *.jpg")
+    assert [line.split()[0] for line in said[1:]] == [
+        "photos/2026/a.jpg", "photos/2026/b", "photos/c.jpg"]
+
+
+@pytest.mark.parametrize("line", ["download photos/", "download --folder photos",
+                                  "download photos --folder"])
+def test_download_a_folder_keeps_the_tree(line):
+    peer = tree_peer()
+    said, _ = run(peer, line)
+    assert said == ["downloading folder photos/ (3 files, 5.9 KiB) into photos/"]
+    assert sorted(s[0] for s in peer.downloads.started) == [
+        "photos/2026/a.jpg", "photos/2026/b b.jpg", "photos/c.jpg"]
+
+
+def test_download_a_subfolder_lands_under_its_own_name():
+    peer = tree_peer()
+    run(peer, "download photos/2026/")
+    assert sorted(s[0] for s in peer.downloads.started) == ["2026/a.jpg", "2026/b b.jpg"]
+
+
+def test_a_folder_that_exists_is_decided_once():
+    peer = tree_peer()
+    peer.downloads.taken = {"photos", "photos (1)"}
+    keep = []
+    said, d = run(peer, "download photos/", keep=keep)
+    assert said == [
+        "downloading folder photos/ (3 files, 5.9 KiB) into photos (2)/ (photos/ already existed)"]
+    assert sorted(s[0] for s in peer.downloads.started) == [
+        "photos (2)/2026/a.jpg", "photos (2)/2026/b b.jpg", "photos (2)/c.jpg"]
+    # Each file's events name the folder; the end is summed up.
+    for name, file_id, _, report, waiting in peer.downloads.started:
+        report(events.event("download-finished", file=name, id=file_id, path="x/" + name,
+                            size=1, seconds=1, rate=1))
+        waiting.callback(name)
+    assert all(e.get("folder") == "photos/" for e in keep if e["event"] == "download-finished")
+    assert d.called
+    assert said[-1].startswith(
+        "downloaded folder photos/ to photos (2)/: 3 files, 5.9 KiB in ")
+
+
+def test_a_failed_file_of_a_folder_is_counted():
+    peer = tree_peer()
+    said, d = run(peer, "download photos/")
+    first, *others = peer.downloads.started
+    first[4].errback(DownloadFailed("it broke"))
+    for s in others:
+        s[4].callback(s[0])
+    assert "error: it broke" in said
+    assert said[-1].endswith("; 1 file failed (see above), 'download' again retries")
+
+
+@pytest.mark.parametrize("line", ["download ../", "download /etc/", "download --folder ..",
+                                  "download a//b/"])
+def test_download_a_hostile_folder_is_refused(line):
+    peer = tree_peer()
+    said, _ = run(peer, line)
+    assert said[0].startswith("error: ") and "not a folder path" in said[0]
+    assert peer.downloads.started == []
+
+
+def test_download_a_folder_nobody_offers():
+    said, _ = run(tree_peer(), "download nope/")
+    assert said == ["error: no known peer offers a folder nope/; 'list' shows what they do"]
+
+
+def test_a_file_in_a_folder_asked_alone_lands_by_its_name():
+    peer = tree_peer()
+    run(peer, "download photos/c.jpg")
+    assert [s[0] for s in peer.downloads.started] == ["c.jpg"]
+
+
+def test_status_says_what_waits_its_turn():
+    peer = FakePeer()
+    peer.downloads.waiting = ["photos/a.jpg", "photos/b.jpg", "photos/c.jpg", "photos/d.jpg"]
+    said, _ = run(peer, "status")
+    assert said == [
+        "no downloads in progress",
+        "4 files waiting their turn: photos/a.jpg, photos/b.jpg, photos/c.jpg, ...",
+    ]
+
+
+def test_a_large_list_is_worked_out_in_a_thread():
+    from twisted.internet import defer
+
+    from twisted_p2p import commands as commands_module
+
+    peer = tree_peer()
+    ran = []
+
+    def in_thread(f, *args):
+        ran.append(f.__name__)
+        return defer.maybeDeferred(f, *args)
+
+    peer.commands._run = in_thread
+    small, _ = run(peer, "list")
+    assert ran == []
+    peer.catalog.size = commands_module.LIST_IN_THREAD
+    large, d = run(peer, "list")
+    assert ran == ["_list_rows"] and large == small and d.called
+
+
+def test_cancel_a_folder():
+    peer = FakePeer()
+    inside = FakeDownload("photos (1)/a.jpg", "a" * 64)
+    outside = FakeDownload("photos.txt", "b" * 64)
+    peer.downloads.active = {d.file_id: d for d in (inside, outside)}
+    peer.downloads.unqueue = lambda which: [n for n in ("photos (1)/b.jpg", "x/c") if which(n)]
+    said, _ = run(peer, "cancel 'photos (1)/'")
+    assert said == ["cancelling photos (1)/a.jpg",
+                    "dropped 1 file of photos (1)/ that had not started"]
+    assert inside.cancelled and not outside.cancelled
+    assert run(peer, "cancel nope/")[0] == [
+        "error: no download below nope/ is in progress; 'status' lists them"]
+
+
+def test_download_a_folder_from_one_peer_takes_what_it_has():
+    peer = tree_peer()
+    said, _ = run(peer, "download photos/ --from 192.0.2.3:7100")
+    assert said == ["downloading folder photos/ (2 files, 4.9 KiB) into photos/"]
+    assert sorted((s[0], [p.label for p in s[2]]) for s in peer.downloads.started) == [
+        ("photos/2026/b b.jpg", ["192.0.2.3:7100"]), ("photos/c.jpg", ["192.0.2.3:7100"])]
+    assert run(tree_peer(), "download photos/2026/ --from 192.0.2.3:7100")[0] == [
+        "downloading folder photos/2026/ (1 file, 2.0 KiB) into 2026/"]

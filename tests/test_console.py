@@ -154,7 +154,7 @@ def test_with_real_commands(feed):
     feed(protocol, b"bogus\r\ndownload\nexit\n")
     assert output(transport) == [
         "error: unknown command 'bogus'; type 'help' for the list",
-        "error: download needs an argument: download FILE... [--from PEER]",
+        "error: download needs an argument: download FILE... [--folder] [--from PEER]",
         "bye",
     ]
     assert parts.shutdowns == 1
@@ -523,3 +523,47 @@ def test_a_resumed_download_closes_with_the_rate_of_what_was_fetched():
         "downloaded big.bin to downloads/big.bin: 32.0 MiB in 2.00 s "
         "(8.0 MiB/s; 16.0 MiB was already here)"
     ]
+
+
+# -- folders ---------------------------------------------------------------------
+
+TREE = {
+    "photos/2026/a b.jpg": manifest_of(1000, 11),
+    "photos/2026/été.jpg": manifest_of(2000, 12),
+    "photos/old/c.jpg": manifest_of(3000, 13),
+    "phone.txt": manifest_of(10, 14),
+}
+
+
+def tree_parts():
+    return CommandParts(
+        offers=[Offer(m.file_id, name, m.size, (ALICE,)) for name, m in TREE.items()],
+        peers=[ALICE],
+    )
+
+
+def test_tab_completes_a_folder_then_goes_into_it():
+    screen = Screen(tree_parts())
+    screen.type("download pho")
+    screen.key("TAB")
+    # "phone.txt" and "photos/": as far as they agree.
+    assert screen.typed == "download phon" or screen.typed == "download pho"
+    screen.type("t")
+    screen.key("TAB")
+    assert screen.typed == "download photos/"
+    screen.key("TAB")
+    assert screen.lines()[-2] == "photos/2026/  photos/old/"
+    screen.type("2")
+    screen.key("TAB")
+    assert screen.typed == "download photos/2026/"
+    screen.type("a")
+    screen.key("TAB")
+    assert screen.typed == "download 'photos/2026/a b.jpg' "
+
+
+def test_a_folder_download_from_the_console():
+    screen = Screen(tree_parts())
+    screen.enter("download photos/")
+    assert sorted(screen.started()) == ["photos/2026/a b.jpg", "photos/2026/été.jpg",
+                                        "photos/old/c.jpg"]
+    assert screen.lines()[-2] == "downloading folder photos/ (3 files, 5.9 KiB) into photos/"

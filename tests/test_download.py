@@ -312,10 +312,11 @@ class Harness:
                 return header["token"]
         raise AssertionError(f"chunk {index} was never asked of {host}")
 
-    def send(self, host, index, data=None, count=1, token=None):
+    def send(self, host, index, data=None, count=1, token=None, line=b""):
         """
-        Chunks C{index} to C{index + count - 1} (one frame) from C{host},
-        arriving on the receiver port.  Whether the stream accepted them.
+        Chunks C{index} to C{index + count - 1} (one frame, its header
+        C{line}) from C{host}, arriving on the receiver port.  Whether the
+        stream accepted them.
         """
         stream = self.stream(host, token or self.token_for(host, index))
         assert stream is not None, "the token was not (or no longer) expected"
@@ -326,7 +327,7 @@ class Harness:
             return False
         buffer[:] = data
         stream.bytes_arrived(len(data))
-        stream.chunk_arrived(index, count, buffer)
+        stream.chunk_arrived(index, count, buffer, line)
         self.turn()
         return True
 
@@ -1323,3 +1324,105 @@ def test_a_cancel_that_came_too_late_teaches_how_much_is_on_its_way(tmp_path):
     h.advance(1)
     [(header, _)] = h.clients[slow].cancels[:1]
     assert h.source(slow).in_transit > 0
+
+
+# -- the queue of a folder download ----------------------------------------------
+
+
+class QueuedDownload:
+    """A download that ends when the test says."""
+
+    def __init__(self, name, file_id):
+        self.name, self.file_id = name, file_id
+        self.done = defer.Deferred()
+        self.paused = False
+        self.storage = None
+        self.manifest = None
+
+    def start(self):
+        return self.done
+
+    def pause(self):
+        self.paused = True
+        self.done.errback(DownloadFailed(f"{self.name} stopped"))
+
+
+def queued_downloads(parallel=2):
+    made = []
+
+    def make(name, file_id, peers, report, bans, index):
+        made.append(QueuedDownload(name, file_id))
+        return made[-1]
+
+    return Downloads(make, None, parallel=parallel), made
+
+
+def test_queued_downloads_run_a_few_at_a_time():
+    downloads, made = queued_downloads(parallel=2)
+    results = [downloads.queue(f"f/{i}", f"{i:064x}", (), lambda e: None) for i in range(5)]
+    assert [d.name for d in made] == ["f/0", "f/1"]
+    assert downloads.waiting == ["f/2", "f/3", "f/4"]
+    made[0].done.callback(("f/0", None))
+    assert [d.name for d in made] == ["f/0", "f/1", "f/2"]
+    assert result_of(results[0]) == "f/0"
+    # A file started by itself does not take a place of the queue's.
+    downloads.start("alone", "a" * 64, (), lambda e: None)
+    assert len(made) == 4 and downloads.waiting == ["f/3", "f/4"]
+
+
+def test_the_same_content_twice_waits_for_the_first():
+    downloads, made = queued_downloads(parallel=4)
+    first = downloads.queue("d/a", "1" * 64, (), lambda e: None)
+    second = downloads.queue("d/copy of a", "1" * 64, (), lambda e: None)
+    third = downloads.queue("d/b", "2" * 64, (), lambda e: None)
+    assert [d.name for d in made] == ["d/a", "d/b"]
+    made[0].done.callback(("d/a", None))
+    assert [d.name for d in made] == ["d/a", "d/b", "d/copy of a"]
+    made[2].done.callback(("d/copy of a", None))
+    made[1].done.callback(("d/b", None))
+    assert [result_of(d) for d in (first, second, third)] == ["d/a", "d/copy of a", "d/b"]
+
+
+def test_stopping_drops_the_waiting_ones():
+    downloads, made = queued_downloads(parallel=1)
+    running = downloads.queue("f/0", "0" * 64, (), lambda e: None)
+    waiting = downloads.queue("f/1", "1" * 64, (), lambda e: None)
+    failures = []
+    running.addErrback(failures.append)
+    waiting.addErrback(failures.append)
+    downloads.cancel_all()
+    assert made[0].paused and len(made) == 1
+    assert sorted(str(f.value) for f in failures) == [
+        "f/0 stopped", "f/1 was waiting its turn when the peer stopped"]
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/x", "a//b", ".x", "a/../../b"])
+def test_a_download_never_starts_under_an_illegal_path(name):
+    downloads, made = queued_downloads()
+    with pytest.raises(DownloadFailed):
+        downloads.start(name, "0" * 64, (), lambda e: None)
+    failure = []
+    downloads.queue(name, "1" * 64, (), lambda e: None).addErrback(failure.append)
+    assert failure and made == []
+
+
+def test_a_folder_name_nothing_uses(tmp_path):
+    downloads = Downloads(lambda *a: None, None, folder=str(tmp_path))
+    assert downloads.free_folder("photos") == "photos"
+    (tmp_path / "photos").mkdir()
+    os.symlink(tmp_path / "nowhere", tmp_path / "photos (1)")
+    assert downloads.free_folder("photos") == "photos (2)"
+
+
+def test_unqueue_drops_only_what_it_is_told():
+    downloads, made = queued_downloads(parallel=1)
+    downloads.queue("a/0", "0" * 64, (), lambda e: None)
+    dropped = downloads.queue("a/1", "1" * 64, (), lambda e: None)
+    kept = downloads.queue("b/2", "2" * 64, (), lambda e: None)
+    failures = []
+    dropped.addErrback(failures.append)
+    assert downloads.unqueue(lambda name: name.startswith("a/")) == ["a/1"]
+    assert failures and failures[0].value.reported
+    assert downloads.waiting == ["b/2"]
+    made[0].done.callback(("a/0", None))
+    assert [d.name for d in made] == ["a/0", "b/2"] and not kept.called

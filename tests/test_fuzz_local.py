@@ -53,6 +53,18 @@ def test_a_legal_name_is_one_plain_child_of_its_folder(name):
     assert "\x00" not in name and "\x1b" not in name
 
 
+@given(st.lists(text, min_size=1, max_size=5).map("/".join) | text)
+def test_a_legal_path_stays_below_its_folder(path):
+    try:
+        where = names.local_path(_tmp, path)
+    except names.BadName:
+        assert not names.is_legal_path(path)
+        return
+    assert os.path.commonpath([_tmp, os.path.abspath(where)]) == _tmp
+    assert os.path.abspath(where) != _tmp
+    assert all(not part.startswith(".") for part in path.split("/"))
+
+
 @given(text.filter(names.is_legal_name), st.integers(0, 3))
 def test_a_free_name_is_legal_and_free(name, taken):
     used = {name} | {f"{os.path.splitext(name)[0]} ({n}){os.path.splitext(name)[1]}"
@@ -279,9 +291,7 @@ def test_a_damaged_hash_cache_gives_the_right_manifest_or_none(data):
         f.write(data)
     loaded = index._load_cache(path)
     assert isinstance(loaded, dict)
-    shared = index.SharedIndex.__new__(index.SharedIndex)
-    shared._cache = loaded
-    manifest = shared._cached_manifest("key", (_MANIFEST.size, 1, 2))
+    manifest = index._cached_manifest(loaded.get("key"), (_MANIFEST.size, 1, 2))
     assert manifest is None or manifest == _MANIFEST
 
 

@@ -141,8 +141,56 @@ class TestScan:
         os.symlink(str(shared / "ok.txt"), str(shared / "link.txt"))
         os.symlink(str(shared / "subdir"), str(shared / "linkdir"))
         os.symlink(str(shared / "gone"), str(shared / "dangling.txt"))
+        (shared / ".hidden dir").mkdir()
+        write(shared / ".hidden dir" / "x.txt", b"x")
         index = scanned(folders)
-        assert names(index) == [("ok.txt", "shared")]
+        # The subfolder is offered as paths; the link to it is not followed.
+        assert names(index) == [("ok.txt", "shared"), ("subdir/inner.txt", "shared")]
+
+    def test_subfolders_are_offered_as_paths(self, folders):
+        shared, _, _ = folders
+        (shared / "photos" / "2026").mkdir(parents=True)
+        write(shared / "photos" / "2026" / "a b.jpg", b"a")
+        write(shared / "photos" / "é.jpg", b"e")
+        (shared / "photos" / "bad\tname").mkdir()
+        write(shared / "photos" / "bad\tname" / "x", b"x")
+        index = scanned(folders)
+        assert names(index) == [("photos/2026/a b.jpg", "shared"), ("photos/é.jpg", "shared")]
+        local = index.files()[0]
+        assert local.path == str(shared / "photos" / "2026" / "a b.jpg")
+        assert str(shared / "photos" / "2026") in index.subfolders
+
+    def test_too_deep_is_not_offered(self, folders):
+        from twisted_p2p.limits import MAX_PATH_DEPTH
+
+        shared, _, _ = folders
+        deep = shared.joinpath(*["d"] * (MAX_PATH_DEPTH - 1))
+        deep.mkdir(parents=True)
+        write(deep / "ok.txt", b"1")
+        (deep / "d").mkdir()
+        write(deep / "d" / "too deep.txt", b"2")
+        index = scanned(folders)
+        assert [f.name.count("/") + 1 for f in index.files()] == [MAX_PATH_DEPTH]
+
+    def test_a_link_loop_is_not_followed(self, folders):
+        shared, _, _ = folders
+        (shared / "a").mkdir()
+        os.symlink(str(shared), str(shared / "a" / "up"))
+        write(shared / "a" / "f.txt", b"f")
+        assert names(scanned(folders)) == [("a/f.txt", "shared")]
+
+    def test_add_keeps_the_order_and_the_revision_true(self, folders):
+        shared, downloads, _ = folders
+        for n in ("b.txt", "d.txt"):
+            write(shared / n, n.encode())
+        index = scanned(folders)
+        write(downloads / "c.txt", b"c")
+        manifest = hash_file(str(downloads / "c.txt"))
+        index.add(str(downloads), "c.txt", manifest, file_signature(os.stat(downloads / "c.txt")))
+        assert [f.name for f in index.files()] == ["b.txt", "c.txt", "d.txt"]
+        assert index.revision == revision_of(index.files())
+        # A fresh scan of the same files agrees.
+        assert scanned(folders).revision == index.revision
 
     def test_missing_folder(self, tmp_path):
         index = SharedIndex([str(tmp_path / "nope")], str(tmp_path / "cache.json"), run_now)
@@ -591,3 +639,41 @@ class TestWatch:
         finally:
             globalLogPublisher.removeObserver(said.append)
         assert any("Not watching the shared folders" in e.get("log_format", "") for e in said)
+
+
+class TestWatchSubfolders:
+    @pytest_twisted.ensureDeferred
+    async def test_a_file_in_a_new_subfolder_is_offered_at_once(self, tmp_path):
+        from twisted.internet import reactor
+
+        folder = tmp_path / "shared"
+        (folder / "old").mkdir(parents=True)
+        index = SharedIndex([str(folder)], str(tmp_path / "hashes.json"), run_now)
+        await index.rescan()
+        watcher = FolderWatcher(index, reactor)
+        watcher.startService()
+        try:
+            await deferLater(reactor, 0.05)
+            (folder / "old" / "in old.txt").write_bytes(b"1")
+            (folder / "new" / "deeper").mkdir(parents=True)
+            await deferLater(reactor, 0.5)
+            (folder / "new" / "deeper" / "in new.txt").write_bytes(b"2")
+            wanted = ["new/deeper/in new.txt", "old/in old.txt"]
+            for _ in range(100):
+                if sorted(f.name for f in index.files()) == wanted:
+                    break
+                await deferLater(reactor, 0.02)
+            assert sorted(f.name for f in index.files()) == wanted
+        finally:
+            watcher.stopService()
+
+
+def test_downloads_inside_shared_is_offered_once(tmp_path):
+    shared = tmp_path / "shared"
+    downloads = shared / "downloads"
+    downloads.mkdir(parents=True)
+    write(shared / "a.txt", b"a")
+    write(downloads / "b.txt", b"b")
+    index = SharedIndex([str(shared), str(downloads)], str(tmp_path / "h.json"), run_now)
+    result_of(index.rescan())
+    assert names(index) == [("a.txt", "shared"), ("b.txt", "downloads")]

@@ -216,3 +216,89 @@ def test_free_name_always_legal_and_free(name, taken_count):
     result = free_name("/f", name, exists=lambda p: os.path.basename(p) in taken)
     assert result not in taken
     assert is_legal_name(result)
+
+
+# -- the path rule -----------------------------------------------------------
+
+from twisted_p2p.limits import MAX_PATH_BYTES, MAX_PATH_DEPTH  # noqa: E402
+from twisted_p2p.names import check_path, is_legal_path, leaf, local_path  # noqa: E402
+
+LEGAL_PATHS = ["a", "photos/2026/a.jpg", "my photos/été 2026/日本語.txt", "a..b/c..d", "~/x"]
+ILLEGAL_PATHS = [
+    "", "/", "/etc/passwd", "a/", "a//b", "../a", "a/..", "a/../b", "./a", "a/./b",
+    "a\\b", "a/.hidden/b", "a/b ", "a/ b", "a/b.", "a/\x00", "a/\u202e", "C:\\x",
+    "/".join(["d"] * (MAX_PATH_DEPTH + 1)),
+    "/".join(["\u00e9" * 100] * 6),  # 1,205 bytes, each part legal
+]
+
+
+@pytest.mark.parametrize("path", LEGAL_PATHS)
+def test_legal_paths(path):
+    assert check_path(path) == path and is_legal_path(path)
+
+
+@pytest.mark.parametrize("path", ILLEGAL_PATHS)
+def test_illegal_paths(path):
+    with pytest.raises(BadName):
+        check_path(path)
+    assert not is_legal_path(path)
+
+
+def test_leaf():
+    assert leaf("photos/2026/a.jpg") == "a.jpg" and leaf("a.jpg") == "a.jpg"
+
+
+_legal_names = st.text(min_size=1, max_size=20).filter(is_legal_name)
+
+
+@given(st.lists(_legal_names, min_size=1, max_size=MAX_PATH_DEPTH))
+def test_legal_names_joined_are_a_legal_path(parts):
+    path = "/".join(parts)
+    assume(len(path.encode("utf-8")) <= MAX_PATH_BYTES)
+    assert check_path(path) == path
+
+
+@given(
+    st.lists(_legal_names, min_size=0, max_size=5),
+    st.lists(_legal_names, min_size=0, max_size=5),
+    st.sampled_from(["..", ".", "", ".git", "a\\b", "x\n"]),
+)
+def test_one_bad_part_spoils_a_path(before, after, bad):
+    assert not is_legal_path("/".join(before + [bad] + after))
+
+
+@given(st.lists(_legal_names, min_size=1, max_size=5))
+def test_an_absolute_path_is_refused(parts):
+    assert not is_legal_path("/" + "/".join(parts))
+
+
+_sneaky_paths = st.lists(
+    st.sampled_from(["..", ".", "/", "//", "\\", "a", "b c", "\x00", " ", "~", "\u00e9", "\u202e"])
+    | st.text(max_size=4),
+    max_size=12,
+).map("".join)
+
+
+@given(st.one_of(_sneaky_paths, st.text()))
+@example("../../etc/passwd")
+@example("a/../../b")
+@example("/etc/passwd")
+@example("a/b/../../..")
+def test_a_legal_path_stays_below_its_folder(path):
+    """
+    Whatever the text, a path the rule accepts is below the folder, names
+    the same parts, and needs no normalising: nothing in it could climb.
+    """
+    folder = "/srv/p2p/downloads"
+    try:
+        where = local_path(folder, path)
+    except BadName:
+        assert not is_legal_path(path)
+        return
+    assert is_legal_path(path)
+    assert where.startswith(folder + "/")
+    assert os.path.normpath(where) == where
+    assert where[len(folder) + 1 :].split(os.sep) == path.split("/")
+    parts = path.split("/")
+    assert all(p not in ("", ".", "..") and not p.startswith(".") for p in parts)
+    assert len(parts) <= MAX_PATH_DEPTH and len(path.encode("utf-8")) <= MAX_PATH_BYTES

@@ -434,3 +434,78 @@ def test_a_leftover_partial_linked_to_a_finished_download_is_not_reused(download
     again.write(0, b"xyz")
     assert (downloads / "done.txt").read_bytes() == b"abc"
     again.discard()
+
+
+# -- paths ---------------------------------------------------------------------
+
+
+def tree(folder):
+    """Every path under C{folder}, links shown as such, relative."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            found.append(os.path.relpath(path, folder) + ("@" if os.path.islink(path) else ""))
+    return sorted(found)
+
+
+def completed(downloads, name, content=b"abc"):
+    partial = PartialFile(str(downloads), FILE_ID)
+    partial.open(len(content))
+    partial.write(0, content)
+    return partial, partial.complete(name)
+
+
+def test_complete_into_a_path_makes_its_folders(downloads):
+    _, (final, signature) = completed(downloads, "photos/2026/a b é.jpg")
+    assert final == "photos/2026/a b é.jpg"
+    assert (downloads / "photos" / "2026" / "a b é.jpg").read_bytes() == b"abc"
+    assert signature == file_signature(os.stat(downloads / final))
+    assert tree(downloads) == ["photos", "photos/2026", "photos/2026/a b é.jpg"]
+
+
+def test_complete_into_a_path_never_overwrites_the_file(downloads):
+    (downloads / "photos").mkdir()
+    (downloads / "photos" / "a.jpg").write_bytes(b"old")
+    _, (final, _) = completed(downloads, "photos/a.jpg")
+    assert final == "photos/a (1).jpg"
+    assert (downloads / "photos" / "a.jpg").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_a_symlinked_folder_is_not_followed(downloads, outside, depth):
+    parent = downloads
+    if depth:
+        parent = downloads / "photos"
+        parent.mkdir()
+    os.symlink(outside, parent / ("2026" if depth else "photos"))
+    partial = PartialFile(str(downloads), FILE_ID)
+    partial.open(3)
+    partial.write(0, b"bad")
+    with pytest.raises(StorageError) as e:
+        partial.complete("photos/2026/a.jpg")
+    assert "not a folder" in str(e.value)
+    assert tree(outside) == ["precious"]
+    # The partial data stays, for a later try.
+    assert os.path.exists(partial.path)
+
+
+def test_a_file_in_the_way_of_a_folder(downloads):
+    (downloads / "photos").write_bytes(b"a file")
+    partial = PartialFile(str(downloads), FILE_ID)
+    partial.open(3)
+    partial.write(0, b"abc")
+    with pytest.raises(StorageError):
+        partial.complete("photos/a.jpg")
+    assert (downloads / "photos").read_bytes() == b"a file"
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped", "a/../../escaped", "a//b", ".x/y"])
+def test_an_illegal_path_is_never_written(downloads, outside, name):
+    partial = PartialFile(str(downloads), FILE_ID)
+    partial.open(3)
+    partial.write(0, b"abc")
+    with pytest.raises(StorageError):
+        partial.complete(name)
+    assert tree(outside) == ["precious"]
+    assert [n for n in listing(downloads) if not n.startswith(".")] == []

@@ -156,7 +156,7 @@ class Opened:
     transport and the end it reports.
     """
 
-    def __init__(self, local, transport, workers=None, clock=None, pace=None):
+    def __init__(self, local, transport, workers=None, clock=None, pace=None, seal=None):
         self.local = local
         self.clock = clock or task.Clock()
         self.workers = workers or SyncWorkers()
@@ -164,7 +164,7 @@ class Opened:
         self.opened = OpenChunks(local.path, local.manifest, getattr(local, "signature", None))
         self.stream = OutgoingStream(
             TOKEN, local, self.opened, self.workers, self.clock, pace=pace,
-            progress=self._progressed,
+            progress=self._progressed, seal=seal,
         )
         self.ends = []
         self.stream.done.addCallback(self.ends.append)

@@ -488,9 +488,14 @@ def test_make_service_in_a_private_group(folder, ports, global_reactor, monkeypa
     peer = tap.makeService(options, global_reactor)
     port_services = [c for c in peer if isinstance(c, StreamServerEndpointService)]
     assert len(port_services) == 4
-    # Every port is the group's TLS, over the endpoint an open peer has.
-    assert all(isinstance(s.endpoint, tls.GroupServerEndpoint) for s in port_services)
-    assert [s.endpoint.wrapped._port for s in port_services] == [ports[0] + n for n in range(4)]
+    # The receiver port (T) is plain TCP: its streams are sealed with keys
+    # from the request connections' TLS.  The other three are the group's
+    # TLS, over the endpoint an open peer has.
+    receiver, *others = port_services
+    assert isinstance(receiver.endpoint, transfer.ReceiverEndpoint)
+    assert receiver.endpoint._port == ports[0]
+    assert all(isinstance(s.endpoint, tls.GroupServerEndpoint) for s in others)
+    assert [s.endpoint.wrapped._port for s in others] == [ports[0] + n for n in range(1, 4)]
     assert peer.discovery._seal.group_id == key.group_id
     assert peer.security.credentials.identity.peer_id == peer.peer_id
 

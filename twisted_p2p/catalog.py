@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twisted_p2p import heap
 from twisted_p2p.limits import CATALOG_RETRY_MAX, CATALOG_RETRY_MIN, MAX_CATALOG_ENTRIES
 
 log = Logger()
@@ -118,6 +119,8 @@ class NetworkCatalog:
         self._fetching = {}
         self._retries = {}
         self._failures = {}
+        self._generation = 0
+        self._cached = {}
         table.subscribe(self)
 
     # PeerTable observer
@@ -180,12 +183,14 @@ class NetworkCatalog:
         self._failures.pop(peer_id, None)
 
     def _store(self, peer_id, files):
+        self._generation += 1
         self._entries -= len(self._files.pop(peer_id, ()))
         self._file_ids.pop(peer_id, None)
         if files:
             self._files[peer_id] = files
             self._file_ids[peer_id] = {file_id for file_id, _, _ in files}
             self._entries += len(files)
+        heap.settled(f"catalog {id(self)}", self._entries)
 
     def _failed(self, failure, peer):
         log.info(
@@ -210,15 +215,32 @@ class NetworkCatalog:
 
     # queries
 
+    def _memo(self, kind, compute):
+        """
+        C{compute(peers)}, kept until the catalog or the peers change: with
+        100,000 entries, going over them takes longer than one turn of the
+        reactor should, and C{list}, completion and C{download} all ask.
+        """
+        peers = self._table.peers()
+        key = (self._generation, tuple(map(id, peers)))
+        cached = self._cached.get(kind)
+        if cached is None or cached[0] != key:
+            cached = self._cached[kind] = (key, compute(peers))
+        return cached[1]
+
     def offers(self):
         """
-        Every file content the known peers offer, one L{Offer} per id.
+        Every file content the known peers offer, one L{Offer} per id, in
+        name order (a list the caller must not change).
 
         Linear in the number of catalog entries: the peers of each file are
         kept in a dict by id, in the table's address order.
         """
+        return self._memo("offers", self._offers)
+
+    def _offers(self, peers):
         by_id = {}
-        for peer in self._table.peers():
+        for peer in peers:
             for file_id, name, size in self._files.get(peer.peer_id, ()):
                 entry = by_id.get(file_id)
                 if entry is None:
@@ -231,6 +253,32 @@ class NetworkCatalog:
             ),
             key=lambda o: (o.name, o.file_id),
         )
+
+    def paths(self):
+        """
+        Every path the known peers offer, one L{Offer} per path and id: a
+        folder may hold the same content under two names, and a folder
+        download fetches both.  Each lists every peer that holds the id.
+        """
+        return self._memo("paths", self._paths)
+
+    def _paths(self, peers):
+        holders = {offer.file_id: offer.peers for offer in self.offers()}
+        pairs = {}
+        for peer in peers:
+            for file_id, name, size in self._files.get(peer.peer_id, ()):
+                pairs.setdefault((name, file_id), size)
+        return [
+            Offer(file_id, name, size, holders[file_id])
+            for (name, file_id), size in sorted(pairs.items())
+        ]
+
+    @property
+    def size(self):
+        """
+        Catalog entries kept, across all peers.
+        """
+        return self._entries
 
     def files_of(self, peer_id):
         return list(self._files.get(peer_id, ()))

@@ -8,16 +8,17 @@ from collections import deque
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 
-from twisted_p2p import wire
+from twisted_p2p import heap, wire
 from twisted_p2p.limits import (
     HAVE_PAGE,
     MANIFEST_PAGE,
     MAX_CATALOG_FILES,
     MAX_FILE_SIZE,
+    MAX_PATH_BYTES,
     MAX_REMOTE_TEXT,
 )
 from twisted_p2p.manifest import HASH_SIZE, Manifest, ManifestMismatch, chunk_count, compute_file_id
-from twisted_p2p.names import is_legal_name
+from twisted_p2p.names import is_legal_path
 from twisted_p2p.transfer import FramedProtocol
 
 #: Unicode categories that must not reach a terminal or a log line from a
@@ -126,7 +127,7 @@ class Deadline:
 def parse_catalog(header):
     """
     C{(revision, [(file_id, name, size)])} from a catalog answer (one page).
-    Entries with an illegal name are left out; anything else malformed is an
+    Entries with an illegal name or path are left out; anything else malformed is an
     error.  An entry's optional C{partial} flag (a partial download the peer
     serves) is checked but not returned: a download asks every source which
     chunks it has (see L{fetch_have}).
@@ -155,11 +156,13 @@ def _parse_catalog_page(header):
         if not isinstance(entry, dict):
             raise wire.ProtocolError("a catalog entry is not an object")
         file_id = wire.file_id_field(entry)
-        name = wire.text_field(entry, "name", max_length=1024)
+        name = wire.text_field(entry, "name", max_length=MAX_PATH_BYTES)
         size = wire.int_field(entry, "size", 0, MAX_FILE_SIZE)
         if not isinstance(entry.get("partial", False), bool):
             raise wire.ProtocolError("field 'partial' is not true or false")
-        if is_legal_name(name):
+        # A path that breaks the path rule (.., an absolute path, a hidden
+        # part) is left out here, before anything else sees it.
+        if is_legal_path(name):
             files.append((file_id, name, size))
     return revision, start, total, len(entries), files
 
@@ -173,12 +176,14 @@ async def fetch_catalog(client):
     fetch starts over once; if it changes again, L{CatalogChanged} (the
     caller tries again later).
     """
-    for attempt in range(2):
-        try:
-            return await _fetch_catalog_pages(client)
-        except CatalogChanged:
-            if attempt:
-                raise
+    # 100,000 entries are as many new objects: see heap.py.
+    with heap.collector_paused():
+        for attempt in range(2):
+            try:
+                return await _fetch_catalog_pages(client)
+            except CatalogChanged:
+                if attempt:
+                    raise
 
 
 async def _fetch_catalog_pages(client):

@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from twisted_p2p import events
 from twisted_p2p.download import DownloadFailed
+from twisted_p2p.names import BadName, check_path, is_legal_path, leaf
 from twisted_p2p.units import human_size
 from twisted_p2p.version import version
 
@@ -23,10 +24,11 @@ from twisted_p2p.version import version
 COMMANDS = (
     ("list", "list [PATTERN]", "files here and on the peers", ("ls",)),
     ("peers", "peers", "the peers this one knows", ()),
-    ("download", "download FILE... [--from PEER]", "fetch files into downloads/", ("get",)),
+    ("download", "download FILE... [--folder] [--from PEER]", "fetch files or folders into downloads/",
+     ("get",)),
     ("status", "status", "downloads running, stopped and partial", ()),
     ("resume", "resume FILE", "continue a stopped download", ()),
-    ("cancel", "cancel FILE", "stop a download, throw its data away", ()),
+    ("cancel", "cancel FILE", "stop a download (or a FOLDER/), throw its data away", ()),
     ("version", "version", "the version of twisted-p2p", ()),
     ("help", "help", "this text", ("?",)),
     ("exit", "exit", "say goodbye and stop; asks if busy", ("quit",)),
@@ -35,10 +37,15 @@ COMMANDS = (
 
 #: Said below the commands in C{help}.
 HELP_NOTES = (
-    "FILE: a name, a pattern (*.jpg) or an id prefix.  PATTERN: *.jpg, or",
-    "part of a name.  PEER: a name, an address or an id prefix.",
+    "FILE: a name or path (photos/a.jpg), a pattern (*.jpg) or an id prefix;",
+    "a folder ends with / (download photos/, list photos/) or takes --folder.",
+    "PATTERN: *.jpg, or part of a name.  PEER: a name, an address or an id prefix.",
     'Quote names with spaces: download "my photo.jpg".  Tab completes.',
 )
+
+#: Entries (here and in the catalog) from which C{list} is worked out in a
+#: thread: 20,000 take ~30 ms, longer would hold the reactor too long.
+LIST_IN_THREAD = 20_000
 
 #: Characters that make an argument a pattern rather than a name.
 _PATTERN = frozenset("*?[")
@@ -72,11 +79,15 @@ class Commands:
     @param partials: the L{PartialDownloads} record, for C{status} and
         C{resume}.
     @param partial_files: where the hidden partial files are, for C{status}.
+    @param run_in_thread: C{deferToThread}, for C{list} over a large
+        catalog; by default it runs at once.
     """
 
     def __init__(self, index, table, catalog, downloads, clock, shutdown, hub=None,
-                 dropped=dict, uploads_active=lambda: 0, partials=None, partial_files=None):
+                 dropped=dict, uploads_active=lambda: 0, partials=None, partial_files=None,
+                 run_in_thread=defer.maybeDeferred):
         self._index = index
+        self._run = run_in_thread
         self._table = table
         self._catalog = catalog
         self._downloads = downloads
@@ -130,7 +141,7 @@ class Commands:
         elif command == "cancel":
             names = {d.name for d in self._downloads.active.values()}
         else:
-            names = {offer.name for offer in self._catalog.offers()}
+            names = {offer.name for offer in _paths_of(self._catalog)}
             if command == "list":
                 names.update(f.name for f in self._index.files())
         return sorted(names)
@@ -205,22 +216,39 @@ class Commands:
         emit(events.event("version", version=version()))
 
     def list(self, args, emit, origin):
+        """
+        The files here and on the peers.  Without a pattern, the folders
+        below the one asked (the top by default, C{list photos/} for
+        another) are collapsed into one row each, with their file count
+        and size; a pattern lists every file whose path matches.
+        """
         pattern = args[0] if args else None
-        rows = {}
-        for local in self._index.files():
-            row = rows.setdefault(local.file_id, _row(local.name, local.size, local.file_id))
-            row["here"] = True
-            if "here" not in row["where"]:
-                row["where"].append("here")
-        for offer in self._catalog.offers():
-            row = rows.setdefault(offer.file_id, _row(offer.name, offer.size, offer.file_id))
-            for peer in offer.peers:
-                row["where"].append(peer.label)
-                row["sources"].append({"peer": peer.label, "name": _name_of(peer)})
-        files = sorted(rows.values(), key=lambda f: (f["name"], f["id"]))
-        if pattern is not None:
-            files = [f for f in files if _matches(pattern, f["name"])]
-        emit(events.event("list", files=files, pattern=pattern, peers=len(self._table)))
+        folder = None
+        if pattern is not None and pattern.endswith("/") and not _PATTERN & set(pattern):
+            folder, pattern = pattern.rstrip("/") + "/", None
+            try:
+                check_path(folder[:-1])
+            except BadName as e:
+                raise CommandError(f"{folder} is not a folder path: {e}") from e
+        local = self._index.files()
+        catalog = self._catalog
+
+        def said(result):
+            files, folders = result
+            emit(events.event(
+                "list", files=files, folders=folders, folder=folder, pattern=pattern,
+                peers=len(self._table),
+            ))
+
+        entries = len(local) + getattr(catalog, "size", 0)
+        if entries < LIST_IN_THREAD:
+            # Answered at once, so that it comes before what the next
+            # command says.
+            said(_list_rows(local, catalog, pattern, folder or ""))
+            return None
+        # 100,000 entries take longer than a turn of the reactor: worked
+        # out in a thread, from lists that are replaced, never changed.
+        return self._run(_list_rows, local, catalog, pattern, folder or "").addCallback(said)
 
     def peers(self, args, emit, origin):
         now = self._clock.seconds()
@@ -242,11 +270,15 @@ class Commands:
         emit(events.event("peers", peers=peers, dropped=dropped))
 
     def download(self, args, emit, origin):
-        wanted, source = _split_from(args)
+        wanted, source, as_folder = _split_options(args)
         offers = self._catalog.offers()
         chosen = {}
+        folders = []
         for arg in wanted:
             try:
+                if as_folder or arg.endswith("/"):
+                    folders.append(self._resolve_folder(arg))
+                    continue
                 found = self._resolve(arg, offers, many=bool(_PATTERN & set(arg)))
             except CommandError as e:
                 if len(wanted) == 1:
@@ -255,12 +287,59 @@ class Commands:
                 emit(events.error(str(e)))
                 continue
             for offer in found:
-                chosen.setdefault(offer.file_id, offer)
-        if not chosen:
+                # A file asked for by itself lands in downloads/ under its
+                # own name, wherever it is in the peer's tree.
+                chosen.setdefault(offer.file_id, (offer, leaf(offer.name)))
+        if not chosen and not folders:
             return None
         if source is not None:
             chosen = self._from(source, chosen)
-        return self._start(list(chosen.values()), emit, origin)
+            # A folder takes the files that peer has; the others are left.
+            narrowed = []
+            for path, items in folders:
+                held = [
+                    (o, below) for o, below in items if any(_is_peer(p, source) for p in o.peers)
+                ]
+                if not held:
+                    raise CommandError(
+                        f"{source} offers nothing below {path}/; 'list' shows who does"
+                    )
+                narrowed.append((path, list(self._from(source, dict(enumerate(held))).values())))
+            folders = narrowed
+        running = []
+        if chosen:
+            running.append(self._start(list(chosen.values()), emit, origin))
+        for path, items in folders:
+            running.append(self._start_folder(path, items, emit, origin))
+        if len(running) == 1:
+            return running[0]
+        return defer.gatherResults(running, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure
+        )
+
+    def _resolve_folder(self, wanted):
+        """
+        C{(folder, [(offer, path under it)])}: every file the peers offer
+        below folder C{wanted}, by path and id.
+
+        @raise CommandError: not a folder path, or nothing offered below it.
+        """
+        folder = wanted.rstrip("/")
+        try:
+            check_path(folder)
+        except BadName as e:
+            raise CommandError(f"{wanted!r} is not a folder path: {e}") from e
+        prefix = folder + "/"
+        items = [
+            (offer, offer.name[len(prefix):])
+            for offer in _paths_of(self._catalog)
+            if offer.name.startswith(prefix)
+        ]
+        if not items:
+            raise CommandError(
+                f"no known peer offers a folder {prefix}; 'list' shows what they do"
+            )
+        return folder, items
 
     def resume(self, args, emit, origin):
         wanted = args[0]
@@ -284,7 +363,10 @@ class Commands:
             raise CommandError(
                 f"no known peer offers {entry['file']} now; resume it when one that has it is back"
             )
-        return self._start(offers, emit, origin)
+        # Where it was going: a file of a folder download goes back into
+        # that folder.
+        target = entry["file"] if is_legal_path(entry["file"]) else leaf(offers[0].name)
+        return self._start([(offers[0], target)], emit, origin)
 
     def status(self, args, emit, origin):
         transfers = [d.status() for d in self._downloads.active.values()]
@@ -293,11 +375,14 @@ class Commands:
         if self._partials is not None:
             stopped = [s for s in self._partials.stopped() if s["id"] not in running]
         emit(events.event(
-            "status", transfers=transfers, stopped=stopped, partial_files=self._partial_files
+            "status", transfers=transfers, stopped=stopped, partial_files=self._partial_files,
+            waiting=list(getattr(self._downloads, "waiting", ())),
         ))
 
     def cancel(self, args, emit, origin):
         wanted = args[0]
+        if wanted.endswith("/"):
+            return self._cancel_folder(wanted, emit)
         matches = self._find_active(wanted)
         if not matches:
             raise CommandError(f"no download of {wanted!r} is in progress; 'status' lists them")
@@ -306,6 +391,23 @@ class Commands:
         download = matches[0]
         emit(events.event("cancelled", file=download.name, id=download.file_id))
         download.cancel()
+
+    def _cancel_folder(self, wanted, emit):
+        """
+        Cancel every download below folder C{wanted} (as it is named in
+        downloads/, C{photos (1)/} say), those waiting their turn too.
+        """
+        prefix = wanted.rstrip("/") + "/"
+        unqueue = getattr(self._downloads, "unqueue", None)
+        dropped = unqueue(lambda name: name.startswith(prefix)) if unqueue else []
+        active = [d for d in self._downloads.active.values() if d.name.startswith(prefix)]
+        if not active and not dropped:
+            raise CommandError(f"no download below {prefix} is in progress; 'status' lists them")
+        for download in active:
+            emit(events.event("cancelled", file=download.name, id=download.file_id))
+            download.cancel()
+        if dropped:
+            emit(events.event("unqueued", folder=prefix, files=len(dropped)))
 
     def exit(self, args, emit, origin):
         if getattr(origin, "interactive", False) and not self._exit_asked:
@@ -375,37 +477,45 @@ class Commands:
 
     def _from(self, wanted, chosen):
         """
-        C{chosen} offers with their peers narrowed to those C{wanted} names
-        (by name, address or id prefix).
+        C{chosen} C{(offer, target)} pairs, by key, with their peers
+        narrowed to those C{wanted} names (by name, address or id prefix).
         """
         known = [p for p in self._table.peers() if _is_peer(p, wanted)]
         if not known:
             raise CommandError(f"no known peer is called {wanted!r}; 'peers' lists them")
         narrowed = {}
-        for file_id, offer in chosen.items():
+        for key, (offer, target) in chosen.items():
             peers = tuple(p for p in offer.peers if _is_peer(p, wanted))
             if not peers:
                 raise CommandError(f"{wanted} does not offer {offer.name}; 'list' shows who does")
-            narrowed[file_id] = type(offer)(offer.file_id, offer.name, offer.size, peers)
+            narrowed[key] = (type(offer)(offer.file_id, offer.name, offer.size, peers), target)
         return narrowed
 
-    def _start(self, offers, emit, origin):
+    def _start(self, chosen, emit, origin):
         """
-        Start a download of each of C{offers}; a Deferred that fires when
-        they are all over.
+        Start a download of each C{(offer, target)} of C{chosen}, into
+        C{target} below the downloads folder; a Deferred that fires when
+        they are all over.  One file starts at once; several wait their
+        turn in the downloads' queue.
         """
         emit(events.event(
             "download-requested",
-            files=[{"file": o.name, "id": o.file_id, "sources": len(o.peers)} for o in offers],
+            files=[
+                {"file": target, "id": o.file_id, "sources": len(o.peers)}
+                for o, target in chosen
+            ],
         ))
         running = []
-        for offer in offers:
+        for offer, target in chosen:
             report = self._reporter(emit, origin)
-            try:
-                d = self._downloads.start(offer.name, offer.file_id, offer.peers, report)
-            except DownloadFailed as e:
-                emit(events.error(str(e), file=offer.name, id=offer.file_id))
-                continue
+            if len(chosen) == 1:
+                try:
+                    d = self._downloads.start(target, offer.file_id, offer.peers, report)
+                except DownloadFailed as e:
+                    emit(events.error(str(e), file=target, id=offer.file_id))
+                    continue
+            else:
+                d = self._downloads.queue(target, offer.file_id, offer.peers, report)
             running.append(d.addErrback(self._failed, emit))
         if len(running) == 1:
             return running[0]
@@ -413,14 +523,61 @@ class Commands:
             lambda f: f.value.subFailure
         )
 
-    def _reporter(self, emit, origin):
+    def _start_folder(self, folder, items, emit, origin):
+        """
+        Download every C{(offer, path below folder)} of C{items} into one
+        new folder of downloads/, keeping the tree.  The folder's name is
+        decided once, before any file arrives: C{folder}'s own name, or
+        C{name (1)} and so on if that is taken.  Each file is verified and
+        renamed into place on its own, and the whole is summed up at the
+        end.
+        """
+        top = self._downloads.free_folder(leaf(folder))
+        started = self._clock.seconds()
+        total = sum(offer.size for offer, _ in items)
+        emit(events.event(
+            "folder-requested", folder=folder + "/", into=top + "/", existed=top != leaf(folder),
+            files=len(items), size=total,
+        ))
+        outcome = {"done": 0, "failed": 0, "bytes": 0}
+        running = []
+        for offer, below in items:
+            target = f"{top}/{below}"
+            report = self._reporter(emit, origin, folder=folder + "/")
+            d = self._downloads.queue(target, offer.file_id, offer.peers, report)
+
+            def ok(result, size=offer.size):
+                outcome["done"] += 1
+                outcome["bytes"] += size
+
+            def failed(failure):
+                outcome["failed"] += 1
+                failure.trap(CommandError, DownloadFailed)
+                if not getattr(failure.value, "reported", False):
+                    emit(events.error(failure.getErrorMessage()))
+
+            running.append(d.addCallbacks(ok, failed))
+
+        def summed(_):
+            emit(events.event(
+                "folder-finished", folder=folder + "/", into=top + "/",
+                files=outcome["done"], failed=outcome["failed"], size=outcome["bytes"],
+                seconds=round(self._clock.seconds() - started, 3),
+            ))
+
+        return defer.DeferredList(running, consumeErrors=True).addCallback(summed)
+
+    def _reporter(self, emit, origin, folder=None):
         """
         Where a download's events go: the record of partial downloads, the
-        face that asked, and every other face.
+        face that asked, and every other face.  The events of a file of a
+        folder download name the folder (the faces sum those up).
         """
         face = getattr(origin, "face", None)
 
         def report(e):
+            if folder is not None:
+                e = dict(e, folder=folder)
             if (
                 e.get("event") == "download-stopped"
                 and "percent" not in e
@@ -471,14 +628,19 @@ def _matches(pattern, name):
     return pattern.casefold() in name.casefold()
 
 
-def _split_from(args):
+def _split_options(args):
     """
-    The names of a C{download} and its C{--from PEER}, if any.
+    The names of a C{download}, its C{--from PEER} if any, and whether
+    C{--folder} was given.
     """
-    names, source = [], None
+    names, source, as_folder = [], None, False
     i = 0
     while i < len(args):
         arg = args[i]
+        if arg == "--folder":
+            as_folder = True
+            i += 1
+            continue
         if arg == "--from" or arg.startswith("--from="):
             if arg == "--from":
                 if i + 1 >= len(args):
@@ -495,5 +657,95 @@ def _split_from(args):
         names.append(arg)
         i += 1
     if not names:
-        raise CommandError("download needs a file: download FILE... [--from PEER]")
-    return names, source
+        raise CommandError("download needs a file: download FILE... [--folder] [--from PEER]")
+    return names, source, as_folder
+
+
+def _paths_of(catalog):
+    """
+    Every path and id the catalog offers (L{NetworkCatalog.paths}); its
+    offers, one per id, from a catalog without paths.
+    """
+    paths = getattr(catalog, "paths", None)
+    return paths() if paths is not None else catalog.offers()
+
+
+def _list_rows(local, catalog, pattern, folder):
+    """
+    C{(file rows, folder rows)} of a C{list}: one row per path and content
+    (a folder may hold the same content twice, and it counts its files).
+    With a C{pattern}, every file whose path matches; else the files
+    directly in C{folder} (C{""} for the top, else a path ending in C{/})
+    and one row per subfolder, summing its files (count, size, how many are
+    here) and naming every peer that has any.  Runs in a thread.
+    """
+    here = {f.file_id for f in local}
+    rows = {}
+    folders = {}
+    counted = set()
+    cut = len(folder)
+
+    def wanted(name):
+        if pattern is not None:
+            return _matches(pattern, name), -1
+        if not name.startswith(folder):
+            return False, -1
+        return True, name.find("/", cut)
+
+    def fold(name, file_id, size, in_here, sources):
+        key = (name, file_id)
+        path = name[: slash_at[0] + 1]
+        row = folders.get(path)
+        if row is None:
+            row = folders[path] = {"name": path, "files": 0, "size": 0, "here": 0,
+                                   "where": [], "sources": {}}
+        if key not in counted:
+            counted.add(key)
+            row["files"] += 1
+            row["size"] += size
+            row["here"] += 1 if in_here else 0
+        for label, name_of in sources:
+            row["sources"].setdefault(label, name_of)
+
+    slash_at = [-1]
+    for f in local:
+        show, slash = wanted(f.name)
+        if not show:
+            continue
+        if slash >= 0:
+            slash_at[0] = slash
+            fold(f.name, f.file_id, f.size, True, ())
+            continue
+        row = rows.setdefault((f.name, f.file_id), _row(f.name, f.size, f.file_id))
+        row["here"] = True
+        if "here" not in row["where"]:
+            row["where"].append("here")
+    for offer in _paths_of(catalog):
+        show, slash = wanted(offer.name)
+        if not show:
+            continue
+        sources = [(peer.label, _name_of(peer)) for peer in offer.peers]
+        if slash >= 0:
+            slash_at[0] = slash
+            fold(offer.name, offer.file_id, offer.size, offer.file_id in here, sources)
+            continue
+        row = rows.get((offer.name, offer.file_id))
+        if row is None:
+            row = rows[offer.name, offer.file_id] = _row(offer.name, offer.size, offer.file_id)
+            if offer.file_id in here:
+                row["here"] = True
+                row["where"].append("here")
+        for label, name_of in sources:
+            row["where"].append(label)
+            row["sources"].append({"peer": label, "name": name_of})
+    files = sorted(rows.values(), key=lambda f: (f["name"], f["id"]))
+    summed = []
+    for path in sorted(folders):
+        row = folders[path]
+        sources = row.pop("sources")
+        row["where"] = list(sources)
+        row["sources"] = [{"peer": label, "name": n} for label, n in sources.items()]
+        summed.append(row)
+    return files, summed
+
+

@@ -364,11 +364,13 @@ class TerminalConsole(_Face, HistoricRecvLine):
             candidates = self._commands.file_names(words[0])
         else:
             return
-        matches = sorted(c for c in candidates if c.startswith(current))
+        matches = sorted(_next_parts(candidates, current))
         if not matches:
             return
         if len(matches) == 1:
-            self._replace_word(start, _quoted(matches[0]) + " ")
+            # A folder completes up to its slash, and the typing goes on in it.
+            folder = matches[0].endswith("/")
+            self._replace_word(start, _quoted(matches[0], closed=not folder) + ("" if folder else " "))
             return
         shared = os.path.commonprefix(matches)
         if len(shared) > len(current):
@@ -477,6 +479,22 @@ def _split_partial(text):
     if not in_word:
         return words, "", len(text)
     return words, "".join(current), start
+
+
+def _next_parts(candidates, typed):
+    """
+    What C{typed} may complete to among C{candidates} (paths): each one
+    that starts with it, cut after the next C{/} past it, so that a tree
+    completes one folder at a time (C{ph} gives C{photos/}, then
+    C{photos/2026/}...).
+    """
+    found = set()
+    for name in candidates:
+        if not name.startswith(typed):
+            continue
+        slash = name.find("/", len(typed))
+        found.add(name if slash < 0 else name[: slash + 1])
+    return found
 
 
 def _quoted(name, closed=True):

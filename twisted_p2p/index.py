@@ -17,11 +17,14 @@ import os
 from dataclasses import dataclass
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from twisted_p2p.limits import RESCAN_INTERVAL
+import bisect
+
+from twisted_p2p import heap
+from twisted_p2p.limits import MAX_PATH_BYTES, MAX_PATH_DEPTH, RESCAN_INTERVAL
 from twisted_p2p.manifest import HASH_SIZE, Manifest, ManifestMismatch, hash_file
 from twisted_p2p.names import is_legal_name
 
@@ -30,6 +33,13 @@ log = Logger()
 #: Seconds from a change in a watched folder to its re-scan: the changes of
 #: one copy or move (several files, say) are taken in one scan.
 WATCH_DELAY = 0.2
+
+#: Subfolders given an inotify watch per turn of the reactor.
+WATCH_BATCH = 200
+
+# inotify's flags for "created" and "about a folder" (twisted.internet.inotify
+# is imported only where there is inotify).
+_IN_CREATE, _IN_ISDIR = 0x100, 0x40000000
 
 
 @dataclass(frozen=True)
@@ -88,37 +98,107 @@ def file_signature(stat):
     return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def scan_folder(folder):
+def scan_folder(folder, subfolders=None, skip=()):
     """
-    C{{name: signature}} of the regular files in C{folder} that may be
-    shared.  Hidden files (our partial downloads among them), symbolic links
-    and illegal names are skipped.  Blocks.
+    C{{path: signature}} of the regular files under C{folder} that may be
+    shared, each by its path relative to C{folder} with C{/} between parts
+    (C{photos/2026/a.jpg}).  Hidden files and folders (our partial
+    downloads among them), symbolic links (to files or folders: they are
+    never followed), illegal names and paths deeper or longer than the path
+    rule allows are skipped.  Blocks.
+
+    @param subfolders: a set the absolute paths of the folders walked below
+        C{folder} are added to (for the watcher), or C{None}.
+    @param skip: absolute paths of folders not to go into: the other
+        offered folders (C{downloads/} inside C{shared/}), which are scanned
+        on their own.
     """
     found = {}
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return found
-    for entry in entries:
-        if not is_legal_name(entry.name):
-            continue
+    pending = [(folder, "", 1)]
+    while pending:
+        directory, prefix, depth = pending.pop()
         try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            found[entry.name] = file_signature(entry.stat(follow_symlinks=False))
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
         except OSError:
             continue
+        for entry in entries:
+            name = entry.name
+            if not is_legal_name(name):
+                continue
+            path = prefix + name
+            if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if skip and os.path.abspath(entry.path) in skip:
+                        continue
+                    if depth < MAX_PATH_DEPTH:
+                        pending.append((entry.path, path + "/", depth + 1))
+                        if subfolders is not None:
+                            subfolders.add(entry.path)
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                found[path] = file_signature(entry.stat(follow_symlinks=False))
+            except OSError:
+                continue
     return found
+
+
+def _entry_digest(file_id, name, size, partial=False):
+    """
+    One offered entry's share of the revision: 64 bits of its hash.
+    """
+    text = json.dumps([file_id, name, size, partial]).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+
+
+def _revision_text(total):
+    return format(total % (1 << 64), "016x")
 
 
 def revision_of(files, partials=()):
     """
     A short digest that changes whenever the offered files change.
+
+    It is the sum (mod 2**64) of one hash per entry, so that it does not
+    depend on order, and so that one file added or removed changes it
+    without hashing the whole list again (100,000 files are too many to
+    go over on the reactor thread).
     """
-    listing = sorted((f.file_id, f.name, f.size) for f in files)
-    if partials:
-        listing.append(sorted(("partial", p.file_id, p.name, p.size) for p in partials))
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    total = sum(_entry_digest(f.file_id, f.name, f.size) for f in files)
+    total += sum(_entry_digest(p.file_id, p.name, p.size, True) for p in partials)
+    return _revision_text(total)
+
+
+def _sort_key(local_file):
+    return (local_file.name, local_file.folder)
+
+
+@dataclass
+class _Snapshot:
+    """
+    The index as one scan leaves it, built in a thread: the files by path,
+    in name order, by id, and the sum behind the revision.
+    """
+
+    files: dict
+    ordered: list
+    by_id: dict
+    total: int
+    subfolders: set
+    warnings: list
+
+
+def _snapshot(files, subfolders=(), warnings=()):
+    ordered = sorted(files.values(), key=_sort_key)
+    by_id = {}
+    for f in ordered:
+        by_id.setdefault(f.file_id, f)
+    total = sum(_entry_digest(f.file_id, f.name, f.size) for f in ordered)
+    return _Snapshot(files, ordered, by_id, total, set(subfolders), list(warnings))
 
 
 class SharedIndex:
@@ -134,14 +214,15 @@ class SharedIndex:
         self.folders = list(folders)
         self._cache_path = cache_path
         self._run = run_in_thread
-        self._files = {}
-        self._by_id = {}
+        self._state = _snapshot({})
         self._partials = {}
         self._cache = None
         self.revision = revision_of([])
         self._scanning = None
         self._again = False
+        self._added = {}
         self._listeners = []
+        self._scan_listeners = []
 
     def on_change(self, listener):
         """
@@ -149,11 +230,27 @@ class SharedIndex:
         """
         self._listeners.append(listener)
 
+    def on_scan(self, listener):
+        """
+        Call C{listener(subfolders)} after every scan, with the absolute
+        paths of the folders found below the offered ones (the watcher
+        watches them).
+        """
+        self._scan_listeners.append(listener)
+
+    @property
+    def subfolders(self):
+        return set(self._state.subfolders)
+
     def files(self):
-        return sorted(self._files.values(), key=lambda f: (f.name, f.folder))
+        """
+        The files offered, in name order.  The list is kept sorted, not
+        sorted on each call: it is read for every catalog page.
+        """
+        return self._state.ordered
 
     def by_id(self, file_id):
-        return self._by_id.get(file_id)
+        return self._state.by_id.get(file_id)
 
     # partial downloads
 
@@ -176,7 +273,7 @@ class SharedIndex:
         The partial downloads we offer, but for files we also hold whole.
         """
         return sorted(
-            (p for p in self._partials.values() if p.file_id not in self._by_id),
+            (p for p in self._partials.values() if p.file_id not in self._state.by_id),
             key=lambda p: (p.name, p.file_id),
         )
 
@@ -207,83 +304,135 @@ class SharedIndex:
         return self._scanning.addBoth(done)
 
     async def _scan(self):
-        if self._cache is None:
-            self._cache = await self._run(_load_cache, self._cache_path)
-        listings = await self._run(lambda: [(d, scan_folder(d)) for d in self.folders])
-        fresh = {}
-        cache_dirty = False
-        for folder, listing in listings:
-            for name, signature in listing.items():
-                key = os.path.join(folder, name)
-                current = self._files.get(key)
-                if current is not None and current.signature == signature:
-                    fresh[key] = current
-                    if not _cache_holds(self._cache.get(key), current):
-                        # Offered by add() (a finished download): keep its
-                        # hashes on disk too, so a restart does not re-hash it.
-                        self._cache[key] = _cache_entry(signature, current.manifest)
-                        cache_dirty = True
-                    continue
-                manifest = self._cached_manifest(key, signature)
-                if manifest is None:
-                    try:
-                        manifest = await self._run(hash_file, key)
-                    except (OSError, ManifestMismatch) as e:
-                        log.warn("Not sharing {path}: {error}", path=key, error=e)
-                        continue
-                    self._cache[key] = _cache_entry(signature, manifest)
-                    cache_dirty = True
-                fresh[key] = LocalFile(name, folder, manifest, signature)
-        for key in set(self._cache) - set(fresh):
-            del self._cache[key]
-            cache_dirty = True
-        if cache_dirty:
-            await self._run(_save_cache, self._cache_path, dict(self._cache))
-        self._install(fresh)
+        # A first scan of 100,000 files builds a million objects: see heap.py.
+        with heap.collector_paused():
+            if self._cache is None:
+                self._cache = await self._run(_load_cache, self._cache_path)
+            self._added = {}
+            snapshot = await self._run(
+                _scan_all, self.folders, self._state.files, self._cache, self._cache_path
+            )
+            self._install_scanned(snapshot)
+        for listener in list(self._scan_listeners):
+            listener(set(snapshot.subfolders))
+
+    def _install_scanned(self, snapshot):
+        for path, error in snapshot.warnings:
+            log.warn("Not sharing {path}: {error}", path=path, error=error)
+        if self._added:
+            # Finished downloads offered while the scan ran: keep them (the
+            # next scan checks them against the disk).
+            files = dict(snapshot.files)
+            files.update(self._added)
+            subfolders = snapshot.subfolders
+            snapshot = _snapshot(files, subfolders)
+            self._added = {}
+        self._install(snapshot)
 
     def add(self, folder, name, manifest, signature):
         """
         Offer a file we already know the manifest of (a finished download)
-        without hashing it again.
+        without hashing it again.  Quick whatever the size of the index: the
+        sorted list takes it by bisection, the revision by one sum.
         """
         key = os.path.join(folder, name)
-        files = dict(self._files)
-        files[key] = LocalFile(name, folder, manifest, signature)
+        new = LocalFile(name, folder, manifest, signature)
+        if self._scanning is not None:
+            self._added[key] = new
+        state = self._state
+        old = state.files.get(key)
+        if old == new:
+            return
+        files = dict(state.files)
+        files[key] = new
+        ordered = list(state.ordered)
+        total = state.total
+        by_id = dict(state.by_id)
+        if old is not None:
+            ordered.remove(old)
+            total -= _entry_digest(old.file_id, old.name, old.size)
+            if by_id.get(old.file_id) is old:
+                del by_id[old.file_id]
+                for f in ordered:
+                    if f.file_id == old.file_id:
+                        by_id[f.file_id] = f
+                        break
+        bisect.insort(ordered, new, key=_sort_key)
+        total += _entry_digest(new.file_id, new.name, new.size)
+        current = by_id.get(new.file_id)
+        if current is None or _sort_key(new) < _sort_key(current):
+            by_id[new.file_id] = new
         # The next scan writes its hashes to the cache file.
-        self._install(files)
+        self._install(_Snapshot(files, ordered, by_id, total, state.subfolders, []))
 
-    def _install(self, files):
-        changed = set(files) != set(self._files) or any(
-            files[k] is not self._files.get(k) for k in files
-        )
-        self._files = files
-        by_id = {}
-        for f in self.files():
-            by_id.setdefault(f.file_id, f)
-        self._by_id = by_id
-        if changed:
-            self._update_revision()
+    def _install(self, snapshot):
+        self._state = snapshot
+        heap.settled(f"index {id(self)}", len(snapshot.files))
+        self._update_revision()
 
     def _update_revision(self):
-        revision = revision_of(self._files.values(), self.partials())
+        total = self._state.total
+        total += sum(_entry_digest(p.file_id, p.name, p.size, True) for p in self.partials())
+        revision = _revision_text(total)
         if revision != self.revision:
             self.revision = revision
             for listener in list(self._listeners):
                 listener()
 
-    def _cached_manifest(self, key, signature):
-        entry = self._cache.get(key)
-        try:
-            # The cache is only JSON from disk: any part of it may be damaged.
-            if tuple(entry.get("signature", ())) != signature:
-                return None
-            hashes = bytes.fromhex(entry["hashes"])
-            chunk_hashes = [
-                hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)
-            ]
-            return Manifest.build(signature[0], chunk_hashes, entry["id"])
-        except (AttributeError, KeyError, TypeError, ValueError):
+
+def _scan_all(folders, current, cache, cache_path):
+    """
+    One scan of C{folders}, in a thread: walk them, keep the files that did
+    not change (C{current}, by path), take the others' hashes from the
+    C{cache} or hash them, bring the cache up to date (and save it if it
+    changed).  Returns a L{_Snapshot}; never touches the index itself.
+    """
+    fresh = {}
+    subfolders = set()
+    warnings = []
+    cache_dirty = False
+    offered = {os.path.abspath(f) for f in folders}
+    for folder in folders:
+        listing = scan_folder(folder, subfolders, offered)
+        for name, signature in listing.items():
+            key = os.path.join(folder, name)
+            known = current.get(key)
+            if known is not None and known.signature == signature:
+                fresh[key] = known
+                if not _cache_holds(cache.get(key), known):
+                    # Offered by add() (a finished download): keep its
+                    # hashes on disk too, so a restart does not re-hash it.
+                    cache[key] = _cache_entry(signature, known.manifest)
+                    cache_dirty = True
+                continue
+            manifest = _cached_manifest(cache.get(key), signature)
+            if manifest is None:
+                try:
+                    manifest = hash_file(key)
+                except (OSError, ManifestMismatch) as e:
+                    warnings.append((key, e))
+                    continue
+                cache[key] = _cache_entry(signature, manifest)
+                cache_dirty = True
+            fresh[key] = LocalFile(name, folder, manifest, signature)
+    for key in set(cache) - set(fresh):
+        del cache[key]
+        cache_dirty = True
+    if cache_dirty:
+        _save_cache(cache_path, cache)
+    return _snapshot(fresh, subfolders, warnings)
+
+
+def _cached_manifest(entry, signature):
+    try:
+        # The cache is only JSON from disk: any part of it may be damaged.
+        if tuple(entry.get("signature", ())) != signature:
             return None
+        hashes = bytes.fromhex(entry["hashes"])
+        chunk_hashes = [hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)]
+        return Manifest.build(signature[0], chunk_hashes, entry["id"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _cache_entry(signature, manifest):
@@ -308,23 +457,49 @@ def _cache_holds(entry, local_file):
 def _load_cache(path):
     """
     The hash cache at C{path}, or an empty one if it is missing or damaged.
+
+    It is one JSON object, written one entry per line (L{_save_cache}), and
+    read a line at a time: one C{json.load} of 100,000 entries would hold
+    the GIL, and so the reactor, for a tenth of a second.  A file written
+    otherwise is read whole.
     """
     try:
         with open(path, encoding="utf-8") as f:
-            cache = json.load(f)
-    except (OSError, ValueError, RecursionError):
+            text = f.read()
+    except (OSError, ValueError):
+        return {}
+    lines = text.split("\n")
+    if len(lines) >= 2 and lines[0] == "{" and lines[-1] in ("}", ""):
+        cache = {}
+        try:
+            for line in lines[1:]:
+                if line in ("}", ""):
+                    continue
+                cache.update(json.loads("{" + line.rstrip(",") + "}"))
+            return cache
+        except (ValueError, RecursionError, TypeError):
+            pass
+    try:
+        cache = json.loads(text)
+    except (ValueError, RecursionError):
         return {}
     return cache if isinstance(cache, dict) else {}
 
 
 def _save_cache(path, cache):
     """
-    Write the hash cache atomically.  Losing it costs only a re-hash.
+    Write the hash cache atomically, one entry per line (see L{_load_cache}).
+    Losing it costs only a re-hash.
     """
     temporary = path + ".tmp"
     try:
         with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(cache, f)
+            f.write("{\n")
+            last = len(cache) - 1
+            for i, (key, entry) in enumerate(cache.items()):
+                comma = "," if i < last else ""
+                f.write(f"{json.dumps(key)}: {json.dumps(entry)}{comma}\n")
+            f.write("}\n")
         os.replace(temporary, path)
     except OSError as e:
         log.warn("Could not save the hash cache {path}: {error}", path=path, error=e)
@@ -349,6 +524,10 @@ class FolderWatcher(Service):
         self._delay = delay
         self._notifier = None
         self._pending = None
+        self._mask = 0
+        self._watched = set()
+        self._adding = None
+        index.on_scan(self._scanned)
 
     def startService(self):
         Service.startService(self)
@@ -357,9 +536,10 @@ class FolderWatcher(Service):
         except ImportError as e:
             self._unwatched(e)
             return
-        mask = (
+        # IN_CREATE: a new subfolder is scanned (and then watched) at once.
+        self._mask = mask = (
             inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
-            | inotify.IN_DELETE
+            | inotify.IN_DELETE | inotify.IN_CREATE
         )
         try:
             self._notifier = inotify.INotify(reactor=self._reactor)
@@ -370,6 +550,41 @@ class FolderWatcher(Service):
         except (OSError, inotify.INotifyError) as e:
             self._stop_notifier()
             self._unwatched(e)
+            return
+        self._scanned(self._index.subfolders)
+
+    def _scanned(self, subfolders):
+        """
+        Watch the subfolders the last scan found that are not watched yet,
+        a few hundred per turn of the reactor (5,000 folders would hold it
+        for too long in one go).
+        """
+        if self._notifier is None:
+            return
+        gone = self._watched - subfolders
+        self._watched -= gone
+        new = sorted(subfolders - self._watched)
+        if not new:
+            return
+        self._watched.update(new)
+
+        def add_all():
+            for start in range(0, len(new), WATCH_BATCH):
+                for folder in new[start : start + WATCH_BATCH]:
+                    if self._notifier is None:
+                        return
+                    try:
+                        self._notifier.watch(
+                            FilePath(folder), mask=self._mask, callbacks=[self._changed]
+                        )
+                    except Exception as e:
+                        # Out of watches (fs.inotify.max_user_watches), or
+                        # the folder went: the periodic re-scan covers it.
+                        self._watched.discard(folder)
+                        log.info("Not watching {folder}: {error}", folder=folder, error=e)
+                yield None
+
+        self._adding = task.cooperate(add_all())
 
     def _unwatched(self, error):
         log.info(
@@ -381,6 +596,9 @@ class FolderWatcher(Service):
 
     def _changed(self, watch, path, mask):
         if os.fsdecode(path.basename()).startswith("."):
+            return
+        if mask & _IN_CREATE and not mask & _IN_ISDIR:
+            # A file created is scanned when it is closed after writing.
             return
         if self._pending is None or not self._pending.active():
             self._pending = self._reactor.callLater(self._delay, self._rescan)
@@ -396,6 +614,13 @@ class FolderWatcher(Service):
 
     def stopService(self):
         Service.stopService(self)
+        if self._adding is not None:
+            try:
+                self._adding.stop()
+            except task.TaskDone:
+                pass
+            self._adding = None
+        self._watched = set()
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None

@@ -29,8 +29,11 @@ MANIFEST_PAGE = 8192
 
 #: Files one peer's catalog lists, and the most we keep of another's.  The
 #: catalog is fetched in pages, so this bounds memory and round trips, not
-#: frame size.
-MAX_CATALOG_FILES = 10_000
+#: frame size.  A shared tree of 100,000 files (5,000 folders of photos,
+#: say) is offered whole: ~330 pages of CATALOG_PAGE_BYTES, fetched in about
+#: a second on a LAN (tests/benchmarks/run --only folders), and no more
+#: than MAX_CATALOG_ENTRIES keeps in memory.
+MAX_CATALOG_FILES = 100_000
 
 #: JSON bytes of catalog entries in one catalog page.  An entry is at most
 #: ~900 bytes (a 255-byte name, escaped to \uXXXX, is at most 765), so a page
@@ -124,6 +127,20 @@ MAX_CONTROL_WAITING = 32
 
 #: Longest shared file name, in UTF-8 bytes (the usual filesystem limit).
 MAX_NAME_BYTES = 255
+
+#: Longest shared path (C{photos/2026/a.jpg}), in UTF-8 bytes: a quarter of
+#: Linux's PATH_MAX, so that the downloads folder's own path fits in front
+#: of it; a catalog entry with one, escaped, is still ~3 KiB.
+MAX_PATH_BYTES = 1024
+
+#: Most parts (folders and the file) in a shared path: deeper trees are not
+#: indexed, and a peer offering one is not believed.
+MAX_PATH_DEPTH = 16
+
+#: Files of one folder (or pattern) download fetched at once; the others
+#: wait their turn, so that 200 files make 4 request connections to each
+#: source rather than 200 (MAX_CONNECTIONS_PER_HOST, MAX_UPLOADS).
+PARALLEL_FILES = 4
 
 #: How often the shared and downloads folders are checked for changes (s).
 RESCAN_INTERVAL = 10.0

@@ -1,15 +1,18 @@
 """
-What is a legal shared name, and where a name may be written.
+What is a legal shared name or path, and where one may be written.
 
-A name that comes from the network or the console is never a path: it must be
-one plain file name, and it is only ever joined to one of the peer's own
-folders.
+A name that comes from the network or the console is one plain file name.
+A shared I{path} (C{photos/2026/a.jpg}) is a few legal names joined by
+C{/}, the only separator on the wire: no empty part, no C{.} or C{..}, no
+leading C{/}, at most L{MAX_PATH_DEPTH} parts and L{MAX_PATH_BYTES} bytes.
+Every part is checked as a name, so a path can only ever go down into one
+of the peer's own folders, never up or out of it.
 """
 
 import os
 import unicodedata
 
-from twisted_p2p.limits import MAX_NAME_BYTES
+from twisted_p2p.limits import MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_PATH_DEPTH
 
 #: Unicode categories that must never reach a listing, a terminal or a log
 #: line from the network: controls (escape sequences, newlines), format
@@ -62,6 +65,63 @@ def is_legal_name(name):
     except BadName:
         return False
     return True
+
+
+def check_path(path):
+    """
+    Return C{path} if it is a legal shared path, else raise L{BadName}.
+
+    A path is one or more legal names (L{check_name}) joined by C{/}; a
+    single name is a path too.
+    """
+    if not isinstance(path, str) or not path:
+        raise BadName("a path must be non-empty text")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadName("a path must be valid UTF-8")
+    if len(encoded) > MAX_PATH_BYTES:
+        raise BadName(f"a path is at most {MAX_PATH_BYTES} bytes")
+    parts = path.split("/")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise BadName(f"a path has at most {MAX_PATH_DEPTH} parts")
+    for part in parts:
+        if not part:
+            raise BadName("a path may not start or end with /, nor hold //")
+        check_name(part)
+    return path
+
+
+def is_legal_path(path):
+    """
+    Whether L{check_path} accepts C{path}.
+    """
+    try:
+        check_path(path)
+    except BadName:
+        return False
+    return True
+
+
+def leaf(path):
+    """
+    The last part of a path: its file (or folder) name.
+    """
+    return path.rsplit("/", 1)[-1]
+
+
+def local_path(folder, path):
+    """
+    Where shared C{path} is inside C{folder}, after checking the path.
+
+    The result is always below C{folder}.
+    """
+    check_path(path)
+    joined = os.path.join(folder, *path.split("/"))
+    top = os.path.abspath(folder)
+    if os.path.commonpath([top, os.path.abspath(joined)]) != top or joined == folder:
+        raise BadName("a path must stay inside its folder")
+    return joined
 
 
 def path_in(folder, name):

@@ -121,25 +121,42 @@ def _version(e, _):
 
 def _list(e, max_rows):
     files = e["files"]
-    if not files:
+    folders = e.get("folders") or []
+    if not files and not folders:
         where = f"here or on {plural(e.get('peers', 0), 'known peer')}"
         if e.get("pattern"):
             return [f"no file matches {e['pattern']!r} {where}"]
+        if e.get("folder"):
+            return [f"no folder {e['folder']} {where}"]
         return [f"no files {where}"]
-    shown = files if max_rows is None else files[:max_rows]
+    entries = sorted(
+        [("folder", f) for f in folders] + [("file", f) for f in files],
+        key=lambda pair: pair[1]["name"],
+    )
+    shown = entries if max_rows is None else entries[:max_rows]
     rows = [("NAME", "SIZE", "ID", "WHERE")]
-    for f in shown:
+    for kind, f in shown:
+        if kind == "folder":
+            here = f.get("here") or 0
+            where = ["here"] if here == f["files"] else (
+                [f"here ({here} of {f['files']})"] if here else [])
+            where += [peer_name(s["peer"], s.get("name")) for s in f.get("sources", ())]
+            rows.append((f["name"], human_size(f["size"]), plural(f["files"], "file"),
+                         ", ".join(where)))
+            continue
         where = ["here"] if f.get("here") else []
         where += [peer_name(s["peer"], s.get("name")) for s in f.get("sources", ())]
         if f.get("partial"):
             where.append("(partly)")
         rows.append((f["name"], human_size(f["size"]), f["id"][:8], ", ".join(where)))
     lines = list(columns(rows))
-    if len(shown) < len(files):
+    if len(shown) < len(entries):
         lines.append(
-            f"... and {len(files) - len(shown)} more ({len(files)} in all); "
+            f"... and {len(entries) - len(shown)} more ({len(entries)} in all); "
             "'list PATTERN' shows fewer, p2ppeer-ctl list shows all"
         )
+    if folders and not e.get("pattern"):
+        lines.append("'list FOLDER/' shows what a folder holds; 'download FOLDER/' fetches it")
     return lines
 
 
@@ -187,6 +204,10 @@ def _status(e, _):
         lines += columns(rows)
     else:
         lines.append("no downloads in progress")
+    waiting = e.get("waiting") or ()
+    if waiting:
+        names = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+        lines.append(f"{plural(len(waiting), 'file')} waiting their turn: {names}")
     if stopped:
         lines.append("stopped or partial ('resume FILE' continues one):")
         rows = [("FILE", "DONE", "WHY")]
@@ -212,6 +233,10 @@ def _cancelled(e, _):
     return [f"cancelling {e['file']}"]
 
 
+def _unqueued(e, _):
+    return [f"dropped {plural(e['files'], 'file')} of {e['folder']} that had not started"]
+
+
 def _bye(e, _):
     return ["bye"]
 
@@ -234,6 +259,27 @@ def _input_closed(e, _):
     ]
 
 
+def _folder_requested(e, _):
+    line = (
+        f"downloading folder {e['folder']} ({plural(e['files'], 'file')}, "
+        f"{human_size(e['size'])}) into {e['into']}"
+    )
+    if e.get("existed"):
+        line += f" ({e['folder'].rstrip('/').rsplit('/', 1)[-1]}/ already existed)"
+    return [line]
+
+
+def _folder_finished(e, _):
+    seconds = max(float(e["seconds"]), 1e-6)
+    line = (
+        f"downloaded folder {e['folder']} to {e['into']}: {plural(e['files'], 'file')}, "
+        f"{human_size(e['size'])} in {human_duration(seconds, precise=True)}"
+    )
+    if e.get("failed"):
+        line += f"; {plural(e['failed'], 'file')} failed (see above), 'download' again retries"
+    return [line]
+
+
 def _requested(e, _):
     files = e["files"]
     if len(files) == 1:
@@ -247,6 +293,8 @@ def _requested(e, _):
 
 
 def _started(e, _):
+    if e.get("folder"):
+        return []
     line = (
         f"download {e['file']}: {human_size(e['size'])} in {plural(e['chunks'], 'chunk')} "
         f"from {plural(e['sources'], 'peer')}"
@@ -271,8 +319,10 @@ def _progress(e, _):
 
 
 def _finished(e, _):
-    path = e["path"]
-    renamed = "" if path.replace("\\", "/").rsplit("/", 1)[-1] == e["file"] else (
+    if e.get("folder"):
+        return []
+    path = e["path"].replace("\\", "/")
+    renamed = "" if path.endswith("/" + e["file"]) or path == e["file"] else (
         f" ({e['file']} already existed)")
     resumed = e.get("resumed") or 0
     rate = human_rate(e["rate"])
@@ -353,9 +403,12 @@ _RENDERERS = {
     "status": _status,
     "cancelled": _cancelled,
     "bye": _bye,
+    "unqueued": _unqueued,
     "exit-confirm": _exit_confirm,
     "input-closed": _input_closed,
     "download-requested": _requested,
+    "folder-requested": _folder_requested,
+    "folder-finished": _folder_finished,
     "download-started": _started,
     "download-progress": _progress,
     "download-finished": _finished,

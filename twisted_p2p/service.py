@@ -697,6 +697,7 @@ class PeerService(MultiService):
         )
         self.downloads = download.Downloads(
             self._make_download, self.index if settings["share-downloads"] else None,
+            folder=settings["downloads"],
             clock=reactor,
         )
         self.partials = partials.PartialDownloads(os.path.join(state_dir, partials.RECORD_NAME))
@@ -712,6 +713,7 @@ class PeerService(MultiService):
             uploads_active=lambda: self.uploads.active,
             partials=self.partials,
             partial_files=os.path.join(settings["downloads"], f"{PARTIAL_PREFIX}<id>.part"),
+            run_in_thread=self.run_in_thread,
         )
         self.table.subscribe(_PeerLog(self.hub))
         self.table.subscribe(self.downloads)

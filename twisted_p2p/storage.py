@@ -29,7 +29,7 @@ import stat
 import threading
 
 from twisted_p2p.index import file_signature
-from twisted_p2p.names import free_name
+from twisted_p2p.names import BadName, check_path, free_name
 
 PARTIAL_PREFIX = ".p2ppeer-"
 PARTIAL_SUFFIX = ".part"
@@ -324,8 +324,20 @@ class PartialFile:
         replacing a file that is already there: C{name} becomes C{name (1)}
         and so on.  The chunk map goes once the file has its name.
 
-        @return: C{(final name, signature)}.
+        C{name} may be a path (C{photos/2026/a.jpg}, see
+        L{twisted_p2p.names.check_path}): its folders are made as needed,
+        each opened without following a symlink, so that nothing planted in
+        the downloads folder can send the file anywhere else.  Only the
+        file's own name is changed to avoid another file; a folder
+        download decides its top folder's name once, before it starts.
+
+        @return: C{(final name, signature)}, the name a path like C{name}.
         """
+        try:
+            check_path(name)
+        except BadName as e:
+            raise StorageError(f"will not write {name!r}: {e}") from e
+        parts = name.split("/")
         os.fsync(self._fd)
         ours = os.fstat(self._fd)
         os.close(self._fd)
@@ -334,34 +346,59 @@ class PartialFile:
         # planted in its place since it was opened.
         if not _same_file(_lstat(self.path), ours):
             raise OSError(errno.EEXIST, "the partial file was removed or replaced", self.path)
+        folder_fd = _open_folders(self.folder, parts[:-1])
+        try:
+            leaf = self._link_into(folder_fd, parts[-1], ours)
+            os.fsync(folder_fd)
+            linked = os.lstat(leaf, dir_fd=folder_fd)
+        finally:
+            os.close(folder_fd)
+        self._close_map()
+        _unlink(self.map_path)
+        return "/".join(parts[:-1] + [leaf]), file_signature(linked)
+
+    def _link_into(self, folder_fd, name, ours):
+        """
+        Link the partial file into the folder open as C{folder_fd} under
+        C{name} or a free variant of it, and remove the partial name.
+        """
+
+        def exists(path):
+            try:
+                os.lstat(os.path.basename(path), dir_fd=folder_fd)
+            except FileNotFoundError:
+                return False
+            return True
+
         while True:
-            final = free_name(self.folder, name)
-            target = os.path.join(self.folder, final)
+            final = free_name("/", name, exists=exists)
             try:
                 # link() fails if the name exists, where rename() would
                 # replace; without following a symlink swapped in since the
                 # check above.
-                os.link(self.path, target, follow_symlinks=False)
+                os.link(self.path, final, dst_dir_fd=folder_fd, follow_symlinks=False)
             except FileExistsError:
                 continue
-            except OSError:
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
                 # A filesystem without hard links: check, then rename.
-                if os.path.lexists(target):
+                if exists(final):
                     continue
-                os.rename(self.path, target)
+                os.rename(self.path, final, dst_dir_fd=folder_fd)
             else:
                 os.unlink(self.path)
             break
-        linked = _lstat(target)
+        linked = _lstat_at(folder_fd, final)
         if not _same_file(linked, ours):
             # Lost a race with whoever swapped the partial file: take back
             # the name we gave it.
-            _unlink(target)
+            try:
+                os.unlink(final, dir_fd=folder_fd)
+            except FileNotFoundError:
+                pass
             raise OSError(errno.EEXIST, "the partial file was removed or replaced", self.path)
-        _fsync_folder(self.folder)
-        self._close_map()
-        _unlink(self.map_path)
-        return final, file_signature(linked)
+        return final
 
     def close(self):
         """
@@ -415,6 +452,46 @@ def _open_own(path):
     return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
 
 
+def _open_folders(top, parts):
+    """
+    Open folder C{top}, then each of C{parts} below it in turn, making the
+    ones that are missing; never through a symlink, and never into anything
+    but a folder.
+
+    @return: a file descriptor of the last folder (the caller closes it).
+    @raise OSError: something that is not a folder is in the way.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                child = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    raise OSError(
+                        errno.ENOTDIR, f"{part!r} is in the way: it is not a folder"
+                    ) from e
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lstat_at(folder_fd, name):
+    try:
+        return os.lstat(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        return None
+
+
 def _lstat(path):
     try:
         return os.lstat(path)
@@ -435,11 +512,3 @@ def _unlink(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _fsync_folder(folder):
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -239,6 +239,8 @@ class FakePeer:
         if local is None and kind != "cancel":
             return [({"t": "error", "code": "unknown-file", "message": "no"}, b"")]
         if kind == "manifest":
+            if local.manifest is None:
+                return [({"t": "error", "code": "unknown-file", "message": "no"}, b"")]
             return [self.manifest_page(local, header.get("start", 0))]
         if kind == "have":
             return [({"t": "have", "id": local.file_id, "all": True}, b"")]

@@ -11,6 +11,7 @@ wait for that.
 """
 
 import os
+from collections import deque
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
@@ -33,10 +34,12 @@ from twisted_p2p.limits import (
     HAVE_REFRESH,
     MAX_STRIKES,
     MAX_TIMEOUTS,
+    PARALLEL_FILES,
     REQUEST_TIMEOUT,
     TIMEOUT_REST,
     VERIFY_QUEUE,
 )
+from twisted_p2p.names import BadName, check_path, free_name
 from twisted_p2p.seal import SealBroken, stream_seal
 from twisted_p2p.storage import StorageError
 
@@ -951,30 +954,44 @@ class Downloads:
     """
     Owns the downloads in progress: starts them, keeps one per file, hands
     finished files to the index so they are offered in turn, and shares one
-    L{Bans} between them for the session.
+    L{Bans} between them for the session.  It also owns the queue of files
+    waiting their turn (a folder download, a pattern): at most C{parallel}
+    of those run at once.
 
     @param make_download: C{make_download(name, file_id, peers, report,
         bans, index)} giving an unstarted L{Download} that shares C{bans} and
         offers its verified chunks through C{index}.
     @param index: the L{SharedIndex} that finished files join, and partial
         ones are offered from, or C{None} when downloads are not offered.
+    @param folder: the downloads folder, where a folder download's top
+        folder is given a name nothing uses yet; C{None} for none.
     """
 
-    def __init__(self, make_download, index, clock=None):
+    def __init__(self, make_download, index, folder=None, parallel=PARALLEL_FILES,
+                 clock=None):
         self._make = make_download
         self._index = index
+        self.folder = folder
+        self._parallel = parallel
         self.bans = Bans(clock=clock)
         self.active = {}
+        self._waiting = deque()
+        self._from_queue = set()
 
     def start(self, name, file_id, peers, report):
         """
-        Start (or resume) downloading C{file_id}; a Deferred of the final
-        name.
+        Start (or resume) downloading C{file_id} as C{name} (a path below
+        the downloads folder); a Deferred of the final name.
 
-        @raise DownloadFailed: it is already being downloaded.
+        @raise DownloadFailed: it is already being downloaded, or C{name}
+            breaks the path rule.
         """
         if file_id in self.active:
             raise DownloadFailed(f"{name} is already being downloaded")
+        try:
+            check_path(name)
+        except BadName as e:
+            raise DownloadFailed(f"will not download as {name!r}: {e}") from e
         download = self._make(name, file_id, peers, report, self.bans, self._index)
         self.active[file_id] = download
         d = download.start()
@@ -987,9 +1004,79 @@ class Downloads:
 
         def ended(result):
             del self.active[file_id]
+            self._from_queue.discard(file_id)
+            self._pump()
             return result
 
         return d.addCallback(finished).addBoth(ended)
+
+    def queue(self, name, file_id, peers, report):
+        """
+        Like L{start}, but the download waits its turn: at most C{parallel}
+        queued downloads run at once, and one of a file being downloaded
+        already waits for that one to end (a folder may hold the same
+        content twice).  A Deferred of the final name.
+        """
+        try:
+            check_path(name)
+        except BadName as e:
+            return defer.fail(DownloadFailed(f"will not download as {name!r}: {e}"))
+        d = defer.Deferred()
+        self._waiting.append((name, file_id, peers, report, d))
+        self._pump()
+        return d
+
+    @property
+    def waiting(self):
+        """
+        The names of the queued downloads that have not started yet.
+        """
+        return [name for name, *_ in self._waiting]
+
+    def _pump(self):
+        passed = deque()
+        while self._waiting and len(self._from_queue) < self._parallel:
+            item = self._waiting.popleft()
+            name, file_id, peers, report, d = item
+            if file_id in self.active:
+                passed.append(item)
+                continue
+            try:
+                started = self.start(name, file_id, peers, report)
+            except DownloadFailed as e:
+                d.errback(e)
+                continue
+            self._from_queue.add(file_id)
+            started.chainDeferred(d)
+        passed.extend(self._waiting)
+        self._waiting = passed
+
+    def unqueue(self, which):
+        """
+        Drop the queued downloads not started yet whose name C{which(name)}
+        accepts (a folder download cancelled); their Deferreds fail with a
+        L{DownloadFailed} already reported.  Their names.
+        """
+        kept, dropped = deque(), []
+        for item in self._waiting:
+            (dropped if which(item[0]) else kept).append(item)
+        self._waiting = kept
+        for name, *_, d in dropped:
+            error = DownloadFailed(f"{name} was cancelled before it started")
+            error.reported = True
+            d.errback(error)
+        return [item[0] for item in dropped]
+
+    def free_folder(self, name):
+        """
+        A name for a folder download's top folder in the downloads folder
+        that nothing uses yet: C{name}, else C{name (1)} and so on.  Decided
+        once per folder download, before any of its files arrives, so that
+        its files all go into one new folder.  (One C{lstat} or two: quick.)
+        """
+        if self.folder is None:
+            return name
+        return free_name(self.folder, name)
 
     # The peer table's observer: a peer that leaves is a source lost.
 
@@ -1007,6 +1094,11 @@ class Downloads:
         """
         Stop every download, keeping what each has verified, so that the
         next C{download} of the same file resumes it (the peer is stopping).
+        The queued ones that have not started are dropped.
         """
+        waiting, self._waiting = self._waiting, deque()
+        for name, *_, d in waiting:
+            error = DownloadFailed(f"{name} was waiting its turn when the peer stopped")
+            d.errback(error)
         for download in list(self.active.values()):
             download.pause()
