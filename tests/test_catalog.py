@@ -389,3 +389,43 @@ class TestEntryLimit:
         w.announce(BOB, rev=REV2)
         w.fetch.last(BOB).callback((REV2, entries("b", 3)))
         assert w.catalog.files_of(BOB) == entries("b", 3)
+
+
+# -- fetches take turns between hosts (issue 11) ------------------------------------------
+
+
+def test_fetches_take_turns_between_hosts():
+    """
+    Invented peers on one host, whose ports never answer, hold at most the
+    places not wanted by others: a real peer on another host starts as
+    soon as one is free, ahead of the invented ones queued before it.
+    """
+    from twisted.internet import defer
+
+    from twisted_p2p.catalog import FairFetches
+
+    fetches = FairFetches(4)
+    started = []
+
+    def fetch(name):
+        d = defer.Deferred()
+        started.append((name, d))
+        return d
+
+    results = [fetches.run("198.51.100.6", lambda n=n: fetch(f"fake{n}")) for n in range(5)]
+    # One host has at most half the places running.
+    assert [name for name, _ in started] == ["fake0", "fake1"]
+    results += [fetches.run("198.51.100.7", lambda n=n: fetch(f"other{n}")) for n in range(3)]
+    assert [name for name, _ in started] == ["fake0", "fake1", "other0", "other1"]
+    real = fetches.run("192.0.2.1", lambda: fetch("real"))
+    started[0][1].errback(defer.TimeoutError())
+    # The host with none running goes first.
+    assert [name for name, _ in started][-1] == "real"
+    started[-1][1].callback(("rev", []))
+    got = []
+    real.addCallback(got.append)
+    assert got == [("rev", [])]
+    assert started[-1][0] == "fake2"
+    assert fetches.running() == 4
+    for d in results:
+        d.addErrback(lambda f: None)

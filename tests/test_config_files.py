@@ -284,6 +284,14 @@ def test_invalid_toml(peer_dir, text, problem):
     assert refusal(path) == f"the settings file {path} is not valid TOML: {problem}"
 
 
+def test_a_settings_file_that_is_not_utf8_is_refused(peer_dir):
+    # Found by tests/test_fuzz_local.py: it used to end twistd with a traceback.
+    path = str(peer_dir / "latin1.toml")
+    with open(path, "wb") as f:
+        f.write('name = "caf\u00e9"\n'.encode("latin-1"))
+    assert refusal(path) == f"the settings file {path} is not valid TOML: it is not UTF-8 text"
+
+
 def test_missing_settings_file(peer_dir):
     path = str(peer_dir / "nowhere.toml")
     assert refusal(path) == f"cannot read the settings file {path}: No such file or directory"

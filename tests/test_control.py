@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
 from twisted_p2p import control, ctl, events
+from twisted_p2p.limits import MAX_CONTROL_WAITING
 
 LIST = events.event("list", "NAME  SIZE", files=[])
 STARTED = events.event("download-started", "downloading big.bin", file="big.bin")
@@ -441,6 +442,39 @@ def test_partial_request_in_time_still_aborts():
         clock.advance(control.REQUEST_TIMEOUT / 20)
     assert transport.disconnected
     assert transport.value() == b""
+
+
+def test_idle_connections_past_the_cap_close_the_longest_waiting():
+    """
+    Many idle connections cannot keep p2ppeer-ctl out: past
+    L{MAX_CONTROL_WAITING} the one that waited longest goes, and one that
+    sent its request (a watch, a download with --wait) is never counted.
+    """
+    commands = FakeCommands(fire_at_once=True)
+    factory = control.ControlFactory(commands)
+    clock = task.Clock()
+
+    def client():
+        protocol = factory.buildProtocol(None)
+        protocol.callLater = clock.callLater
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    watching = client()
+    watching[0].dataReceived(request("status", wait=True))
+    idle = [client() for _ in range(MAX_CONTROL_WAITING)]
+    assert not any(t.disconnecting for _, t in idle)
+    ctl_protocol, ctl_transport = client()
+    assert idle[0][1].disconnected and not idle[1][1].disconnecting
+    assert not watching[1].disconnected
+    ctl_protocol.dataReceived(request("status"))
+    assert sent(ctl_transport)[-1] == END_OK
+    assert factory.closed_waiting == 1
+    # A connection that went away is not counted any more.
+    for protocol, _ in idle[1:]:
+        protocol.connectionLost(None)
+    assert len(factory._waiting) == 0
 
 
 def test_request_in_time_cancels_the_timeout():

@@ -433,13 +433,21 @@ class TestHearing:
         h.feed(alice(), ("2001:db8:1::5", 51234), "ipv6 eth0")
         assert h.net.vias() == [(("2001:db8:1::5", 51234), "ipv6 eth0")]
 
-    def test_restart_at_a_changed_address_updates_the_single_entry(self, h):
+    def test_restart_at_a_changed_port_updates_the_single_entry(self, h):
         h.feed(alice())
-        h.feed(alice(instance=OTHER_INSTANCE, port=4100), ("198.51.100.99", 40002))
+        h.feed(alice(instance=OTHER_INSTANCE, port=4100), (ALICE_ADDR[0], 40002))
         assert len(h.table) == 1
         peer = h.table.get(ALICE)
-        assert (peer.host, peer.udp_port, peer.transfer_port) == ("198.51.100.99", 40002, 4100)
+        assert (peer.host, peer.udp_port, peer.transfer_port) == (ALICE_ADDR[0], 40002, 4100)
         assert h.observer.events == [("joined", ALICE), ("changed", ALICE, None)]
+
+    def test_a_live_peers_id_from_another_host_is_dropped_and_counted(self, h):
+        h.feed(alice())
+        h.feed(alice(instance=OTHER_INSTANCE, port=4100), ("198.51.100.99", 40002))
+        peer = h.table.get(ALICE)
+        assert (peer.host, peer.instance_id) == (ALICE_ADDR[0], INSTANCE)
+        assert h.discovery.dropped == Counter({"a live peer's id from another host": 1})
+        assert h.observer.events == [("joined", ALICE)]
 
     def test_same_instance_from_another_address_adds_it(self, h):
         h.feed(alice())

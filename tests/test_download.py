@@ -20,6 +20,7 @@ from twisted_p2p.download import Bans, Download, DownloadFailed, Downloads
 from twisted_p2p.download.download import PROGRESS_INTERVAL
 from twisted_p2p.download.finder import ANSWER_TIMEOUT
 from twisted_p2p.limits import (
+    BAN_ADDRESS_SECONDS,
     BUSY_BACKOFF_MAX,
     BUSY_BACKOFF_MIN,
     ENDGAME_STALL,
@@ -550,6 +551,44 @@ def test_a_banned_peer_is_not_even_connected_to(tmp_path):
     for _ in range(MAX_STRIKES):
         bans.strike(A)
     h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=(A, B), bans=bans)
+    done = h.start()
+    assert h.clients[A].gets == [] and h.clients[A].have_asked == 0
+    h.serve(B)
+    assert result_of(done)
+
+
+def test_a_banned_peers_address_stays_banned_for_a_time_under_a_new_id():
+    """
+    Bans that stick (issue 11): a liar that comes back with a new peer id
+    from the same address is still banned, for BAN_ADDRESS_SECONDS; an
+    address is not banned for ever, as it may pass to someone else.
+    """
+    clock = task.Clock()
+    bans = Bans(clock=clock)
+    for _ in range(MAX_STRIKES):
+        bans.strike("liar-id", "192.0.2.66")
+    assert bans.is_banned("liar-id")
+    clock.advance(1)
+    # A new id first heard there after the ban is banned; a peer known
+    # there before (another peer of the same host) is not.
+    assert bans.is_banned("new-id", "192.0.2.66", joined=clock.seconds())
+    assert not bans.is_banned("neighbour", "192.0.2.66", joined=clock.seconds() - 10)
+    assert not bans.is_banned("new-id", "192.0.2.67", joined=clock.seconds())
+    clock.advance(BAN_ADDRESS_SECONDS)
+    assert not bans.is_banned("new-id", "192.0.2.66", joined=clock.seconds())
+    assert bans.is_banned("liar-id", "192.0.2.67")  # the id itself, for the session
+
+
+def test_a_liar_under_a_new_id_at_the_same_address_is_not_connected_to(tmp_path):
+    clock = task.Clock()
+    bans = Bans(clock=clock)
+    for _ in range(MAX_STRIKES):
+        bans.strike("the old id", A)
+    clock.advance(1)
+    h = Harness(tmp_path, content_of(CHUNK_SIZE), hosts=(A, B), bans=bans)
+    assert h.peers[0].peer_id != "the old id"
+    h.peers[0].joined = clock.seconds()  # first heard after the ban
+    h.peers[1].joined = 0.0
     done = h.start()
     assert h.clients[A].gets == [] and h.clients[A].have_asked == 0
     h.serve(B)

@@ -93,9 +93,10 @@ class TestHeard:
         # A restart has no old revision worth comparing with.
         assert recorder.events == [("joined", ALICE), ("changed", ALICE, None)]
 
-    def test_restarted_with_new_revision_and_address(self, table, recorder):
+    def test_restarted_with_new_revision_and_port(self, table, recorder):
+        # A restart binds a new private UDP port: same host, another port.
         table.heard(announce(), "192.0.2.1", 5000)
-        outcome = table.heard(announce(instance=OTHER_INSTANCE, rev=REV2), "192.0.2.2", 5001)
+        outcome = table.heard(announce(instance=OTHER_INSTANCE, rev=REV2), "192.0.2.1", 5001)
         assert outcome == "restarted"
         assert recorder.events[-1] == ("changed", ALICE, None)
 
@@ -126,13 +127,29 @@ class TestHeard:
         assert table.at(host, udp_port) is peer
         assert recorder.events == [("joined", ALICE)]
 
-    def test_restart_from_another_address_moves_the_entry(self, table, recorder):
+    def test_a_new_instance_from_another_host_is_refused_while_the_peer_lives(
+        self, table, recorder, clock
+    ):
+        # Someone else claiming a live peer's id (issue 11): the entry stays.
         table.heard(announce(), "192.0.2.1", 5000)
+        clock.advance(TIMEOUT - 1)
+        table.heard(announce(), "192.0.2.1", 5000)
+        clock.advance(TIMEOUT - 1)
         outcome = table.heard(announce(instance=OTHER_INSTANCE, port=4009), "192.0.2.9", 5009)
-        assert outcome == "restarted"
+        assert outcome == "duplicate"
+        peer = table.get(ALICE)
+        assert (peer.host, peer.instance_id) == ("192.0.2.1", INSTANCE)
+        assert recorder.events == [("joined", ALICE)]
+
+    def test_a_peer_that_moved_and_restarted_is_taken_once_its_old_entry_expired(
+        self, table, recorder, clock
+    ):
+        table.heard(announce(), "192.0.2.1", 5000)
+        clock.advance(TIMEOUT)
+        outcome = table.heard(announce(instance=OTHER_INSTANCE, port=4009), "192.0.2.9", 5009)
+        assert outcome == "new"
         peer = table.get(ALICE)
         assert (peer.host, peer.udp_port, peer.transfer_port) == ("192.0.2.9", 5009, 4009)
-        assert recorder.events == [("joined", ALICE), ("changed", ALICE, None)]
 
     def test_new_address_after_expiry_is_taken(self, table, clock):
         table.heard(announce(), "192.0.2.1", 5000)
@@ -228,10 +245,10 @@ class TestGoodbye:
 
     def test_goodbye_from_new_address_after_restart_elsewhere(self, table):
         table.heard(announce(), "192.0.2.1", 5000)
-        table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.2", 5000)
+        table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.1", 5001)
         assert table.goodbye(Goodbye(ALICE, INSTANCE), "192.0.2.1", 5000) is None
         assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.1", 5000) is None
-        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.2", 5000) == "dropped"
+        assert table.goodbye(Goodbye(ALICE, OTHER_INSTANCE), "192.0.2.1", 5001) == "dropped"
 
     def test_replayed_announce_cannot_open_the_way_for_a_goodbye(self, table, recorder):
         # An attacker who heard Alice's announce replays it from its own
@@ -302,8 +319,8 @@ class TestAddresses:
     def test_restart_forgets_the_old_addresses(self, table):
         table.heard(announce(), "192.0.2.1", 5000)
         table.heard(announce(), "192.0.2.7", 5000)
-        assert table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.9", 5009) == "restarted"
-        assert list(table.get(ALICE).addresses) == [("192.0.2.9", 5009)]
+        assert table.heard(announce(instance=OTHER_INSTANCE), "192.0.2.7", 5009) == "restarted"
+        assert list(table.get(ALICE).addresses) == [("192.0.2.7", 5009)]
         assert table.at("192.0.2.1", 5000) is None
 
 
@@ -349,6 +366,36 @@ def peer_id(n):
 
 
 class TestBounds:
+    def test_a_full_table_makes_room_for_a_peer_of_a_less_crowded_host(self, clock):
+        """
+        Invented ids from a few hosts fill the table; a real newcomer from
+        another host takes the place of the least recently heard of the
+        most crowded host, and the flood cannot take it back.
+        """
+        table = PeerTable(clock, TIMEOUT, max_peers=8, max_per_host=8)
+        for n in range(8):
+            clock.advance(1)
+            host = "198.51.100.1" if n < 6 else "198.51.100.2"
+            assert table.heard(announce(peer_id(n)), host, 5000 + n) == "new"
+        clock.advance(1)
+        assert table.heard(announce(peer_id(100)), "192.0.2.50", 5000) == "new"
+        assert peer_id(0) not in table  # the oldest of the crowded host
+        assert table.made_room == 1
+        # The crowded host's new ids make no room for themselves...
+        assert table.heard(announce(peer_id(101)), "198.51.100.1", 6000) == "full"
+        # ...nor does a host as crowded as the rest, once they are even.
+        for n in range(102, 106):
+            table.heard(announce(peer_id(n)), f"192.0.2.{n}", 5000)
+        assert table.heard(announce(peer_id(200)), "198.51.100.2", 7000) == "full"
+        assert len(table) == 8
+
+    def test_ipv6_addresses_of_one_64_count_as_one_host(self, clock):
+        table = PeerTable(clock, TIMEOUT, max_peers=100, max_per_host=2)
+        assert table.heard(announce(peer_id(0)), "2001:db8:1:2::1", 5000) == "new"
+        assert table.heard(announce(peer_id(1)), "2001:db8:1:2::ffff", 5000) == "new"
+        assert table.heard(announce(peer_id(2)), "2001:db8:1:2:abcd::9", 5000) == "full"
+        assert table.heard(announce(peer_id(3)), "2001:db8:1:3::1", 5000) == "new"
+
     def test_new_ids_beyond_the_limit_are_refused(self, clock):
         table = PeerTable(clock, TIMEOUT, max_peers=3, max_per_host=3)
         recorder = Recorder(table)
@@ -380,9 +427,11 @@ class TestBounds:
         assert len(table) == 3
 
     def test_per_host_room_follows_restarts_and_departures(self):
-        table = PeerTable(Clock(), TIMEOUT, max_peers=10, max_per_host=1)
+        clock = Clock()
+        table = PeerTable(clock, TIMEOUT, max_peers=10, max_per_host=1)
         table.heard(announce(peer_id(0)), "192.0.2.1", 5000)
-        # Peer 0 restarts on another host: its old host has room again.
+        # Peer 0 goes, and restarts on another host: its old host has room again.
+        clock.advance(TIMEOUT)
         table.heard(announce(peer_id(0), instance=OTHER_INSTANCE), "192.0.2.2", 5000)
         assert table.heard(announce(peer_id(1)), "192.0.2.1", 5000) == "new"
         assert table.heard(announce(peer_id(2)), "192.0.2.2", 5000) == "full"

@@ -6,6 +6,7 @@ service tree L{makeService} builds (constructed, never started).
 import os
 import random
 import socket
+from types import SimpleNamespace
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -624,7 +625,10 @@ def test_catalog_fetches_are_limited_and_timed_out(folder, ports, monkeypatch):
         return d
 
     monkeypatch.setattr(peer, "_open_client", never_answers)
-    results = [peer._fetch_catalog(object()) for _ in range(service_module.CATALOG_FETCHES + 3)]
+    results = [
+        peer._fetch_catalog(SimpleNamespace(host=f"192.0.2.{n}"))
+        for n in range(service_module.CATALOG_FETCHES + 3)
+    ]
     # Only so many at once; the rest wait for a place.
     assert len(opened) == service_module.CATALOG_FETCHES
     clock.advance(service_module.CATALOG_FETCH_TIMEOUT)

@@ -299,3 +299,25 @@ def test_handshakes_under_way_from_one_host_are_bounded():
     gates.lost(made[0], Failure(ConnectionDone()))
     assert gates.buildProtocol(address) is not None
     assert gates.buildProtocol(address) is None
+
+
+def test_a_stalled_handshake_gives_way_to_a_new_one_from_its_host():
+    """
+    A stranger holding MAX_CONNECTIONS_PER_HOST handshakes open from a
+    member's address cannot keep the member out: once the oldest has
+    stalled for EVICTABLE_AFTER, a new one aborts it.
+    """
+    from twisted.internet.testing import StringTransport
+
+    from twisted_p2p.limits import EVICTABLE_AFTER
+
+    clock = task.Clock()
+    gates = tls._ServerGates(Factory.forProtocol(Recorder), clock, lambda *a: None)
+    address = IPv4Address("TCP", "192.0.2.1", 5000)
+    made = [gates.buildProtocol(address) for _ in range(MAX_CONNECTIONS_PER_HOST)]
+    for gate in made:
+        gate.makeConnection(StringTransport())
+    assert gates.buildProtocol(address) is None  # none stalled long enough
+    clock.advance(EVICTABLE_AFTER)
+    assert gates.buildProtocol(address) is not None
+    assert made[0].transport.disconnecting and not made[1].transport.disconnecting

@@ -32,6 +32,7 @@ from twisted_p2p.limits import (
     MAX_STREAM_QUEUE,
     MAX_STREAMS_PER_CONNECTION,
     UPLOAD_BURST,
+    UPLOAD_RECLAIM_AFTER,
 )
 from twisted_p2p.manifest import CHUNK_SIZE, Manifest
 from twisted_p2p.storage import ChunkMap
@@ -615,6 +616,65 @@ def test_a_stream_ended_frees_its_upload_place(peer, files):
     assert peer.uploads.active == 1
     peer.stream(five, [2], token="ef" * 16)
     assert len(peer.connect.calls) == 3
+
+
+def test_a_stream_whose_requester_does_not_read_gives_its_slot_to_a_new_one(files):
+    peer = Peer(files, max_uploads=1)
+    five = files[2]
+    stalled = peer.stream(five, [0, 1, 2])  # never read: nothing is pulled
+    peer.clock.advance(UPLOAD_RECLAIM_AFTER - 1)
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(get(five.file_id, [1], token=OTHER_TOKEN))
+    assert e.value.code == "busy"  # not stalled long enough yet
+    peer.clock.advance(1)
+    fresh = peer.stream(five, [1], token=OTHER_TOKEN)
+    assert stalled.disconnecting
+    assert peer.uploads.reclaimed == 1
+    assert peer.uploads.active == 1
+    pull(fresh)
+    assert chunk_runs(fresh) == [(1, 1)]
+
+
+def test_one_address_holds_at_most_its_share_of_the_slots(files):
+    peer = Peer(files, max_uploads=32)
+    five = files[2]
+    share = peer.uploads.max_per_host
+    assert share == 8
+    sessions = [peer.new_session() for _ in range(share // 4 + 1)]
+    tokens = iter(f"{n:032x}" for n in range(1, 100))
+    for n in range(share):
+        peer.stream(five, [0], token=next(tokens), session=sessions[n // 4])
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(get(five.file_id, [0], token=next(tokens)), sessions[-1])
+    assert e.value.code == "busy" and "share" in e.value.message
+    # Another address is served: most slots are left to the others.
+    other = peer.uploads.session("192.0.2.99")
+    peer.stream(five, [0], token=next(tokens), session=other)
+    assert peer.uploads.active == share + 1
+
+
+def test_a_stream_that_drains_keeps_its_slot(files):
+    peer = Peer(files, max_uploads=1)
+    five = files[2]
+    reading = peer.stream(five, list(range(5)))
+    for _ in range(3):
+        peer.clock.advance(UPLOAD_RECLAIM_AFTER - 1)
+        reading.producer.resumeProducing()  # a little goes out each time
+        with pytest.raises(RequestRefused) as e:
+            peer.handle(get(five.file_id, [1], token=OTHER_TOKEN))
+        assert e.value.code == "busy"
+    assert peer.uploads.reclaimed == 0
+
+
+def test_a_stream_held_back_by_our_own_rate_keeps_its_slot(files):
+    peer = Peer(files, max_uploads=1, max_rate=1024)
+    five = files[2]
+    transport = peer.stream(five, [0, 1, 2, 3])
+    pull(transport)  # what the burst allows goes; the rest waits on our rate
+    peer.clock.advance(UPLOAD_RECLAIM_AFTER * 2)
+    with pytest.raises(RequestRefused) as e:
+        peer.handle(get(five.file_id, [1], token=OTHER_TOKEN))
+    assert e.value.code == "busy"
 
 
 def test_get_unreachable_requester(peer, files):

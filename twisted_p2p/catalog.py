@@ -2,8 +2,11 @@
 The network catalog: what the other peers offer.
 """
 
+import itertools
+from collections import Counter
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from twisted_p2p import heap, wire
@@ -31,6 +34,59 @@ class Offer:
     @property
     def short_id(self):
         return self.file_id[:8]
+
+
+class FairFetches:
+    """
+    Runs at most C{slots} catalog fetches at once, taking turns between the
+    hosts they go to: the next to start is, of those waiting, one whose host
+    has the fewest fetches running (the longest waiting first among them),
+    and no host has more than half of them running.
+    So invented peers on a few hosts, whose ports never answer, hold at
+    most the places their hosts' turns give them, and a real peer on
+    another host is fetched as soon as any place is free.
+    """
+
+    def __init__(self, slots):
+        self._slots = slots
+        #: Fetches one host may have running: half the places, so that
+        #: another host always finds one free at once.
+        self._per_host = max(1, slots // 2)
+        self._running = Counter()
+        self._waiting = []
+        self._order = itertools.count()
+
+    def run(self, host, f):
+        """
+        C{f()} (a Deferred) once a place is free and it is C{host}'s turn; a
+        Deferred of its result.
+        """
+        d = defer.Deferred()
+        self._waiting.append((next(self._order), host, f, d))
+        self._next()
+        return d
+
+    def running(self):
+        return sum(self._running.values())
+
+    def _next(self):
+        while self._waiting and self.running() < self._slots:
+            entry = min(self._waiting, key=lambda e: (self._running[e[1]], e[0]))
+            if self._running[entry[1]] >= self._per_host:
+                return  # every host waiting has its share running
+            self._waiting.remove(entry)
+            _, host, f, d = entry
+            self._running[host] += 1
+            result = defer.maybeDeferred(f)
+            result.addBoth(self._done, host)
+            result.chainDeferred(d)
+
+    def _done(self, result, host):
+        self._running[host] -= 1
+        if not self._running[host]:
+            del self._running[host]
+        self._next()
+        return result
 
 
 class NetworkCatalog:

@@ -18,7 +18,7 @@ from twisted_p2p.limits import (
     MAX_PATH_BYTES,
     MAX_REMOTE_TEXT,
 )
-from twisted_p2p.manifest import HASH_SIZE, Manifest, chunk_count
+from twisted_p2p.manifest import HASH_SIZE, Manifest, ManifestMismatch, chunk_count, compute_file_id
 from twisted_p2p.names import is_legal_path
 from twisted_p2p.transfer import FramedProtocol
 
@@ -108,6 +108,21 @@ class SenderClient(FramedProtocol):
     def close(self):
         if self.transport is not None:
             self.transport.loseConnection()
+
+
+class Deadline:
+    """
+    A sender connection whose every call fails with C{TimeoutError} unless
+    answered within C{seconds}.
+    """
+
+    def __init__(self, client, seconds, clock):
+        self._client = client
+        self._seconds = seconds
+        self._clock = clock
+
+    def call(self, header):
+        return self._client.call(header).addTimeout(self._seconds, self._clock)
 
 
 def parse_catalog(header):
@@ -231,13 +246,16 @@ async def _fetch_catalog_pages(client):
 async def fetch_manifest(client, file_id):
     """
     The manifest of C{file_id}, fetched page by page and checked against the
-    id: a peer cannot make us accept hashes for other content.
+    id: a peer cannot make us accept hashes for other content.  The hashes
+    are gathered in one buffer (32 bytes each, whatever the peer claims) and
+    checked against the id before they are split, so that a liar claiming a
+    huge file costs at most that buffer, for as long as the fetch.
     """
-    hashes = []
+    hashes = bytearray()
     size = None
     while True:
         header, body = await client.call(
-            wire.request("manifest", id=file_id, start=len(hashes))
+            wire.request("manifest", id=file_id, start=len(hashes) // HASH_SIZE)
         )
         if header["t"] != "manifest" or header.get("id") != file_id:
             raise wire.ProtocolError("expected the manifest we asked for")
@@ -249,11 +267,17 @@ async def fetch_manifest(client, file_id):
         count = wire.int_field(header, "count", 0, MANIFEST_PAGE)
         if len(body) != count * HASH_SIZE:
             raise wire.ProtocolError("manifest page of the wrong length")
-        hashes.extend(body[i : i + HASH_SIZE] for i in range(0, len(body), HASH_SIZE))
+        hashes += body
         total = chunk_count(size)
-        if len(hashes) >= total or count == 0:
+        if len(hashes) >= total * HASH_SIZE or count == 0:
             break
-    return Manifest.build(size, hashes, file_id)
+    if len(hashes) != chunk_count(size) * HASH_SIZE:
+        raise ManifestMismatch("chunk count does not fit the size")
+    if compute_file_id(size, (hashes,)) != file_id:
+        raise ManifestMismatch("chunk hashes do not match the file id")
+    return Manifest.build(
+        size, [bytes(hashes[i : i + HASH_SIZE]) for i in range(0, len(hashes), HASH_SIZE)], file_id
+    )
 
 
 async def fetch_have(client, file_id, chunk_count):

@@ -13,6 +13,7 @@ JSON line and gets events back as JSON lines (see C{events.py}):
 """
 
 import json
+from collections import OrderedDict
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
@@ -21,12 +22,12 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from twisted_p2p import events
-from twisted_p2p.limits import MAX_COMMAND_LINE
+from twisted_p2p.limits import CONTROL_REQUEST_TIMEOUT, MAX_COMMAND_LINE, MAX_CONTROL_WAITING
 
 log = Logger()
 
 #: A client that sends no request within this many seconds is dropped.
-REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT = CONTROL_REQUEST_TIMEOUT
 
 #: The control socket's file name in the state dir.
 SOCKET_NAME = "control.sock"
@@ -62,11 +63,20 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
         self._ended = False
         self._unsubscribe = None
         self.setTimeout(REQUEST_TIMEOUT)
+        self.factory.waiting(self)
+
+    def dataReceived(self, data):
+        # Once the connection is closing, what still arrives is thrown away
+        # rather than gathered (LineOnlyReceiver would keep appending it).
+        if self.transport is None or self.transport.disconnecting:
+            return
+        LineOnlyReceiver.dataReceived(self, data)
 
     def lineReceived(self, line):
         if self._asked:
             return  # one request per connection; the rest is ignored
         self._asked = True
+        self.factory.asked(self)
         self.setTimeout(None)
         try:
             request = json.loads(line.decode("utf-8"))
@@ -132,6 +142,7 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
         self.transport.loseConnection()
 
     def lineLengthExceeded(self, line):
+        self._buffer = b""
         self.transport.loseConnection()
 
     def timeoutConnection(self):
@@ -139,6 +150,7 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
 
     def connectionLost(self, reason):
         self.setTimeout(None)
+        self.factory.asked(self)
         self._ended = True
         if self._unsubscribe is not None:
             self._unsubscribe()
@@ -154,6 +166,24 @@ class ControlFactory(Factory):
     protocol = ControlProtocol
     noisy = False
 
-    def __init__(self, commands, hub=None):
+    def __init__(self, commands, hub=None, max_waiting=MAX_CONTROL_WAITING):
         self.commands = commands
         self.hub = hub
+        self._max_waiting = max_waiting
+        self._waiting = OrderedDict()
+        self.closed_waiting = 0
+
+    def waiting(self, protocol):
+        """
+        C{protocol} waits for its request; past L{MAX_CONTROL_WAITING}
+        such, the one that has waited longest is closed.
+        """
+        self._waiting[protocol] = None
+        while len(self._waiting) > self._max_waiting:
+            oldest, _ = self._waiting.popitem(last=False)
+            self.closed_waiting += 1
+            if oldest.transport is not None:
+                oldest.transport.abortConnection()
+
+    def asked(self, protocol):
+        self._waiting.pop(protocol, None)

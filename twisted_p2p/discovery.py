@@ -39,14 +39,14 @@ from twisted_p2p.limits import (
     EXCHANGE_INTRO_RATE,
     MAX_EXCHANGE_CANDIDATES,
     MAX_EXCHANGE_PEERS,
+    MAX_OWN_ADDRESSES,
     NEWCOMER_REPLY_BURST,
     NEWCOMER_REPLY_RATE,
 )
 
 log = Logger()
 
-#: Our own addresses remembered (heard when our announces come back to us).
-_OWN_ADDRESSES = 64
+_OWN_ADDRESSES = MAX_OWN_ADDRESSES
 
 #: What the console says when discovery cannot send anywhere.
 NO_ROUTE_ADVICE = (
@@ -425,6 +425,8 @@ class Discovery:
             self.dropped["peer table full"] += 1
         elif outcome == "too many addresses":
             self.dropped["too many addresses"] += 1
+        elif outcome == "duplicate":
+            self.dropped["a live peer's id from another host"] += 1
         elif outcome in ("new", "restarted"):
             # A newcomer learns of us, and of the peers it cannot hear, now
             # rather than one interval from now.

@@ -64,6 +64,23 @@ MAX_QUEUED_REQUESTS = 8
 #: hold thousands of half-sent frames in our memory.
 MAX_CONNECTIONS_PER_HOST = 64
 
+#: A connection that has sent nothing for this long (seconds), and holds
+#: nothing open (no stream, no request being answered, no hello yet on a
+#: data connection), may be closed to make room for a new connection when
+#: its host is at MAX_CONNECTIONS_PER_HOST, or the process near its
+#: descriptor limit: the least recently active goes first.  So idle
+#: connections and slowloris clients (a frame never finished counts as
+#: nothing sent) cannot keep out an honest peer of the same host, and a
+#: connection at work is never the one closed.
+EVICTABLE_AFTER = 2.0
+
+#: File descriptors never given to accepted connections: they are kept for
+#: what the peer opens itself (the files it serves, the streams and catalog
+#: fetches it connects, its log and state files).  Past the process's
+#: limit less this, a new connection makes room by closing an idle one
+#: anywhere, or is refused; the peer never runs out in the middle of work.
+DESCRIPTOR_RESERVE = 128
+
 #: A data connection must present its token within this many seconds.
 HELLO_TIMEOUT = 10.0
 
@@ -90,8 +107,23 @@ MAX_STREAMS_PER_CONNECTION = 4
 #: window a requester keeps.
 MAX_STREAM_QUEUE = 256
 
+#: Downloads the record of partial downloads in the state dir remembers;
+#: the oldest are forgotten first (their data stays on disk and resumes on
+#: a plain "download"), and a damaged or planted record loads no more.
+MAX_RECORDED_PARTIALS = 200
+
 #: A console line longer than this is rejected.
 MAX_COMMAND_LINE = 4096
+
+#: A control-socket client that sends no request within this many seconds
+#: is dropped (p2ppeer-ctl sends its request at once).
+CONTROL_REQUEST_TIMEOUT = 10.0
+
+#: Control-socket connections that may wait for their request at once; a
+#: new one past this closes the one that has waited longest, so that idle
+#: connections can never keep p2ppeer-ctl out (nor hold the descriptors
+#: the network side needs).
+MAX_CONTROL_WAITING = 32
 
 #: Longest shared file name, in UTF-8 bytes (the usual filesystem limit).
 MAX_NAME_BYTES = 255
@@ -158,8 +190,27 @@ REQUEST_TIMEOUT = 10.0
 #: Simultaneous incoming requests one peer serves; more get "busy".
 MAX_UPLOADS = 32
 
+#: Share of the upload slots one address may hold: a quarter of them, but
+#: at least MIN_UPLOADS_PER_HOST (all of them, when there are fewer): 8 of
+#: the default 32.  A host asking for more streams is "busy", so that one
+#: host, however it behaves, leaves most slots to the others.
+UPLOADS_PER_HOST_SHARE = 4
+MIN_UPLOADS_PER_HOST = 8
+
+#: When every upload slot is taken, a stream that has sent nothing for this
+#: long (seconds) while chunks wait on it, not held back by our own upload
+#: rate, gives its slot to the new request: its requester is not reading,
+#: and must not hold a slot an honest peer could use.  (Alone, such a
+#: stream lasts until IDLE_TIMEOUT.)
+UPLOAD_RECLAIM_AFTER = 5.0
+
 #: Verification failures after which a peer is banned for the session.
 MAX_STRIKES = 3
+
+#: Seconds the address of a banned peer stays banned too, so that a liar
+#: that comes back under a new peer id from the same address is not asked
+#: again; not for ever, as an address may pass to someone else.
+BAN_ADDRESS_SECONDS = 600.0
 
 #: Requests of one download that may time out on one source before it is
 #: no longer asked.
@@ -231,6 +282,14 @@ EXCHANGE_INTRO_RATE = 8.0
 #: LAN at once rather than at the next interval, but at most this often (s).
 EARLY_ANNOUNCE_INTERVAL = 1.0
 
+#: Goodbyes remembered, so that the second goodbye of a peer that has left
+#: (over its other address) is not taken for a spoofed one.
+MAX_DEPARTED = 256
+
+#: Our own addresses remembered (heard when our announces come back to
+#: us), so that we never introduce ourselves to ourselves.
+MAX_OWN_ADDRESSES = 64
+
 #: C{--peer} targets: each is sent an announce every interval.
 MAX_PEER_TARGETS = 64
 
@@ -243,6 +302,24 @@ NEWCOMER_REPLY_RATE = 8.0
 #: Catalog entries kept across all peers (~40 MB, and under a second to
 #: list); a peer whose catalog would go over this keeps only what fits.
 MAX_CATALOG_ENTRIES = 100_000
+
+#: Catalog fetches under way at once: each may hold a catalog of up to
+#: MAX_CATALOG_FILES entries in memory until it is stored.
+CATALOG_FETCHES = 8
+
+#: Seconds a peer has to answer each manifest or "have" call of a download
+#: before it is left out of it (its connection closed), so that a silent
+#: peer costs the others nothing.
+ANSWER_TIMEOUT = 10.0
+
+#: Seconds a whole catalog fetch may take, and each of its answers (a page
+#: of 32 KiB is answered in milliseconds by any live peer): a peer whose
+#: port accepts and never answers gives its place up soon.
+CATALOG_FETCH_TIMEOUT = 20.0
+CATALOG_ANSWER_TIMEOUT = 5.0
+
+#: Seconds to wait for a TCP connection to a peer.
+CONNECT_TIMEOUT = 5.0
 
 #: First and longest wait before a failed catalog fetch is tried again
 #: (doubling in between), so an unreachable peer costs little.

@@ -15,14 +15,15 @@ import os
 
 from twisted.logger import Logger
 
+from twisted_p2p.limits import MAX_RECORDED_PARTIALS
+
 log = Logger()
 
 #: The record's file name in the state dir.
 RECORD_NAME = "partial-downloads.json"
 
-#: Downloads remembered at most; the oldest are forgotten first (their data
-#: stays on disk and resumes on a plain C{download}).
-MAX_RECORDED = 200
+#: Downloads remembered at most (see limits.py).
+MAX_RECORDED = MAX_RECORDED_PARTIALS
 
 
 class PartialDownloads:

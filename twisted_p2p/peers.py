@@ -8,11 +8,10 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from twisted_p2p.interfaces import format_address, is_link_local
-from twisted_p2p.limits import MAX_ADDRESSES_PER_PEER, MAX_PEERS, MAX_PEERS_PER_HOST
+from twisted_p2p.limits import MAX_ADDRESSES_PER_PEER, MAX_DEPARTED, MAX_PEERS, MAX_PEERS_PER_HOST
+from twisted_p2p.wire import address_group
 
-#: Goodbyes remembered, so that the second goodbye of a peer that has left
-#: (over its other address) is not taken for a spoofed one.
-_DEPARTED = 256
+_DEPARTED = MAX_DEPARTED
 
 
 @dataclass
@@ -63,6 +62,8 @@ class Peer:
     main: object = field(default=None, repr=False, compare=False)
     addresses: dict = field(default_factory=dict, repr=False, compare=False)
     expiry: object = field(default=None, repr=False, compare=False)
+    #: When this peer id was first heard (for the bans of an address).
+    joined: float = field(default=0.0, compare=False)
 
     @property
     def short_id(self):
@@ -125,6 +126,8 @@ class PeerTable:
         self.max_per_host = max_per_host
         self._peers = {}
         self._per_host = Counter()
+        #: Peers dropped to make room for a peer of a less crowded host.
+        self.made_room = 0
         self._by_address = {}
         self._departed = OrderedDict()
         self._observers = []
@@ -163,9 +166,10 @@ class PeerTable:
         C{via}.
 
         The addresses of an entry are replaced only with a new instance id
-        (a restart); while it is alive, an announce naming its current
-        instance from another address adds that address, and the main one
-        stays, so that nobody can move a peer to their own address.
+        (a restart) from a host it is at; while it is alive, an announce
+        naming its current instance from another address adds that address,
+        and the main one stays, so that nobody can move a peer to their own
+        address, and a new instance from another host is refused.
 
         @return: C{"new"} for a peer id we did not know, C{"restarted"} for a
             known one with a new instance id, C{"changed"} for a changed
@@ -178,7 +182,9 @@ class PeerTable:
         now = self._clock.seconds()
         peer = self._peers.get(announce.peer_id)
         if peer is None:
-            if len(self._peers) >= self._max_peers or self._per_host[host] >= self.max_per_host:
+            if self._per_host[address_group(host)] >= self.max_per_host:
+                return "full"
+            if len(self._peers) >= self._max_peers and not self._make_room(host):
                 return "full"
             peer = Peer(
                 announce.peer_id,
@@ -191,6 +197,7 @@ class PeerTable:
                 name=announce.name,
                 advertised=announce.host,
                 via=via,
+                joined=now,
             )
             self._peers[peer.peer_id] = peer
             self._add_address(peer, host, udp_port, via, now)
@@ -203,10 +210,16 @@ class PeerTable:
         outcome = "same"
         old_revision = peer.revision
         before = (peer.transfer_port, peer.revision, peer.name, peer.advertised, peer.host)
+        if restarted and host not in {h for h, _ in peer.addresses}:
+            # A new instance from a host the peer is not at, while the
+            # current one is still heard: another host claiming its id.  A
+            # peer that moved and restarted is taken once its old entry
+            # has expired (or said goodbye, as a peer that stops does).
+            return "duplicate"
         if restarted:
             for old in list(peer.addresses):
                 self._remove_address(peer, old)
-            if self._per_host[host] >= self.max_per_host:
+            if self._per_host[address_group(host)] >= self.max_per_host:
                 self._drop(peer, "restarted elsewhere, and its address is full")
                 return "full"
             self._add_address(peer, host, udp_port, via, now)
@@ -217,7 +230,10 @@ class PeerTable:
         else:
             if len(peer.addresses) >= MAX_ADDRESSES_PER_PEER:
                 return "too many addresses"
-            if self._by_address.get(key) not in (None, peer) or self._per_host[host] >= self.max_per_host:
+            if (
+                self._by_address.get(key) not in (None, peer)
+                or self._per_host[address_group(host)] >= self.max_per_host
+            ):
                 return "full"
             self._add_address(peer, host, udp_port, via, now)
             outcome = "added"
@@ -290,17 +306,17 @@ class PeerTable:
     def _add_address(self, peer, host, udp_port, via, now):
         peer.addresses[(host, udp_port)] = Address(host, udp_port, via, now)
         self._by_address[(host, udp_port)] = peer
-        self._per_host[host] += 1
+        self._per_host[address_group(host)] += 1
         self._choose_main(peer)
 
     def _remove_address(self, peer, key):
         peer.addresses.pop(key)
         if self._by_address.get(key) is peer:
             del self._by_address[key]
-        host = key[0]
-        self._per_host[host] -= 1
-        if not self._per_host[host]:
-            del self._per_host[host]
+        group = address_group(key[0])
+        self._per_host[group] -= 1
+        if not self._per_host[group]:
+            del self._per_host[group]
 
     def _choose_main(self, peer):
         if not peer.addresses:
@@ -345,6 +361,31 @@ class PeerTable:
             # its place.
             self._changed_main(peer)
         self._arm(peer)
+
+    def _make_room(self, host):
+        """
+        The table is full and a new peer of C{host} would join: make room by
+        dropping the least recently heard peer of the most crowded host, if
+        that host holds at least two more entries than C{host} does.  So
+        invented ids from a few hosts can fill the table only until a peer
+        of another host comes, which then takes a place of theirs, and the
+        table ends shared out between hosts.
+        """
+        if not self._per_host:
+            return False
+        crowded, count = self._per_host.most_common(1)[0]
+        if count < self._per_host[address_group(host)] + 2:
+            return False
+        victim = min(
+            (p for p in self._peers.values() if address_group(p.main_address[0]) == crowded),
+            key=lambda p: p.last_seen,
+            default=None,
+        )
+        if victim is None:
+            return False
+        self._drop(victim, "made room for a peer of a less crowded host")
+        self.made_room += 1
+        return True
 
     def _drop(self, peer, reason):
         if peer.expiry is not None and peer.expiry.active():

@@ -67,7 +67,14 @@ from twisted_p2p.cache import CACHE_FOLDER, ChunkCache
 from twisted_p2p.commands import Commands
 from twisted_p2p.group import DiscoverySeal
 from twisted_p2p.identity import Identity, IdentityError
-from twisted_p2p.limits import RESCAN_INTERVAL, WORKER_THREADS
+from twisted_p2p.limits import (
+    CATALOG_ANSWER_TIMEOUT,
+    CATALOG_FETCH_TIMEOUT,
+    CATALOG_FETCHES,
+    CONNECT_TIMEOUT,
+    RESCAN_INTERVAL,
+    WORKER_THREADS,
+)
 from twisted_p2p.manifest import chunk_count
 from twisted_p2p.peers import PeerTable
 from twisted_p2p.storage import PARTIAL_PREFIX, PartialFile
@@ -76,16 +83,9 @@ from twisted_p2p.workers import WorkerPool
 
 log = Logger()
 
-#: Seconds to wait for a TCP connection to a peer.
-CONNECT_TIMEOUT = 5
-
 #: The state dir's lock: one peer per state dir (its peer id, its hash
 #: cache, its control socket).
 LOCK_NAME = "peer.lock"
-
-#: Catalog fetches under way at once, and the seconds each may take.
-CATALOG_FETCHES = 8
-CATALOG_FETCH_TIMEOUT = 20
 
 #: Partial files of one catalog whose chunk maps are fetched with it.
 CATALOG_HAVE_FETCHES = 256
@@ -778,7 +778,7 @@ class PeerService(MultiService):
             seal=seal,
         )
         self.index.on_change(self.discovery.revision_changed)
-        self._catalog_fetches = defer.DeferredSemaphore(CATALOG_FETCHES)
+        self._catalog_fetches = catalog.FairFetches(CATALOG_FETCHES)
         self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
         self.inbox = transfer.Inbox()
         self.workers = WorkerPool(reactor, WORKER_THREADS, "p2ppeer-transfer")
@@ -802,6 +802,7 @@ class PeerService(MultiService):
         self.downloads = download.Downloads(
             self._make_download, self.index if settings["share-downloads"] else None,
             folder=settings["downloads"],
+            clock=reactor,
         )
         self.partials = partials.PartialDownloads(os.path.join(state_dir, partials.RECORD_NAME))
         self.cache_announcer = distribution.CacheAnnouncer(
@@ -860,6 +861,12 @@ class PeerService(MultiService):
             transfer.DistributorFactory(self.distributor),
             transfer.DistributeeFactory(self.distributee),
         ]
+        # One count of accepted connections for all the ports, under the
+        # descriptor limit less a reserve for the peer's own work.
+        self.connections = transfer.ConnectionBudget()
+        for factory in factories:
+            factory.clock = reactor
+            self.connections.watch(factory)
         for offset, factory in enumerate(factories):
             for endpoint in self._server_endpoints(self.transfer_port + offset, offset == 0):
                 port_service = StreamServerEndpointService(endpoint, factory)
@@ -1053,22 +1060,24 @@ class PeerService(MultiService):
         """
         Fetch C{peer}'s catalog, with the chunk map of each file it holds
         only part of (at most L{CATALOG_HAVE_FETCHES} of them): at most
-        L{CATALOG_FETCHES} at once, so that many peers (or invented ones)
-        cannot hold many catalogs in memory together, and each within
-        L{CATALOG_FETCH_TIMEOUT}, so that a peer that never answers does not
-        hold a place.
+        L{CATALOG_FETCHES} at once, hosts taking turns, so that many peers
+        (or invented ones) cannot hold many catalogs in memory together nor
+        keep others waiting, and each within L{CATALOG_FETCH_TIMEOUT} (each
+        answer within L{CATALOG_ANSWER_TIMEOUT}), so that a peer that never
+        answers does not hold a place.
         """
 
         async def fetch():
             sender = await self._open_client(peer)
             try:
-                view = await client.fetch_catalog_view(sender)
+                timed = client.Deadline(sender, CATALOG_ANSWER_TIMEOUT, self.reactor)
+                view = await client.fetch_catalog_view(timed)
                 sizes = {file_id: size for file_id, _, size in view.files}
                 holdings = {}
                 for file_id in sorted(view.partial)[:CATALOG_HAVE_FETCHES]:
                     chunks = chunk_count(sizes[file_id])
                     try:
-                        held = await client.fetch_have(sender, file_id, chunks)
+                        held = await client.fetch_have(timed, file_id, chunks)
                     except client.PeerRefused:
                         held = bytearray(chunks)
                     holdings[file_id] = wire.pack_bits(held) if held is not None else None
@@ -1082,7 +1091,7 @@ class PeerService(MultiService):
             d = defer.ensureDeferred(fetch())
             return d.addTimeout(CATALOG_FETCH_TIMEOUT, self.reactor)
 
-        return self._catalog_fetches.run(limited)
+        return self._catalog_fetches.run(peer.host, limited)
 
     def _distribution_status(self):
         """

@@ -456,6 +456,8 @@ def load_settings(path):
         raise usage.UsageError(f"cannot read the settings file {path}: {e.strerror}")
     except tomllib.TOMLDecodeError as e:
         raise usage.UsageError(f"the settings file {path} is not valid TOML: {e}")
+    except UnicodeDecodeError:
+        raise usage.UsageError(f"the settings file {path} is not valid TOML: it is not UTF-8 text")
     for key, value in settings.items():
         if key not in SETTINGS:
             known = ", ".join(SETTINGS)

@@ -42,7 +42,8 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import alsoProvides, implementer
 
 from twisted_p2p.identity import fingerprint_of, peer_id_of, public_bytes_of
-from twisted_p2p.limits import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS_PER_HOST
+from twisted_p2p.limits import EVICTABLE_AFTER, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS_PER_HOST
+from twisted_p2p.wire import address_group
 
 log = Logger()
 
@@ -314,8 +315,11 @@ class _ServerGates(Factory):
     """
     The gates of one listening port: any member may connect.  At most
     L{MAX_CONNECTIONS_PER_HOST} handshakes may be under way from one host,
-    so that a stranger cannot hold many open; past the handshake the
-    transfer factory's own limits apply.
+    so that a stranger cannot hold many open; past that, a new one aborts
+    the host's oldest handshake if it has been under way for
+    L{EVICTABLE_AFTER} (a member's takes milliseconds), so that a stranger
+    stalling handshakes from a member's address cannot keep it out.  Past
+    the handshake the transfer factory's own limits apply.
     """
 
     noisy = False
@@ -338,21 +342,29 @@ class _ServerGates(Factory):
         return type(self._factory).__name__
 
     def buildProtocol(self, address):
-        host = getattr(address, "host", None)
-        if self._pending.get(host, 0) >= MAX_CONNECTIONS_PER_HOST:
-            return None
-        self._pending[host] = self._pending.get(host, 0) + 1
+        host = address_group(getattr(address, "host", None))
+        pending = self._pending.setdefault(host, [])
+        now = self.clock.seconds()
+        if len(pending) >= MAX_CONNECTIONS_PER_HOST:
+            oldest = pending[0]
+            if now - oldest.since < EVICTABLE_AFTER or oldest.transport is None:
+                return None
+            self._done(oldest)
+            oldest.transport.abortConnection()
         gate = _Gate(self, address)
         gate.factory = self
         gate.pending_host = host
+        gate.since = now
+        self._pending.setdefault(host, []).append(gate)
         return gate
 
     def _done(self, gate):
         # Once per gate: when its handshake is over, or it is lost before.
         host = gate.__dict__.pop("pending_host", None)
-        if host in self._pending:
-            self._pending[host] -= 1
-            if not self._pending[host]:
+        pending = self._pending.get(host)
+        if pending is not None and gate in pending:
+            pending.remove(gate)
+            if not pending:
                 del self._pending[host]
 
     def check(self, peer_id):

@@ -8,6 +8,8 @@ downloads: it carries every chunk that download asks of us (see
 C{transfer/streams.py}), and ends with the request connection that opened it.
 """
 
+from collections import Counter
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -24,6 +26,9 @@ from twisted_p2p.limits import (
     MAX_STREAMS_PER_CONNECTION,
     MAX_UPLOADS,
     UPLOAD_BURST,
+    UPLOAD_RECLAIM_AFTER,
+    UPLOADS_PER_HOST_SHARE,
+    MIN_UPLOADS_PER_HOST,
 )
 from twisted_p2p.transfer.framed import RequestRefused
 from twisted_p2p.transfer.streams import FileChanged, OpenChunks, OutgoingStream, StreamConnection
@@ -117,6 +122,13 @@ class Uploads:
         self.bucket = TokenBucket(max_rate, clock) if max_rate else None
         self.active = 0
         self.bytes_sent = 0
+        self.reclaimed = 0
+        self._streams = set()
+        self._per_host = Counter()
+        #: Streams one address may hold at once.
+        self.max_per_host = max(
+            max_uploads // UPLOADS_PER_HOST_SHARE, min(max_uploads, MIN_UPLOADS_PER_HOST)
+        )
 
     def session(self, host, keepalive=None, transport=None):
         """
@@ -254,9 +266,17 @@ class Uploads:
             return reply
         if session.open_streams() >= MAX_STREAMS_PER_CONNECTION:
             raise wire.ProtocolError("too many streams on one connection")
+        group = wire.address_group(session.host)
+        if self._per_host[group] >= self.max_per_host:
+            self._reclaim(group)
+        if self._per_host[group] >= self.max_per_host:
+            raise RequestRefused("busy", "this peer serves your address its share already; try later")
+        if self.active >= self._max_uploads:
+            self._reclaim()
         if self.active >= self._max_uploads:
             raise RequestRefused("busy", "this peer is serving too many requests; try later")
         self.active += 1
+        self._per_host[group] += 1
         d = self._open_stream(local, token, port, session)
 
         def opened(stream):
@@ -264,7 +284,7 @@ class Uploads:
             return reply
 
         def failed(failure):
-            self.active -= 1
+            self._slot_freed(session.host)
             return failure
 
         return d.addCallbacks(opened, failed)
@@ -326,8 +346,44 @@ class Uploads:
         )
         # After "started": a stream may have ended already (its request
         # connection closed while it connected), and then ends at once.
+        stream.host = session.host
+        self._streams.add(stream)
         stream.done.addCallback(self._stream_ended, stream, session.host, port)
         return stream
+
+    def _slot_freed(self, host):
+        self.active -= 1
+        group = wire.address_group(host)
+        self._per_host[group] -= 1
+        if self._per_host[group] <= 0:
+            del self._per_host[group]
+
+    def _reclaim(self, group=None):
+        """
+        Every slot is taken (of address C{group}, if given; else of all):
+        close the stream stalled longest, if it has sent
+        nothing for L{UPLOAD_RECLAIM_AFTER} seconds though chunks wait (its
+        requester does not read), so that its slot goes to the new request.
+        Its slot is free at once, or, while a worker still sends on it, as
+        soon as that is done (the new request is "busy" meanwhile).
+        """
+        streams = self._streams
+        if group is not None:
+            streams = [s for s in streams if wire.address_group(s.host) == group]
+        stalled = max(streams, key=lambda s: s.stalled_for(), default=None)
+        if stalled is None or stalled.stalled_for() < UPLOAD_RECLAIM_AFTER:
+            return
+        log.info(
+            "Upload of {name} stopped: the requester read nothing for {seconds:.0f} s, "
+            "and its slot is wanted",
+            name=stalled.local.name,
+            seconds=stalled.stalled_for(),
+        )
+        self.reclaimed += 1
+        self._streams.discard(stalled)
+        if stalled.transport is not None:
+            stalled.transport.abortConnection()
+        stalled.close("the requester stopped reading, and its slot was wanted")
 
     def _open_stream(self, local, token, port, session):
         return defer.ensureDeferred(self._open(local, token, port, session))
@@ -343,7 +399,8 @@ class Uploads:
 
     def _stream_ended(self, result, stream, host, port):
         chunks, sent, reason = result
-        self.active -= 1
+        self._slot_freed(host)
+        self._streams.discard(stream)
         self.bytes_sent += sent
         seconds = max(self._clock.seconds() - stream.started, 0.0)
         name = stream.local.name

@@ -347,6 +347,22 @@ def parse_address(text):
     return str(address)
 
 
+def address_group(host):
+    """
+    What C{host} counts as for per-address limits: an IPv4 address itself,
+    an IPv6 address its /64 (one host may use any address of its /64, as
+    privacy addresses do), anything else as it is.
+    """
+    if isinstance(host, str) and ":" in host:
+        try:
+            address = ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return host
+        if not address.is_link_local and not address.is_loopback:
+            return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
+
+
 def address_field(message, key):
     """
     A unicast IP address (see L{parse_address}).

@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from twisted_p2p import events
+from twisted_p2p import events, wire
 from twisted_p2p.chunkmap import ChunkLedger
 from twisted_p2p.client import PeerRefused
 from twisted_p2p.download.buffers import BufferPool
@@ -28,6 +28,7 @@ from twisted_p2p.download.requests import GetRequest, SourceStream
 from twisted_p2p.download.scheduler import ask_size, plan
 from twisted_p2p.download.status import Progress
 from twisted_p2p.limits import (
+    BAN_ADDRESS_SECONDS,
     BUSY_BACKOFF_MAX,
     BUSY_BACKOFF_MIN,
     HAVE_REFRESH,
@@ -104,33 +105,73 @@ class DownloadFailed(Exception):
 class Bans:
     """
     Owns the strikes against peers that sent bad data, for the whole session
-    (every download shares one), and the list of peers banned for it.
+    (every download shares one), and the list of peers banned for it.  The
+    address a banned peer was at is banned too, for L{BAN_ADDRESS_SECONDS}
+    (with a C{clock}), for the peer ids first heard after the ban: a liar
+    that comes back under a new id from that address is not asked, while
+    the honest peers already known there (on one host, or behind one NAT)
+    still are.
     """
 
-    def __init__(self, max_strikes=MAX_STRIKES):
+    def __init__(self, max_strikes=MAX_STRIKES, clock=None,
+                 address_seconds=BAN_ADDRESS_SECONDS):
         self._max = max_strikes
         self._strikes = {}
         self._banned = set()
+        self._clock = clock
+        self._address_seconds = address_seconds
+        self._addresses = {}
 
-    def strike(self, peer_key):
+    def strike(self, peer_key, host=None):
         """
-        One more strike; whether this one banned the peer.
+        One more strike against the peer C{peer_key}, at C{host}; whether
+        this one banned it.
         """
         self._strikes[peer_key] = self._strikes.get(peer_key, 0) + 1
         if self._strikes[peer_key] >= self._max and peer_key not in self._banned:
             self._banned.add(peer_key)
+            if host is not None and self._clock is not None:
+                now = self._clock.seconds()
+                self._addresses[wire.address_group(host)] = (now, now + self._address_seconds)
             return True
         return False
 
     def strikes(self, peer_key):
         return self._strikes.get(peer_key, 0)
 
-    def is_banned(self, peer_key):
-        return peer_key in self._banned
+    def is_banned(self, peer_key, host=None, joined=None):
+        """
+        Whether the peer C{peer_key} is banned; or, at C{host} and first
+        heard at C{joined}, whether its address is, for it.
+        """
+        if peer_key in self._banned:
+            return True
+        if host is None or joined is None or self._clock is None:
+            return False
+        group = wire.address_group(host)
+        ban = self._addresses.get(group)
+        if ban is None:
+            return False
+        since, until = ban
+        if self._clock.seconds() >= until:
+            del self._addresses[group]
+            return False
+        return joined >= since
 
 
 def _peer_key(peer):
     return getattr(peer, "peer_id", None) or peer.label
+
+
+def _host(peer):
+    return getattr(peer, "host", None)
+
+
+def _where(peer):
+    """
+    C{(host, joined)} of a peer, for the bans of an address.
+    """
+    return _host(peer), getattr(peer, "joined", None)
 
 
 class Download:
@@ -200,7 +241,7 @@ class Download:
         self._lifecycle = Lifecycle(self)
         self._finder = Finder(
             self, file_id, open_client, clock,
-            skip=lambda peer: self.bans.is_banned(_peer_key(peer)),
+            skip=lambda peer: self.bans.is_banned(_peer_key(peer), *_where(peer)),
         )
         self._ledger = None
         self._verifying = 0
@@ -486,7 +527,7 @@ class Download:
     # -- sources ---------------------------------------------------------------------
 
     def _usable(self, source):
-        return source.usable and not self.bans.is_banned(source.key)
+        return source.usable and not self.bans.is_banned(source.key, *_where(source.peer))
 
     def _end_stream(self, source):
         """
@@ -771,14 +812,14 @@ class Download:
             index=index,
             peer=source.label,
         )
-        if self.bans.strike(source.key):
+        if self.bans.strike(source.key, _host(source.peer)):
             self._emit(
                 "peer-banned",
                 peer=source.label,
                 name=getattr(source.peer, "name", None),
                 strikes=self.bans.strikes(source.key),
             )
-        if self.bans.is_banned(source.key):
+        if self.bans.is_banned(source.key, *_where(source.peer)):
             self._drop(source)
             source.client.close()
 
@@ -926,12 +967,13 @@ class Downloads:
         folder is given a name nothing uses yet; C{None} for none.
     """
 
-    def __init__(self, make_download, index, folder=None, parallel=PARALLEL_FILES):
+    def __init__(self, make_download, index, folder=None, parallel=PARALLEL_FILES,
+                 clock=None):
         self._make = make_download
         self._index = index
         self.folder = folder
         self._parallel = parallel
-        self.bans = Bans()
+        self.bans = Bans(clock=clock)
         self.active = {}
         self._waiting = deque()
         self._from_queue = set()

@@ -10,14 +10,11 @@ from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.logger import Logger
 
 from twisted_p2p.client import fetch_have, fetch_manifest
+from twisted_p2p.limits import ANSWER_TIMEOUT
 from twisted_p2p.download.requests import Source
 
 log = Logger()
 
-#: Seconds a peer has to answer each manifest or "have" call before it is
-#: left out of the download (its connection closed), so that a silent peer
-#: costs the others nothing.
-ANSWER_TIMEOUT = 10.0
 
 
 class _Deadline:

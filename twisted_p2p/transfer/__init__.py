@@ -21,7 +21,12 @@ from twisted_p2p.transfer.distribution import (
     DistributorFactory,
     DistributorProtocol,
 )
-from twisted_p2p.transfer.framed import FramedProtocol, PerHostLimitedFactory, RequestRefused
+from twisted_p2p.transfer.framed import (
+    ConnectionBudget,
+    FramedProtocol,
+    PerHostLimitedFactory,
+    RequestRefused,
+)
 from twisted_p2p.transfer.receiver import (
     Inbox,
     ReceiverEndpoint,
@@ -31,6 +36,7 @@ from twisted_p2p.transfer.receiver import (
 from twisted_p2p.transfer.sender import SenderFactory, SenderProtocol
 
 __all__ = [
+    "ConnectionBudget",
     "DistributeeFactory",
     "DistributeeProtocol",
     "DistributorFactory",

@@ -4,7 +4,7 @@ dropped on the first bad frame or after a silence, and a cap on the
 connections one host may hold to a port.
 """
 
-from collections import Counter
+import resource
 
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -12,7 +12,13 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from twisted_p2p import wire
-from twisted_p2p.limits import IDLE_TIMEOUT, MAX_CONNECTIONS_PER_HOST, MAX_FRAME
+from twisted_p2p.limits import (
+    DESCRIPTOR_RESERVE,
+    EVICTABLE_AFTER,
+    IDLE_TIMEOUT,
+    MAX_CONNECTIONS_PER_HOST,
+    MAX_FRAME,
+)
 
 log = Logger()
 
@@ -54,9 +60,28 @@ class FramedProtocol(Int32StringReceiver, TimeoutMixin):
 
     def connectionMade(self):
         self.setTimeout(self.idle_timeout)
+        self.last_active = _now(self)
+
+    def holds_work(self):
+        """
+        Whether this connection has something under way (a request being
+        answered, a stream open) and must not be closed to make room.
+        """
+        return False
+
+    def dataReceived(self, data):
+        # Once a connection is dropped, what still arrives (over TLS, or
+        # before the transport stops reading) is thrown away rather than
+        # kept: a dropped peer cannot grow our buffer.
+        if self._dropped:
+            return
+        Int32StringReceiver.dataReceived(self, data)
+
+    _dropped = False
 
     def stringReceived(self, frame):
         self.resetTimeout()
+        self.last_active = _now(self)
         try:
             header, body = wire.decode_frame(frame)
         except wire.ProtocolError as e:
@@ -86,6 +111,8 @@ class FramedProtocol(Int32StringReceiver, TimeoutMixin):
             reason=reason,
         )
         self.paused = True  # parse nothing more from this connection
+        self._dropped = True
+        self._unprocessed = b""
         self.setTimeout(None)
         self.transport.loseConnection()
 
@@ -100,6 +127,17 @@ class FramedProtocol(Int32StringReceiver, TimeoutMixin):
         release_place(self)
 
 
+def _now(owner):
+    """
+    The time by the clock of C{owner}, a factory or one of its protocols.
+    """
+    factory = owner if isinstance(owner, Factory) else getattr(owner, "factory", None)
+    clock = getattr(factory, "clock", None)
+    if clock is None:
+        from twisted.internet import reactor as clock
+    return clock.seconds()
+
+
 def release_place(protocol):
     """
     Give back the place C{protocol} held in its factory's per-host count.
@@ -109,32 +147,141 @@ def release_place(protocol):
         release(protocol)
 
 
+def evictable(protocol, now):
+    """
+    Whether C{protocol} may be closed to make room for a new connection:
+    connected, silent for L{EVICTABLE_AFTER} seconds, and holding no work.
+    """
+    transport = getattr(protocol, "transport", None)
+    if transport is None or transport.disconnecting:
+        return False
+    last = getattr(protocol, "last_active", None)
+    return last is not None and now - last >= EVICTABLE_AFTER and not protocol.holds_work()
+
+
+def evict(protocol, reason):
+    log.info(
+        "Closing an idle {kind} connection from {host} to make room: {reason}",
+        kind=type(protocol).__name__,
+        host=describe_peer(protocol.transport),
+        reason=reason,
+    )
+    release_place(protocol)
+    protocol.transport.abortConnection()
+
+
+class ConnectionBudget:
+    """
+    Owns the count of connections accepted on all our ports together, so
+    that they never take the descriptors the peer needs for its own work
+    (L{DESCRIPTOR_RESERVE}).  At the limit, a new connection from a host
+    holding at least two fewer than the host holding the most makes room by
+    closing the least recently active idle one (see L{evictable}) of that
+    host; else it is refused.  So a flood from many addresses, however fast
+    it reconnects, ends up with the connections shared out between hosts,
+    and a host with few still gets in.
+
+    @param limit: connections at most; by default the process's descriptor
+        limit less the reserve.
+    """
+
+    def __init__(self, limit=None):
+        if limit is None:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft == resource.RLIM_INFINITY:
+                soft = 1 << 20
+            limit = max(soft - DESCRIPTOR_RESERVE, MAX_CONNECTIONS_PER_HOST)
+        self.limit = limit
+        self._factories = []
+        self.refused = 0
+        self.evicted = 0
+
+    def watch(self, factory):
+        factory.budget = self
+        self._factories.append(factory)
+
+    def used(self):
+        return sum(factory.connections() for factory in self._factories)
+
+    def make_room(self, now, host=None):
+        """
+        Whether a new connection from C{host} may be accepted, closing an
+        idle one of a more crowded host if that is what it takes.
+        """
+        if self.used() < self.limit:
+            return True
+        by_host = {}
+        for factory in self._factories:
+            for held_host, protocols in factory.places().items():
+                by_host.setdefault(held_host, []).extend(protocols)
+        mine = len(by_host.get(host, ()))
+        for held_host, protocols in sorted(by_host.items(), key=lambda item: -len(item[1])):
+            if len(protocols) < mine + 2:
+                break
+            idle = [p for p in protocols if evictable(p, now)]
+            if idle:
+                evict(min(idle, key=lambda p: p.last_active), "too many connections in all")
+                self.evicted += 1
+                return True
+        self.refused += 1
+        return False
+
+
 class PerHostLimitedFactory(Factory):
     """
-    A server factory that refuses a host's connections beyond
-    L{MAX_CONNECTIONS_PER_HOST}, so that one host cannot hold thousands of
-    half-sent frames in our memory.  Its protocols hand their place back
-    when they close (L{release_place}).
+    A server factory that holds at most L{MAX_CONNECTIONS_PER_HOST}
+    connections of one host, so that one host cannot hold thousands of
+    half-sent frames in our memory.  A host at its limit may still connect:
+    its least recently active idle connection is closed to make room (see
+    L{evictable}), so that idle or slowloris connections cannot keep out an
+    honest peer on the same host; if none is idle, the new one is refused.
+    Its protocols hand their place back when they close (L{release_place}).
+
+    @ivar clock: an L{IReactorTime} (the global reactor if none is set).
+    @ivar budget: the L{ConnectionBudget} shared by all our ports, or
+        C{None}.
     """
 
     noisy = False
     max_per_host = MAX_CONNECTIONS_PER_HOST
+    clock = None
+    budget = None
+
+    def places(self):
+        """
+        Host -> the protocols holding a place of it.
+        """
+        return self.__dict__.setdefault("_places", {})
+
+    def connections(self):
+        return sum(len(protocols) for protocols in self.places().values())
 
     def buildProtocol(self, addr):
-        counts = self.__dict__.setdefault("_per_host", Counter())
-        host = getattr(addr, "host", None)
-        if counts[host] >= self.max_per_host:
-            self.__dict__["refused"] = self.__dict__.get("refused", 0) + 1
-            return None  # Twisted closes the connection
-        counts[host] += 1
+        places = self.places()
+        host = wire.address_group(getattr(addr, "host", None))
+        now = _now(self)
+        held = places.get(host, ())
+        if len(held) >= self.max_per_host:
+            idle = [p for p in held if evictable(p, now)]
+            if not idle:
+                return self._refuse()
+            evict(min(idle, key=lambda p: p.last_active), "its host has too many")
+            self.__dict__["evicted"] = self.__dict__.get("evicted", 0) + 1
+        if self.budget is not None and not self.budget.make_room(now, host):
+            return self._refuse()
         protocol = Factory.buildProtocol(self, addr)
         protocol._limited_host = host
+        places.setdefault(host, []).append(protocol)
         return protocol
+
+    def _refuse(self):
+        self.__dict__["refused"] = self.__dict__.get("refused", 0) + 1
+        return None  # Twisted closes the connection
 
     def release(self, protocol):
         host = protocol.__dict__.pop("_limited_host", None)
-        counts = self.__dict__.get("_per_host")
-        if counts is not None and host in counts:
-            counts[host] -= 1
-            if counts[host] <= 0:
-                del counts[host]
+        held = self.places().get(host)
+        if held is not None and protocol in held:
+            held.remove(protocol)
+            if not held:
+                del self.places()[host]

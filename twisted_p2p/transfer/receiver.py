@@ -25,7 +25,12 @@ from zope.interface import implementer
 from twisted_p2p import wire
 from twisted_p2p.framing import FrameReader
 from twisted_p2p.limits import CHUNK_SIZE, HELLO_TIMEOUT, MAX_DATA_HEADER, MAX_RUN
-from twisted_p2p.transfer.framed import PerHostLimitedFactory, describe_peer, release_place
+from twisted_p2p.transfer.framed import (
+    PerHostLimitedFactory,
+    _now,
+    describe_peer,
+    release_place,
+)
 
 log = Logger()
 
@@ -51,6 +56,14 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
         self._buffer = None
         self._reader = FrameReader(self, MAX_DATA_HEADER, MAX_DATA_HEADER)
         self.setTimeout(HELLO_TIMEOUT)
+        self.last_active = _now(self)
+
+    def holds_work(self):
+        """
+        Whether a stream owns this connection: before the hello, it may be
+        closed to make room for another.
+        """
+        return self.stream is not None
 
     # -- bytes in: recv_into where the transport allows, else copied ------------
 

@@ -50,6 +50,10 @@ class SenderProtocol(FramedProtocol):
             self.transport.getPeer().host, self.resetTimeout, self.transport
         )
 
+    def holds_work(self):
+        open_streams = getattr(self.session, "open_streams", lambda: 0)
+        return bool(self._busy or self._requests or open_streams())
+
     def dataReceived(self, data):
         # Int32StringReceiver.resumeProducing re-parses from the start of its
         # buffer: called from inside dataReceived, it would parse frames

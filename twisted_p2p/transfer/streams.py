@@ -376,6 +376,7 @@ class OutgoingStream:
         self._stall = None
         self.transport = None
         self.started = clock.seconds()
+        self.last_progress = self.started
         self.chunks_sent = 0
         self.bytes_sent = 0
         self.ended = False
@@ -638,6 +639,7 @@ class OutgoingStream:
             if sent is not None and item.first is not None:
                 sent(item.chunks)
         if items:
+            self.last_progress = self._clock.seconds()
             self._progress()
             self._arm_stall()
 
@@ -660,6 +662,16 @@ class OutgoingStream:
             self._release()
 
     # -- a receiver that does not read -------------------------------------------
+
+    def stalled_for(self):
+        """
+        Seconds this stream has sent nothing while chunks wait on it and it
+        is free to send (connected, not held back by our own upload rate);
+        0 if it is sending, or has nothing to send.
+        """
+        if self.ended or not self._asked or self.transport is None or self._waiting is not None:
+            return 0.0
+        return max(self._clock.seconds() - self.last_progress, 0.0)
 
     def _arm_stall(self):
         """
