@@ -282,7 +282,8 @@ class Distributee:
             try:
                 client = await self._open_client(peer)
                 try:
-                    d = defer.ensureDeferred(fetch_manifest(client, file_id))
+                    size = self._catalog.size_offered(peer.peer_id, file_id)
+                    d = defer.ensureDeferred(fetch_manifest(client, file_id, size))
                     manifest = await d.addTimeout(MANIFEST_FETCH_TIMEOUT, self._clock)
                 finally:
                     client.close()
