@@ -398,8 +398,10 @@ class Flood:
     Reopened as they are closed, as an attacker would.
     """
 
-    def __init__(self, host, ports, idle, slow):
+    def __init__(self, host, ports, idle, slow, head=(60000).to_bytes(4, "big"), drip=b"{"):
         self.host = host
+        self.head = head
+        self.drip = drip
         self.ports = list(ports)
         self.idle = idle
         self.slow = slow
@@ -431,7 +433,7 @@ class Flood:
         for sock in slow:
             if sock is not None:
                 try:
-                    sock.send((60000).to_bytes(4, "big"))
+                    sock.send(self.head)
                 except OSError:
                     pass
         idle = [self._open(n) for n in range(self.idle)]
@@ -442,7 +444,7 @@ class Flood:
                     continue
                 try:
                     if i < len(slow):
-                        sock.send(b"{")
+                        sock.send(self.drip)
                     if sock.recv(65536) == b"":
                         raise ConnectionError()
                 except BlockingIOError:
@@ -1019,4 +1021,50 @@ def test_distribution_ports_against_liars(cast):
     assert stored > 0 and codes["over-quota"] > 0, codes
     for name in ("origin", "victim"):
         assert rss_after[name] - rss_before[name] < 64 * 1024, (name, rss_before, rss_after)
+    cast.check_logs()
+
+
+#: The head of a TLS record of a 16 KiB handshake message (a ClientHello
+#: that never comes): a slowloris client of a private group sends it, then
+#: a byte a second.
+TLS_RECORD_HEAD = bytes([0x16, 0x03, 0x01, 0x40, 0x00])
+
+
+def test_a_tls_handshake_flood_does_not_stop_a_private_groups_download(cast):
+    """
+    In a private group: 1,000 connections that never begin their TLS
+    handshake and 40 that send a record's head and then a byte a second,
+    from the downloader's own address and 16 others, at both ends of a
+    64 MiB download, reopened as they are closed: it finishes.  Printed:
+    its time with and without the flood.
+    """
+    from twisted_p2p.group import write_new_key
+
+    key = cast.base / "group.key"
+    write_new_key(str(key))
+    group = ["--group-key-file", str(key)]
+    seeder = cast.peer("seeder", {"big.bin": 64 * MiB}, extra_args=group)
+    downloader = cast.peer("downloader", extra_args=group)
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "big.bin")
+    quiet = download(downloader, "big.bin")
+    (downloader.downloads / "big.bin").unlink()
+    targets = [seeder.transfer_port + 1, downloader.transfer_port, seeder.transfer_port]
+    floods = [Flood(HOST, targets, idle=200, slow=40, head=TLS_RECORD_HEAD, drip=b"\x00")]
+    floods += [Flood(f"127.0.6.{n}", targets, idle=50, slow=0) for n in range(1, 17)]
+    try:
+        poll(lambda: sum(f.opened for f in floods) >= 1000, 20)
+        time.sleep(EVICTABLE_WAIT)
+        fds = fake.open_fds(seeder.proc.pid)
+        attacked = download(downloader, "big.bin")
+    finally:
+        opened = sum(f.opened for f in floods)
+        closed = sum(f.closed for f in floods)
+        for f in floods:
+            f.stop()
+    print(f"\ne2e hostile: private group: 64 MiB in {quiet:.2f} s quietly, {attacked:.2f} s "
+          f"under {opened} connections that never finish their TLS handshake ({closed} closed "
+          f"by the peers); seeder held {fds} descriptors")
+    assert sha256_of(downloader.downloads / "big.bin") == seeder.digests["big.bin"]
+    assert opened >= 1000
     cast.check_logs()
