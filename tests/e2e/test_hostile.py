@@ -1068,3 +1068,90 @@ def test_a_tls_handshake_flood_does_not_stop_a_private_groups_download(cast):
     assert sha256_of(downloader.downloads / "big.bin") == seeder.digests["big.bin"]
     assert opened >= 1000
     cast.check_logs()
+
+
+# -- an unreadable file, with a peer that cannot read it ----------------------------------
+
+#: How a root test runner drops a peer's privileges: the peer runs as
+#: nobody, so that a chmod 000 file is really unreadable to it.
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+
+
+class NobodyPeer(Peer):
+    """A peer run as the unprivileged user nobody (when the tests run as root)."""
+
+    def argv(self):
+        prefix = AS_NOBODY if os.geteuid() == 0 else []
+        return prefix + Peer.argv(self)
+
+
+def _uid_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError("no Uid")
+
+
+def test_an_unreadable_file_in_shared_is_not_offered_until_it_can_be_read(cast):
+    """
+    A file in shared/ its peer may not read (mode 000, the peer not root) is
+    not offered, and the peer's other files are; once it is made readable,
+    the next rescan offers it, and it downloads whole.  The tests run as
+    root, who reads anything: the seeder runs as nobody, in a folder of its
+    own outside the runner's private temporary folder.
+    """
+    import pwd
+    import tempfile
+
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("setpriv (util-linux) is needed to run a peer as nobody")
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("there is no user nobody to run the peer as")
+    base = Path(tempfile.mkdtemp(prefix="p2p-unreadable-", dir="/tmp"))
+    seeder = None
+    try:
+        base.chmod(0o755)
+        folder = base / "seeder"
+        (folder / "shared").mkdir(parents=True)
+        (folder / "downloads").mkdir()
+        digest = write_random(folder / "shared" / "readable.bin", 2 * MiB)
+        unreadable = folder / "shared" / "unreadable.bin"
+        unreadable_digest = write_random(unreadable, 3 * MiB)
+        unreadable.chmod(0)
+        if os.geteuid() == 0:
+            for path in [base, *base.rglob("*")]:
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+            # Really unreadable to the seeder's user, and readable to root.
+            check = subprocess.run(AS_NOBODY + ["cat", str(unreadable)], capture_output=True)
+            assert check.returncode != 0 and b"Permission denied" in check.stderr, check
+        seeder = NobodyPeer("seeder", folder, free_transfer_port(), cast.discovery)
+        downloader = cast.peer("downloader")
+        cast.start(seeder, downloader)
+        if os.geteuid() == 0:
+            assert _uid_of(seeder.proc.pid) == nobody.pw_uid
+        wait_listed(downloader, "readable.bin")
+        time.sleep(1.5)  # a few announce rounds: the catalog is what it will be
+        assert "unreadable.bin" not in listing(downloader)
+        download(downloader, "readable.bin")
+        assert sha256_of(downloader.downloads / "readable.bin") == digest
+
+        # Readable again: offered at the next rescan, and whole.
+        unreadable.chmod(0o644)
+        offered = wait_listed(downloader, "unreadable.bin", timeout=25.0)
+        seconds = download(downloader, "unreadable.bin")
+        assert sha256_of(downloader.downloads / "unreadable.bin") == unreadable_digest
+        print(f"\ne2e hostile: a file its peer (uid {_uid_of(seeder.proc.pid)}) could not read "
+              f"was not offered; made readable, it was offered {offered:.1f} s later and "
+              f"downloaded in {seconds:.2f} s")
+        cast.check_logs()
+        log = seeder.log_path.read_text(errors="replace")
+        assert not [marker for marker in LOG_ERRORS if marker in log], log
+        assert re.search(r"Not sharing \S*unreadable\.bin: .*Permission denied", log), log
+    finally:
+        if seeder is not None:
+            seeder.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
