@@ -835,3 +835,32 @@ def test_two_distributors_of_one_file_do_not_fill_the_same_gap(shared):
     assert sum(len(t.held) for t in targets.values()) == chunks
     assert sum(o.stats.pushed_chunks for o in origins) == chunks
     assert all(o.stats.pushed_chunks for o in origins), "one of them did everything"
+
+
+def test_an_ipv6_host_counts_as_its_64(tmp_path, shared, monkeypatch):
+    """
+    A host may use any address of its /64: its room and its pulls are
+    counted for the /64, not per address.
+    """
+    monkeypatch.setattr(distribution, "MAX_OFFERED_CHUNKS_PER_HOST", 2)
+    c = Cache(tmp_path, shared)
+    file_id = c.local.file_id
+    first = c.distributee.session("2001:db8::1")
+    second = c.distributee.session("2001:db8::2")
+    assert offer(first, file_id, [0, 1])["accepted"] == [0, 1]
+    d = second.handle(wire.request("offer", id=file_id, chunks=[2]), b"")
+    assert refusal(d) == "busy"
+    elsewhere = c.distributee.session("2001:db8:1::1")
+    assert offer(elsewhere, file_id, [2])["accepted"] == [2]
+    for session in (first, second, elsewhere):
+        session.close()
+    assert c.cache.reserved == 0
+
+    o = Origin(shared, replicas=2, targets=())
+    o.targets[CACHE_C] = type("Silent", (PushTarget,), {
+        "call": lambda self, header, body=b"": defer.Deferred()})(CACHE_C, o.content, o.log)
+    pull = lambda peer, host: o.distributor.pull(
+        wire.request("pull", peer=peer, port=6003, free=100 * CHUNK_SIZE), host)
+    assert pull(CACHE_C, "2001:db8::1")[0]["chunks"] > 0
+    with pytest.raises(RequestRefused):
+        pull(CACHE_B, "2001:db8::ffff")

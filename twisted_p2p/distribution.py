@@ -194,24 +194,26 @@ class Distributee:
 
     def offered_by(self, host):
         """
-        Chunks the connections from C{host} hold room for (offered and
-        accepted, not yet pushed), or are asking room for now.
+        Chunks the connections from C{host} (its /64, for IPv6) hold room for
+        (offered and accepted, not yet pushed), or are asking room for now.
         """
-        return self._offered[host]
+        return self._offered[wire.address_group(host)]
 
     def _claim(self, host, count):
-        if self._offered[host] + count > MAX_OFFERED_CHUNKS_PER_HOST:
+        group = wire.address_group(host)
+        if self._offered[group] + count > MAX_OFFERED_CHUNKS_PER_HOST:
             raise RequestRefused(
                 "busy",
-                f"this address holds room for {self._offered[host]} chunk(s) not yet pushed; "
+                f"this address holds room for {self._offered[group]} chunk(s) not yet pushed; "
                 "push them first",
             )
-        self._offered[host] += count
+        self._offered[group] += count
 
     def _unclaim(self, host, count):
-        self._offered[host] -= count
-        if self._offered[host] <= 0:
-            del self._offered[host]
+        group = wire.address_group(host)
+        self._offered[group] -= count
+        if self._offered[group] <= 0:
+            del self._offered[group]
 
     @property
     def hosting(self):
@@ -618,7 +620,8 @@ class Distributor:
         peer_id = wire.text_field(header, "peer", _PEER_ID)
         port = wire.port_field(header, "port")
         free = wire.int_field(header, "free", 0, MAX_FILE_SIZE * 1024)
-        if (self._pulls[host] >= MAX_PULLS_PER_HOST
+        group = wire.address_group(host)
+        if (self._pulls[group] >= MAX_PULLS_PER_HOST
                 or sum(self._pulls.values()) >= MAX_PULLS_AT_ONCE):
             raise RequestRefused(
                 "busy", "this peer is still pushing what an earlier pull asked; ask again later"
@@ -631,15 +634,15 @@ class Distributor:
         label = format_address(host, port)
         if pushes:
             jobs = [self._start(_Target(peer_id, host, port, label), push) for push in pushes]
-            self._pulls[host] += 1
-            defer.DeferredList(jobs).addBoth(lambda _: self._pulled(host))
+            self._pulls[group] += 1
+            defer.DeferredList(jobs).addBoth(lambda _: self._pulled(group))
         chunks = sum(len(p.chunks) for p in pushes)
         return {"t": "pulling", "chunks": chunks}, b""
 
-    def _pulled(self, host):
-        self._pulls[host] -= 1
-        if self._pulls[host] <= 0:
-            del self._pulls[host]
+    def _pulled(self, group):
+        self._pulls[group] -= 1
+        if self._pulls[group] <= 0:
+            del self._pulls[group]
 
     # pushing
 
