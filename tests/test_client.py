@@ -670,3 +670,22 @@ def test_a_catalog_view_has_the_partial_files_and_the_free_space():
 def test_a_bad_free_space_is_malformed(free):
     with pytest.raises(wire.ProtocolError):
         parse_catalog(dict(catalog(), free=free))
+
+
+def test_fetch_manifest_of_another_size_than_offered_stops_at_its_first_page():
+    """
+    A liar whose catalog offered a small file answers with the manifest of
+    a 1 TiB one: refused at its first page, before the 128 MiB of hashes
+    it claims are asked for.
+    """
+    manifest = synthetic_manifest(5 * CHUNK_SIZE)
+    client = CannedClient(pages_of(manifest, 2, size=lambda start: MAX_FILE_SIZE))
+    with pytest.raises(ManifestMismatch) as e:
+        result_of(defer.ensureDeferred(
+            fetch_manifest(client, manifest.file_id, size_offered=manifest.size)))
+    assert "catalog offered" in str(e.value)
+    assert len(client.calls) == 1
+    # The size offered is the manifest's: fetched as ever.
+    honest = CannedClient(pages_of(manifest, 2))
+    assert result_of(defer.ensureDeferred(
+        fetch_manifest(honest, manifest.file_id, size_offered=manifest.size))) == manifest

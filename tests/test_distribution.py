@@ -29,7 +29,14 @@ from twisted_p2p.distribution import (
     Distributor,
 )
 from twisted_p2p.index import SharedIndex
-from twisted_p2p.limits import CHUNK_SIZE, MAX_DISTRIBUTION_QUEUE, PENDING_PUSH_SECONDS
+from twisted_p2p import distribution
+from twisted_p2p.limits import (
+    CHUNK_SIZE,
+    DISTRIBUTION_ANSWER_TIMEOUT,
+    MAX_DISTRIBUTION_QUEUE,
+    MAX_PULLS_AT_ONCE,
+    PENDING_PUSH_SECONDS,
+)
 from twisted_p2p.peers import PeerTable
 from twisted_p2p.transfer import (
     DistributeeFactory,
@@ -226,6 +233,38 @@ class TestDistributee:
         idle.close()
         assert c.cache.manifest(c.local.file_id) is None
         assert c.cache.used == c.cache.reserved == 0
+
+    def test_one_address_holds_room_for_so_many_chunks(self, tmp_path, shared, monkeypatch):
+        """
+        Room offered to one address, over all its connections, is capped: a
+        host with many connections cannot reserve the cache and keep the
+        honest distributors out (MAX_OFFERED_CHUNKS_PER_HOST).
+        """
+        monkeypatch.setattr(distribution, "MAX_OFFERED_CHUNKS_PER_HOST", 4)
+        c = Cache(tmp_path, shared)
+        file_id = c.local.file_id
+        sessions = [c.session() for _ in range(3)]
+        assert offer(sessions[0], file_id, [0, 1])["accepted"] == [0, 1]
+        assert offer(sessions[1], file_id, [2, 3])["accepted"] == [2, 3]
+        d = sessions[2].handle(wire.request("offer", id=file_id, chunks=[4]), b"")
+        assert refusal(d) == "busy"
+        # Another address is not held back by it.
+        other = c.distributee.session("192.0.2.77")
+        assert offer(other, file_id, [4, 5])["accepted"] == [4, 5]
+        # A push gives its place back, and so does a closed connection.
+        push(sessions[0], file_id, 0, chunk(c.content, 0))
+        assert offer(sessions[2], file_id, [6])["accepted"] == [6]
+        sessions[1].close()
+        assert c.distributee.offered_by(ADDRESSES[ORIGIN]) == 2
+        assert offer(sessions[2], file_id, [7, 8])["accepted"] == [7, 8]
+        # Refused chunks are not counted: one already held, one new.
+        sessions[2].close()
+        assert offer(sessions[0], file_id, [0, 9])["accepted"] == [9]
+        assert c.distributee.offered_by(ADDRESSES[ORIGIN]) == 2
+        for session in sessions + [other]:
+            session.close()
+        assert c.distributee.offered_by(ADDRESSES[ORIGIN]) == 0
+        assert c.cache.reserved == 0
 
     def test_hosting_off_takes_nothing(self, tmp_path, shared):
         c = Cache(tmp_path, shared, quota=0)
@@ -495,6 +534,57 @@ class TestDistributor:
             wire.request("pull", peer=CACHE_C, port=6003, free=100 * CHUNK_SIZE), "192.0.2.9")
         assert reply["chunks"] == 0
 
+    def test_a_pull_storm_from_one_address_is_told_busy(self, shared):
+        """
+        While one pull's pushes to an address are under way, that address's
+        next pulls, under any peer id, are refused "busy": a pull storm
+        queues nothing, and a distributee that never answers holds one place.
+        """
+        o = Origin(shared, replicas=2, targets=())
+        answers = []
+
+        class Silent(PushTarget):
+            def call(self, header, body=b""):
+                d = defer.Deferred()
+                answers.append(d)
+                return d
+
+        o.targets[CACHE_C] = Silent(CACHE_C, o.content, o.log)
+        pull = lambda peer, host: o.distributor.pull(
+            wire.request("pull", peer=peer, port=6003, free=100 * CHUNK_SIZE), host)
+        assert pull(CACHE_C, "192.0.2.9")[0]["chunks"] > 0
+        for n in range(50):
+            with pytest.raises(RequestRefused) as caught:
+                pull(f"{n:032x}", "192.0.2.9")
+            assert caught.value.code == "busy"
+        assert len(o.connects) == 1 and len(o.distributor._jobs) == 1
+        # Another address still gets its part.
+        assert pull(CACHE_B, "192.0.2.10")[0]["chunks"] > 0
+        # The silent one is given up: the address may pull again.
+        o.net.clock.advance(DISTRIBUTION_ANSWER_TIMEOUT + 1)
+        assert o.distributor._pulls == {}
+        assert pull(CACHE_A, "192.0.2.9")[0]["chunks"] > 0
+
+    def test_pulls_at_once_are_capped_over_all_addresses(self, shared):
+        o = Origin(shared, replicas=16, targets=())
+
+        class Silent(PushTarget):
+            def call(self, header, body=b""):
+                return defer.Deferred()
+
+        codes = []
+        for n in range(MAX_PULLS_AT_ONCE + 3):
+            peer_id = f"{n + 1:032x}"
+            o.targets[peer_id] = Silent(peer_id, o.content, o.log)
+            try:
+                o.distributor.pull(
+                    wire.request("pull", peer=peer_id, port=6003, free=100 * CHUNK_SIZE),
+                    f"192.0.2.{n + 20}")
+                codes.append("pulling")
+            except RequestRefused as e:
+                codes.append(e.code)
+        assert codes == ["pulling"] * MAX_PULLS_AT_ONCE + ["busy"] * 3
+
     @pytest.mark.parametrize("header", [
         {"t": "pull", "v": 1, "peer": "short", "port": 1, "free": 0},
         {"t": "pull", "v": 1, "peer": CACHE_A, "port": 0, "free": 0},
@@ -697,20 +787,30 @@ _headers = st.fixed_dictionaries(
 
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(header=_headers, body=st.binary(max_size=64))
-def test_no_frame_crashes_the_distribution_ports(tmp_path, shared, header, body):
+@given(frames=st.lists(st.tuples(_headers, st.binary(max_size=64)), min_size=1, max_size=3),
+       byte_by_byte=st.booleans())
+def test_no_frame_crashes_the_distribution_ports(tmp_path, shared, frames, byte_by_byte):
     """
-    Whatever a peer sends, each port answers or drops the connection: never
-    an internal error.
+    Whatever a peer sends, whole or a byte at a time, each port answers or
+    drops the connection: never an internal error, and no room left held
+    once the connection is gone.
     """
     c = Cache(tmp_path / "fuzz", shared)
     o = Origin(shared, replicas=1, targets=())
+    data = b"".join(frame(header, body) for header, body in frames)
     for factory in (DistributeeFactory(c.distributee), DistributorFactory(o.distributor)):
         protocol = connected(factory)
-        protocol.dataReceived(frame(header, body))
+        pieces = [data[i:i + 1] for i in range(len(data))] if byte_by_byte else [data]
+        for piece in pieces:
+            if protocol.transport.disconnecting:
+                break
+            protocol.dataReceived(piece)
         for answer, _ in sent_frames(protocol.transport):
-            assert answer.get("code") != "internal", (header, answer)
+            assert answer.get("code") != "internal", (frames, answer)
         protocol.connectionLost(Failure(ConnectionDone()))
+    assert c.cache.reserved == 0
+    assert c.distributee.offered_by(ADDRESSES[ORIGIN]) == 0
+    assert c.distributee.offered_by("192.0.2.1") == 0
     c.cache.close()
 
 
@@ -735,3 +835,32 @@ def test_two_distributors_of_one_file_do_not_fill_the_same_gap(shared):
     assert sum(len(t.held) for t in targets.values()) == chunks
     assert sum(o.stats.pushed_chunks for o in origins) == chunks
     assert all(o.stats.pushed_chunks for o in origins), "one of them did everything"
+
+
+def test_an_ipv6_host_counts_as_its_64(tmp_path, shared, monkeypatch):
+    """
+    A host may use any address of its /64: its room and its pulls are
+    counted for the /64, not per address.
+    """
+    monkeypatch.setattr(distribution, "MAX_OFFERED_CHUNKS_PER_HOST", 2)
+    c = Cache(tmp_path, shared)
+    file_id = c.local.file_id
+    first = c.distributee.session("2001:db8::1")
+    second = c.distributee.session("2001:db8::2")
+    assert offer(first, file_id, [0, 1])["accepted"] == [0, 1]
+    d = second.handle(wire.request("offer", id=file_id, chunks=[2]), b"")
+    assert refusal(d) == "busy"
+    elsewhere = c.distributee.session("2001:db8:1::1")
+    assert offer(elsewhere, file_id, [2])["accepted"] == [2]
+    for session in (first, second, elsewhere):
+        session.close()
+    assert c.cache.reserved == 0
+
+    o = Origin(shared, replicas=2, targets=())
+    o.targets[CACHE_C] = type("Silent", (PushTarget,), {
+        "call": lambda self, header, body=b"": defer.Deferred()})(CACHE_C, o.content, o.log)
+    pull = lambda peer, host: o.distributor.pull(
+        wire.request("pull", peer=peer, port=6003, free=100 * CHUNK_SIZE), host)
+    assert pull(CACHE_C, "2001:db8::1")[0]["chunks"] > 0
+    with pytest.raises(RequestRefused):
+        pull(CACHE_B, "2001:db8::ffff")

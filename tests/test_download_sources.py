@@ -159,3 +159,41 @@ def test_the_first_progress_has_a_rate(tmp_path):
     download.cancel()
     done.addErrback(lambda failure: failure.trap(DownloadFailed))
     assert progress["rate"] > 0
+
+
+class HugeManifestClient(LiveClient):
+    """
+    A liar: its manifest pages claim a file of 1 TiB, 8192 random hashes a
+    page, as many pages as it is asked for.
+    """
+
+    def call(self, header):
+        if header["t"] == "manifest":
+            self.gets.append(header)
+            reply = {"t": "manifest", "id": self.manifest.file_id, "size": 1 << 40,
+                     "start": header["start"], "count": 8192}
+            return defer.succeed((reply, bytes(8192 * 32)))
+        return LiveClient.call(self, header)
+
+
+def test_a_manifest_of_another_size_than_the_catalog_offered_is_refused_at_once(tmp_path):
+    """
+    The download takes the honest source's manifest; the liar, whose
+    catalog offered the file at its real size, was asked one page only.
+    """
+    _, manifest, reported = make_download(tmp_path, [DEAD], None)  # for its file
+    folder = tmp_path / "downloads2"
+    folder.mkdir()
+    liar, honest = HugeManifestClient(manifest), LiveClient(manifest)
+    clients = {DEAD.peer_id: liar, LIVE.peer_id: honest}
+    offered = {DEAD.peer_id: manifest.size, LIVE.peer_id: manifest.size}
+    download = Download(
+        "movie.bin", manifest.file_id, [DEAD, LIVE],
+        lambda peer: defer.succeed(clients[peer.peer_id]), Inbox(), 7200,
+        PartialFile(str(folder), manifest.file_id), defer.maybeDeferred, SyncWorkers(),
+        task.Clock(), reported.append, size_offered=lambda peer: offered[peer.peer_id],
+    )
+    download.start()
+    assert download.manifest == manifest
+    assert len(liar.gets) == 1
+    assert any("catalog offered" in error for error in download._finder.errors)

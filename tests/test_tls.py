@@ -321,3 +321,20 @@ def test_a_stalled_handshake_gives_way_to_a_new_one_from_its_host():
     clock.advance(EVICTABLE_AFTER)
     assert gates.buildProtocol(address) is not None
     assert made[0].transport.disconnecting and not made[1].transport.disconnecting
+
+
+def test_a_handshake_refused_by_the_gates_is_refused_by_the_tls_factory():
+    """
+    Past MAX_CONNECTIONS_PER_HOST handshakes from one host, the listening
+    port's TLS factory refuses the connection (C{None}) rather than build a
+    TLS protocol around nothing, which failed with a traceback when it was
+    connected (found by the end-to-end handshake flood).
+    """
+    security = tls.GroupSecurity(GROUP, Identity.generate(), task.Clock(), None)
+    gates = tls._ServerGates(Factory.forProtocol(Recorder), task.Clock(), lambda *a: None)
+    factory = tls._TLSFactory(security.credentials, False, gates)
+    address = IPv4Address("TCP", "192.0.2.1", 5000)
+    made = [factory.buildProtocol(address) for _ in range(MAX_CONNECTIONS_PER_HOST)]
+    assert None not in made
+    assert factory.buildProtocol(address) is None
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 5000)) is not None

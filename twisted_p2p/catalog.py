@@ -209,7 +209,9 @@ class NetworkCatalog:
             self._free[peer_id] = free
         if files:
             self._files[peer_id] = files
-            ids = self._file_ids[peer_id] = {file_id for file_id, _, _ in files}
+            ids = self._file_ids[peer_id] = {}
+            for file_id, _, size in files:
+                ids.setdefault(file_id, size)
             self._entries += len(files)
             self._holdings[peer_id] = {
                 file_id: (holdings or {}).get(file_id, b"") if file_id in (holdings or {}) else None
@@ -395,6 +397,13 @@ class NetworkCatalog:
 
     def files_of(self, peer_id):
         return list(self._files.get(peer_id, ()))
+
+    def size_offered(self, peer_id, file_id):
+        """
+        The size C{peer_id}'s catalog gave C{file_id} (the first, if it
+        listed it twice), or C{None} if it does not list it.
+        """
+        return self._file_ids.get(peer_id, {}).get(file_id)
 
     def sources(self, file_id):
         """

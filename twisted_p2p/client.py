@@ -243,13 +243,17 @@ async def _fetch_catalog_pages(client):
             return CatalogView(revision, files, frozenset(partial & kept), free)
         if not count:
             raise wire.ProtocolError("an empty catalog page before the end")
-async def fetch_manifest(client, file_id):
+async def fetch_manifest(client, file_id, size_offered=None):
     """
     The manifest of C{file_id}, fetched page by page and checked against the
     id: a peer cannot make us accept hashes for other content.  The hashes
     are gathered in one buffer (32 bytes each, whatever the peer claims) and
     checked against the id before they are split, so that a liar claiming a
     huge file costs at most that buffer, for as long as the fetch.
+
+    @param size_offered: the size the peer's catalog offered the file at, if
+        known: a manifest of another size is refused at its first page, so
+        that a liar claiming 1 TiB costs one page, not 128 MiB of hashes.
     """
     hashes = bytearray()
     size = None
@@ -261,6 +265,11 @@ async def fetch_manifest(client, file_id):
             raise wire.ProtocolError("expected the manifest we asked for")
         page_size = wire.int_field(header, "size", 0, MAX_FILE_SIZE)
         if size is None:
+            if size_offered is not None and page_size != size_offered:
+                raise ManifestMismatch(
+                    f"the manifest is of a file of {page_size} bytes, "
+                    f"but its catalog offered {size_offered}"
+                )
             size = page_size
         elif page_size != size:
             raise wire.ProtocolError("the manifest changed size between pages")

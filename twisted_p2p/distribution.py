@@ -21,6 +21,7 @@ thread.
 """
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -40,6 +41,9 @@ from twisted_p2p.limits import (
     MAX_FILE_SIZE,
     MAX_OFFER_CHUNKS,
     MAX_OFFERED_CHUNKS,
+    MAX_OFFERED_CHUNKS_PER_HOST,
+    MAX_PULLS_AT_ONCE,
+    MAX_PULLS_PER_HOST,
     OFFER_GROUP,
     PENDING_PUSH_SECONDS,
     PUSHES_AT_ONCE,
@@ -186,6 +190,30 @@ class Distributee:
         self.stats = stats
         self._changed = changed
         self._learning = {}
+        self._offered = Counter()
+
+    def offered_by(self, host):
+        """
+        Chunks the connections from C{host} (its /64, for IPv6) hold room for
+        (offered and accepted, not yet pushed), or are asking room for now.
+        """
+        return self._offered[wire.address_group(host)]
+
+    def _claim(self, host, count):
+        group = wire.address_group(host)
+        if self._offered[group] + count > MAX_OFFERED_CHUNKS_PER_HOST:
+            raise RequestRefused(
+                "busy",
+                f"this address holds room for {self._offered[group]} chunk(s) not yet pushed; "
+                "push them first",
+            )
+        self._offered[group] += count
+
+    def _unclaim(self, host, count):
+        group = wire.address_group(host)
+        self._offered[group] -= count
+        if self._offered[group] <= 0:
+            del self._offered[group]
 
     @property
     def hosting(self):
@@ -256,7 +284,8 @@ class Distributee:
             try:
                 client = await self._open_client(peer)
                 try:
-                    d = defer.ensureDeferred(fetch_manifest(client, file_id))
+                    size = self._catalog.size_offered(peer.peer_id, file_id)
+                    d = defer.ensureDeferred(fetch_manifest(client, file_id, size))
                     manifest = await d.addTimeout(MANIFEST_FETCH_TIMEOUT, self._clock)
                 finally:
                     client.close()
@@ -366,22 +395,31 @@ class DistributeeSession:
         if len(self.reservations) + len(chunks) > MAX_OFFERED_CHUNKS:
             raise wire.ProtocolError("too many chunks offered and not pushed")
         try:
-            await owner.manifest_for(file_id, self.host)
-            self.files.add(file_id)
+            owner._claim(self.host, len(chunks))
         except RequestRefused:
             owner.stats.refused_offers += 1
             raise
-        copies = owner._copies()
-        results = await owner._run(_reserve_all, owner.cache, file_id, chunks, copies)
         accepted, refused = [], []
-        for index, outcome in zip(chunks, results):
-            if isinstance(outcome, CacheRefused):
-                refused.append({"i": index, "code": outcome.code})
-            elif self.closed:
-                outcome.release()
-            else:
-                self.reservations[(file_id, index)] = outcome
-                accepted.append(index)
+        try:
+            try:
+                await owner.manifest_for(file_id, self.host)
+                self.files.add(file_id)
+            except RequestRefused:
+                owner.stats.refused_offers += 1
+                raise
+            copies = owner._copies()
+            results = await owner._run(_reserve_all, owner.cache, file_id, chunks, copies)
+            for index, outcome in zip(chunks, results):
+                if isinstance(outcome, CacheRefused):
+                    refused.append({"i": index, "code": outcome.code})
+                elif self.closed:
+                    outcome.release()
+                else:
+                    self.reservations[(file_id, index)] = outcome
+                    accepted.append(index)
+        finally:
+            # What this session keeps stays claimed until pushed or closed.
+            owner._unclaim(self.host, len(chunks) - len(accepted))
         if refused:
             owner.stats.refused_offers += 1
         owner.stored()  # evictions may have made room
@@ -396,6 +434,7 @@ class DistributeeSession:
             owner.stats.refused_pushes += 1
             code = "hosting-off" if not owner.hosting else "not-offered"
             raise RequestRefused(code, "a chunk must be offered, and accepted, before it is pushed")
+        owner._unclaim(self.host, 1)
         try:
             await owner._run(owner.cache.put, file_id, index, [body], reservation)
         except CacheRefused as e:
@@ -419,6 +458,8 @@ class DistributeeSession:
     def close(self):
         self.closed = True
         reservations, self.reservations = self.reservations, {}
+        if reservations:
+            self._owner._unclaim(self.host, len(reservations))
         for reservation in reservations.values():
             reservation.release()
         # A manifest fetched for offers that came to nothing goes too.
@@ -488,6 +529,7 @@ class Distributor:
         self._clients = set()
         self._limit = defer.DeferredSemaphore(PUSHES_AT_ONCE)
         self._round = None
+        self._pulls = Counter()
         self.stopped = False
 
     # planning
@@ -578,16 +620,29 @@ class Distributor:
         peer_id = wire.text_field(header, "peer", _PEER_ID)
         port = wire.port_field(header, "port")
         free = wire.int_field(header, "free", 0, MAX_FILE_SIZE * 1024)
+        group = wire.address_group(host)
+        if (self._pulls[group] >= MAX_PULLS_PER_HOST
+                or sum(self._pulls.values()) >= MAX_PULLS_AT_ONCE):
+            raise RequestRefused(
+                "busy", "this peer is still pushing what an earlier pull asked; ask again later"
+            )
         planner = self._planner() if not self.stopped else None
         wanted = planner.wanted(peer_id, free, budget=self._budget()) if planner else {}
         pushes = [
             Push(peer_id, file_id, chunks, 0) for file_id, chunks in wanted.items() if chunks
         ]
         label = format_address(host, port)
-        for push in pushes:
-            self._start(_Target(peer_id, host, port, label), push)
+        if pushes:
+            jobs = [self._start(_Target(peer_id, host, port, label), push) for push in pushes]
+            self._pulls[group] += 1
+            defer.DeferredList(jobs).addBoth(lambda _: self._pulled(group))
         chunks = sum(len(p.chunks) for p in pushes)
         return {"t": "pulling", "chunks": chunks}, b""
+
+    def _pulled(self, group):
+        self._pulls[group] -= 1
+        if self._pulls[group] <= 0:
+            del self._pulls[group]
 
     # pushing
 

@@ -356,8 +356,33 @@ MAX_OFFER_CHUNKS = 64
 #: accepted, not yet pushed): a connection cannot sit on a cache's space.
 MAX_OFFERED_CHUNKS = 64
 
+#: Chunks all the connections from one address may hold room for at once
+#: (distribution pushes per peer): twice what one connection may, so that a
+#: host opening MAX_CONNECTIONS_PER_HOST connections to our distributee port
+#: cannot reserve the whole cache and keep the honest distributors out; an
+#: offer past it is refused as "busy", and the room comes back as its
+#: chunks are pushed or its connections close.
+MAX_OFFERED_CHUNKS_PER_HOST = 2 * MAX_OFFERED_CHUNKS
+
 #: Chunks a distributor offers at a time (then pushes those accepted).
 OFFER_GROUP = 16
+
+#: Chunk copies one distribution round may plan for this peer, pushes or a
+#: pull answer (distribution pushes per round).  2048 copies of 256 KiB are
+#: 512 MiB, 51 MB/s over a 10 s round: more than background distribution
+#: should take of a LAN, so it binds only a peer with no upload cap.  It
+#: keeps a plan's time (tens of ms at most) and memory bounded whatever the
+#: files and peers.
+MAX_ROUND_COPIES = 2048
+
+#: Pulls (on our distributor port) whose pushes may be under way at once
+#: for one address, and for all addresses.  A pull costs us pushes of up to
+#: MAX_ROUND_COPIES chunks, to the asker's own address; a host that pulls
+#: again under invented peer ids before those are done is told "busy", so
+#: that a pull storm cannot queue pushes without end, nor a distributee that
+#: never answers hold more than one of the PUSHES_AT_ONCE places.
+MAX_PULLS_PER_HOST = 1
+MAX_PULLS_AT_ONCE = 8
 
 #: Frames a distribution connection may send ahead of our answers; a
 #: distributor waits for each answer, so more is a misbehaving peer, and

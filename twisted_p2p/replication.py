@@ -49,16 +49,9 @@ import hashlib
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from twisted_p2p.limits import CHUNK_SIZE
+from twisted_p2p.limits import CHUNK_SIZE, MAX_ROUND_COPIES
 
 # Limits of this module, with their reasons (to move to limits.py).
-
-#: Chunk copies one round may plan for this peer, pushes or a pull answer.
-#: 2048 copies of 256 KiB are 512 MiB, 51 MB/s over a 10 s round: more than
-#: background distribution should take of a LAN, so it binds only a peer
-#: with no upload cap.  It keeps a plan's time (tens of ms at most) and
-#: memory bounded whatever the files and peers.
-MAX_ROUND_COPIES = 2048
 
 #: Most copies outside the origin the network may be asked to keep.  More
 #: buys no real safety on a LAN and multiplies distribution traffic.

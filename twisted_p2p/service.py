@@ -1128,6 +1128,8 @@ class PeerService(MultiService):
             bans=bans,
             index=index,
             find_peers=lambda: self.catalog.sources(file_id),
+            size_offered=lambda peer: self.catalog.size_offered(
+                getattr(peer, "peer_id", None), file_id),
         )
 
     def _make_console(self, terminal):

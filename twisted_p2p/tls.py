@@ -232,6 +232,15 @@ class _TLSFactory(TLSMemoryBIOFactory):
     protocol = _GroupTLS
     noisy = False
 
+    def buildProtocol(self, addr):
+        # A refusal from the gates (too many handshakes from one host) is a
+        # refusal here too: Twisted's wrapper would build a TLS protocol
+        # around nothing, and fail with a traceback when it is connected.
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return self.protocol(self, wrapped)
+
 
 @implementer(IHandshakeListener)
 class _Gate(Protocol):

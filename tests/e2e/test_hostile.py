@@ -16,6 +16,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -397,8 +398,10 @@ class Flood:
     Reopened as they are closed, as an attacker would.
     """
 
-    def __init__(self, host, ports, idle, slow):
+    def __init__(self, host, ports, idle, slow, head=(60000).to_bytes(4, "big"), drip=b"{"):
         self.host = host
+        self.head = head
+        self.drip = drip
         self.ports = list(ports)
         self.idle = idle
         self.slow = slow
@@ -430,7 +433,7 @@ class Flood:
         for sock in slow:
             if sock is not None:
                 try:
-                    sock.send((60000).to_bytes(4, "big"))
+                    sock.send(self.head)
                 except OSError:
                     pass
         idle = [self._open(n) for n in range(self.idle)]
@@ -441,7 +444,7 @@ class Flood:
                     continue
                 try:
                     if i < len(slow):
-                        sock.send(b"{")
+                        sock.send(self.drip)
                     if sock.recv(65536) == b"":
                         raise ConnectionError()
                 except BlockingIOError:
@@ -818,3 +821,337 @@ def test_a_file_rewritten_while_it_is_served_is_never_taken_mixed(cast):
     rewritten = hash_file(seeder.shared / "moving.bin").file_id
     assert poll(lambda: any(rewritten[:8] in line for line in downloader.ask("list")), 20)[0]
     cast.check_logs()
+
+
+# -- the distribution ports (T+2 and T+3) ------------------------------------------------
+
+
+class Link:
+    """
+    One connection from C{host} to 127.0.0.1:C{port}, frames one at a time.
+    """
+
+    def __init__(self, host, port):
+        self.sock = socket.create_connection((HOST, port), timeout=15, source_address=(host, 0))
+
+    def ask(self, header, body=b""):
+        self.sock.sendall(fake.frame({"v": 1, **header}, body))
+        return fake.read_frame(self.sock)[0]
+
+    def close(self):
+        self.sock.close()
+
+
+class SilentDistributee:
+    """
+    A distributee port on C{host} that accepts pushes' connections, reads
+    what comes, and never answers.
+    """
+
+    def __init__(self, host):
+        self.listener = socket.socket()
+        self.listener.bind((host, 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.setblocking(False)
+            self.accepted.append(conn)
+        # (what they send stays in the socket buffers, unread and unanswered)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2)
+        for sock in self.accepted + [self.listener]:
+            sock.close()
+
+
+def read_chunk(path, index):
+    with open(path, "rb") as f:
+        f.seek(index * CHUNK_SIZE)
+        return f.read(CHUNK_SIZE)
+
+
+def test_distribution_ports_against_liars(cast):
+    """
+    Against a real cache's T+3 and a real origin's T+2: a flood of offers
+    (of a real file and of ids nobody serves), pushes of the wrong size or
+    hash, one address holding room from many connections, correct pushes
+    beyond the quota from 16 addresses, a pull storm under invented peer
+    ids, and a distributee that never answers.  The cache stays within
+    --cache-size, both memories stay bounded, and an honest download
+    finishes.  Printed: the figures.
+    """
+    from .test_distribution import cache_bytes_on_disk, cache_of
+
+    quota = 64 * MiB
+    distribution = ["--replicas", "3", "--distribute-interval", "0.5"]
+    origin = cast.peer("origin", {"a.bin": 24 * MiB}, extra_args=distribution)
+    victim = cast.peer("victim", extra_args=["--cache-size", "64M", *distribution])
+    downloader = cast.peer("downloader")
+    b_path = cast.base / "b.bin"
+    write_random(b_path, 48 * MiB)
+    b = fake.FakeFile("b.bin", path=b_path)
+    cast.fake("127.0.0.2", [b], name="b-server")
+    cast.start(origin, victim, downloader)
+    wait_listed(victim, "b.bin")
+    wait_listed(downloader, "a.bin")
+    a_chunks = 24 * MiB // CHUNK_SIZE
+    ok, _ = poll(lambda: sum(f["chunks"] for f in cache_of(victim)["files"]) >= a_chunks, 20)
+    assert ok, cache_of(victim)
+    quiet = download(downloader, "a.bin")
+    (downloader.downloads / "a.bin").unlink()
+    rss_before = {p.name: fake.rss_kib(p.proc.pid) for p in (origin, victim)}
+    t3 = victim.transfer_port + 3
+    highest = 0
+
+    def watch():
+        nonlocal highest
+        highest = max(highest, cache_of(victim)["used"], cache_bytes_on_disk(victim))
+
+    # One address, many connections: room for 128 chunks at most.
+    hog = [Link("127.0.0.6", t3) for _ in range(3)]
+    answers = [
+        hog[n].ask({"t": "offer", "id": b.file_id, "chunks": list(range(64 * n, 64 * n + 64))})
+        for n in range(3)
+    ]
+    assert [len(a.get("accepted", ())) for a in answers[:2]] == [64, 64], answers[:2]
+    assert answers[2] == {"t": "error", "code": "busy", "message": answers[2].get("message")}
+    # Pushes of the wrong size and of the wrong hash: nothing stored.
+    wrong_size = hog[0].ask({"t": "push", "id": b.file_id, "i": 0}, b"x" * 100)
+    wrong_hash = hog[0].ask({"t": "push", "id": b.file_id, "i": 1}, os.urandom(CHUNK_SIZE))
+    assert (wrong_size["code"], wrong_hash["code"]) == ("bad-hash", "bad-hash")
+    watch()
+    # Its room comes back when it goes.
+    for link in hog:
+        link.close()
+
+    # Offers of ids no peer serves: refused at once, nothing fetched.
+    unknown = Link("127.0.0.8", t3)
+    started = time.monotonic()
+    unknown_codes = {
+        unknown.ask({"t": "offer", "id": fake.random_hex(64), "chunks": [0]})["code"]
+        for _ in range(300)
+    }
+    unknown_seconds = time.monotonic() - started
+    unknown.close()
+    assert unknown_codes == {"unknown-file"}
+
+    # A pull storm at the origin's T+2, its pushes to a distributee that
+    # never answers.
+    silent = SilentDistributee("127.0.0.7")
+    pulls = []
+    for _ in range(200):
+        link = Link("127.0.0.7", origin.transfer_port + 2)
+        pulls.append(link.ask({"t": "pull", "peer": fake.random_hex(32), "port": silent.port,
+                               "free": quota}))
+        link.close()
+    pulling = [p for p in pulls if p["t"] == "pulling"]
+    busy = [p for p in pulls if p.get("code") == "busy"]
+    assert len(pulling) == 1 and pulling[0]["chunks"] > 0, pulls[:3]
+    assert len(busy) == 199
+
+    # Correct chunks pushed from 16 addresses, far beyond the quota, while an
+    # honest download runs.
+    stored = refused = 0
+    codes = Counter()
+    pusher_error = []
+
+    def push_from(n):
+        nonlocal stored, refused
+        try:
+            link = Link(f"127.0.5.{n + 1}", t3)
+            for first in range(n * 12, n * 12 + 12, 4):
+                offered = link.ask({"t": "offer", "id": b.file_id,
+                                    "chunks": list(range(first, first + 4))})
+                if offered["t"] != "offered":
+                    refused += 4
+                    codes[offered["code"]] += 1
+                    continue
+                refused += len(offered["refused"])
+                codes.update(r["code"] for r in offered["refused"])
+                for index in offered["accepted"]:
+                    answer = link.ask({"t": "push", "id": b.file_id, "i": index},
+                                      read_chunk(b_path, index))
+                    if answer["t"] == "stored":
+                        stored += 1
+                    else:
+                        refused += 1
+                        codes[answer["code"]] += 1
+            link.close()
+        except Exception as e:  # reported below
+            pusher_error.append(repr(e))
+
+    pushers = [threading.Thread(target=push_from, args=(n,)) for n in range(16)]
+    for t in pushers:
+        t.start()
+    try:
+        attacked = download(downloader, "a.bin")
+        for t in pushers:
+            t.join(30)
+            watch()
+        watch()
+        rss_after = {p.name: fake.rss_kib(p.proc.pid) for p in (origin, victim)}
+        status = cache_of(victim)
+    finally:
+        silent.close()
+    assert not pusher_error, pusher_error
+    print(f"\ne2e hostile: distribution ports: one address got room for 128 chunks, then "
+          f"'busy'; wrong-size and wrong-hash pushes refused; 300 offers of unknown ids "
+          f"refused in {unknown_seconds:.2f} s; 200 pulls: 1 served, 199 busy; 16 addresses "
+          f"pushing 192 chunks: {stored} stored, {refused} refused ({dict(codes)}); cache at most "
+          f"{highest / MiB:.1f} MiB of {quota / MiB:.0f}; RSS origin "
+          f"{rss_before['origin'] // 1024}->{rss_after['origin'] // 1024} MiB, victim "
+          f"{rss_before['victim'] // 1024}->{rss_after['victim'] // 1024} MiB; 24 MiB download "
+          f"{quiet:.2f} s quietly, {attacked:.2f} s under attack")
+    assert sha256_of(downloader.downloads / "a.bin") == origin.digests["a.bin"]
+    assert highest <= quota and status["used"] <= quota
+    assert stored > 0 and codes["over-quota"] > 0, codes
+    for name in ("origin", "victim"):
+        assert rss_after[name] - rss_before[name] < 64 * 1024, (name, rss_before, rss_after)
+    cast.check_logs()
+
+
+#: The head of a TLS record of a 16 KiB handshake message (a ClientHello
+#: that never comes): a slowloris client of a private group sends it, then
+#: a byte a second.
+TLS_RECORD_HEAD = bytes([0x16, 0x03, 0x01, 0x40, 0x00])
+
+
+def test_a_tls_handshake_flood_does_not_stop_a_private_groups_download(cast):
+    """
+    In a private group: 1,000 connections that never begin their TLS
+    handshake and 40 that send a record's head and then a byte a second,
+    from the downloader's own address and 16 others, at both ends of a
+    64 MiB download, reopened as they are closed: it finishes.  Printed:
+    its time with and without the flood.
+    """
+    from twisted_p2p.group import write_new_key
+
+    key = cast.base / "group.key"
+    write_new_key(str(key))
+    group = ["--group-key-file", str(key)]
+    seeder = cast.peer("seeder", {"big.bin": 64 * MiB}, extra_args=group)
+    downloader = cast.peer("downloader", extra_args=group)
+    cast.start(seeder, downloader)
+    wait_listed(downloader, "big.bin")
+    quiet = download(downloader, "big.bin")
+    (downloader.downloads / "big.bin").unlink()
+    targets = [seeder.transfer_port + 1, downloader.transfer_port, seeder.transfer_port]
+    floods = [Flood(HOST, targets, idle=200, slow=40, head=TLS_RECORD_HEAD, drip=b"\x00")]
+    floods += [Flood(f"127.0.6.{n}", targets, idle=50, slow=0) for n in range(1, 17)]
+    try:
+        poll(lambda: sum(f.opened for f in floods) >= 1000, 20)
+        time.sleep(EVICTABLE_WAIT)
+        fds = fake.open_fds(seeder.proc.pid)
+        attacked = download(downloader, "big.bin")
+    finally:
+        opened = sum(f.opened for f in floods)
+        closed = sum(f.closed for f in floods)
+        for f in floods:
+            f.stop()
+    print(f"\ne2e hostile: private group: 64 MiB in {quiet:.2f} s quietly, {attacked:.2f} s "
+          f"under {opened} connections that never finish their TLS handshake ({closed} closed "
+          f"by the peers); seeder held {fds} descriptors")
+    assert sha256_of(downloader.downloads / "big.bin") == seeder.digests["big.bin"]
+    assert opened >= 1000
+    cast.check_logs()
+
+
+# -- an unreadable file, with a peer that cannot read it ----------------------------------
+
+#: How a root test runner drops a peer's privileges: the peer runs as
+#: nobody, so that a chmod 000 file is really unreadable to it.
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+
+
+class NobodyPeer(Peer):
+    """A peer run as the unprivileged user nobody (when the tests run as root)."""
+
+    def argv(self):
+        prefix = AS_NOBODY if os.geteuid() == 0 else []
+        return prefix + Peer.argv(self)
+
+
+def _uid_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError("no Uid")
+
+
+def test_an_unreadable_file_in_shared_is_not_offered_until_it_can_be_read(cast):
+    """
+    A file in shared/ its peer may not read (mode 000, the peer not root) is
+    not offered, and the peer's other files are; once it is made readable,
+    the next rescan offers it, and it downloads whole.  The tests run as
+    root, who reads anything: the seeder runs as nobody, in a folder of its
+    own outside the runner's private temporary folder.
+    """
+    import pwd
+    import tempfile
+
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("setpriv (util-linux) is needed to run a peer as nobody")
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("there is no user nobody to run the peer as")
+    base = Path(tempfile.mkdtemp(prefix="p2p-unreadable-", dir="/tmp"))
+    seeder = None
+    try:
+        base.chmod(0o755)
+        folder = base / "seeder"
+        (folder / "shared").mkdir(parents=True)
+        (folder / "downloads").mkdir()
+        digest = write_random(folder / "shared" / "readable.bin", 2 * MiB)
+        unreadable = folder / "shared" / "unreadable.bin"
+        unreadable_digest = write_random(unreadable, 3 * MiB)
+        unreadable.chmod(0)
+        if os.geteuid() == 0:
+            for path in [base, *base.rglob("*")]:
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+            # Really unreadable to the seeder's user, and readable to root.
+            check = subprocess.run(AS_NOBODY + ["cat", str(unreadable)], capture_output=True)
+            assert check.returncode != 0 and b"Permission denied" in check.stderr, check
+        seeder = NobodyPeer("seeder", folder, free_transfer_port(), cast.discovery)
+        downloader = cast.peer("downloader")
+        cast.start(seeder, downloader)
+        if os.geteuid() == 0:
+            assert _uid_of(seeder.proc.pid) == nobody.pw_uid
+        wait_listed(downloader, "readable.bin")
+        time.sleep(1.5)  # a few announce rounds: the catalog is what it will be
+        assert "unreadable.bin" not in listing(downloader)
+        download(downloader, "readable.bin")
+        assert sha256_of(downloader.downloads / "readable.bin") == digest
+
+        # Readable again: offered at the next rescan, and whole.
+        unreadable.chmod(0o644)
+        offered = wait_listed(downloader, "unreadable.bin", timeout=25.0)
+        seconds = download(downloader, "unreadable.bin")
+        assert sha256_of(downloader.downloads / "unreadable.bin") == unreadable_digest
+        print(f"\ne2e hostile: a file its peer (uid {_uid_of(seeder.proc.pid)}) could not read "
+              f"was not offered; made readable, it was offered {offered:.1f} s later and "
+              f"downloaded in {seconds:.2f} s")
+        cast.check_logs()
+        log = seeder.log_path.read_text(errors="replace")
+        assert not [marker for marker in LOG_ERRORS if marker in log], log
+        assert re.search(r"Not sharing \S*unreadable\.bin: .*Permission denied", log), log
+    finally:
+        if seeder is not None:
+            seeder.cleanup()
+        shutil.rmtree(base, ignore_errors=True)

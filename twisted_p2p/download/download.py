@@ -196,6 +196,9 @@ class Download:
         one if C{None}.
     @param index: the L{SharedIndex} that offers the verified chunks while
         the download runs, or C{None}.
+    @param size_offered: C{size_offered(peer)}, the size that peer's catalog
+        offered the file at, or C{None}: a manifest of another size is refused
+        before its pages are fetched.
     @param find_peers: C{find_peers()}, the peers that offer the file now,
         asked every L{HAVE_REFRESH} seconds so that a peer that appears
         later joins; or C{None}.
@@ -217,6 +220,7 @@ class Download:
         bans=None,
         index=None,
         find_peers=None,
+        size_offered=None,
     ):
         self.name = name
         self.file_id = file_id
@@ -242,6 +246,7 @@ class Download:
         self._finder = Finder(
             self, file_id, open_client, clock,
             skip=lambda peer: self.bans.is_banned(_peer_key(peer), *_where(peer)),
+            size_offered=size_offered or (lambda peer: None),
         )
         self._ledger = None
         self._verifying = 0

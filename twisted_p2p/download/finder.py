@@ -48,14 +48,18 @@ class Finder:
 
     @param open_client: C{open_client(peer)}, a Deferred L{SenderClient}.
     @param skip: C{skip(peer)}, whether to leave a peer out (banned).
+    @param size_offered: C{size_offered(peer)}, the size the peer's catalog
+        offered the file at, or C{None}: its manifest must be of that size.
     """
 
-    def __init__(self, owner, file_id, open_client, clock, skip=lambda peer: False):
+    def __init__(self, owner, file_id, open_client, clock, skip=lambda peer: False,
+                 size_offered=lambda peer: None):
         self._owner = owner
         self._file_id = file_id
         self._open_client = open_client
         self._clock = clock
         self._skip = skip
+        self._size_offered = size_offered
         self._tried = set()
         self._connecting = set()
         self._manifest_fetches = set()
@@ -122,7 +126,7 @@ class Finder:
         timed = _Deadline(client, ANSWER_TIMEOUT, self._clock)
         try:
             if self._manifest is None:
-                manifest = await self._fetch_manifest(timed)
+                manifest = await self._fetch_manifest(timed, self._size_offered(peer))
                 if manifest is not None and self._manifest is None and not self._stopped:
                     self._manifest = manifest
                     for fetch in list(self._manifest_fetches):
@@ -144,12 +148,12 @@ class Finder:
             return
         self._owner.source_found(source)
 
-    async def _fetch_manifest(self, client):
+    async def _fetch_manifest(self, client, size_offered):
         """
         The manifest from C{client}; C{None} if another peer's came first
         (this fetch is then cancelled).
         """
-        fetch = defer.ensureDeferred(fetch_manifest(client, self._file_id))
+        fetch = defer.ensureDeferred(fetch_manifest(client, self._file_id, size_offered))
         self._manifest_fetches.add(fetch)
         try:
             return await fetch
