@@ -1225,8 +1225,8 @@ def test_reading_pauses_while_too_many_frames_wait_to_be_verified(tmp_path):
     h.advance(2 * REQUEST_TIMEOUT)
     assert h.source(A).failures == 0
     while connection.paused:
-        threads.run_next()  # a frame's hashes, then its write
-    assert h.download.have == VERIFY_QUEUE // 2
+        threads.run_next()  # a frame: its hashes, then its write
+    assert h.download.have == VERIFY_QUEUE - VERIFY_QUEUE // 2
     assert h.download.buffers.out == VERIFY_QUEUE // 2
 
 
@@ -1235,7 +1235,7 @@ def test_the_partial_is_released_only_after_the_stores_in_flight(tmp_path):
     h = Harness(tmp_path, content_of(3 * CHUNK_SIZE), workers=threads)
     done = h.start()
     assert h.send(A, 0)
-    assert threads.names() == ["verify"]
+    assert threads.names() == ["verify_and_store"]
     h.download.cancel()
     with pytest.raises(DownloadFailed):
         result_of(done)

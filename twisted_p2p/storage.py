@@ -306,6 +306,9 @@ class PartialFile:
                 written -= len(pieces.pop(0))
             if written:
                 pieces[0] = memoryview(pieces[0])[written:]
+        # Two worker threads may write one file (at their own offsets): the
+        # count is only a hint of when to start writeback, and an update
+        # lost in a race only starts it a little later.
         self._unflushed += length
         if self._unflushed >= WRITEBACK_EVERY:
             self._unflushed = 0

@@ -130,10 +130,9 @@ class WorkerPool:
 
     def pick(self, besides=None):
         """
-        The worker with the fewest jobs pending, for a caller whose jobs
-        should all go to one thread (writes to one file: two threads would
-        only contend for its lock); another than C{besides} where there is
-        another.
+        The worker with the fewest jobs pending (another than C{besides}
+        where there is another): for a caller that picks a thread once for
+        jobs that must run in order, or once per job to spread its jobs.
         """
         others = [w for w in self.workers if w is not besides] or self.workers
         return min(others, key=lambda w: w.pending)
