@@ -16,12 +16,7 @@ from twisted.logger import Logger
 
 from twisted_p2p import wire
 from twisted_p2p.limits import MAX_DISTRIBUTION_QUEUE, MAX_HEADER
-from twisted_p2p.transfer.framed import (
-    FramedProtocol,
-    PerHostLimitedFactory,
-    RequestRefused,
-    describe_peer,
-)
+from twisted_p2p.transfer.framed import FramedProtocol, PerHostLimitedFactory, describe_peer
 
 log = Logger()
 
@@ -58,32 +53,13 @@ class _OrderedProtocol(FramedProtocol):
                 header, body = self._queue.popleft()
                 self._busy = True
                 d = defer.maybeDeferred(self.answer, header, body)
-                d.addCallbacks(self._reply, self._refuse)
+                d.addCallbacks(
+                    self.send_answer, self.send_refusal, errbackArgs=("a distribution frame",)
+                )
                 d.addErrback(lambda f: log.failure("Answering a frame failed", f))
                 d.addBoth(self._answered)
         finally:
             self._looping = False
-
-    def _reply(self, answer):
-        reply, body = answer
-        if not self.transport.disconnecting:
-            self.send(reply, body)
-
-    def _refuse(self, failure):
-        if self.transport.disconnecting:
-            return
-        if failure.check(RequestRefused):
-            error = failure.value
-            self.send({"t": "error", "code": error.code, "message": error.message})
-            return
-        if failure.check(wire.ProtocolError):
-            self.send(
-                {"t": "error", "code": "bad-request", "message": failure.getErrorMessage()}
-            )
-            self.protocol_error(failure.getErrorMessage())
-            return
-        log.failure("Answering a distribution frame failed", failure)
-        self.send({"t": "error", "code": "internal", "message": "this peer failed to answer"})
 
     def _answered(self, _):
         self._busy = False

@@ -119,6 +119,37 @@ class FramedProtocol(Int32StringReceiver, TimeoutMixin):
     def send(self, header, body=b""):
         self.sendString(wire.encode_frame(header, body))
 
+    def send_answer(self, answer):
+        """
+        Send C{answer}, a C{(header, body)}, unless the connection is going.
+        """
+        reply, body = answer
+        if not self.transport.disconnecting:
+            self.send(reply, body)
+
+    def send_refusal(self, failure, what="a request"):
+        """
+        Answer a request whose handling failed with C{failure}: its own
+        error for a L{RequestRefused}; C{bad-request}, then a dropped
+        connection, for a L{wire.ProtocolError}; else C{internal}, logged.
+        Still one answer per request, or every later answer would be
+        matched to the wrong request.
+        """
+        if self.transport.disconnecting:
+            return
+        if failure.check(RequestRefused):
+            error = failure.value
+            self.send({"t": "error", "code": error.code, "message": error.message})
+            return
+        if failure.check(wire.ProtocolError):
+            self.send(
+                {"t": "error", "code": "bad-request", "message": failure.getErrorMessage()}
+            )
+            self.protocol_error(failure.getErrorMessage())
+            return
+        log.failure("Answering {what} failed", failure, what=what)
+        self.send({"t": "error", "code": "internal", "message": "this peer failed to answer"})
+
     def timeoutConnection(self):
         self.transport.abortConnection()
 

@@ -15,9 +15,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_p2p import wire
 from twisted_p2p.limits import MAX_HEADER, MAX_QUEUED_REQUESTS
-from twisted_p2p.transfer.framed import FramedProtocol, PerHostLimitedFactory, RequestRefused
+from twisted_p2p.transfer.framed import FramedProtocol, PerHostLimitedFactory
 
 log = Logger()
 
@@ -105,34 +104,11 @@ class SenderProtocol(FramedProtocol):
                 header = self._requests.popleft()
                 self._busy = True
                 d = defer.maybeDeferred(self.factory.uploads.handle, header, self.session)
-                d.addCallbacks(self._reply, self._refuse, errbackArgs=(header,))
+                d.addCallbacks(self.send_answer, self.send_refusal)
                 d.addErrback(lambda f: log.failure("Answering a request failed", f))
                 d.addBoth(self._answered)
         finally:
             self._looping = False
-
-    def _reply(self, answer):
-        reply, body = answer
-        if not self.transport.disconnecting:
-            self.send(reply, body)
-
-    def _refuse(self, failure, header):
-        if self.transport.disconnecting:
-            return
-        if failure.check(RequestRefused):
-            error = failure.value
-            self.send({"t": "error", "code": error.code, "message": error.message})
-            return
-        if failure.check(wire.ProtocolError):
-            self.send(
-                {"t": "error", "code": "bad-request", "message": failure.getErrorMessage()}
-            )
-            self.protocol_error(failure.getErrorMessage())
-            return
-        # Still one answer per request, or every later answer would be
-        # matched to the wrong request.
-        log.failure("Answering a request failed", failure)
-        self.send({"t": "error", "code": "internal", "message": "this peer failed to answer"})
 
     def _answered(self, _):
         self._busy = False
