@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from . import fake
 from .ctl import ctl_json
 from .peers import HOST, Peer, free_transfer_port, free_udp_port
 from .test_three_peers import LOG_ERRORS, poll, sha256_of, write_random
@@ -63,22 +64,8 @@ def call(port, header, body=b"", timeout=10):
 
 
 def exchange(sock, header, body=b""):
-    payload = json.dumps(header).encode() + b"\n" + body
-    sock.sendall(struct.pack(">I", len(payload)) + payload)
-    size = struct.unpack(">I", _read(sock, 4))[0]
-    frame = _read(sock, size)
-    line, _, rest = frame.partition(b"\n")
-    return json.loads(line), rest
-
-
-def _read(sock, count):
-    data = bytearray()
-    while len(data) < count:
-        piece = sock.recv(count - len(data))
-        if not piece:
-            raise ConnectionError("closed")
-        data += piece
-    return bytes(data)
+    sock.sendall(fake.frame(header, body))
+    return fake.read_frame(sock)
 
 
 def held_chunks(peer, file_id):
