@@ -217,6 +217,22 @@ def test_a_source_of_unknown_rate_takes_nothing_over():
     assert plan(ledger, [slow, new], 0.0).cancels == []
 
 
+def test_a_source_of_unknown_rate_is_not_taken_from():
+    """
+    Asked moments ago, it has no rate yet, and what it was asked may be on
+    its way already: taking it over would bring it twice.
+    """
+    ledger = ChunkLedger(40)
+    new, fast = Source("new"), Source("fast", rate=100_000_000)
+    for s in (new, fast):
+        ledger.add_source(s)
+    ask(ledger, new, list(range(40)))
+    assert plan(ledger, [new, fast], 0.0).cancels == []
+    # Once it is measured, and slow, its tail is taken over.
+    new._rate = 1_000_000
+    assert plan(ledger, [new, fast], 0.0).cancels
+
+
 def test_a_chunk_is_never_in_more_than_two_requests():
     ledger = ChunkLedger(4)
     slow, fast, faster = (Source("slow", 1000), Source("fast", 10**8), Source("faster", 10**9))

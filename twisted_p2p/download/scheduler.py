@@ -146,6 +146,12 @@ def _steal(ledger, sources, thief, room, taken, now, cancels):
         if victim is thief:
             continue
         victim_rate = victim.rate(now)
+        if victim_rate is None:
+            # Not measured yet (asked moments ago): all it was asked may be
+            # on its way, and a copy taken over would come twice.  One that
+            # never sends is left to the endgame's stall and the silence
+            # timeout.
+            continue
         queue = victim.queue()
         first = max(in_flight_at(victim_rate), getattr(victim, "in_transit", 0))
         for position in range(first, len(queue)):
