@@ -2,11 +2,13 @@
 Helpers shared by the unit tests: Deferred results and transfer frames.
 """
 
+import contextlib
 import os
 import random
 import socket
 import struct
 
+import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -334,3 +336,22 @@ def pull(transport):
             break
         turns += 1
     return turns
+
+
+@contextlib.contextmanager
+def running(*peers):
+    """
+    Start the in-process peer services C{peers} (as twistd would), and
+    stop those that started when the block ends, however it ends.
+    """
+    started = []
+    try:
+        for peer in peers:
+            peer.privilegedStartService()
+            peer.startService()
+            started.append(peer)
+        yield
+    finally:
+        for peer in started:
+            if peer.running:
+                pytest_twisted.blockon(defer.maybeDeferred(peer.stopService))

@@ -13,8 +13,8 @@ import random
 
 import pytest
 import pytest_twisted
+from support import running
 from test_integration import free_ports, make_peer, wait_for
-from twisted.internet import defer
 
 from twisted_p2p import client
 from twisted_p2p.render import render
@@ -66,17 +66,8 @@ def pair(tmp_path):
         data = rng.randbytes(rng.randrange(1, 300_000))
         (shared / path).write_bytes(data)
         tree[path] = data
-    started = []
-    try:
-        for peer in (a, b):
-            peer.privilegedStartService()
-            peer.startService()
-            started.append(peer)
+    with running(a, b):
         yield a, b, tree
-    finally:
-        for peer in started:
-            if peer.running:
-                pytest_twisted.blockon(defer.maybeDeferred(peer.stopService))
 
 
 def run(peer, line):

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 import pytest_twisted
-from support import can_bind
+from support import can_bind, running
 from twisted.internet import defer, reactor, task
 
 from twisted_p2p.render import render
@@ -72,17 +72,8 @@ def two_peers(tmp_path):
     payload = random.Random(7).randbytes(3 * 256 * 1024 + 12345)
     with open(tmp_path / "b" / "shared" / "data.bin", "wb") as f:
         f.write(payload)
-    started = []
-    try:
-        for peer in (a, b):
-            peer.privilegedStartService()
-            peer.startService()
-            started.append(peer)
+    with running(a, b):
         yield a, b, payload
-    finally:
-        for peer in started:
-            if peer.running:
-                pytest_twisted.blockon(defer.maybeDeferred(peer.stopService))
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import pytest_twisted
-from support import frame
+from support import frame, running
 from test_integration import free_ports, make_peer, wait_for
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionLost
@@ -32,17 +32,8 @@ def group(tmp_path):
     payload = random.Random(12).randbytes(2 * 256 * 1024 + 99)
     (tmp_path / "b" / "shared" / "data.bin").write_bytes(payload)
     (tmp_path / "c" / "shared" / "open.bin").write_bytes(b"open to all")
-    started = []
-    try:
-        for peer in (a, b, stranger):
-            peer.privilegedStartService()
-            peer.startService()
-            started.append(peer)
+    with running(a, b, stranger):
         yield a, b, stranger, payload
-    finally:
-        for peer in started:
-            if peer.running:
-                pytest_twisted.blockon(defer.maybeDeferred(peer.stopService))
 
 
 @pytest_twisted.ensureDeferred

@@ -56,15 +56,19 @@ def check_name(name):
     return name
 
 
+def _accepts(check, value):
+    try:
+        check(value)
+    except BadName:
+        return False
+    return True
+
+
 def is_legal_name(name):
     """
     Whether L{check_name} accepts C{name}.
     """
-    try:
-        check_name(name)
-    except BadName:
-        return False
-    return True
+    return _accepts(check_name, name)
 
 
 def check_path(path):
@@ -96,11 +100,7 @@ def is_legal_path(path):
     """
     Whether L{check_path} accepts C{path}.
     """
-    try:
-        check_path(path)
-    except BadName:
-        return False
-    return True
+    return _accepts(check_path, path)
 
 
 def leaf(path):
