@@ -67,7 +67,9 @@ async def test_a_stranger_cannot_fetch_a_members_catalog(group):
     sender = await stranger._connect(peer.host, peer.sender_port, client.SenderClient())
     with pytest.raises(ConnectionLost):
         await defer.ensureDeferred(client.fetch_catalog(sender)).addTimeout(5, reactor)
-    # A member, asking as the same code does, gets it.
+    # A member, asking as the same code does, gets it (once B's first scan,
+    # in a thread, has found it).
+    await wait_for(lambda: any(f.name == "data.bin" for f in b.index.files()))
     sender = await a._open_client(peer)
     try:
         revision, files = await client.fetch_catalog(sender)
