@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install samples demo test bench clean
+.PHONY: install samples demo test fuzz bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,16 @@ demo: install samples
 
 test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# `make test` runs the Hypothesis properties with a fixed seed (see
+# tests/conftest.py); this explores them with fresh random draws, one round
+# after another, and stops at the first failure it finds.
+FUZZ_ROUNDS ?= 5
+FUZZ_TESTS = $(shell grep -l '@given' tests/test_*.py)
+fuzz: install
+	for i in $$(seq $(FUZZ_ROUNDS)); do \
+	    $(VPY) -m pytest -q -x --hypothesis-profile=fuzz $(FUZZ_TESTS) || exit 1; \
+	done
 
 # The benchmarks print one table of figures against baselines measured in
 # the same run (see tests/benchmarks/run --help); they take a few minutes.

@@ -20,3 +20,17 @@ def feed(request):
             protocol.dataReceived(data[i : i + 1])
 
     return whole if request.param == "all at once" else bytewise
+
+
+# Hypothesis: `make test` (and so CI) runs every property with a fixed seed,
+# so that a landing never hangs on what one random draw happened to find;
+# `make fuzz` explores with fresh random draws and many more examples, and
+# prints a @reproduce_failure line for anything it finds.
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    pass
+else:
+    _hypothesis_settings.register_profile("default", derandomize=True)
+    _hypothesis_settings.register_profile("fuzz", derandomize=False, max_examples=2000)
+    _hypothesis_settings.load_profile("default")

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import CommandParts
@@ -327,7 +328,23 @@ def test_a_damaged_cached_manifest_is_refused(data):
         manifest, name, _ = cache._read_manifest(_folder_fd, _MANIFEST.file_id)
     except (ValueError, OSError):
         return
-    assert manifest == _MANIFEST and names.is_legal_name(name)
+    # Cached files keep their shared path (folders), so "a/bin" is legal;
+    # "../a", "/a" or an empty part never is.
+    assert manifest == _MANIFEST and names.is_legal_path(name)
+
+
+@pytest.mark.parametrize("name, legal", [
+    ("a.bin", True), ("photos/a.bin", True),
+    ("../a.bin", False), ("/a.bin", False), ("photos//a.bin", False), ("a/./b", False),
+])
+def test_a_cached_manifest_keeps_a_shared_path_and_never_one_that_climbs(name, legal):
+    good = cache._encode_manifest(_MANIFEST, "a.bin")
+    _write(good.replace(b'"a.bin"', json.dumps(name).encode(), 1))
+    if legal:
+        assert cache._read_manifest(_folder_fd, _MANIFEST.file_id)[:2] == (_MANIFEST, name)
+    else:
+        with pytest.raises(ValueError):
+            cache._read_manifest(_folder_fd, _MANIFEST.file_id)
 
 
 def _write(data):
