@@ -238,6 +238,37 @@ def test_a_stalled_chunk_is_asked_of_a_second_source_only_once():
     assert ledger.endgame_pick("third", 2, now=100) == []
 
 
+def test_the_endgame_looks_at_its_requests_only_once_one_may_have_stalled():
+    # Once every chunk is in flight the download asks for second copies
+    # after each chunk that comes; until some request is ENDGAME_STALL old,
+    # that must cost nothing like a walk over every chunk in flight.
+    ledger = ledger_with(300, {"a": None, "b": None})
+    looked = []
+    holds = ledger.holds
+    ledger.holds = lambda source, index: looked.append(index) or holds(source, index)
+    ledger.ask("r1", "a", list(range(300)), now=0)
+    for step in range(100):
+        assert ledger.endgame_pick("b", 4, now=step * ENDGAME_STALL / 100) == []
+    assert looked == []
+    assert ledger.endgame_pick("b", 4, now=ENDGAME_STALL) == [0, 1, 2, 3]
+    assert looked
+    # Progress moves the next possible stall on: after one more walk, which
+    # finds none, no walk until then.
+    ledger.arrived("r1", 0, now=ENDGAME_STALL + 1)
+    ledger.ask("r2", "b", [1, 2, 3, 4], now=ENDGAME_STALL + 1)
+    assert ledger.endgame_pick("b", 4, now=ENDGAME_STALL + 1.5) == []
+    del looked[:]
+    assert ledger.endgame_pick("b", 4, now=2 * ENDGAME_STALL + 0.9) == []
+    assert looked == []
+    assert ledger.endgame_pick("b", 4, now=2 * ENDGAME_STALL + 1) == [5, 6, 7, 8]
+    # A request asked with an earlier time (a clock set back) still counts.
+    ledger = ledger_with(2, {"a": None, "b": None})
+    ledger.ask("r1", "a", [0], now=10)
+    assert ledger.endgame_pick("b", 1, now=10) == []
+    ledger.ask("r2", "a", [1], now=0)
+    assert ledger.endgame_pick("b", 1, now=ENDGAME_STALL) == [1]
+
+
 def test_the_endgame_copies_limit_is_a_parameter():
     ledger = ChunkLedger(1, endgame_stall=1, endgame_copies=3)
     for name in ("a", "b", "c", "d"):

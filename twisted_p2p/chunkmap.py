@@ -9,6 +9,8 @@ verified chunks kept on disk for a resume is another thing:
 L{twisted_p2p.storage.ChunkMap}.)
 """
 
+import math
+
 from twisted_p2p.limits import ENDGAME_COPIES, ENDGAME_STALL
 
 # What each chunk is doing, one byte per chunk in ChunkLedger._state.
@@ -117,6 +119,11 @@ class ChunkLedger:
         self._askers = {}
         # Source -> chunks asked of it and still awaited.
         self._in_flight = {}
+        # No request can have stalled before this time: every _Ask's
+        # progress + stall is at least this (see endgame_pick), so that the
+        # endgame, asked after every chunk once all are in flight, looks at
+        # its requests only when one may have stalled.
+        self._no_stall_before = math.inf
         self.have = 0
         for index in verified:
             if self._state[index] != _HAVE:
@@ -357,6 +364,10 @@ class ChunkLedger:
         endgame stall, longest stalled first, in fewer than the endgame
         copies of requests, none of them to C{source}.
         """
+        if now < self._no_stall_before:
+            return []
+        self._no_stall_before = min(
+            (a.progress for a in self._asks.values()), default=math.inf) + self._stall
         candidates = []
         for index, requests in self._askers.items():
             asks = [self._asks[r] for r in requests]
@@ -381,6 +392,7 @@ class ChunkLedger:
         """
         ask = _Ask(source, chunks, now)
         self._asks[request] = ask
+        self._no_stall_before = min(self._no_stall_before, now + self._stall)
         for index in sorted(ask.pending):
             self._askers.setdefault(index, []).append(request)
             if self._state[index] == _QUEUED:
@@ -399,6 +411,7 @@ class ChunkLedger:
             return False
         self._withdraw(request, ask, index)
         ask.progress = now
+        self._no_stall_before = min(self._no_stall_before, now + self._stall)
         return True
 
     def withdraw(self, request, index):
