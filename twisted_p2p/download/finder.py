@@ -11,10 +11,21 @@ from twisted.logger import Logger
 
 from twisted_p2p.client import fetch_have, fetch_manifest
 from twisted_p2p.limits import ANSWER_TIMEOUT
+from twisted_p2p.manifest import chunk_count
 from twisted_p2p.download.requests import Source
 
 log = Logger()
 
+
+
+def _drop(d):
+    """
+    Cancel C{d} (if any, and not done), a call whose answer is not wanted,
+    and let go of its failure.
+    """
+    if d is not None:
+        d.cancel()
+        d.addErrback(lambda _: None)
 
 
 class _Deadline:
@@ -124,9 +135,18 @@ class Finder:
             return
         source = Source(peer, client)
         timed = _Deadline(client, ANSWER_TIMEOUT, self._clock)
+        offered = self._size_offered(peer)
+        early_have = None
         try:
             if self._manifest is None:
-                manifest = await self._fetch_manifest(timed, self._size_offered(peer))
+                fetching = defer.ensureDeferred(self._fetch_manifest(timed, offered))
+                if offered:
+                    # Asked at once behind the manifest, on the size the
+                    # catalog offered: answers come in order, so the chunk
+                    # map costs no round trip of its own.
+                    early_have = defer.ensureDeferred(
+                        fetch_have(timed, self._file_id, chunk_count(offered)))
+                manifest = await fetching
                 if manifest is not None and self._manifest is None and not self._stopped:
                     self._manifest = manifest
                     for fetch in list(self._manifest_fetches):
@@ -134,9 +154,15 @@ class Finder:
                     self._owner.manifest_found(manifest)
             if self._stopped:
                 raise CancelledError()
-            if self._manifest.chunk_count:
-                source.has = await fetch_have(timed, self._file_id, self._manifest.chunk_count)
+            count = self._manifest.chunk_count
+            if early_have is not None and count == chunk_count(offered):
+                source.has = await early_have
+            else:
+                _drop(early_have)
+                if count:
+                    source.has = await fetch_have(timed, self._file_id, count)
         except Exception as e:
+            _drop(early_have)
             client.close()
             if isinstance(e, TimeoutError):
                 e = f"no answer in {ANSWER_TIMEOUT:.0f} s"
