@@ -6,7 +6,7 @@ download's, for people), the ETA, and the chunk buffers it reuses.
 import pytest
 from twisted.internet import task
 
-from twisted_p2p.download.buffers import BufferPool
+from twisted_p2p.download.buffers import FRAME_BUFFER, SHELF, BufferPool, Shelf
 from twisted_p2p.download.status import Progress, RateMeter
 from twisted_p2p.limits import CHUNK_SIZE, MAX_RUN
 from twisted_p2p.seal import TAG_SIZE
@@ -69,7 +69,7 @@ def test_an_empty_file_is_done_and_unknown_sizes_are_not():
 
 
 def test_buffers_are_reused_and_counted():
-    pool = BufferPool()
+    pool = BufferPool(Shelf())
     first = pool.take(CHUNK_SIZE)
     assert len(first) == CHUNK_SIZE and pool.out == 1
     owner = first.obj
@@ -80,3 +80,35 @@ def test_buffers_are_reused_and_counted():
     assert other.obj is not owner and pool.out == 2
     with pytest.raises(ValueError):
         pool.take(MAX_RUN * CHUNK_SIZE + TAG_SIZE + 1)
+
+
+def test_the_next_download_reads_into_the_buffers_the_last_one_gave_back():
+    shelf = Shelf(keep=3)
+    first = BufferPool(shelf)
+    views = [first.take(CHUNK_SIZE) for _ in range(5)]
+    buffers = {id(v.obj) for v in views}
+    for view in views:
+        first.give_back(view)
+    assert first.out == 0
+    # Three kept (the most a shelf keeps), the other two let go.
+    assert len(shelf) == 3
+    second = BufferPool(shelf)
+    again = [second.take(CHUNK_SIZE) for _ in range(4)]
+    assert sum(id(v.obj) in buffers for v in again) == 3
+    assert len(shelf) == 0 and second.out == 4
+
+
+def test_a_buffer_given_back_twice_is_refused_not_shared():
+    shelf = Shelf()
+    pool = BufferPool(shelf)
+    view = pool.take(CHUNK_SIZE)
+    pool.give_back(view)
+    with pytest.raises(ValueError):
+        pool.give_back(view)
+    assert len(shelf) == 1
+    assert pool.take(10).obj is view.obj
+    assert pool.take(10).obj is not view.obj
+
+
+def test_downloads_share_the_processs_shelf_of_frame_sized_buffers():
+    assert BufferPool()._shelf is SHELF and SHELF.size == FRAME_BUFFER

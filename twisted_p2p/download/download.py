@@ -527,7 +527,6 @@ class Download:
 
     def _stop_everything(self):
         self._stop_transfers()
-        self.buffers.clear()
         self._withdraw_partial()
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
