@@ -10,6 +10,7 @@ import struct
 
 import pytest_twisted
 from twisted.internet import defer
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -29,6 +30,25 @@ def result_of(d):
     if isinstance(results[0], Failure):
         results[0].raiseException()
     return results[0]
+
+
+@contextlib.contextmanager
+def log_events(at_least=LogLevel.debug):
+    """
+    The global log's events at level C{at_least} or above, gathered in a
+    list while the block runs.
+    """
+    events = []
+
+    def observe(event):
+        if event.get("log_level", LogLevel.info) >= at_least:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 def framed(payload):

@@ -8,10 +8,10 @@ met this.
 """
 
 import pytest
-from support import SyncWorkers, result_of
+from support import SyncWorkers, log_events, result_of
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from twisted_p2p.download import Download, DownloadFailed
 from twisted_p2p.manifest import CHUNK_SIZE, hash_file
@@ -56,15 +56,8 @@ def logged():
     """
     The log events at warning level or above while the test runs.
     """
-    events = []
-
-    def observe(event):
-        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
+    with log_events(LogLevel.warn) as events:
+        yield events
 
 
 def make_download(tmp_path, peers, open_client):

@@ -9,7 +9,8 @@ from collections import deque
 
 import pytest
 from twisted.internet import defer, task
-from twisted.logger import LogLevel, globalLogPublisher
+from support import log_events
+from twisted.logger import LogLevel
 
 from twisted_p2p.client import PeerRefused
 from twisted_p2p.download.finder import Finder
@@ -79,19 +80,12 @@ class Owner:
 @pytest.fixture
 def unhandled():
     """
-    The errors logged while the test runs (an unhandled Deferred failure
-    is logged when it is collected).
+    Fails the test if an error is logged while it runs (an unhandled
+    Deferred failure is logged when it is collected).
     """
-    events = []
-
-    def observe(event):
-        if event.get("log_level", LogLevel.info) >= LogLevel.error:
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    gc.collect()
-    globalLogPublisher.removeObserver(observe)
+    with log_events(LogLevel.error) as events:
+        yield
+        gc.collect()
     assert events == []
 
 

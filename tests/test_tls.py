@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
+from support import log_events
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -16,7 +17,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.threads import deferToThread
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from twisted_p2p import tls
@@ -202,10 +203,8 @@ async def test_another_group_can_neither_connect_nor_be_connected_to(server):
 
 @pytest.fixture
 def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield lambda: [formatEvent(e) for e in events]
-    globalLogPublisher.removeObserver(events.append)
+    with log_events() as events:
+        yield lambda: [formatEvent(e) for e in events]
 
 
 @pytest_twisted.ensureDeferred
