@@ -429,32 +429,22 @@ class ChunkCache:
             if entry is None or index not in entry.held or self._root is None:
                 raise CacheMiss((file_id, index))
             chunk_length = entry.manifest.chunk_length(index)
-            if length is None:
-                length = chunk_length - offset
-            if not (0 <= offset and 0 <= length and offset + length <= chunk_length):
-                raise ValueError("a range outside the chunk")
-            try:
-                folder = _open_folder(file_id, self._root)
-            except OSError:
-                self._drop(file_id)
-                raise CacheMiss((file_id, index))
+        if length is None:
+            length = chunk_length - offset
+        if not (0 <= offset and 0 <= length and offset + length <= chunk_length):
+            raise ValueError("a range outside the chunk")
+        fd = self.open_chunk(file_id, index)
         try:
-            fd = _open_regular(str(index), folder)
-            try:
-                if os.fstat(fd).st_size != chunk_length:
-                    raise OSError(errno.EIO, "a cached chunk of the wrong size")
-                data = os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
-            if len(data) != length:
-                raise OSError(errno.EIO, "a cached chunk cut short")
+            data = os.pread(fd, length, offset)
         except OSError:
+            data = None
+        finally:
+            os.close(fd)
+        if data is None or len(data) != length:
             with self._lock:
                 if file_id in self._entries and index in self._entries[file_id].held:
                     self._evict(file_id, index)
             raise CacheMiss((file_id, index))
-        finally:
-            os.close(folder)
         return data
 
     def open_chunk(self, file_id, index):
