@@ -48,6 +48,7 @@ from twisted_p2p.limits import (
     PENDING_PUSH_SECONDS,
     PUSHES_AT_ONCE,
 )
+from twisted_p2p.manifest import ByManifest
 from twisted_p2p.replication import PeerView, Push, ReplicaPlanner
 from twisted_p2p.transfer.framed import RequestRefused
 from twisted_p2p.transfer.streams import CachedChunks, OpenChunks
@@ -101,7 +102,7 @@ class _CachedMap:
 
 
 @dataclass(frozen=True, eq=False)
-class CachedLocal:
+class CachedLocal(ByManifest):
     """
     A file of which this peer caches chunks for others, as the index offers
     it: like a L{twisted_p2p.index.PartialLocal}, but its chunks are files
@@ -115,14 +116,6 @@ class CachedLocal:
     manifest: object
     cache: object
     held: int
-
-    @property
-    def file_id(self):
-        return self.manifest.file_id
-
-    @property
-    def size(self):
-        return self.manifest.size
 
     @property
     def path(self):

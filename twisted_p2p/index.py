@@ -25,7 +25,7 @@ import bisect
 
 from twisted_p2p import heap
 from twisted_p2p.limits import MAX_PATH_BYTES, MAX_PATH_DEPTH, RESCAN_INTERVAL
-from twisted_p2p.manifest import HASH_SIZE, Manifest, ManifestMismatch, hash_file
+from twisted_p2p.manifest import HASH_SIZE, ByManifest, Manifest, ManifestMismatch, hash_file
 from twisted_p2p.names import is_legal_name
 
 log = Logger()
@@ -43,7 +43,7 @@ _IN_CREATE, _IN_ISDIR = 0x100, 0x40000000
 
 
 @dataclass(frozen=True)
-class LocalFile:
+class LocalFile(ByManifest):
     """
     A file we offer: where it is, and its manifest.
     """
@@ -57,17 +57,9 @@ class LocalFile:
     def path(self):
         return os.path.join(self.folder, self.name)
 
-    @property
-    def file_id(self):
-        return self.manifest.file_id
-
-    @property
-    def size(self):
-        return self.manifest.size
-
 
 @dataclass(frozen=True, eq=False)
-class PartialLocal:
+class PartialLocal(ByManifest):
     """
     A download in progress whose verified chunks we offer: where its bytes
     are, its manifest, and its chunk map (a L{twisted_p2p.storage.ChunkMap},
@@ -78,14 +70,6 @@ class PartialLocal:
     manifest: Manifest
     path: str
     chunks: object
-
-    @property
-    def file_id(self):
-        return self.manifest.file_id
-
-    @property
-    def size(self):
-        return self.manifest.size
 
     def holds(self, index):
         return index in self.chunks

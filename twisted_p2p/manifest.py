@@ -134,3 +134,18 @@ def hash_file(path):
                     raise ManifestMismatch(f"{path} changed while it was read")
                 break
     return Manifest.build(size, hashes)
+
+
+class ByManifest:
+    """
+    A file known by its L{Manifest} (in a C{manifest} attribute): its id
+    and size are the manifest's.
+    """
+
+    @property
+    def file_id(self):
+        return self.manifest.file_id
+
+    @property
+    def size(self):
+        return self.manifest.size
