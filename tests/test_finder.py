@@ -146,30 +146,37 @@ def test_a_chunk_map_asked_for_another_count_is_dropped_and_asked_again(unhandle
     assert owner.over == [[]]
 
 
-def test_a_refused_manifest_drops_the_chunk_map_asked_with_it(unhandled):
+@pytest.fixture
+def asked(unhandled):
+    """
+    A finder that has asked one peer for the manifest and the chunk map at
+    once, neither answered: C{(manifest, client, finder, owner)}.
+    """
     manifest = manifest_of(3)
     client = OrderedClient()
     finder, owner = find(manifest, client, manifest.size)
+    assert client.asked == ["manifest", "have"]
+    return manifest, client, finder, owner
+
+
+def test_a_refused_manifest_drops_the_chunk_map_asked_with_it(asked):
+    _, client, _, owner = asked
     client.refuse()
     assert client.closed
     assert owner.sources == [] and owner.manifests == []
     assert len(owner.over) == 1 and "no" in owner.over[0][0]
 
 
-def test_a_refused_chunk_map_after_a_good_manifest_is_this_sources_error(unhandled):
-    manifest = manifest_of(3)
-    client = OrderedClient()
-    finder, owner = find(manifest, client, manifest.size)
+def test_a_refused_chunk_map_after_a_good_manifest_is_this_sources_error(asked):
+    manifest, client, _, owner = asked
     client.answer_manifest(manifest)
     client.refuse()
     assert owner.manifests == [manifest] and owner.sources == []
     assert client.closed and len(owner.over[0]) == 1
 
 
-def test_stopped_while_both_are_asked_leaves_nothing_behind(unhandled):
-    manifest = manifest_of(3)
-    client = OrderedClient()
-    finder, owner = find(manifest, client, manifest.size)
+def test_stopped_while_both_are_asked_leaves_nothing_behind(asked):
+    _, client, finder, owner = asked
     finder.stop()
     assert client.closed
     assert owner.sources == [] and owner.manifests == []
