@@ -621,12 +621,10 @@ def test_foreign_entries_at_the_top_are_left_alone(tmp_path, samples):
 
 
 def test_a_chunk_put_after_close_is_refused_and_written_nowhere(tmp_path, monkeypatch):
-    import hashlib
-
-    from twisted_p2p.manifest import Manifest
+    from twisted_p2p.manifest import Manifest, chunk_hash
 
     data = b"x" * 1000
-    manifest = Manifest.build(len(data), [hashlib.sha256(data).digest()])
+    manifest = Manifest.build(len(data), [chunk_hash(data)])
     cache = ChunkCache(str(tmp_path / "cache"), 1 << 20)
     cache.open()
     cache.add_manifest(manifest, "x.bin")

@@ -2,10 +2,10 @@
 Tests for L{twisted_p2p.manifest}: chunks, hashes and file identity.
 """
 
-import hashlib
 import random
 
 import pytest
+from blake3 import blake3
 
 from twisted_p2p.limits import CHUNK_SIZE, MAX_FILE_SIZE
 from twisted_p2p.manifest import (
@@ -13,6 +13,7 @@ from twisted_p2p.manifest import (
     Manifest,
     ManifestMismatch,
     chunk_count,
+    chunk_hash,
     compute_file_id,
     hash_file,
 )
@@ -30,7 +31,7 @@ def _write(tmp_path, data, name="f.bin"):
 
 def _expected_hashes(data):
     return tuple(
-        hashlib.sha256(data[i : i + CHUNK_SIZE]).digest() for i in range(0, len(data), CHUNK_SIZE)
+        blake3(data[i : i + CHUNK_SIZE]).digest() for i in range(0, len(data), CHUNK_SIZE)
     )
 
 
@@ -59,7 +60,23 @@ def test_hash_file(tmp_path, size, chunks):
 def test_empty_file(tmp_path):
     manifest = hash_file(_write(tmp_path, b""))
     assert manifest.chunk_hashes == ()
-    assert manifest.file_id == hashlib.sha256(b"twisted-p2p file v1\n" + bytes(8)).hexdigest()
+    assert manifest.file_id == blake3(b"twisted-p2p file v2\n" + bytes(8)).hexdigest()
+
+
+def test_the_hashes_are_blake3_as_protocol_md_defines_them():
+    """
+    Known answers, written out: BLAKE3's own test vector for the empty
+    input (so the hash is plain BLAKE3, not a keyed or derived mode), and
+    the id of an empty file as PROTOCOL.md defines it.  A change of either
+    definition splits the network in two, and must fail here first.
+    """
+    assert chunk_hash(b"").hex() == (
+        "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    )
+    assert compute_file_id(0, ()) == (
+        "b433ff913885c5484d161fdfb8850138cf311fce97607eb87be63834672a96df"
+    )
+    assert len(chunk_hash(memoryview(bytearray(CHUNK_SIZE)))) == HASH_SIZE
 
 
 def test_same_content_same_id(tmp_path):

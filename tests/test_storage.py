@@ -110,10 +110,10 @@ def test_discard_removes_the_partial(tmp_path):
 
 
 def manifest_of(content):
-    import hashlib
+    from twisted_p2p.manifest import chunk_hash
 
     hashes = [
-        hashlib.sha256(content[i : i + CHUNK_SIZE]).digest()
+        chunk_hash(content[i : i + CHUNK_SIZE])
         for i in range(0, len(content), CHUNK_SIZE)
     ]
     return Manifest.build(len(content), hashes)

@@ -1,20 +1,31 @@
 """
 Chunks, hashes and file identity.
 
-A file is cut into L{CHUNK_SIZE} chunks, each with a SHA-256 hash.  Its
-identity is a SHA-256 over its size and its chunk hashes, so a manifest
-fetched from an untrusted peer can be checked against the id it claims, and
-every chunk against its hash.  The name is only for display.
+A file is cut into L{CHUNK_SIZE} chunks, each with a BLAKE3 hash (32
+bytes).  Its identity is a BLAKE3 over its size and its chunk hashes, so a
+manifest fetched from an untrusted peer can be checked against the id it
+claims, and every chunk against its hash.  The name is only for display.
+
+Why BLAKE3 and not SHA-256: once the transfer core streamed chunks on
+lasting connections, hashing was the largest share of a downloading peer's
+CPU (as much as writing the file, and more than receiving it; py-spy over
+96 MiB downloads), and SHA-256 ran at 1.85 GB/s here even with the CPU's SHA
+instructions, BLAKE3 at 8.8 GB/s (both on 1 MiB, one thread).  Its
+security claims are those of SHA-256 for this use (collision and second
+preimage resistance at 128 bits), and it too releases the GIL while it
+hashes, so the two worker threads still hash at once.
 
 Pure code: L{hash_file} blocks, and callers run it in a thread.
 """
 
-import hashlib
 from dataclasses import dataclass
+
+from blake3 import blake3
 
 from twisted_p2p.limits import CHUNK_SIZE, MAX_FILE_SIZE
 
-_ID_PREFIX = b"twisted-p2p file v1\n"
+#: Version 2 of the file id: BLAKE3 where version 1 had SHA-256.
+_ID_PREFIX = b"twisted-p2p file v2\n"
 HASH_SIZE = 32
 
 
@@ -31,11 +42,19 @@ def chunk_count(size):
     return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
 
 
+def chunk_hash(data):
+    """
+    The hash of one chunk, C{data} (any buffer).  Blocks for as long as the
+    hash takes: call it from a thread for anything large.
+    """
+    return blake3(data).digest()
+
+
 def compute_file_id(size, chunk_hashes):
     """
     The hex identity of a file of C{size} bytes with these chunk hashes.
     """
-    digest = hashlib.sha256(_ID_PREFIX)
+    digest = blake3(_ID_PREFIX)
     digest.update(size.to_bytes(8, "big"))
     for chunk_hash in chunk_hashes:
         digest.update(chunk_hash)
@@ -100,7 +119,7 @@ class Manifest:
         C{index} of this file (a chunk as it came off the network, in the
         pieces the socket gave, never joined).  Blocks: call it from a thread.
         """
-        digest = hashlib.sha256()
+        digest = blake3()
         length = 0
         for piece in pieces:
             digest.update(piece)
@@ -126,7 +145,7 @@ def hash_file(path):
             size += len(data)
             if size > MAX_FILE_SIZE:
                 raise ManifestMismatch(f"{path} is larger than {MAX_FILE_SIZE} bytes")
-            hashes.append(hashlib.sha256(data).digest())
+            hashes.append(chunk_hash(data))
             if len(data) < CHUNK_SIZE:
                 # A short read is the end of a regular file.
                 tail = f.read(1)
