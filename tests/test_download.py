@@ -8,6 +8,7 @@ C{chunk_arrived} with the filled buffer).
 import errno
 import os
 import random
+import threading
 
 import pytest
 from support import SyncWorkers, result_of
@@ -15,9 +16,10 @@ from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
 
 from twisted_p2p import wire
+from twisted_p2p.cache import CacheMiss
 from twisted_p2p.client import PeerRefused
 from twisted_p2p.download import Bans, Download, DownloadFailed, Downloads
-from twisted_p2p.download.download import PROGRESS_INTERVAL
+from twisted_p2p.download.download import PROGRESS_INTERVAL, copy_from_cache
 from twisted_p2p.download.finder import ANSWER_TIMEOUT
 from twisted_p2p.limits import (
     BAN_ADDRESS_SECONDS,
@@ -34,7 +36,7 @@ from twisted_p2p.limits import (
     TIMEOUT_REST,
     VERIFY_QUEUE,
 )
-from twisted_p2p.manifest import CHUNK_SIZE, hash_file
+from twisted_p2p.manifest import CHUNK_SIZE, Manifest, chunk_hash, hash_file
 from twisted_p2p.render import render
 from twisted_p2p.storage import PartialFile
 from twisted_p2p.transfer import Inbox
@@ -226,7 +228,7 @@ class Harness:
 
     def __init__(self, tmp_path, content, hosts=(A,), name="movie.bin", clients=None,
                  bans=None, storage=None, have=None, index=None, run_in_thread=run_now,
-                 workers=None, find_peers=None):
+                 workers=None, find_peers=None, local=None):
         source = tmp_path / "source"
         source.mkdir(exist_ok=True)
         (source / name).write_bytes(content)
@@ -260,6 +262,7 @@ class Harness:
             bans=bans,
             index=index,
             find_peers=find_peers,
+            local=local(self.manifest) if local is not None else None,
         )
 
     @property
@@ -385,6 +388,102 @@ def test_download_from_one_source(tmp_path):
     assert len(h.inbox) == 0
     assert all(c.closed for c in h.connections.values())
     assert h.clock.getDelayedCalls() == []
+
+
+# -- chunks this peer's own cache holds ----------------------------------------------
+
+
+class FakeCache:
+    """
+    This peer's chunk cache, as a download sees it: C{chunks} by index;
+    C{None} for one evicted after C{held} was asked.
+    """
+
+    def __init__(self, file_id, chunks):
+        self.file_id = file_id
+        self.chunks = dict(chunks)
+        self.reads = []
+
+    def held(self, file_id):
+        return frozenset(self.chunks) if file_id == self.file_id else frozenset()
+
+    def read(self, file_id, index):
+        self.reads.append(index)
+        data = self.chunks.get(index)
+        if data is None:
+            raise CacheMiss((file_id, index))
+        return data
+
+
+def test_chunks_in_this_peers_cache_are_copied_not_fetched(tmp_path):
+    content = content_of(4 * CHUNK_SIZE + 10)
+    chunk = lambda i: content[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]  # noqa: E731
+    caches = []
+
+    def local(manifest):
+        caches.append(FakeCache(manifest.file_id, {1: chunk(1), 3: chunk(3)}))
+        return caches[0]
+
+    h = Harness(tmp_path, content, local=local)
+    done = h.start()
+    client = h.clients[A]
+    assert sorted(i for header, _ in client.gets for i in header["chunks"]) == [0, 2, 4]
+    assert h.lines == [
+        "download movie.bin: 1.0 MiB in 5 chunks from 1 peer, 512.0 KiB copied from this "
+        "peer's cache"
+    ]
+    h.serve(A)
+    assert result_of(done)[0] == "movie.bin"
+    assert h.downloaded("movie.bin") == content
+    assert "512.0 KiB was already here" in h.lines[-1]
+
+
+def test_a_file_the_cache_holds_whole_is_not_fetched_at_all(tmp_path):
+    content = content_of(3 * CHUNK_SIZE)
+    h = Harness(tmp_path, content, local=lambda m: FakeCache(
+        m.file_id, {i: content[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] for i in range(3)}))
+    done = h.start()
+    assert result_of(done)[0] == "movie.bin"
+    assert h.clients[A].gets == []
+    assert h.downloaded("movie.bin") == content
+
+
+def test_a_cached_chunk_that_is_gone_wrong_or_not_of_the_file_is_fetched(tmp_path):
+    content = content_of(3 * CHUNK_SIZE)
+    cache = {}
+
+    def local(manifest):
+        cache["it"] = FakeCache(manifest.file_id, {
+            0: b"x" * CHUNK_SIZE,  # damaged on disk
+            1: None,  # evicted between held() and read()
+            2: content[2 * CHUNK_SIZE :],
+            3: b"y",  # an index past the file's end
+        })
+        return cache["it"]
+
+    h = Harness(tmp_path, content, local=local)
+    done = h.start()
+    assert sorted(i for header, _ in h.clients[A].gets for i in header["chunks"]) == [0, 1]
+    assert cache["it"].reads == [0, 1, 2]
+    h.serve(A)
+    assert h.downloaded("movie.bin") == content
+    assert result_of(done)[0] == "movie.bin"
+
+
+def test_copying_from_the_cache_resumes_with_what_is_on_disk_and_stops_when_asked(tmp_path):
+    content = content_of(4 * CHUNK_SIZE)
+    manifest = Manifest.build(len(content), [
+        chunk_hash(content[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]) for i in range(4)])
+    cache = FakeCache(manifest.file_id, {
+        i: content[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] for i in range(4)})
+    storage = PartialFile(str(tmp_path), manifest.file_id)
+    storage.open(manifest.size, manifest)
+    stop = threading.Event()
+    assert copy_from_cache(cache, manifest, storage, [0, 2], stop) == [1, 3]
+    assert cache.reads == [1, 3]
+    assert sorted(storage.chunks.indexes()) == [1, 3]
+    stop.set()
+    assert copy_from_cache(cache, manifest, storage, [], stop) == []
 
 
 def test_download_byte_identical_when_chunks_come_out_of_order(tmp_path):
@@ -1255,6 +1354,28 @@ def test_a_download_stopped_while_the_partial_opens_releases_it_after(tmp_path):
         result_of(done)
     threads.run_all()  # the open, then the release it waited for
     threads.run_all()
+    assert os.listdir(h.folder) == []
+
+
+def test_a_download_cancelled_before_its_cache_copy_runs_copies_nothing(tmp_path):
+    content = content_of(3 * CHUNK_SIZE)
+    caches = []
+
+    def local(manifest):
+        caches.append(FakeCache(manifest.file_id, {
+            i: content[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] for i in range(3)}))
+        return caches[0]
+
+    threads = Threads()
+    h = Harness(tmp_path, content, run_in_thread=threads, local=local)
+    done = h.start()
+    assert threads.names() == ["open_and_copy"]
+    h.download.cancel()
+    with pytest.raises(DownloadFailed):
+        result_of(done)
+    threads.run_all()  # the open and copy, then the release it waited for
+    threads.run_all()
+    assert caches[0].reads == []
     assert os.listdir(h.folder) == []
 
 

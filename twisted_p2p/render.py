@@ -349,8 +349,11 @@ def _started(e, _):
         f"download {e['file']}: {human_size(e['size'])} in {plural(e['chunks'], 'chunk')} "
         f"from {plural(e['sources'], 'peer')}"
     )
-    if e.get("resumed"):
-        line += f", resuming with {human_size(e['resumed'])} already here"
+    from_cache = e.get("from_cache") or 0
+    if (e.get("resumed") or 0) > from_cache:
+        line += f", resuming with {human_size(e['resumed'] - from_cache)} already here"
+    if from_cache:
+        line += f", {human_size(from_cache)} copied from this peer's cache"
     if e.get("requested_by"):
         line += f" (asked for by {e['requested_by']})"
     return [line]

@@ -1130,6 +1130,7 @@ class PeerService(MultiService):
             find_peers=lambda: self.catalog.sources(file_id),
             size_offered=lambda peer: self.catalog.size_offered(
                 getattr(peer, "peer_id", None), file_id),
+            local=self.cache,
         )
 
     def _make_console(self, terminal):

@@ -371,3 +371,35 @@ def test_distribution_in_a_private_group(network, tmp_path):
         text = p.log_path.read_text()
         assert not any(marker in text for marker in LOG_ERRORS), (p.name, text[-3000:])
     print(f"\na private group's cache filled in {waited:.1f} s")
+
+
+def test_a_download_takes_what_its_own_cache_holds(network):
+    """
+    B's cache holds every chunk of A's file (distribution put them there);
+    when B's user downloads the file, B copies them from its cache rather
+    than fetching them again, and says so.
+    """
+    size = 8 * MiB
+    a = network.peer("a", shared=(NAME, size))
+    b = network.peer("b", "--cache-size", "40M")
+    for p in (a, b):
+        p.start()
+    for p in (a, b):
+        p.ready()
+
+    def cached_whole():
+        row = list_rows(a).get(NAME)
+        return row is not None and len(held_chunks(b, row["id"])) == size // CHUNK
+
+    ok, waited = poll(cached_whole, timeout=30, interval=0.3)
+    assert ok, network.diagnostics()
+    print(f"\nB's cache held the whole file {waited:.1f} s after the peers were up")
+    b.mark()
+    b.send(f"download {NAME}")
+    started = b.expect(rf"^download {NAME}: ", timeout=15, fail=_ERROR)
+    assert started.endswith(", 8.0 MiB copied from this peer's cache"), started
+    done = b.expect(rf"^downloaded {NAME}", timeout=15, fail=_ERROR)
+    assert "8.0 MiB was already here" in done, done
+    assert sha256_of(b.downloads / NAME) == a.digest
+    text = b.log_path.read_text()
+    assert not any(marker in text for marker in LOG_ERRORS), text[-3000:]

@@ -11,6 +11,7 @@ wait for that.
 """
 
 import os
+import threading
 from collections import deque
 
 from twisted.internet import defer
@@ -19,6 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twisted_p2p import events, wire
+from twisted_p2p.cache import CacheMiss
 from twisted_p2p.chunkmap import ChunkLedger
 from twisted_p2p.client import PeerRefused
 from twisted_p2p.download.buffers import BufferPool
@@ -101,6 +103,36 @@ def verify_and_store(manifest, storage, first, wanted, buffer, opener=None):
     if good:
         store(manifest, storage, first, good, buffer)
     return good
+
+
+def copy_from_cache(cache, manifest, storage, verified, stop):
+    """
+    Copy into C{storage} the chunks of C{manifest}'s file that this peer's
+    own C{cache} holds (for other peers, see L{twisted_p2p.cache}) and that
+    are not among C{verified} already, so that they are not fetched over the
+    network: each is read, checked against the manifest and written, one at
+    a time (memory stays flat).  A chunk the cache cannot give, or that does
+    not match, is skipped and fetched as usual.  Stops early once C{stop}
+    (a C{threading.Event}) is set.  Blocks: run it in a thread.
+
+    @return: the indexes copied, in order.
+    @raise StorageError: a chunk could not be written.
+    """
+    have = set(verified)
+    copied = []
+    for index in sorted(cache.held(manifest.file_id)):
+        if stop.is_set():
+            break
+        if index in have or not 0 <= index < manifest.chunk_count:
+            continue
+        try:
+            data = cache.read(manifest.file_id, index)
+        except (CacheMiss, OSError, ValueError):
+            continue  # evicted meanwhile, or unreadable
+        if manifest.verify_chunk(index, data):
+            storage.store(index, manifest.chunk_offset(index), (data,))
+            copied.append(index)
+    return copied
 
 
 class DownloadFailed(Exception):
@@ -232,6 +264,7 @@ class Download:
         index=None,
         find_peers=None,
         size_offered=None,
+        local=None,
     ):
         self.name = name
         self.file_id = file_id
@@ -247,6 +280,9 @@ class Download:
         self.bans = bans if bans is not None else Bans()
         self._index = index
         self._find_peers = find_peers
+        self._local = local
+        self._stop_copying = threading.Event()
+        self.from_cache = 0
         self.manifest = None
         self.sources = []
         self.progress = Progress(clock)
@@ -375,7 +411,21 @@ class Download:
     def open_storage(self):
         self.stage = "opening"
         self._finder.manifest_known(self.manifest)
-        d = self._storage_op(self.storage.open, self.manifest.size, self.manifest)
+        manifest, storage, local, stop = self.manifest, self.storage, self._local, self._stop_copying
+
+        def open_and_copy():
+            verified = storage.open(manifest.size, manifest)
+            return verified, copy_from_cache(local, manifest, storage, verified, stop)
+
+        def opened(result):
+            verified, copied = result
+            self.from_cache = sum(manifest.chunk_length(index) for index in copied)
+            return list(verified) + copied
+
+        if local is None:
+            d = self._storage_op(storage.open, manifest.size, manifest)
+        else:
+            d = self._storage_op(open_and_copy).addCallback(opened)
 
         def failed(failure):
             error = failure.value
@@ -403,6 +453,7 @@ class Download:
             chunks=manifest.chunk_count,
             sources=max(len(self.sources), self._finder.tried),
             resumed=resumed,
+            from_cache=self.from_cache,
         )
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = self._clock
@@ -471,6 +522,7 @@ class Download:
 
     def stopped(self, cancelled):
         self.stage = "stopped"
+        self._stop_copying.set()
         self._stop_everything()
         self._release_storage(keep=not cancelled)
         if cancelled:
