@@ -246,6 +246,16 @@ class FakeDownloads:
     def queue(self, name, file_id, peers, report):
         return self.start(name, file_id, peers, report)
 
+    #: Paths below downloads/ that hold the content asked already, by id.
+    here = {}
+
+    def folder_here(self, name):
+        return name in self.taken
+
+    def already_here(self, entries, known=None):
+        self.checked = (list(entries), known)
+        return [self.here.get(name) == file_id for name, file_id, _ in entries]
+
     def free_folder(self, name):
         n, candidate = 0, name
         while candidate in self.taken:

@@ -79,7 +79,7 @@ def test_empty_line_says_nothing():
     ("download", "download FILE... [--folder] [--from PEER]"),
     ("get", "get FILE... [--folder] [--from PEER]"),
     ("download   ", "download FILE... [--folder] [--from PEER]"),
-    ("resume", "resume FILE"),
+    ("resume", "resume FILE | FOLDER/"),
     ("cancel", "cancel FILE"),
 ])
 def test_missing_argument(line, usage):
@@ -652,7 +652,8 @@ def test_a_folder_that_exists_is_decided_once():
     keep = []
     said, d = run(peer, "download photos/", keep=keep)
     assert said == [
-        "downloading folder photos/ (3 files, 5.9 KiB) into photos (2)/ (photos/ already existed)"]
+        "downloading folder photos/ (3 files, 5.9 KiB) into photos (2)/ (photos/ already "
+        "existed; 'resume photos/' goes on with it there)"]
     assert sorted(s[0] for s in peer.downloads.started) == [
         "photos (2)/2026/a.jpg", "photos (2)/2026/b b.jpg", "photos (2)/c.jpg"]
     # Each file's events name the folder; the end is summed up.
@@ -664,6 +665,64 @@ def test_a_folder_that_exists_is_decided_once():
     assert d.called
     assert said[-1].startswith(
         "downloaded folder photos/ to photos (2)/: 3 files, 5.9 KiB in ")
+
+
+def test_resume_a_folder_keeps_what_is_there_and_fetches_the_rest():
+    peer = tree_peer()
+    peer.downloads.taken = {"photos"}
+    peer.downloads.here = {"photos/2026/a.jpg": A.file_id}
+    said, d = run(peer, "resume photos/")
+    assert said == [
+        "resuming folder photos/ in photos/: 2 files (4.9 KiB) to fetch, 1 file (1000 B) "
+        "already there"]
+    entries, _ = peer.downloads.checked
+    assert sorted(name for name, _, _ in entries) == [
+        "photos/2026/a.jpg", "photos/2026/b b.jpg", "photos/c.jpg"]
+    # Into photos/ itself, not photos (1)/.
+    assert sorted(s[0] for s in peer.downloads.started) == ["photos/2026/b b.jpg", "photos/c.jpg"]
+    first, second = peer.downloads.started
+    first[4].callback(first[0])
+    second[4].errback(DownloadFailed("it broke"))
+    assert d.called
+    assert said[-1].startswith("downloaded folder photos/ to photos/: 1 file, ")
+    assert said[-1].endswith(
+        "; 1 file already there; 1 file failed (see above), 'resume photos/' retries")
+
+
+def test_resume_a_folder_that_is_all_there_fetches_nothing():
+    peer = tree_peer()
+    peer.downloads.taken = {"photos"}
+    peer.downloads.here = {"photos/2026/a.jpg": A.file_id, "photos/2026/b b.jpg": B.file_id,
+                           "photos/c.jpg": C.file_id}
+    said, d = run(peer, "resume photos/")
+    assert peer.downloads.started == []
+    assert d.called
+    assert said[-1].startswith("downloaded folder photos/ to photos/: 0 files, 0 B in ")
+    assert said[-1].endswith("; 3 files already there")
+
+
+def test_resume_a_folder_hands_over_what_the_index_knows_of_downloads(tmp_path):
+    peer = tree_peer(local=[local("photos/c.jpg", C, folder="/home/me/downloads")])
+    peer.downloads.taken = {"photos"}
+    run(peer, "resume photos/")
+    _, known = peer.downloads.checked
+    assert known == {"/home/me/downloads/photos/c.jpg": (
+        peer.index.files()[0].signature, C.file_id)}
+
+
+def test_resume_a_folder_that_is_not_in_downloads():
+    said, _ = run(tree_peer(), "resume photos/")
+    assert said == [
+        "error: there is no folder photos/ in downloads/ to resume; 'download photos/' fetches it"]
+    said, _ = run(tree_peer(), "resume ../")
+    assert said[0].startswith("error: ") and "not a folder path" in said[0]
+
+
+def test_resume_completes_the_folders_a_folder_download_made():
+    peer = tree_peer()
+    assert "photos/" not in peer.commands.file_names("resume")
+    peer.downloads.taken = {"photos"}
+    assert "photos/" in peer.commands.file_names("resume")
 
 
 def test_a_failed_file_of_a_folder_is_counted():

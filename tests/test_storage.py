@@ -509,3 +509,43 @@ def test_an_illegal_path_is_never_written(downloads, outside, name):
         partial.complete(name)
     assert tree(outside) == ["precious"]
     assert [n for n in listing(downloads) if not n.startswith(".")] == []
+
+
+# -- what a resumed folder download finds already there ------------------------------
+
+
+def test_already_here_is_the_same_content_in_a_regular_file(tmp_path):
+    from twisted_p2p.index import file_signature
+    from twisted_p2p.manifest import hash_file
+    from twisted_p2p.storage import already_here, is_folder_here
+
+    (tmp_path / "photos" / "2026").mkdir(parents=True)
+    good = tmp_path / "photos" / "2026" / "a.jpg"
+    good.write_bytes(b"a" * 5000)
+    other = tmp_path / "photos" / "b.jpg"
+    other.write_bytes(b"b" * 5000)
+    (tmp_path / "photos" / "link.jpg").symlink_to(good)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.jpg"
+    outside.write_bytes(b"a" * 5000)
+    a_id = hash_file(str(good)).file_id
+    entries = [
+        ("photos/2026/a.jpg", a_id, 5000),  # there
+        ("photos/b.jpg", a_id, 5000),  # another content, same size
+        ("photos/2026/a.jpg", a_id, 4999),  # another size
+        ("photos/link.jpg", a_id, 5000),  # a symlink to the right content
+        ("photos/missing.jpg", a_id, 5000),
+        (f"../{outside.name}", a_id, 5000),  # not a path below the folder
+    ]
+    assert already_here(str(tmp_path), entries) == [True, False, False, False, False, False]
+    # What the index hashed, at the signature it has now, is not read again.
+    known = {str(other): (file_signature(os.stat(other)), a_id)}
+    assert already_here(str(tmp_path), [("photos/b.jpg", a_id, 5000)], known) == [True]
+    # A file changed since (another signature) is.
+    known = {str(other): ((5000, 0, 0), a_id)}
+    assert already_here(str(tmp_path), [("photos/b.jpg", a_id, 5000)], known) == [False]
+    assert is_folder_here(str(tmp_path), "photos")
+    assert not is_folder_here(str(tmp_path), "photos/b.jpg")
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "photos")
+    assert not is_folder_here(str(tmp_path), "elsewhere")
+    assert not is_folder_here(str(tmp_path), "..")
+

@@ -29,7 +29,8 @@ COMMANDS = (
      ("get",)),
     ("status", "status", "downloads running, stopped and partial", ()),
     ("cache", "cache", "what this peer holds for others, what it pushed", ()),
-    ("resume", "resume FILE", "continue a stopped download", ()),
+    ("resume", "resume FILE | FOLDER/", "continue a stopped download, or a folder download in "
+     "the folder it made", ()),
     ("cancel", "cancel FILE", "stop a download (or a FOLDER/), throw its data away", ()),
     ("version", "version", "the version of twisted-p2p", ()),
     ("help", "help", "this text", ("?",)),
@@ -145,6 +146,10 @@ class Commands:
             active = {d.file_id for d in self._downloads.active.values()}
             stopped = self._partials.stopped() if self._partials is not None else []
             names = {s["file"] for s in stopped if s["id"] not in active}
+            # And the folders a folder download made, to go on with.
+            tops = {offer.name.split("/", 1)[0] for offer in _paths_of(self._catalog)
+                    if "/" in offer.name}
+            names.update(f"{top}/" for top in tops if self._downloads.folder_here(top))
         elif command == "cancel":
             names = {d.name for d in self._downloads.active.values()}
         else:
@@ -350,6 +355,8 @@ class Commands:
 
     def resume(self, args, emit, origin):
         wanted = args[0]
+        if wanted.endswith("/"):
+            return self._resume_folder(wanted, emit, origin)
         if self._partials is None:
             raise CommandError("this peer keeps no record of stopped downloads")
         active = self._find_active(wanted)
@@ -535,7 +542,35 @@ class Commands:
             lambda f: f.value.subFailure
         )
 
-    def _start_folder(self, folder, items, emit, origin):
+    def _resume_folder(self, wanted, emit, origin):
+        """
+        Go on with a folder download into the folder of downloads/ it made
+        (C{photos/} for C{resume photos/}): the files there already with the
+        content the peers offer are kept, a file stopped part way resumes
+        from its verified chunks, and the others are fetched.
+        """
+        folder, items = self._resolve_folder(wanted)
+        top = leaf(folder)
+        if not self._downloads.folder_here(top):
+            raise CommandError(
+                f"there is no folder {top}/ in downloads/ to resume; "
+                f"'download {folder}/' fetches it"
+            )
+        known = {}
+        if self._index is not None:
+            known = {f.path: (f.signature, f.file_id) for f in self._index.files()
+                     if hasattr(f, "signature")}
+        entries = [(f"{top}/{below}", offer.file_id, offer.size) for offer, below in items]
+        d = self._run(self._downloads.already_here, entries, known)
+
+        def start(here):
+            kept = [item for item, there in zip(items, here) if there]
+            rest = [item for item, there in zip(items, here) if not there]
+            return self._start_folder(folder, rest, emit, origin, into=top, kept=kept)
+
+        return d.addCallback(start)
+
+    def _start_folder(self, folder, items, emit, origin, into=None, kept=()):
         """
         Download every C{(offer, path below folder)} of C{items} into one
         new folder of downloads/, keeping the tree.  The folder's name is
@@ -543,13 +578,20 @@ class Commands:
         C{name (1)} and so on if that is taken.  Each file is verified and
         renamed into place on its own, and the whole is summed up at the
         end.
+
+        With C{into}, the files go into that folder of downloads/ as it is
+        (a resumed folder download), and C{kept} are the C{(offer, path)}
+        found there already, which are not fetched.
         """
-        top = self._downloads.free_folder(leaf(folder))
+        resumed = into is not None
+        top = into if resumed else self._downloads.free_folder(leaf(folder))
         started = self._clock.seconds()
         total = sum(offer.size for offer, _ in items)
+        here = {"here": len(kept), "here_size": sum(o.size for o, _ in kept)} if resumed else {}
         emit(events.event(
-            "folder-requested", folder=folder + "/", into=top + "/", existed=top != leaf(folder),
-            files=len(items), size=total,
+            "folder-requested", folder=folder + "/", into=top + "/",
+            existed=not resumed and top != leaf(folder), resumed=resumed,
+            files=len(items), size=total, **here,
         ))
         outcome = {"done": 0, "failed": 0, "bytes": 0}
         running = []
@@ -574,7 +616,7 @@ class Commands:
             emit(events.event(
                 "folder-finished", folder=folder + "/", into=top + "/",
                 files=outcome["done"], failed=outcome["failed"], size=outcome["bytes"],
-                seconds=round(self._clock.seconds() - started, 3),
+                seconds=round(self._clock.seconds() - started, 3), **here,
             ))
 
         return defer.DeferredList(running, consumeErrors=True).addCallback(summed)

@@ -310,12 +310,19 @@ def _input_closed(e, _):
 
 
 def _folder_requested(e, _):
+    if e.get("resumed"):
+        return [
+            f"resuming folder {e['folder']} in {e['into']}: {plural(e['files'], 'file')} "
+            f"({human_size(e['size'])}) to fetch, {plural(e.get('here', 0), 'file')} "
+            f"({human_size(e.get('here_size', 0))}) already there"
+        ]
     line = (
         f"downloading folder {e['folder']} ({plural(e['files'], 'file')}, "
         f"{human_size(e['size'])}) into {e['into']}"
     )
     if e.get("existed"):
-        line += f" ({e['folder'].rstrip('/').rsplit('/', 1)[-1]}/ already existed)"
+        name = e["folder"].rstrip("/").rsplit("/", 1)[-1]
+        line += f" ({name}/ already existed; 'resume {name}/' goes on with it there)"
     return [line]
 
 
@@ -325,8 +332,11 @@ def _folder_finished(e, _):
         f"downloaded folder {e['folder']} to {e['into']}: {plural(e['files'], 'file')}, "
         f"{human_size(e['size'])} in {human_duration(seconds, precise=True)}"
     )
+    if e.get("here"):
+        line += f"; {plural(e['here'], 'file')} already there"
     if e.get("failed"):
-        line += f"; {plural(e['failed'], 'file')} failed (see above), 'download' again retries"
+        retry = f"'resume {e['into']}'" if "here" in e else "'download' again"
+        line += f"; {plural(e['failed'], 'file')} failed (see above), {retry} retries"
     return [line]
 
 

@@ -29,7 +29,8 @@ import stat
 import threading
 
 from twisted_p2p.index import file_signature
-from twisted_p2p.names import BadName, check_path, free_name
+from twisted_p2p.manifest import ManifestMismatch, hash_file
+from twisted_p2p.names import BadName, check_path, free_name, local_path
 
 PARTIAL_PREFIX = ".p2ppeer-"
 PARTIAL_SUFFIX = ".part"
@@ -515,3 +516,44 @@ def _unlink(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def is_folder_here(folder, name):
+    """
+    Whether C{folder} (the downloads folder) holds a real folder (not a
+    symlink) at path C{name}.  Blocks, briefly.
+    """
+    try:
+        return stat.S_ISDIR(os.lstat(local_path(folder, name)).st_mode)
+    except (OSError, BadName):
+        return False
+
+
+def already_here(folder, entries, known=None):
+    """
+    Which of C{entries}, C{(path below folder, file id, size)} each, are in
+    C{folder} already with that content: a regular file (not a symlink) of
+    that size whose id is that id.  C{known} maps the full paths of files
+    the index has hashed to C{(signature, file id)}; a file whose signature
+    is still that one is not read again, the others are hashed.  Blocks:
+    run it in a thread.
+
+    @return: a list of booleans, one per entry.
+    """
+    known = known or {}
+    here = []
+    for name, file_id, size in entries:
+        try:
+            path = local_path(folder, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                here.append(False)
+                continue
+            seen = known.get(path)
+            if seen is not None and seen == (file_signature(st), file_id):
+                here.append(True)
+                continue
+            here.append(hash_file(path).file_id == file_id)
+        except (OSError, BadName, ManifestMismatch):
+            here.append(False)
+    return here

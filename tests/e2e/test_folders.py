@@ -112,3 +112,69 @@ def test_a_tree_of_200_files_in_one_command(pair):
     assert tree_hash(fetcher.downloads / "album") == (expected, 200)
     # No partial file is left behind.
     assert not [n for n in os.listdir(fetcher.downloads) if n.startswith(".")]
+
+
+def wait_for_album(peer, timeout=30):
+    """Wait until C{peer} lists the album's collapsed row of 200 files."""
+    deadline = time.monotonic() + timeout
+    while not any(" 200 files " in line for line in peer.ask("list")
+                  if line.startswith("album/")):
+        assert time.monotonic() < deadline, peer.diagnostics()
+        time.sleep(0.2)
+
+
+def test_a_folder_download_killed_part_way_resumes_in_its_folder(tmp_path):
+    """
+    The fetcher is SIGKILLed part way through a folder download, started
+    again, and told 'resume album/': it keeps the files already there,
+    resumes the one it was in the middle of, fetches the rest into album/
+    itself (no 'album (1)/'), and the tree comes out whole.
+    """
+    discovery = free_udp_port()
+    sharer_folder, fetcher_folder = tmp_path / "sharer", tmp_path / "fetcher"
+    for folder in (sharer_folder, fetcher_folder):
+        (folder / "shared").mkdir(parents=True)
+    # Slow enough that the kill lands in the middle: ~14 MB at 4 MB/s.
+    sharer = Peer("sharer", sharer_folder, free_transfer_port(), discovery,
+                  extra_args=["--max-upload-rate", "4M"])
+    port = free_transfer_port()
+    fetcher = Peer("fetcher", fetcher_folder, port, discovery)
+    peers = [sharer, fetcher]
+    try:
+        make_tree(sharer.shared)
+        expected, count = tree_hash(sharer.shared / "album")
+        for p in peers:
+            p.start()
+        for p in peers:
+            p.ready()
+        wait_for_album(fetcher)
+        fetcher.send("download album/")
+
+        def files_in(root):
+            return sum(len(files) for _, _, files in os.walk(root))
+
+        deadline = time.monotonic() + 30
+        while files_in(fetcher.downloads / "album") < 40:
+            assert time.monotonic() < deadline, fetcher.diagnostics()
+            time.sleep(0.05)
+        assert fetcher.kill() == -9
+        had = files_in(fetcher.downloads / "album")
+        assert had < count
+
+        again = Peer("fetcher", fetcher_folder, port, discovery)
+        peers.append(again)
+        again.start()
+        again.ready()
+        wait_for_album(again)
+        line = again.command("resume album/", r"^resuming folder album/ in album/: ",
+                             fail=r"^error:")
+        print(f"\n{had} files there at the kill; {line}")
+        kept = int(line.split(" to fetch, ")[1].split(" file")[0])
+        assert kept >= had - 4  # the few files being renamed at the kill may be fetched again
+        done = again.expect(r"^downloaded folder album/ to album/: ", timeout=60, fail=r"^error:")
+        assert "failed" not in done and f"{kept} files already there" in done, done
+        assert tree_hash(again.downloads / "album") == (expected, count)
+        assert sorted(os.listdir(again.downloads)) == ["album"]  # no album (1), no partials
+    finally:
+        for p in peers:
+            p.cleanup()

@@ -43,7 +43,7 @@ from twisted_p2p.limits import (
 )
 from twisted_p2p.names import BadName, check_path, free_name
 from twisted_p2p.seal import SealBroken, stream_seal
-from twisted_p2p.storage import StorageError
+from twisted_p2p.storage import StorageError, already_here, is_folder_here
 
 log = Logger()
 
@@ -1131,6 +1131,23 @@ class Downloads:
             error.reported = True
             d.errback(error)
         return [item[0] for item in dropped]
+
+    def folder_here(self, name):
+        """
+        Whether the downloads folder holds folder C{name} (a folder download
+        to resume into).  One C{lstat}: quick.
+        """
+        return self.folder is not None and is_folder_here(self.folder, name)
+
+    def already_here(self, entries, known=None):
+        """
+        Which of C{entries}, C{(path, file id, size)}, the downloads folder
+        holds already with that content (see L{already_here}).  Blocks: run
+        it in a thread.
+        """
+        if self.folder is None:
+            return [False] * len(entries)
+        return already_here(self.folder, entries, known)
 
     def free_folder(self, name):
         """
