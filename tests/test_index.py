@@ -221,6 +221,58 @@ class TestScan:
         index = scanned(folders)
         assert names(index) == [("good.txt", "shared")]
 
+    def test_an_unhashable_file_is_warned_of_and_read_once_until_it_changes(
+            self, folders, monkeypatch):
+        shared, _, cache_dir = folders
+        write(shared / "good.txt", b"good")
+        write(shared / "bad.txt", b"bad")
+        tries = []
+
+        def failing(path):
+            if path.endswith("bad.txt"):
+                tries.append(path)
+                raise OSError(13, "Permission denied")
+            return hash_file(path)
+
+        monkeypatch.setattr(index_module, "hash_file", failing)
+        cache_path = str(cache_dir)
+        failed, current, cache = {}, {}, {}
+
+        def scan(now):
+            snapshot = index_module._scan_all([str(shared)], current, cache, cache_path,
+                                              failed, now)
+            current.clear()
+            current.update(snapshot.files)
+            return [os.path.basename(path) for path, _ in snapshot.warnings]
+
+        assert scan(0.0) == ["bad.txt"]
+        assert scan(10.0) == [] and scan(20.0) == []  # neither read nor warned of again
+        assert len(tries) == 1
+        # A minute on it is tried again, still quietly while it fails the
+        # same way; and so it is at once after a chmod (which changes its
+        # inode, not its signature).
+        assert scan(index_module.RETRY_FAILED_AFTER + 1) == []
+        assert len(tries) == 2
+        os.chmod(shared / "bad.txt", 0o600)
+        assert scan(62.0) == []
+        assert len(tries) == 3
+        assert scan(63.0) == []
+        assert len(tries) == 3
+        # Changed, it is tried (and said) at once.
+        write(shared / "bad.txt", b"bad, longer")
+        assert scan(70.0) == ["bad.txt"]
+        assert len(tries) == 4
+        # Readable again: offered, and forgotten as a failure.
+        monkeypatch.setattr(index_module, "hash_file", hash_file)
+        write(shared / "bad.txt", b"fine now")
+        assert scan(80.0) == []
+        assert sorted(os.path.basename(k) for k in current) == ["bad.txt", "good.txt"]
+        assert failed == {}
+        # A failed file that goes away is forgotten too.
+        failed[str(shared / "gone.txt")] = ((1, 0, 0), 1e9, "x")
+        scan(90.0)
+        assert failed == {}
+
     def test_scan_folder_signatures(self, folders):
         shared, _, _ = folders
         write(shared / "a.txt", b"12345", mtime_ns=1_000_000_000)

@@ -14,6 +14,7 @@ not hash everything again.  All disk work runs in a thread.
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 
 from twisted.application.service import Service
@@ -209,6 +210,9 @@ class SharedIndex:
         self._added = {}
         self._listeners = []
         self._scan_listeners = []
+        #: Files that could not be hashed: path -> (signature, when to try
+        #: again, what went wrong); see L{_scan_all}.
+        self._failed = {}
 
     def on_change(self, listener):
         """
@@ -310,7 +314,8 @@ class SharedIndex:
                 self._cache = await self._run(_load_cache, self._cache_path)
             self._added = {}
             snapshot = await self._run(
-                _scan_all, self.folders, self._state.files, self._cache, self._cache_path
+                _scan_all, self.folders, self._state.files, self._cache, self._cache_path,
+                self._failed,
             )
             self._install_scanned(snapshot)
         for listener in list(self._scan_listeners):
@@ -380,13 +385,38 @@ class SharedIndex:
                 listener()
 
 
-def _scan_all(folders, current, cache, cache_path):
+#: Seconds before a file that could not be hashed, and has not changed
+#: since, is tried again anyway (its folder may have been made readable).
+RETRY_FAILED_AFTER = 60.0
+
+
+def _changed_at(path):
+    """
+    When C{path}'s inode last changed (a chmod changes it, and not the
+    signature), or C{None}.
+    """
+    try:
+        return os.stat(path).st_ctime_ns
+    except OSError:
+        return None
+
+
+def _scan_all(folders, current, cache, cache_path, failed=None, now=None):
     """
     One scan of C{folders}, in a thread: walk them, keep the files that did
     not change (C{current}, by path), take the others' hashes from the
     C{cache} or hash them, bring the cache up to date (and save it if it
     changed).  Returns a L{_Snapshot}; never touches the index itself.
+
+    C{failed} (updated in place) remembers the files that could not be
+    hashed, so that one that stays unreadable, or too large, is neither
+    read nor warned of again at every scan: it is tried again once it
+    changes (its signature, or its inode: a chmod), or L{RETRY_FAILED_AFTER}
+    seconds on, and warned of again only if it fails in another way.
     """
+    failed = {} if failed is None else failed
+    now = time.monotonic() if now is None else now
+    listed = set()
     fresh = {}
     subfolders = set()
     warnings = []
@@ -396,6 +426,7 @@ def _scan_all(folders, current, cache, cache_path):
         listing = scan_folder(folder, subfolders, offered)
         for name, signature in listing.items():
             key = os.path.join(folder, name)
+            listed.add(key)
             known = current.get(key)
             if known is not None and known.signature == signature:
                 fresh[key] = known
@@ -407,17 +438,26 @@ def _scan_all(folders, current, cache, cache_path):
                 continue
             manifest = _cached_manifest(cache.get(key), signature)
             if manifest is None:
+                prior = failed.get(key)
+                changed = _changed_at(key)
+                if prior is not None and prior[0] == (signature, changed) and now < prior[1]:
+                    continue
                 try:
                     manifest = hash_file(key)
                 except (OSError, ManifestMismatch) as e:
-                    warnings.append((key, e))
+                    if prior is None or prior[0][0] != signature or prior[2] != str(e):
+                        warnings.append((key, e))
+                    failed[key] = ((signature, changed), now + RETRY_FAILED_AFTER, str(e))
                     continue
+                failed.pop(key, None)
                 cache[key] = _cache_entry(signature, manifest)
                 cache_dirty = True
             fresh[key] = LocalFile(name, folder, manifest, signature)
     for key in set(cache) - set(fresh):
         del cache[key]
         cache_dirty = True
+    for key in set(failed) - listed:
+        del failed[key]
     if cache_dirty:
         _save_cache(cache_path, cache)
     return _snapshot(fresh, subfolders, warnings)
