@@ -446,6 +446,7 @@ def test_a_file_the_cache_holds_whole_is_not_fetched_at_all(tmp_path):
     assert result_of(done)[0] == "movie.bin"
     assert h.clients[A].gets == []
     assert h.downloaded("movie.bin") == content
+    assert h.lines[-1].endswith(" (all of it was already here)")
 
 
 def test_a_cached_chunk_that_is_gone_wrong_or_not_of_the_file_is_fetched(tmp_path):

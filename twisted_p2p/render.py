@@ -393,6 +393,8 @@ def _finished(e, _):
         # The rate of what was fetched now, not of the part already here.
         fetched = max(e["size"] - resumed, 0) / max(float(e["seconds"]), 1e-6)
         rate = f"{human_rate(fetched)}; {human_size(resumed)} was already here"
+        if resumed >= e["size"]:
+            rate = "all of it was already here"
     return [
         f"downloaded {e['file']} to {path}{renamed}: {human_size(e['size'])} in "
         f"{human_duration(e['seconds'], precise=True)} ({rate})"
