@@ -322,7 +322,8 @@ def test_a_dropped_file_refuses_the_push_in_progress(tmp_path, samples):
     cache.add_manifest(sample.manifest, "file.bin")
     cache.put(sample.file_id, 0, [sample.chunk(0)])
     reservation = cache.reserve(sample.file_id, 1)
-    cache.drop_file(sample.file_id)
+    assert cache.drop_file(sample.file_id) == len(sample.chunk(0))  # what was held
+    assert cache.drop_file(sample.file_id) == 0
     assert cache.used == cache.reserved == 0
     refused(UNKNOWN_FILE, cache.put, sample.file_id, 1, [sample.chunk(1)], reservation)
     assert os.listdir(cache.folder) == []

@@ -5,11 +5,12 @@ distributor with fakes for the network, both on a L{Clock}; no sockets.
 """
 
 import hashlib
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import FakeIndex, frame, result_of, sent_frames, shared_file
+from support import FakeIndex, frame, log_events, result_of, sent_frames, shared_file
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -117,7 +118,7 @@ def chunk(content, index):
 
 
 class Cache:
-    def __init__(self, tmp_path, shared, quota=64 * CHUNK_SIZE):
+    def __init__(self, tmp_path, shared, quota=64 * CHUNK_SIZE, offered_whole=None):
         self.local, self.content = shared
         self.net = Network()
         self.net.peer(ORIGIN, [self.local])
@@ -129,6 +130,7 @@ class Cache:
         self.distributee = Distributee(
             self.cache, self.net.catalog, self._open_client, now, self.net.clock,
             self.stats, lambda: self.changes.append(1),
+            **({"offered_whole": offered_whole} if offered_whole is not None else {}),
         )
 
     def _open_client(self, peer):
@@ -165,6 +167,21 @@ class TestDistributee:
         assert refusal(d) == "unknown-file"
         assert c.cache.manifest(unknown) is None
         assert c.stats.refused_offers == 1
+
+    def test_a_file_offered_whole_here_is_refused_as_held(self, tmp_path, shared):
+        whole = set()
+        c = Cache(tmp_path, shared, offered_whole=whole.__contains__)
+        whole.add(c.local.file_id)
+        session = c.session()
+        reply = offer(session, c.local.file_id, [0, 3])
+        held = [{"i": 0, "code": "already-held"}, {"i": 3, "code": "already-held"}]
+        assert reply == {"t": "offered", "id": c.local.file_id, "accepted": [], "refused": held}
+        # Nothing was fetched, reserved or claimed for it.
+        assert c.clients == [] and c.cache.manifest(c.local.file_id) is None
+        assert c.cache.reserved == 0 and c.distributee.offered_by(ADDRESSES[ORIGIN]) == 0
+        assert c.stats.refused_offers == 1
+        whole.clear()  # no longer here whole (deleted from shared/, say)
+        assert offer(session, c.local.file_id, [0, 3])["accepted"] == [0, 3]
 
     def test_the_manifest_is_fetched_from_a_server_of_the_file(self, tmp_path, shared):
         c = Cache(tmp_path, shared)
@@ -387,6 +404,70 @@ class TestCachedLocal:
         announcer.changed()
         c.net.clock.advance(1.0)
         assert index.revision != revision
+
+    def cached_two(self, tmp_path, shared, run=now):
+        """
+        A cache holding chunks 0 and 1 of C{shared} and chunk 0 of another
+        file, offered by an index whose changes its announcer follows.
+        """
+        c = Cache(tmp_path, shared)
+        session = c.session()
+        offer(session, c.local.file_id, [0, 1])
+        push(session, c.local.file_id, 0, chunk(c.content, 0))
+        push(session, c.local.file_id, 1, chunk(c.content, 1))
+        other, content = shared_file(str(tmp_path / "shared"), "other.bin", 3 * CHUNK_SIZE, 7)
+        c.cache.add_manifest(other.manifest, "other.bin")
+        c.cache.put(other.file_id, 0, [chunk(content, 0)])
+        index = SharedIndex([], str(tmp_path / "hashes.json"), now)
+        announcer = CacheAnnouncer(c.cache, index, run, c.net.clock)
+        index.on_change(announcer.index_changed)
+        announcer.publish_now()
+        assert {p.file_id for p in index.partials()} == {c.local.file_id, other.file_id}
+        return c, index, announcer, other
+
+    def test_a_file_the_index_offers_whole_is_dropped_from_the_cache(self, tmp_path, shared):
+        c, index, announcer, other = self.cached_two(tmp_path, shared)
+        with log_events() as events:
+            # The download of big.bin finished into a shared downloads/.
+            index.add(c.local.folder, c.local.name, c.local.manifest, c.local.signature)
+        assert c.cache.held(c.local.file_id) == frozenset()
+        assert c.cache.manifest(c.local.file_id) is None
+        assert sorted(os.listdir(c.cache.folder)) == [other.file_id]
+        assert [f.file_id for f in c.cache.files()] == [other.file_id]
+        [dropped] = [e for e in events if e.get("event") == "cache-dropped-whole"]
+        assert (dropped["id"], dropped["name"], dropped["size"]) == (
+            c.local.file_id, "big.bin", 2 * CHUNK_SIZE)
+        # The cache is offered anew after the delay, without the copy.
+        assert index.partial_by_id(c.local.file_id) is not None
+        c.net.clock.advance(1.0)
+        assert index.partial_by_id(c.local.file_id) is None
+        assert [p.file_id for p in index.partials()] == [other.file_id]
+        assert index.by_id(c.local.file_id).name == "big.bin"
+
+    def test_the_drop_runs_once_while_it_is_under_way(self, tmp_path, shared):
+        jobs = []
+
+        def later(f, *args):
+            d = defer.Deferred()
+            jobs.append((f, args, d))
+            return d
+
+        c, index, announcer, other = self.cached_two(tmp_path, shared, run=now)
+        announcer._run = later
+        index.add(c.local.folder, c.local.name, c.local.manifest, c.local.signature)
+        announcer.index_changed()  # another change while the drop waits for its thread
+        assert len(jobs) == 1 and jobs[0][1][1] == [c.local.file_id]
+        f, args, d = jobs.pop()
+        d.callback(f(*args))
+        announcer.index_changed()
+        assert jobs == []  # dropped: no longer counted as cached
+        assert c.cache.held(c.local.file_id) == frozenset()
+
+    def test_a_stopped_announcer_drops_nothing(self, tmp_path, shared):
+        c, index, announcer, other = self.cached_two(tmp_path, shared)
+        announcer.stop()
+        index.add(c.local.folder, c.local.name, c.local.manifest, c.local.signature)
+        assert c.cache.held(c.local.file_id) == frozenset([0, 1])
 
     def test_the_catalog_answer_says_how_much_is_free(self, tmp_path, shared):
         c = Cache(tmp_path, shared)

@@ -717,10 +717,15 @@ class ChunkCache:
         """
         Forget every chunk of C{file_id} and its manifest, and delete them.
         Pushes in progress for it are refused when they finish.
+
+        @return: the bytes of the chunks that were held (0: none).
         """
         check_file_id(file_id)
         with self._lock:
+            entry = self._entries.get(file_id)
+            freed = entry.held_bytes() if entry is not None else 0
             self._drop(file_id)
+            return freed
 
     def _held_chunks(self):
         return [(f, i) for f, entry in self._entries.items() for i in entry.held]

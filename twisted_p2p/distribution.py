@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_p2p import wire
-from twisted_p2p.cache import CacheMiss, CacheRefused
+from twisted_p2p.cache import ALREADY_HELD, CacheMiss, CacheRefused
 from twisted_p2p.client import PeerRefused, SenderClient, fetch_manifest
 from twisted_p2p.interfaces import format_address
 from twisted_p2p.limits import (
@@ -156,6 +156,13 @@ def cached_locals(cache):
     return found
 
 
+def _drop_files(cache, file_ids):
+    """
+    Drop C{file_ids} from C{cache}; the bytes freed of each.  Blocks.
+    """
+    return [cache.drop_file(file_id) for file_id in file_ids]
+
+
 # -- the distributee (T+3) -------------------------------------------------------
 
 
@@ -172,9 +179,13 @@ class Distributee:
         a peer's sender port.
     @param changed: called after the cache changed (a chunk stored or
         evicted), to offer it anew.
+    @param offered_whole: C{offered_whole(file_id)}, whether this peer
+        offers that file whole already (in its shared folders): its chunks
+        are refused as held, since the cache would hold a second copy.
     """
 
-    def __init__(self, cache, catalog, open_client, run_in_thread, clock, stats, changed):
+    def __init__(self, cache, catalog, open_client, run_in_thread, clock, stats, changed,
+                 offered_whole=lambda file_id: False):
         self.cache = cache
         self._catalog = catalog
         self._open_client = open_client
@@ -182,6 +193,7 @@ class Distributee:
         self._clock = clock
         self.stats = stats
         self._changed = changed
+        self.offered_whole = offered_whole
         self._learning = {}
         self._offered = Counter()
 
@@ -385,6 +397,11 @@ class DistributeeSession:
         if not owner.hosting:
             owner.stats.refused_offers += 1
             raise RequestRefused("hosting-off", "this peer hosts nothing (--cache-size 0)")
+        if owner.offered_whole(file_id):
+            # Held here whole: the pusher counts it as held, as it should.
+            owner.stats.refused_offers += 1
+            refused = [{"i": index, "code": ALREADY_HELD} for index in chunks]
+            return {"t": "offered", "id": file_id, "accepted": [], "refused": refused}, b""
         if len(self.reservations) + len(chunks) > MAX_OFFERED_CHUNKS:
             raise wire.ProtocolError("too many chunks offered and not pushed")
         try:
@@ -779,6 +796,13 @@ class CacheAnnouncer:
     Owns telling the index what the cache holds: at most once every
     L{CACHE_ANNOUNCE_DELAY} seconds while it changes, so that a burst of
     pushes changes the peer's revision (and its announce) once.
+
+    It also keeps the cache from holding a second copy of what the index
+    offers whole: when the index changes (a download finished into a shared
+    C{downloads/}, a file put into C{shared/}), each file of the cache that
+    it now offers whole is dropped from the cache (L{index_changed}).  The
+    whole file serves every chunk the cache did, and the room goes to other
+    peers' files.
     """
 
     def __init__(self, cache, index, run_in_thread, clock, delay=CACHE_ANNOUNCE_DELAY):
@@ -789,6 +813,9 @@ class CacheAnnouncer:
         self._delay = delay
         self._call = None
         self.stopped = False
+        #: The ids of the files the index was last told the cache holds.
+        self._published = frozenset()
+        self._dropping = set()
 
     def changed(self):
         if self._call is None and not self.stopped:
@@ -802,10 +829,45 @@ class CacheAnnouncer:
 
         def publish(found):
             if not self.stopped:
+                self._published = frozenset(cached.file_id for cached in found)
                 self._index.set_cached(found)
 
         d.addCallback(publish)
         d.addErrback(lambda f: log.failure("Listing the cache failed", f))
+        return d
+
+    def index_changed(self):
+        """
+        The index changed: drop from the cache the files it now offers
+        whole (in a thread), then offer the cache anew.
+        """
+        index = self._index
+        whole = sorted(
+            file_id
+            for file_id in self._published - self._dropping
+            if index.by_id(file_id) is not None
+        )
+        if self.stopped or not whole:
+            return
+        self._dropping.update(whole)
+        d = self._run(_drop_files, self._cache, whole)
+
+        def dropped(freed):
+            for file_id, size in zip(whole, freed):
+                if size:
+                    log.info(
+                        "Cache: gave back {size} B of {name}: this peer offers it whole now",
+                        event="cache-dropped-whole",
+                        id=file_id,
+                        name=getattr(index.by_id(file_id), "name", file_id[:16]),
+                        size=size,
+                    )
+            self._published = self._published.difference(whole)
+            self.changed()
+
+        d.addCallback(dropped)
+        d.addErrback(lambda f: log.failure("Dropping files held whole from the cache failed", f))
+        d.addBoth(lambda _: self._dropping.difference_update(whole))
         return d
 
     def stop(self):

@@ -816,7 +816,9 @@ class PeerService(MultiService):
             reactor,
             self.distribution_stats,
             self.cache_announcer.changed,
+            offered_whole=lambda file_id: self.index.by_id(file_id) is not None,
         )
+        self.index.on_change(self.cache_announcer.index_changed)
         self.distributor = distribution.Distributor(
             self.peer_id,
             self.index,

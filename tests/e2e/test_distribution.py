@@ -68,14 +68,17 @@ def exchange(sock, header, body=b""):
     return fake.read_frame(sock)
 
 
-def held_chunks(peer, file_id):
-    """The chunks of C{file_id} C{peer} says (its C{have}) it holds."""
+def held_chunks(peer, file_id, chunks=CHUNKS):
+    """
+    The chunks of C{file_id} (of C{chunks} chunks) C{peer} says (its
+    C{have}) it holds.
+    """
     header, body = call(peer.transfer_port + 1, {"t": "have", "v": 1, "id": file_id, "start": 0})
     if header.get("code") == "unknown-file":
         return set()  # not offered yet
     assert header["t"] == "have", header
     if header.get("all"):
-        return set(range(CHUNKS))
+        return set(range(chunks))
     return {i for i in range(header["count"]) if body[i // 8] >> (i % 8) & 1}
 
 
@@ -373,15 +376,19 @@ def test_distribution_in_a_private_group(network, tmp_path):
     print(f"\na private group's cache filled in {waited:.1f} s")
 
 
-def test_a_download_takes_what_its_own_cache_holds(network):
+@pytest.mark.parametrize("share_downloads", ["yes", "no"])
+def test_a_download_takes_what_its_own_cache_holds(network, share_downloads):
     """
     B's cache holds every chunk of A's file (distribution put them there);
     when B's user downloads the file, B copies them from its cache rather
-    than fetching them again, and says so.
+    than fetching them again, and says so.  Then B offers the file whole
+    from its downloads and its cache gives the copy back (and refuses it if
+    pushed again); with C{--share-downloads no} the cache keeps it, as the
+    only copy B offers.
     """
     size = 8 * MiB
     a = network.peer("a", shared=(NAME, size))
-    b = network.peer("b", "--cache-size", "40M")
+    b = network.peer("b", "--cache-size", "40M", "--share-downloads", share_downloads)
     for p in (a, b):
         p.start()
     for p in (a, b):
@@ -401,5 +408,22 @@ def test_a_download_takes_what_its_own_cache_holds(network):
     done = b.expect(rf"^downloaded {NAME}", timeout=15, fail=_ERROR)
     assert done.endswith("(all of it was already here)"), done
     assert sha256_of(b.downloads / NAME) == a.digest
+    file_id = list_rows(a)[NAME]["id"]
+    if share_downloads == "yes":
+        ok, waited = poll(lambda: cache_of(b)["files"] == [], timeout=15, interval=0.2)
+        assert ok, network.diagnostics()
+        print(f"B's cache gave its copy back {waited:.1f} s after the download")
+        assert f"Cache: gave back {size} B of {NAME}: this peer offers it whole now" in (
+            b.log_path.read_text())
+        # A's distribution rounds (every 0.5 s) find B holding the file
+        # whole, and push nothing back.
+        time.sleep(3)
+        assert cache_of(b)["used"] == 0 and cache_bytes_on_disk(b) == 0, cache_of(b)
+    else:
+        time.sleep(2)
+        [kept] = cache_of(b)["files"]
+        assert kept["id"] == file_id and kept["bytes"] == size, kept
+    # B serves every chunk either way: from downloads/, or from its cache.
+    assert held_chunks(b, file_id, size // CHUNK) == set(range(size // CHUNK))
     text = b.log_path.read_text()
     assert not any(marker in text for marker in LOG_ERRORS), text[-3000:]
