@@ -176,10 +176,15 @@ STEAL_IN_FLIGHT_SECONDS = 0.3
 
 #: Frames (each of up to MAX_RUN chunks) of one download that may wait to
 #: be verified and written at once; past this its data connections stop
-#: being read (about 7 MiB of buffers).  Measured with both workers taking
-#: frames: 8 kept the 2 GiB download's peak RSS 0.8 MiB over its 64 MiB
-#: target, 6 cost a tenth of the speed, 7 does neither.
-VERIFY_QUEUE = 7
+#: being read (about 5 MiB of buffers, one more per connection being
+#: read).  Measured with both workers taking frames: 8 kept the 2 GiB
+#: download's peak RSS 0.8 MiB over its 64 MiB target; 7 did not, until
+#: the libraries under the peer grew (Twisted 26.10, cryptography 50: the
+#: idle peer is at 56 MiB) and it went to 64.6 MiB.  5 and 4 then measured
+#: as fast as 7 (1 GiB single-source downloads, interleaved: 1201 and 1258
+#: against 1125 and 1214 MB/s; 96 MiB: 1365 against 1390), and 5 keeps 2
+#: MiB off the peak.
+VERIFY_QUEUE = 5
 
 #: Free chunk buffers (1 MiB each) a peer keeps between downloads, so that
 #: the next download, or the next file of a folder, reads into pages that
