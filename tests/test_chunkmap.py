@@ -310,6 +310,48 @@ def test_the_first_copy_in_cancels_the_others_that_wait_for_nothing_else():
     assert ledger.pick("fast", 2) == []
 
 
+def test_a_request_answered_whole_is_no_longer_in_flight():
+    ledger = ledger_with(4, {"x": None, "y": None})
+    ledger.ask("r1", "x", [0, 1], now=0)
+    ledger.ask("r2", "y", [2, 3], now=0)
+    assert ledger.requests_in_flight() == 2
+    assert ledger.arrived("r1", 0, now=1)
+    assert ledger.requests_in_flight() == 2
+    assert ledger.arrived("r1", 1, now=1)
+    # Over without an end(): a download of many requests keeps only those
+    # still waiting, and is not held back by the others.
+    assert ledger.requests_in_flight() == 1
+    assert ledger.pending("r1") == frozenset()
+    assert not ledger.arrived("r1", 1, now=2)
+    ledger.withdraw("r2", 2)
+    ledger.withdraw("r2", 3)
+    assert ledger.requests_in_flight() == 0
+    ledger.end("r1")  # over already: nothing
+    assert ledger.pick("x", 4) == [2, 3]
+
+
+def test_a_request_whose_last_chunk_came_elsewhere_is_over():
+    ledger = ledger_with(2, {"slow": None, "fast": None})
+    ledger.ask("r1", "slow", [0], now=0)
+    ledger.ask("r2", "fast", [0, 1], now=5)
+    assert ledger.arrived("r2", 0, now=6)
+    assert ledger.begin_verifying(0) == ["r1"]
+    assert ledger.requests_in_flight() == 1
+    assert ledger.pending("r2") == {1}
+
+
+def test_a_stall_is_measured_from_the_requests_still_in_flight():
+    # A request answered long ago is over: it does not count as a stall.
+    ledger = ledger_with(3, {"x": None, "y": None})
+    ledger.ask("r1", "x", [0], now=0)
+    assert ledger.arrived("r1", 0, now=0)
+    ledger.begin_verifying(0)
+    ledger.verified(0)
+    ledger.ask("r2", "x", [1, 2], now=STALL)
+    assert ledger.endgame_pick("y", 2, now=STALL + 1) == []
+    assert ledger.endgame_pick("y", 2, now=2 * STALL) == [1, 2]
+
+
 def test_a_copy_of_a_chunk_being_verified_is_not_needed():
     ledger = ledger_with(1, {"x": None, "y": None})
     ledger.ask("r1", "x", [0], now=0)
@@ -493,6 +535,8 @@ class LedgerMachine(RuleBasedStateMachine):
             assert (source in ledger) == (source in self.holdings)
         for request, (_, pending, _) in self.asks.items():
             assert ledger.pending(request) == pending
+        # A request that waits for nothing more is over, and not counted.
+        assert ledger.requests_in_flight() == sum(1 for _, p, _ in self.asks.values() if p)
         unheld = [i for i in self._queued() if not self._availability(i)]
         assert ledger.first_unheld() == (unheld[0] if unheld else None)
 

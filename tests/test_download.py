@@ -815,6 +815,9 @@ def test_a_dropped_sender_connection_is_not_asked_again(tmp_path):
     # It is said once, and its chunks go to the other source.
     [lost] = [e for e in h.events if e["event"] == "source-lost"]
     assert lost["peer"] == f"{A}:7000"
+    assert lost["others"] == 1
+    assert [line for line in h.lines if "lost" in line][0].endswith(
+        "(the connection closed); going on with the other sources")
     assert a.requested() == [0, 1, 2]
     assert sorted(b.requested()) == [0, 1, 2]
     h.serve(B)
@@ -1548,3 +1551,28 @@ def test_unqueue_drops_only_what_it_is_told():
     assert downloads.waiting == ["b/2"]
     made[0].done.callback(("a/0", None))
     assert [d.name for d in made] == ["a/0", "b/2"] and not kept.called
+
+
+def test_a_download_whose_sources_all_go_after_some_chunks_came_fails(tmp_path):
+    # A request that got all its chunks is over: it must not keep the
+    # download waiting for "requests in flight" once every source is gone.
+    h = Harness(tmp_path, content_of(40 * CHUNK_SIZE))
+    done = h.start()
+    a = h.clients[A]
+    first = a.gets[0][0]["chunks"]
+    assert len(first) < 40
+    for index in first:
+        assert h.send(A, index)
+    assert len(a.gets) > 1
+    a.drop()
+    h.turn()
+    with pytest.raises(DownloadFailed) as e:
+        result_of(done)
+    assert str(e.value) == (
+        "no peer is left to download movie.bin from; "
+        "what came is kept: 'resume movie.bin' goes on once one is back"
+    )
+    assert h.download.have == len(first)
+    # No "going on with the other sources" when there is none.
+    [lost] = [line for line in h.lines if "lost" in line]
+    assert lost == f"download movie.bin: lost {A}:7000 (the connection closed)", lost

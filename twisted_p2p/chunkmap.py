@@ -113,7 +113,8 @@ class ChunkLedger:
         self._holdings = {}
         # Partial holder -> its own pick array, in the order they were counted.
         self._picks = {}
-        # Request -> _Ask.
+        # Request in flight (it waits for some chunk) -> _Ask; one answered
+        # whole is over and forgotten at once (_over_if_answered).
         self._asks = {}
         # Chunk in flight -> the requests waiting for it, in the order asked.
         self._askers = {}
@@ -410,6 +411,7 @@ class ChunkLedger:
         if ask is None or index not in ask.pending:
             return False
         self._withdraw(request, ask, index)
+        self._over_if_answered(request, ask)
         ask.progress = now
         self._no_stall_before = min(self._no_stall_before, now + self._stall)
         return True
@@ -424,6 +426,7 @@ class ChunkLedger:
         if ask is None or index not in ask.pending:
             return
         self._withdraw(request, ask, index)
+        self._over_if_answered(request, ask)
         if self._state[index] == _FLIGHT and index not in self._askers:
             self._state[index] = _QUEUED
             self._set_key(index)
@@ -447,6 +450,7 @@ class ChunkLedger:
             ask.pending.discard(index)
             self._count_out(ask.source)
             if not ask.pending:
+                self._over_if_answered(request, ask)
                 finished.append(request)
         return finished
 
@@ -483,6 +487,15 @@ class ChunkLedger:
             if self._state[index] == _FLIGHT and index not in self._askers:
                 self._state[index] = _QUEUED
                 self._set_key(index)
+
+    def _over_if_answered(self, request, ask):
+        """
+        A request that waits for nothing more is over: it is forgotten, so
+        that what a download keeps, and L{requests_in_flight}, stay the
+        requests in flight (not every request of the download so far).
+        """
+        if not ask.pending:
+            del self._asks[request]
 
     def _withdraw(self, request, ask, index):
         """

@@ -429,10 +429,10 @@ def _unreachable(e, _):
 
 
 def _source_lost(e, _):
-    return [
-        f"download {e['file']}: lost {peer_name(e['peer'], e.get('name'))} "
-        f"({e['reason']}); going on with the other sources"
-    ]
+    line = f"download {e['file']}: lost {peer_name(e['peer'], e.get('name'))} ({e['reason']})"
+    if e.get("others", 1):
+        line += "; going on with the other sources"
+    return [line]
 
 
 # -- the peer's own doings -------------------------------------------------------

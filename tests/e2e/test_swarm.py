@@ -1,6 +1,7 @@
 """
 Swarm downloads with real C{twistd p2ppeer} processes on 127.0.0.1: many
-rate-limited seeders at once, a seeder killed mid-download, a lying seeder,
+rate-limited seeders at once, a seeder killed mid-download (one of three,
+and the only one), a lying seeder,
 a downloader killed and restarted, and a full downloads folder.
 
 Every scenario has its own peers, ports and discovery port.  The seeders of
@@ -104,11 +105,20 @@ class Swarm:
         self.downloader.ready()
         self.wait_for_sources()
 
-    def start_download(self):
+    def start_download(self, command="download"):
         """Send C{download big.bin}; the console line index it starts from."""
         start = self.downloader.mark()
-        self.downloader.send(f"download {NAME}")
+        self.downloader.send(f"{command} {NAME}")
         return start
+
+    def check_resumed(self, start):
+        """The download sent at C{start} resumed and finished right."""
+        started = self.wait_line(start, r"^download big\.bin: ")
+        assert "resuming with" in started, started
+        closing = self.wait_line(start, r"^downloaded big\.bin\b")
+        print(f"e2e: {closing}")
+        self.check_file()
+        self.check_logs()
 
     def wait_line(self, start, pattern, timeout=30, fail=_ERROR):
         self.downloader.cursor = start
@@ -211,13 +221,19 @@ def test_four_rate_limited_seeders_all_contribute(swarm_factory):
     swarm.check_logs()
 
 
-def test_a_seeder_killed_mid_download(swarm_factory):
-    swarm = swarm_factory(seeders=3, rate="10M")
+def _kill_a_seeder_at_25_percent(swarm):
+    """Start the download, SIGKILL the first seeder at 25%: C{(start, it)}."""
     swarm.start()
     start = swarm.start_download()
     swarm.wait_percent(25)
     victim = swarm.seeders[0]
     victim.kill()
+    return start, victim
+
+
+def test_a_seeder_killed_mid_download(swarm_factory):
+    swarm = swarm_factory(seeders=3, rate="10M")
+    start, _ = _kill_a_seeder_at_25_percent(swarm)
     closing = swarm.wait_line(start, r"^downloaded big\.bin\b")
     print(f"\ne2e: {closing}")
     swarm.check_file()
@@ -225,6 +241,27 @@ def test_a_seeder_killed_mid_download(swarm_factory):
     print(f"e2e: bytes by source: {counts}")
     assert all(counts[p.label] > 0 for p in swarm.seeders[1:])
     swarm.check_logs()
+
+
+def test_the_only_seeder_killed_fails_clearly_then_resumes(swarm_factory):
+    swarm = swarm_factory(seeders=1, rate="10M")
+    start, victim = _kill_a_seeder_at_25_percent(swarm)
+    # Said at once, not a progress bar that stops for good.
+    error = swarm.wait_line(start, _ERROR, timeout=10, fail=r"^downloaded ")
+    print(f"\ne2e: {error}")
+    assert error == ("error: no peer is left to download big.bin from; "
+                     "what came is kept: 'resume big.bin' goes on once one is back"), error
+    assert swarm.downloader.alive()
+    assert swarm.percent() is None
+    partials = os.listdir(swarm.downloader.downloads)
+    assert any(n.endswith(".part") for n in partials), partials
+
+    swarm.seeders[0] = Peer(victim.name, victim.folder, victim.transfer_port,
+                            swarm.discovery, extra_args=["--max-upload-rate", "10M"])
+    swarm.seeders[0].start()
+    swarm.seeders[0].ready()
+    swarm.wait_for_sources()
+    swarm.check_resumed(swarm.start_download("resume"))
 
 
 def test_a_lying_seeder_is_banned(swarm_factory):
@@ -312,13 +349,7 @@ def test_a_full_disk_fails_clearly_then_resumes(swarm_factory):
         assert any(p.label in " ".join(swarm.downloader.ask("peers")) for p in swarm.seeders)
 
         subprocess.run(["mount", "-o", "remount,size=200m", str(downloads)], check=True)
-        start = swarm.start_download()
-        started = swarm.wait_line(start, r"^download big\.bin: ")
-        assert "resuming with" in started, started
-        closing = swarm.wait_line(start, r"^downloaded big\.bin\b")
-        print(f"e2e: {closing}")
-        swarm.check_file()
-        swarm.check_logs()
+        swarm.check_resumed(swarm.start_download())
     finally:
         swarm.downloader.cleanup()
         subprocess.run(["umount", "-l", str(downloads)], capture_output=True)

@@ -623,11 +623,13 @@ class Download:
         """
         C{source} is gone or no longer answers: say so, and go on without it.
         """
+        others = sum(1 for s in self.sources if s is not source and self._usable(s))
         self._emit(
             "source-lost",
             peer=source.label,
             name=getattr(source.peer, "name", None),
             reason=reason,
+            others=others,
         )
         self._drop(source)
 
@@ -954,7 +956,10 @@ class Download:
         # unless partial holders are left: they may get it yet.
         index = ledger.first_unheld()
         if not any(self._usable(s) for s in self.sources):
-            self._lifecycle.stuck(f"no peer is left to download {self.name} from")
+            why = f"no peer is left to download {self.name} from"
+            if ledger.have:
+                why += f"; what came is kept: 'resume {self.name}' goes on once one is back"
+            self._lifecycle.stuck(why)
         elif index is not None and not ledger.partial_sources():
             self._lifecycle.stuck(
                 f"no peer left has chunk {index} of {self.name}; "
