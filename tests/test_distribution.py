@@ -34,6 +34,8 @@ from twisted_p2p import distribution
 from twisted_p2p.limits import (
     CHUNK_SIZE,
     DISTRIBUTION_ANSWER_TIMEOUT,
+    DISTRIBUTION_TRICKLE,
+    DISTRIBUTION_YIELD,
     MAX_DISTRIBUTION_QUEUE,
     MAX_PULLS_AT_ONCE,
     PENDING_PUSH_SECONDS,
@@ -595,11 +597,28 @@ class TestDistributor:
         o.uploads.active = 1
         o.distributor.round()
         assert [kind for _, kind, _ in o.log] == ["offer"]
-        o.net.clock.advance(5)
+        o.net.clock.advance(DISTRIBUTION_TRICKLE - DISTRIBUTION_YIELD)
         assert o.stats.pushed_chunks == 0
         o.uploads.active = 0
         o.net.clock.advance(1)
         assert o.stats.pushed_chunks > 0
+
+    def test_a_peer_always_serving_still_distributes_a_trickle(self, shared):
+        o = Origin(shared, replicas=1, targets=(CACHE_A, CACHE_B))
+        assert o.local.manifest.chunk_count > 8
+        o.uploads.active = 1
+        o.distributor.round()
+        pushed = []
+        for _ in range(int(8 / DISTRIBUTION_YIELD)):
+            o.net.clock.advance(DISTRIBUTION_YIELD)
+            pushed.append(o.stats.pushed_chunks)
+        # One chunk a second among both pushes, from the first second on.
+        assert pushed[int(DISTRIBUTION_TRICKLE / DISTRIBUTION_YIELD) - 2] == 0
+        assert pushed[-1] == 8
+        assert all(b - a <= 1 for a, b in zip(pushed, pushed[1:]))
+        o.uploads.active = 0
+        o.net.clock.advance(1)
+        assert o.stats.pushed_chunks > 8
 
     def test_a_pull_is_answered_with_the_askers_part(self, shared):
         o = Origin(shared, replicas=1, targets=())

@@ -36,6 +36,7 @@ from twisted_p2p.limits import (
     CACHE_ANNOUNCE_DELAY,
     CHUNK_SIZE,
     DISTRIBUTION_ANSWER_TIMEOUT,
+    DISTRIBUTION_TRICKLE,
     DISTRIBUTION_YIELD,
     MANIFEST_FETCH_TIMEOUT,
     MAX_FILE_SIZE,
@@ -540,6 +541,8 @@ class Distributor:
         self._limit = defer.DeferredSemaphore(PUSHES_AT_ONCE)
         self._round = None
         self._pulls = Counter()
+        # While downloads are served, no chunk goes before this time.
+        self._trickle_at = 0.0
         self.stopped = False
 
     # planning
@@ -771,10 +774,19 @@ class Distributor:
 
     async def _take_turn(self, length):
         """
-        Wait while downloads use the uploads (they go first), then for the
-        upload rate's leave to send C{length} bytes.
+        Wait while downloads use the uploads (they go first), but for one
+        chunk every L{DISTRIBUTION_TRICKLE} seconds among all the pushes
+        waiting, then for the upload rate's leave to send C{length} bytes.
         """
+        waited = False
         while self._uploads.active > 0 and not self.stopped:
+            now = self._clock.seconds()
+            if not waited:
+                self._trickle_at = max(self._trickle_at, now + DISTRIBUTION_TRICKLE)
+                waited = True
+            elif now >= self._trickle_at:
+                self._trickle_at = now + DISTRIBUTION_TRICKLE
+                break
             await task.deferLater(self._clock, DISTRIBUTION_YIELD, lambda: None)
         if self.stopped:
             raise defer.CancelledError()

@@ -420,6 +420,11 @@ PUSHES_AT_ONCE = 4
 #: use the uploads (they go first).
 DISTRIBUTION_YIELD = 0.25
 
+#: While downloads are being served, distribution still sends one chunk
+#: every this many seconds (1 MiB/s at most, all its pushes together), so
+#: that a peer that is always serving spreads its files all the same.
+DISTRIBUTION_TRICKLE = 1.0
+
 #: Seconds a manifest fetch may take when a push for a new file comes.
 MANIFEST_FETCH_TIMEOUT = 10.0
 
