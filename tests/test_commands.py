@@ -883,6 +883,10 @@ def test_cache_shows_what_is_held_and_what_was_pushed():
         "distribution (replicas 2): pushed 3 chunks (768.0 KiB), stored 8 chunks (2.0 MiB) "
         "for others; refused 0 push(es), 1 offer(s) were refused in part or whole",
     ]
+    status["banned_pushers"] = 2
+    said, _ = run(peer, "cache")
+    assert said[-1].endswith(
+        "1 offer(s) were refused in part or whole; 2 address(es) banned for bad chunks")
     said, _ = run(peer, "cache", keep=[])
     status.update(quota=0, used=0, free=0, files=[])
     said, _ = run(peer, "cache")

@@ -32,12 +32,14 @@ from twisted_p2p.distribution import (
 from twisted_p2p.index import SharedIndex
 from twisted_p2p import distribution
 from twisted_p2p.limits import (
+    BAN_ADDRESS_SECONDS,
     CHUNK_SIZE,
     DISTRIBUTION_ANSWER_TIMEOUT,
     DISTRIBUTION_TRICKLE,
     DISTRIBUTION_YIELD,
     MAX_DISTRIBUTION_QUEUE,
     MAX_PULLS_AT_ONCE,
+    MAX_STRIKES,
     PENDING_PUSH_SECONDS,
 )
 from twisted_p2p.peers import PeerTable
@@ -141,8 +143,8 @@ class Cache:
         self.clients.append(client)
         return defer.succeed(client)
 
-    def session(self):
-        return self.distributee.session(ADDRESSES[ORIGIN])
+    def session(self, host=None):
+        return self.distributee.session(host or ADDRESSES[ORIGIN])
 
 
 def offer(session, file_id, chunks):
@@ -206,6 +208,45 @@ class TestDistributee:
         assert c.cache.reserved == 0
         assert (c.stats.stored_chunks, c.stats.refused_pushes) == (1, 1)
         assert c.changes
+
+    def test_an_address_that_pushes_bad_chunks_is_banned_for_a_while(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        file_id = c.local.file_id
+        session = c.session()
+        assert offer(session, file_id, [0, 1, 2, 3])["accepted"] == [0, 1, 2, 3]
+        for index in range(MAX_STRIKES):
+            bad = bytearray(chunk(c.content, index))
+            bad[0] ^= 1
+            d = session.handle(wire.request("push", id=file_id, i=index), bytes(bad))
+            assert refusal(d) == "bad-hash"
+        assert c.stats.banned_pushers == 1
+        # Every connection from that address, this one and new ones.
+        d = session.handle(wire.request("offer", id=file_id, chunks=[4]), b"")
+        assert refusal(d) == "banned"
+        d = c.session().handle(wire.request("offer", id=file_id, chunks=[4]), b"")
+        assert refusal(d) == "banned"
+        # A chunk accepted before the ban is still checked, and taken if good.
+        assert push(session, file_id, 3, chunk(c.content, 3))["t"] == "stored"
+        # Other addresses are not.
+        other = c.session(ADDRESSES[CACHE_A])
+        assert offer(other, file_id, [4])["accepted"] == [4]
+        c.net.clock.advance(BAN_ADDRESS_SECONDS)
+        assert offer(c.session(), file_id, [5])["accepted"] == [5]
+        assert c.stats.banned_pushers == 1
+
+    def test_a_bad_push_now_and_then_is_no_ban(self, tmp_path, shared):
+        c = Cache(tmp_path, shared)
+        file_id = c.local.file_id
+        session = c.session()
+        offer(session, file_id, list(range(MAX_STRIKES)))
+        for index in range(MAX_STRIKES - 1):
+            bad = bytearray(chunk(c.content, index))
+            bad[0] ^= 1
+            d = session.handle(wire.request("push", id=file_id, i=index), bytes(bad))
+            assert refusal(d) == "bad-hash"
+        assert push(session, file_id, MAX_STRIKES - 1, chunk(c.content, MAX_STRIKES - 1))
+        assert offer(c.session(), file_id, [MAX_STRIKES])["accepted"] == [MAX_STRIKES]
+        assert c.stats.banned_pushers == 0
 
     def test_a_push_must_be_offered_first(self, tmp_path, shared):
         c = Cache(tmp_path, shared)

@@ -29,10 +29,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_p2p import wire
-from twisted_p2p.cache import ALREADY_HELD, CacheMiss, CacheRefused
+from twisted_p2p.cache import ALREADY_HELD, BAD_HASH, CacheMiss, CacheRefused
 from twisted_p2p.client import PeerRefused, SenderClient, fetch_manifest
 from twisted_p2p.interfaces import format_address
 from twisted_p2p.limits import (
+    BAN_ADDRESS_SECONDS,
     CACHE_ANNOUNCE_DELAY,
     CHUNK_SIZE,
     DISTRIBUTION_ANSWER_TIMEOUT,
@@ -45,6 +46,7 @@ from twisted_p2p.limits import (
     MAX_OFFERED_CHUNKS_PER_HOST,
     MAX_PULLS_AT_ONCE,
     MAX_PULLS_PER_HOST,
+    MAX_STRIKES,
     OFFER_GROUP,
     PENDING_PUSH_SECONDS,
     PUSHES_AT_ONCE,
@@ -76,6 +78,8 @@ class DistributionStats:
         self.stored_chunks = 0
         self.stored_bytes = 0
         self.refused_pushes = 0
+        #: Addresses whose offers were refused for pushing bad chunks.
+        self.banned_pushers = 0
         self.rounds = 0
 
     def as_dict(self):
@@ -197,6 +201,41 @@ class Distributee:
         self.offered_whole = offered_whole
         self._learning = {}
         self._offered = Counter()
+        # Address group -> chunks it pushed that failed their hash; and
+        # -> until when its offers are refused, once that reached MAX_STRIKES.
+        self._strikes = Counter()
+        self._banned = {}
+
+    def strike(self, host):
+        """
+        C{host} pushed a chunk that failed its hash: after L{MAX_STRIKES}
+        such pushes, its address (its /64, for IPv6) is refused for
+        L{BAN_ADDRESS_SECONDS}.
+        """
+        group = wire.address_group(host)
+        self._strikes[group] += 1
+        if self._strikes[group] >= MAX_STRIKES and not self.is_banned(host):
+            del self._strikes[group]
+            self._banned[group] = self._clock.seconds() + BAN_ADDRESS_SECONDS
+            self.stats.banned_pushers += 1
+            log.warn(
+                "Distributee: {host} pushed {count} chunks that failed their hash; "
+                "its offers are refused for {minutes} min",
+                event="pusher-banned",
+                host=host,
+                count=MAX_STRIKES,
+                minutes=round(BAN_ADDRESS_SECONDS / 60),
+            )
+
+    def is_banned(self, host):
+        group = wire.address_group(host)
+        until = self._banned.get(group)
+        if until is None:
+            return False
+        if self._clock.seconds() >= until:
+            del self._banned[group]
+            return False
+        return True
 
     def offered_by(self, host):
         """
@@ -398,6 +437,11 @@ class DistributeeSession:
         if not owner.hosting:
             owner.stats.refused_offers += 1
             raise RequestRefused("hosting-off", "this peer hosts nothing (--cache-size 0)")
+        if owner.is_banned(self.host):
+            owner.stats.refused_offers += 1
+            raise RequestRefused(
+                "banned", "this address pushed chunks that failed their hash; try again later"
+            )
         if owner.offered_whole(file_id):
             # Held here whole: the pusher counts it as held, as it should.
             owner.stats.refused_offers += 1
@@ -450,6 +494,8 @@ class DistributeeSession:
             await owner._run(owner.cache.put, file_id, index, [body], reservation)
         except CacheRefused as e:
             owner.stats.refused_pushes += 1
+            if e.code == BAD_HASH:
+                owner.strike(self.host)
             log.info(
                 "Refused chunk {index} of {file_id} from {host}: {reason}",
                 event="push-refused",

@@ -206,6 +206,8 @@ def _cache(e, _):
         f"({human_size(e['pushed_bytes'])}), stored {plural(e['stored_chunks'], 'chunk')} "
         f"({human_size(e['stored_bytes'])}) for others; refused {e['refused_pushes']} push(es), "
         f"{e['refused_offers']} offer(s) were refused in part or whole"
+        + (f"; {e['banned_pushers']} address(es) banned for bad chunks"
+           if e.get("banned_pushers") else "")
     )
     return lines
 

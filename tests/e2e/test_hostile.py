@@ -933,6 +933,14 @@ def test_distribution_ports_against_liars(cast):
     wrong_size = hog[0].ask({"t": "push", "id": b.file_id, "i": 0}, b"x" * 100)
     wrong_hash = hog[0].ask({"t": "push", "id": b.file_id, "i": 1}, os.urandom(CHUNK_SIZE))
     assert (wrong_size["code"], wrong_hash["code"]) == ("bad-hash", "bad-hash")
+    # A third bad chunk: that address's offers are refused for a while, on
+    # any connection (the other addresses below are not).
+    third = hog[1].ask({"t": "push", "id": b.file_id, "i": 64}, os.urandom(CHUNK_SIZE))
+    assert third["code"] == "bad-hash", third
+    again = Link("127.0.0.6", t3)
+    banned = again.ask({"t": "offer", "id": b.file_id, "chunks": [150]})
+    assert banned["code"] == "banned", banned
+    again.close()
     watch()
     # Its room comes back when it goes.
     for link in hog:
