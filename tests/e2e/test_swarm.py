@@ -256,6 +256,10 @@ def test_the_only_seeder_killed_fails_clearly_then_resumes(swarm_factory):
     partials = os.listdir(swarm.downloader.downloads)
     assert any(n.endswith(".part") for n in partials), partials
 
+    # The seeder comes back at the same address: first let the downloader
+    # forget it, so that what is listed next is the new one.
+    gone, _ = poll(lambda: NAME not in listing(swarm.downloader), 15, interval=0.2)
+    assert gone, "the killed seeder was never forgotten"
     swarm.seeders[0] = Peer(victim.name, victim.folder, victim.transfer_port,
                             swarm.discovery, extra_args=["--max-upload-rate", "10M"])
     swarm.seeders[0].start()
