@@ -34,6 +34,26 @@ def test_a_source_that_stopped_has_a_rate_of_zero():
     assert meter.rate(5.0) == 0
 
 
+def test_a_fast_source_is_a_few_dozen_entries_and_its_rate_is_right():
+    # 4,000 chunks a second, for two seconds: the meter keeps no entry per
+    # chunk, and its rate is within its resolution of the exact one.
+    meter = RateMeter(span=1.0)
+    for i in range(8000):
+        meter.add(i / 4000, 256 * 1024)
+    assert len(meter._arrivals) <= 1 / RateMeter.RESOLUTION + 1
+    exact = 4000 * 256 * 1024
+    assert meter.rate(7999 / 4000) == pytest.approx(exact, rel=RateMeter.RESOLUTION)
+
+
+def test_arrivals_close_together_count_as_one():
+    meter = RateMeter(span=1.0)
+    for _ in range(100):
+        meter.add(0.0, 10)
+    assert len(meter._arrivals) == 1
+    assert meter.rate(0.5) == pytest.approx(2000)
+    assert meter.rate(1.5) == 0
+
+
 def test_the_first_progress_has_a_rate_and_then_the_last_seconds_count():
     clock = task.Clock()
     progress = Progress(clock)
