@@ -269,14 +269,15 @@ class CommandParts:
     Everything L{Commands} is given, as fakes, and the L{Commands} itself.
     """
 
-    def __init__(self, local=(), offers=(), peers=(), files_of=None, partials=None, hub=None):
+    def __init__(self, local=(), offers=(), peers=(), files_of=None, partials=None, hub=None,
+                 catalog=None, table=None):
         from twisted.internet import task
 
         from twisted_p2p.commands import Commands
 
         self.index = FakeIndex(local)
-        self.table = FakeTable(peers)
-        self.catalog = FakeCatalog(offers, files_of)
+        self.table = FakeTable(peers) if table is None else table
+        self.catalog = FakeCatalog(offers, files_of) if catalog is None else catalog
         self.downloads = FakeDownloads()
         self.dropped = {}
         self.uploads = 0

@@ -335,6 +335,96 @@ class TestOffers:
         assert [p.peer_id for p in w.catalog.sources(f"{7:064x}")] == peer_ids
 
 
+class TestLookups:
+    """
+    C{named}, C{offer_of} and C{with_id_prefix} answer C{download NAME}
+    and C{resume} without building every offer of the catalog.
+    """
+
+    @pytest.fixture
+    def two(self, w):
+        w.announce(ALICE)
+        w.announce(BOB)
+        w.fetch.last(BOB).callback(
+            (REV1, files((FILE_X, "bob name.txt", 10), (FILE_Y, "same.txt", 3)))
+        )
+        w.fetch.last(ALICE).callback(
+            (REV1, files((FILE_X, "alice name.txt", 10), (FILE_X, "same.txt", 10)))
+        )
+        return w.table.get(ALICE), w.table.get(BOB)
+
+    def test_named_finds_every_content_under_a_path(self, w, two):
+        alice, bob = two
+        assert w.catalog.named("same.txt") == [
+            # Each with every peer that holds its id, under any name.
+            Offer(FILE_X, "same.txt", 10, (alice, bob)),
+            Offer(FILE_Y, "same.txt", 3, (bob,)),
+        ]
+
+    def test_named_finds_a_name_that_is_not_the_shown_one(self, w, two):
+        alice, bob = two
+        # offers() shows FILE_X as Alice names it; Bob's name finds it too.
+        assert w.catalog.named("bob name.txt") == [
+            Offer(FILE_X, "bob name.txt", 10, (alice, bob))
+        ]
+        assert w.catalog.named("nothing.txt") == []
+
+    def test_offer_of_is_the_offer_offers_gives(self, w, two):
+        by_id = {o.file_id: o for o in w.catalog.offers()}
+        assert w.catalog.offer_of(FILE_X) == by_id[FILE_X]
+        assert w.catalog.offer_of(FILE_Y) == by_id[FILE_Y]
+        assert w.catalog.offer_of("ef" * 32) is None
+
+    def test_with_id_prefix(self, w, two):
+        assert [o.file_id for o in w.catalog.with_id_prefix("abab")] == [FILE_X]
+        assert [o.file_id for o in w.catalog.with_id_prefix("")] == [FILE_X, FILE_Y]
+        assert w.catalog.with_id_prefix("ffff") == []
+
+    def test_a_peer_that_leaves_or_changes_is_forgotten(self, w, two):
+        alice, bob = two
+        w.goodbye(ALICE)
+        assert w.catalog.named("alice name.txt") == []
+        # Alice listed FILE_X as same.txt, Bob only as bob name.txt.
+        assert w.catalog.named("same.txt") == [Offer(FILE_Y, "same.txt", 3, (bob,))]
+        assert w.catalog.named("bob name.txt") == [Offer(FILE_X, "bob name.txt", 10, (bob,))]
+        w.announce(BOB, rev=REV2)
+        w.fetch.last(BOB).callback((REV2, files((FILE_Y, "renamed.txt", 3))))
+        assert w.catalog.named("same.txt") == []
+        assert w.catalog.named("renamed.txt") == [Offer(FILE_Y, "renamed.txt", 3, (bob,))]
+        assert w.catalog.offer_of(FILE_X) is None
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_lookups_agree_with_a_walk_of_the_catalog(self, w, seed):
+        # Random catalogs of two peers over a few ids and names (the same
+        # name for two contents, one content under two names, repeats).
+        import random
+
+        rng = random.Random(seed)
+        ids = [f"{n:02x}" * 32 for n in range(1, 5)]
+        names = ["a", "b", "c/d", "c/e"]
+        for peer_id in (ALICE, BOB):
+            w.announce(peer_id)
+            listed = [(rng.choice(ids), rng.choice(names), 7) for _ in range(rng.randrange(6))]
+            w.fetch.last(peer_id).callback((REV1, listed))
+        offers = {o.file_id: o for o in w.catalog.offers()}
+        for name in names:
+            walked = sorted(
+                {file_id for file_id, path in ((o.file_id, o.name) for o in w.catalog.paths())
+                 if path == name}
+            )
+            found = w.catalog.named(name)
+            assert [o.file_id for o in found] == walked
+            for offer in found:
+                assert offer.name == name
+                assert offer.peers == offers[offer.file_id].peers
+                assert offer.size == offers[offer.file_id].size
+        for file_id in ids:
+            assert w.catalog.offer_of(file_id) == offers.get(file_id)
+            assert w.catalog.with_id_prefix(file_id[:6]) == (
+                [offers[file_id]] if file_id in offers else []
+            )
+
+
 def entries(prefix, count):
     return files(*[(f"{prefix}{n:063x}", f"{prefix}{n}", 1) for n in range(count)])
 

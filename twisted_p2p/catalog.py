@@ -5,6 +5,7 @@ The network catalog: what the other peers offer.
 import itertools
 from collections import Counter
 from dataclasses import dataclass
+from operator import itemgetter
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -116,6 +117,11 @@ class NetworkCatalog:
         self._max_entries = max_entries
         self._files = {}
         self._file_ids = {}
+        #: peer id -> path -> the file id listed under it (a tuple of ids
+        #: where one peer lists several contents under one path), made at
+        #: the first lookup: a C{download NAME} finds its file without a
+        #: walk of the catalog.
+        self._names = {}
         self._free = {}
         self._holdings = {}
         self._listeners = []
@@ -203,20 +209,24 @@ class NetworkCatalog:
         self._generation += 1
         self._entries -= len(self._files.pop(peer_id, ()))
         self._file_ids.pop(peer_id, None)
+        self._names.pop(peer_id, None)
         self._free.pop(peer_id, None)
         self._holdings.pop(peer_id, None)
         if free is not None:
             self._free[peer_id] = free
         if files:
             self._files[peer_id] = files
-            ids = self._file_ids[peer_id] = {}
-            for file_id, _, size in files:
-                ids.setdefault(file_id, size)
+            # 100,000 entries are stored in one turn of the reactor: built
+            # with dict operations that loop in C, not in Python.
+            # Each id with the first size the peer gave it, in catalog order.
+            ids = self._file_ids[peer_id] = dict.fromkeys(map(_ID, files))
+            ids.update(zip(map(_ID, reversed(files)), map(_SIZE, reversed(files))))
             self._entries += len(files)
-            self._holdings[peer_id] = {
-                file_id: (holdings or {}).get(file_id, b"") if file_id in (holdings or {}) else None
-                for file_id in ids
-            }
+            # None: held whole; else the bitmap of the chunks it holds.
+            held = self._holdings[peer_id] = dict.fromkeys(ids)
+            for file_id, bitmap in (holdings or {}).items():
+                if file_id in held:
+                    held[file_id] = bitmap
         heap.settled(f"catalog {id(self)}", self._entries)
 
     def _failed(self, failure, peer):
@@ -395,6 +405,66 @@ class NetworkCatalog:
         reachable = 1.0 if whole else (chunks - counts.count(0)) / chunks
         return reachable, whole + fewest
 
+    def named(self, name):
+        """
+        The contents the known peers offer under path C{name}: one L{Offer}
+        per file id, in id order, named C{name}, each with every known peer
+        that holds that id (under any name).  Looked up, not walked: quick
+        however large the catalog.
+        """
+        found = set()
+        for peer in self._table.peers():
+            found.update(_ids_of(self._names_of(peer.peer_id).get(name)))
+        return [self._offer(file_id, name) for file_id in sorted(found)]
+
+    def _names_of(self, peer_id):
+        """
+        C{peer_id}'s paths, each with the file id listed under it (or a
+        tuple of ids): made at the first lookup after its catalog came, not
+        when it is stored (10-15 ms over 100,000 entries on the test
+        machine, for a lookup most catalogs never see).
+        """
+        names = self._names.get(peer_id)
+        if names is None:
+            files = self._files.get(peer_id, ())
+            names = dict(zip(map(_PATH, files), map(_ID, files)))
+            if len(names) < len(files):
+                # A path listed twice (an honest peer lists each once).
+                names = {}
+                for file_id, path, _ in files:
+                    listed = names.setdefault(path, file_id)
+                    if listed != file_id and file_id not in _ids_of(listed):
+                        names[path] = _ids_of(listed) + (file_id,)
+            self._names[peer_id] = names
+        return names
+
+    def offer_of(self, file_id):
+        """
+        The L{Offer} of C{file_id} as L{offers} gives it (the name the first
+        peer that holds it lists it by), or C{None} if no known peer does.
+        Walks that one peer's entries, and only up to the id.
+        """
+        holders = self.sources(file_id)
+        if not holders:
+            return None
+        entries = self._files.get(holders[0].peer_id, ())
+        name = next(name for listed, name, _ in entries if listed == file_id)
+        return self._offer(file_id, name, holders)
+
+    def with_id_prefix(self, prefix):
+        """
+        The L{Offer} of each file id that starts with C{prefix}, in id order.
+        """
+        found = set()
+        for peer in self._table.peers():
+            found.update(i for i in self._file_ids.get(peer.peer_id, ()) if i.startswith(prefix))
+        return [self.offer_of(file_id) for file_id in sorted(found)]
+
+    def _offer(self, file_id, name, holders=None):
+        holders = self.sources(file_id) if holders is None else holders
+        size = self._file_ids[holders[0].peer_id][file_id]
+        return Offer(file_id, name, size, tuple(holders))
+
     def files_of(self, peer_id):
         return list(self._files.get(peer_id, ()))
 
@@ -414,6 +484,19 @@ class NetworkCatalog:
             for peer in self._table.peers()
             if file_id in self._file_ids.get(peer.peer_id, ())
         ]
+
+
+_ID, _PATH, _SIZE = itemgetter(0), itemgetter(1), itemgetter(2)
+
+
+def _ids_of(listed):
+    """
+    The file ids of one path of a peer's L{NetworkCatalog._names}: C{()},
+    one id, or a tuple of them.
+    """
+    if listed is None:
+        return ()
+    return (listed,) if isinstance(listed, str) else listed
 
 
 def _positions(flags):

@@ -283,7 +283,6 @@ class Commands:
 
     def download(self, args, emit, origin):
         wanted, source, as_folder = _split_options(args)
-        offers = self._catalog.offers()
         chosen = {}
         folders = []
         for arg in wanted:
@@ -291,7 +290,7 @@ class Commands:
                 if as_folder or arg.endswith("/"):
                     folders.append(self._resolve_folder(arg))
                     continue
-                found = self._resolve(arg, offers, many=bool(_PATTERN & set(arg)))
+                found = self._resolve(arg, many=bool(_PATTERN & set(arg)))
             except CommandError as e:
                 if len(wanted) == 1:
                     raise
@@ -372,15 +371,15 @@ class Commands:
             ids = ", ".join(s["id"][:8] for s in stopped)
             raise CommandError(f"several stopped downloads match {wanted!r} ({ids}); resume one by its id")
         entry = stopped[0]
-        offers = [o for o in self._catalog.offers() if o.file_id == entry["id"]]
-        if not offers:
+        offer = _offer_of(self._catalog, entry["id"])
+        if offer is None:
             raise CommandError(
                 f"no known peer offers {entry['file']} now; resume it when one that has it is back"
             )
         # Where it was going: a file of a folder download goes back into
         # that folder.
-        target = entry["file"] if is_legal_path(entry["file"]) else leaf(offers[0].name)
-        return self._start([(offers[0], target)], emit, origin)
+        target = entry["file"] if is_legal_path(entry["file"]) else leaf(offer.name)
+        return self._start([(offer, target)], emit, origin)
 
     def status(self, args, emit, origin):
         transfers = [d.status() for d in self._downloads.active.values()]
@@ -454,18 +453,19 @@ class Commands:
             if d.name == wanted or (prefix and d.file_id.startswith(prefix))
         ]
 
-    def _resolve(self, wanted, offers, many):
+    def _resolve(self, wanted, many):
         """
         The offers C{wanted} names: by name, by pattern (C{many}), or by id
-        prefix.
+        prefix.  A name and an id prefix are looked up in the catalog; only
+        a pattern goes over every offer.
 
         @raise CommandError: none, several different files for one name, or
             only files that are here already.
         """
-        here = {f.file_id for f in self._index.files()}
         if many:
+            here = {f.file_id for f in self._index.files()}
             matches = sorted(
-                (o for o in offers if fnmatch.fnmatchcase(o.name, wanted)),
+                (o for o in self._catalog.offers() if fnmatch.fnmatchcase(o.name, wanted)),
                 key=lambda o: (o.name, o.file_id),
             )
             fresh = [o for o in matches if o.file_id not in here]
@@ -474,10 +474,9 @@ class Commands:
                     raise CommandError(f"every file that matches {wanted!r} is here already")
                 raise CommandError(f"no known peer offers a file that matches {wanted!r}; 'list' shows what they do")
             return fresh
-        matches = [o for o in offers if o.name == wanted]
+        matches = _named(self._catalog, wanted)
         if not matches and len(wanted) >= 4:
-            prefix = wanted.lower()
-            matches = [o for o in offers if o.file_id.startswith(prefix)]
+            matches = _with_id_prefix(self._catalog, wanted.lower())
         if not matches:
             local = [f for f in self._index.files() if f.name == wanted]
             if local:
@@ -490,7 +489,7 @@ class Commands:
                 "download one by its id"
             )
         offer = matches[0]
-        if offer.file_id in here:
+        if self._index.by_id(offer.file_id) is not None:
             raise CommandError(f"{offer.name} is already here")
         return [offer]
 
@@ -713,6 +712,39 @@ def _split_options(args):
     if not names:
         raise CommandError("download needs a file: download FILE... [--folder] [--from PEER]")
     return names, source, as_folder
+
+
+def _named(catalog, name):
+    """
+    The offers of the contents listed under path C{name}
+    (L{NetworkCatalog.named}); from a catalog without it, those of its
+    offers that go by that name.
+    """
+    named = getattr(catalog, "named", None)
+    if named is not None:
+        return named(name)
+    return [o for o in catalog.offers() if o.name == name]
+
+
+def _with_id_prefix(catalog, prefix):
+    """
+    The offers whose file id starts with C{prefix}
+    (L{NetworkCatalog.with_id_prefix}, or a walk of a catalog's offers).
+    """
+    found = getattr(catalog, "with_id_prefix", None)
+    if found is not None:
+        return found(prefix)
+    return [o for o in catalog.offers() if o.file_id.startswith(prefix)]
+
+
+def _offer_of(catalog, file_id):
+    """
+    The offer of C{file_id} (L{NetworkCatalog.offer_of}), or C{None}.
+    """
+    offer_of = getattr(catalog, "offer_of", None)
+    if offer_of is not None:
+        return offer_of(file_id)
+    return next((o for o in catalog.offers() if o.file_id == file_id), None)
 
 
 def _paths_of(catalog):
