@@ -786,6 +786,43 @@ def test_a_large_list_is_worked_out_in_a_thread():
     assert ran == ["_list_rows"] and large == small and d.called
 
 
+@pytest.mark.parametrize("line, walks", [
+    ("download photos/", True),
+    ("download --folder photos", True),
+    ("download '*.jpg'", True),
+    ("download nope.txt '*.jpg'", True),
+    ("download photos/c.jpg", False),
+    ("download nope.txt", False),
+])
+def test_a_download_that_walks_a_large_catalog_works_it_out_in_a_thread(line, walks):
+    from twisted.internet import defer
+
+    from twisted_p2p import commands as commands_module
+
+    def said_by(size):
+        peer = tree_peer()
+        ran = []
+
+        def in_thread(f, *args):
+            ran.append(f.__name__)
+            return defer.maybeDeferred(f, *args)
+
+        peer.commands._run = in_thread
+        peer.catalog.size = size
+        said, d = run(peer, line)
+        started = [(s[0], s[1]) for s in peer.downloads.started]
+        return ran, said, started, d.called
+
+    ran, said, started, _ = said_by(commands_module.LIST_IN_THREAD - 1)
+    assert ran == []
+    # The same answer and downloads over a large catalog, worked out in a
+    # thread only when a folder or a pattern asks for every offer.
+    ran, said_large, started_large, _ = said_by(commands_module.LIST_IN_THREAD)
+    assert ran == (["_resolve_all"] if walks else [])
+    assert (said_large, started_large) == (said, started)
+    assert said or started
+
+
 def test_cancel_a_folder():
     peer = FakePeer()
     inside = FakeDownload("photos (1)/a.jpg", "a" * 64)

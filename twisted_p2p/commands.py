@@ -283,8 +283,27 @@ class Commands:
 
     def download(self, args, emit, origin):
         wanted, source, as_folder = _split_options(args)
+        walks = as_folder or any(arg.endswith("/") or _PATTERN & set(arg) for arg in wanted)
+        if walks and getattr(self._catalog, "size", 0) >= LIST_IN_THREAD:
+            # A pattern or a folder goes over every offer: over 100,000
+            # entries, longer than a turn of the reactor should take (as
+            # list); a name is looked up, and answered at once.
+            d = self._run(self._resolve_all, wanted, as_folder)
+            return d.addCallback(self._download_resolved, source, emit, origin)
+        return self._download_resolved(self._resolve_all(wanted, as_folder), source, emit, origin)
+
+    def _resolve_all(self, wanted, as_folder):
+        """
+        C{(chosen, folders, errors)} for the names, patterns and folders
+        C{wanted}: the files by id, as C{(offer, target)}; the folders, as
+        L{_resolve_folder} gives them; what could not be found, as error
+        messages.  Says nothing itself (it may run in a thread).
+
+        @raise CommandError: the one thing asked could not be found.
+        """
         chosen = {}
         folders = []
+        errors = []
         for arg in wanted:
             try:
                 if as_folder or arg.endswith("/"):
@@ -295,12 +314,18 @@ class Commands:
                 if len(wanted) == 1:
                     raise
                 # What one name cannot give is said; the others go on.
-                emit(events.error(str(e)))
+                errors.append(str(e))
                 continue
             for offer in found:
                 # A file asked for by itself lands in downloads/ under its
                 # own name, wherever it is in the peer's tree.
                 chosen.setdefault(offer.file_id, (offer, leaf(offer.name)))
+        return chosen, folders, errors
+
+    def _download_resolved(self, resolved, source, emit, origin):
+        chosen, folders, errors = resolved
+        for message in errors:
+            emit(events.error(message))
         if not chosen and not folders:
             return None
         if source is not None:

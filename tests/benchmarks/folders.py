@@ -10,9 +10,9 @@ on the reactor that does the work):
  - a tree of 100,000 files in 5,000 folders, indexed, served on a real
    sender port (L{Uploads}, L{SenderFactory}) and fetched page by page by
    the catalog client, as a peer fetches another's;
- - the first C{list} and C{download} over a catalog that just came (each
-   works out what the catalog offers), then C{list} (collapsed) and
-   C{list FOLDER/} over it;
+ - the first C{download NAME}, C{list} and C{download FOLDER/} over a
+   catalog that just came (the last two work out what it offers, in a
+   thread), then C{list} (collapsed) and C{list FOLDER/} over it;
 
 while a C{LoopingCall} probe on the same reactor measures how late it
 runs: the longest lag is the longest the reactor was blocked.  Prints one
@@ -231,6 +231,14 @@ async def measure(reactor, base, small, large, folders):
     await commands.run("list", said.append)
     figures["list_first_s"] = time.perf_counter() - started
     assert said and said[0]["event"] == "list", said
+    # And a folder download over a catalog just come (the folder is not
+    # there: the answer is an error, after going over every path).
+    catalog.refresh(peer.peer_id)
+    said = []
+    started = time.perf_counter()
+    await commands.run("download 'no such folder/'", said.append)
+    figures["download_folder_first_s"] = time.perf_counter() - started
+    assert said and said[0]["event"] == "error" and "no known peer" in said[0]["message"], said
     await probe.settled()
     figures["new_catalog_lag_s"] = probe.worst
     figures["new_catalog_cpu_s"] = probe.worst_cpu
