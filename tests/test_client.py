@@ -329,6 +329,18 @@ def test_fetch_catalog_keeps_at_most_the_cap(monkeypatch):
     assert [c["start"] for c in client.calls] == [0, 3]
 
 
+@pytest.mark.parametrize("cap, partial", [(4, {1}), (100, {1, 5})])
+def test_the_partial_files_cut_off_by_the_cap_are_left_out(monkeypatch, cap, partial):
+    from twisted_p2p.client import fetch_catalog_view
+
+    monkeypatch.setattr("twisted_p2p.client.MAX_CATALOG_FILES", cap)
+    # Pages of 3: the second brings entry 5, which a cap of 4 cuts off.
+    entries = [dict(entry(i), partial=True) if i in (1, 5) else entry(i) for i in range(10)]
+    view = result_of(defer.ensureDeferred(fetch_catalog_view(CannedClient(paged(entries, 3)))))
+    assert len(view.files) == min(cap, 10)
+    assert view.partial == {entries[i]["id"] for i in partial}
+
+
 @pytest.mark.parametrize(
     "answer",
     [
