@@ -425,6 +425,37 @@ class TestLookups:
             )
 
 
+class TestHoldings:
+    def test_holdings_are_a_read_only_view_replaced_whole(self, w):
+        w.announce()
+        w.fetch.last(ALICE).callback(
+            (REV1, files((FILE_X, "x", 10), (FILE_Y, "y", 10)), 0, {FILE_Y: b"\x05"})
+        )
+        held = w.catalog.holdings_of(ALICE)
+        assert dict(held) == {FILE_X: None, FILE_Y: b"\x05"}
+        with pytest.raises(TypeError):
+            held[FILE_X] = b"\x00"
+        w.announce(rev=REV2)
+        w.fetch.last(ALICE).callback((REV2, files((FILE_Y, "y", 10)), 0, {}))
+        # The view kept is of what was; the catalog holds the new holdings.
+        assert dict(held) == {FILE_X: None, FILE_Y: b"\x05"}
+        assert dict(w.catalog.holdings_of(ALICE)) == {FILE_Y: None}
+        assert dict(w.catalog.holdings_of(BOB)) == {}
+
+    @pytest.mark.parametrize("file_id, index, shown", [
+        (FILE_X, 0, True), (FILE_X, 10**6, True),  # whole
+        (FILE_Y, 0, True), (FILE_Y, 1, False), (FILE_Y, 2, True), (FILE_Y, 8, False),
+        ("ef" * 32, 0, False),
+    ])
+    def test_holds_chunk(self, w, file_id, index, shown):
+        w.announce()
+        w.fetch.last(ALICE).callback(
+            (REV1, files((FILE_X, "x", 10), (FILE_Y, "y", 10)), 0, {FILE_Y: b"\x05"})
+        )
+        assert w.catalog.holds_chunk(ALICE, file_id, index) is shown
+        assert w.catalog.holds_chunk(BOB, file_id, index) is False
+
+
 def entries(prefix, count):
     return files(*[(f"{prefix}{n:063x}", f"{prefix}{n}", 1) for n in range(count)])
 

@@ -258,6 +258,28 @@ def test_the_order_of_the_view_does_not_matter(network, replicas, random):
     )
 
 
+@given(networks(), replicas, st.integers(0, 40))
+def test_what_else_a_peer_lists_does_not_matter(network, replicas, others):
+    # A peer that also lists files this one does not offer (more of them
+    # than this one's files: the planner then walks this one's files,
+    # not the peer's list) is planned for the same.
+    own_id = next(iter(network))
+    files, peers = view_of(network, own_id)
+    padded = [
+        PeerView(p.peer_id, p.free,
+                 {**{f"{n:064x}": None for n in range(others)}, **p.holdings})
+        for p in peers
+    ]
+    assert (
+        ReplicaPlanner(own_id, files, peers, replicas).plan()
+        == ReplicaPlanner(own_id, files, padded, replicas).plan()
+    )
+    assert (
+        ReplicaPlanner(own_id, files, peers, replicas).deficit()
+        == ReplicaPlanner(own_id, files, padded, replicas).deficit()
+    )
+
+
 @given(networks(), replicas, st.data())
 def test_pending_copies_count_as_held(network, replicas, data):
     own_id = next(iter(network))

@@ -6,6 +6,7 @@ import itertools
 from collections import Counter
 from typing import NamedTuple
 from operator import itemgetter
+from types import MappingProxyType
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -346,9 +347,24 @@ class NetworkCatalog:
     def holdings_of(self, peer_id):
         """
         What C{peer_id} holds: file id -> C{None} (the whole file) or the
-        bitmap of the chunks it holds (as in the C{have} answer).
+        bitmap of the chunks it holds (as in the C{have} answer).  A
+        read-only view, not a copy (a peer sharing 100,000 files lists as
+        many): the catalog replaces a peer's holdings whole, never changes
+        them in place, so the view may be kept and read from another thread.
         """
-        return dict(self._holdings.get(peer_id, {}))
+        return MappingProxyType(self._holdings.get(peer_id, _NOTHING))
+
+    def holds_chunk(self, peer_id, file_id, index):
+        """
+        Whether C{peer_id}'s catalog shows chunk C{index} of C{file_id}.
+        """
+        held = self._holdings.get(peer_id, _NOTHING)
+        if file_id not in held:
+            return False
+        bitmap = held[file_id]
+        return bitmap is None or (
+            index >> 3 < len(bitmap) and (bitmap[index >> 3] >> (index & 7)) & 1 == 1
+        )
 
     def holds_whole(self, peer_id, file_id):
         """
@@ -507,6 +523,7 @@ class NetworkCatalog:
 
 
 _ID, _PATH, _SIZE = itemgetter(0), itemgetter(1), itemgetter(2)
+_NOTHING = MappingProxyType({})
 #: An offer's or a catalog entry's (name, id).
 _NAME_ID = itemgetter(1, 0)
 

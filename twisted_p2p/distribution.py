@@ -319,7 +319,7 @@ class Distributee:
                 "no peer this one knows serves that file, so its chunks cannot be checked",
             )
         # Whole holders first, the one at the pushing address before them.
-        whole = lambda peer: self._catalog.holdings_of(peer.peer_id).get(file_id, b"") is None
+        whole = lambda peer: self._catalog.holds_whole(peer.peer_id, file_id)
         sources.sort(key=lambda peer: (not whole(peer), peer.host != host))
         errors = []
         for peer in sources[:3]:
@@ -620,14 +620,7 @@ class Distributor:
         return ReplicaPlanner(self.own_id, files, peers, self.replicas, pending=list(self._pending))
 
     def _catalog_shows(self, key):
-        peer_id, file_id, index = key
-        held = self._catalog.holdings_of(peer_id)
-        if file_id not in held:
-            return False
-        bitmap = held[file_id]
-        return bitmap is None or (
-            index >> 3 < len(bitmap) and (bitmap[index >> 3] >> (index & 7)) & 1 == 1
-        )
+        return self._catalog.holds_chunk(*key)
 
     def _budget(self):
         bucket = self._uploads.bucket

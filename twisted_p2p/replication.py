@@ -74,6 +74,9 @@ _EVICT = hashlib.blake2b(digest_size=8, person=b"p2p-evict")
 #: (a loop costs less than the C passes for so few).
 _SMALL_FILE = 64
 
+#: Not in a peer's holdings (None there means held whole).
+_ABSENT = object()
+
 # For each bit position, a table taking a bitmap byte to that bit (0 or 1).
 _BIT = [bytes((b >> bit) & 1 for b in range(256)) for bit in range(8)]
 
@@ -361,9 +364,15 @@ class ReplicaPlanner:
         ]
         by_id = {f.file_id: f for f in self._files}
         for peer in peers:
-            for file_id, held in peer.holdings.items():
-                f = by_id.get(file_id)
-                if f is not None:
+            holdings = peer.holdings
+            # The shorter side is walked: a peer sharing 100,000 files lists
+            # as many, of which this one offers a few (and the other way).
+            if len(holdings) <= len(by_id):
+                held_here = ((by_id.get(i), held) for i, held in holdings.items())
+            else:
+                held_here = ((f, holdings.get(i, _ABSENT)) for i, f in by_id.items())
+            for f, held in held_here:
+                if f is not None and held is not _ABSENT:
                     f.add_holder(peer.peer_id, held)
         self._room = {
             peer.peer_id: peer.free for peer in peers if peer.free is not None and peer.free > 0
