@@ -456,6 +456,72 @@ class TestHoldings:
         assert w.catalog.holds_chunk(BOB, file_id, index) is False
 
 
+class TestIndexedInAThread:
+    """
+    A large catalog is indexed in a thread: stored once that is done, and
+    dropped if its peer left meanwhile.
+    """
+
+    @pytest.fixture
+    def jobs(self, monkeypatch):
+        monkeypatch.setattr(catalog_module, "INDEX_IN_THREAD", 3)
+        return []
+
+    @pytest.fixture
+    def w(self, jobs):
+        def run_in_thread(f, *args):
+            d = defer.Deferred()
+            jobs.append((lambda: d.callback(f(*args))))
+            return d
+
+        return World(run_in_thread=run_in_thread, max_entries=8)
+
+    def test_stored_once_indexed(self, w, jobs):
+        w.announce()
+        fetched = []
+        w.catalog.on_fetched(lambda peer_id, first: fetched.append(peer_id))
+        w.fetch.last(ALICE).callback((REV1, entries("a", 3)))
+        assert len(jobs) == 1
+        assert w.catalog.files_of(ALICE) == [] and fetched == []
+        # The fetch is not over: a change now is fetched after it.
+        w.announce(rev=REV2)
+        assert len(w.fetch.of(ALICE)) == 1
+        jobs.pop()()
+        assert w.catalog.files_of(ALICE) == entries("a", 3)
+        assert w.catalog.sources(entries("a", 3)[0][0]) == [w.table.get(ALICE)]
+        assert fetched == [ALICE]
+        assert len(w.fetch.of(ALICE)) == 2
+
+    def test_small_catalogs_are_indexed_at_once(self, w, jobs):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, entries("a", 2)))
+        assert jobs == [] and w.catalog.files_of(ALICE) == entries("a", 2)
+
+    def test_dropped_if_the_peer_left_meanwhile(self, w, jobs):
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, entries("a", 3)))
+        w.goodbye()
+        jobs.pop()()
+        assert w.catalog.files_of(ALICE) == []
+        assert w.catalog.size == 0
+        # Back, it is fetched (and indexed) again.
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, entries("a", 4)))
+        jobs.pop()()
+        assert w.catalog.files_of(ALICE) == entries("a", 4)
+
+    def test_room_counts_the_catalogs_being_indexed(self, w, jobs):
+        w.announce(ALICE)
+        w.announce(BOB)
+        w.fetch.last(ALICE).callback((REV1, entries("a", 6)))
+        w.fetch.last(BOB).callback((REV1, entries("b", 6)))
+        for job in list(jobs):
+            job()
+        assert len(w.catalog.files_of(ALICE)) == 6
+        assert len(w.catalog.files_of(BOB)) == 2  # the 8 the catalog holds
+        assert w.catalog.size == 8
+
+
 def entries(prefix, count):
     return files(*[(f"{prefix}{n:063x}", f"{prefix}{n}", 1) for n in range(count)])
 

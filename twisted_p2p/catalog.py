@@ -110,9 +110,11 @@ class NetworkCatalog:
         nothing) and, for the files it holds only part of, file id -> the
         bitmap of its chunks (as in the C{have} answer).
     @param clock: an L{IReactorTime}, for retries.
+    @param run_in_thread: C{deferToThread}, to index a catalog of
+        L{INDEX_IN_THREAD} entries or more; C{None}: at once.
     """
 
-    def __init__(self, table, fetch, clock, max_entries=MAX_CATALOG_ENTRIES):
+    def __init__(self, table, fetch, clock, max_entries=MAX_CATALOG_ENTRIES, run_in_thread=None):
         self._table = table
         self._fetch = fetch
         self._clock = clock
@@ -135,6 +137,9 @@ class NetworkCatalog:
         self._failures = {}
         self._generation = 0
         self._cached = {}
+        self._run = run_in_thread
+        #: peer id -> (token, entries) of a catalog being indexed in a thread.
+        self._indexing = {}
         table.subscribe(self)
 
     def on_fetched(self, listener):
@@ -154,6 +159,7 @@ class NetworkCatalog:
             self.refresh(peer.peer_id)
 
     def left(self, peer, reason):
+        self._indexing.pop(peer.peer_id, None)
         self._store(peer.peer_id, [])
         self._cut.discard(peer.peer_id)
         self._revisions.pop(peer.peer_id, None)
@@ -182,11 +188,15 @@ class NetworkCatalog:
 
     def _fetched(self, result, peer_id):
         if peer_id not in self._table:
-            return
+            return None
         revision, files, *extra = result
         free, holdings = extra if extra else (None, {})
         files = list(files)
-        room = self._max_entries - (self._entries - len(self._files.get(peer_id, ())))
+        # Room left by the other peers' entries, and by those of catalogs
+        # being indexed for them right now.
+        others = self._entries - len(self._files.get(peer_id, ()))
+        others += sum(n for p, (_, n) in self._indexing.items() if p != peer_id)
+        room = self._max_entries - others
         if len(files) > room:
             if peer_id not in self._cut:
                 self._cut.add(peer_id)
@@ -200,14 +210,37 @@ class NetworkCatalog:
                     limit=self._max_entries,
                 )
             files = files[: max(room, 0)]
-        self._store(peer_id, files, free, holdings)
+        if self._run is None or len(files) < INDEX_IN_THREAD:
+            self._stored(peer_id, revision, files, free, _indexed(files, holdings))
+            return None
+        # 100,000 entries take longer to index than a turn of the reactor
+        # should: in a thread, and stored once it is done (the fetch is
+        # not over until then: the next of this peer waits for it).
+        token = object()
+        self._indexing[peer_id] = (token, len(files))
+        d = self._run(_indexed, files, holdings)
+        d.addCallback(self._indexed, peer_id, token, revision, files, free)
+        return d
+
+    def _indexed(self, index, peer_id, token, revision, files, free):
+        if self._indexing.get(peer_id, (None,))[0] is not token:
+            return  # the peer left meanwhile
+        del self._indexing[peer_id]
+        self._stored(peer_id, revision, files, free, index)
+
+    def _stored(self, peer_id, revision, files, free, index):
+        self._store(peer_id, files, free, index)
         first = peer_id not in self._revisions
         self._revisions[peer_id] = revision
         self._failures.pop(peer_id, None)
         for listener in list(self._listeners):
             listener(peer_id, first)
 
-    def _store(self, peer_id, files, free=None, holdings=None):
+    def _store(self, peer_id, files, free=None, index=None):
+        """
+        Keep C{files} as C{peer_id}'s catalog, with the ids and holdings
+        L{_indexed} gave for them (worked out here if not given).
+        """
         self._generation += 1
         self._entries -= len(self._files.pop(peer_id, ()))
         self._file_ids.pop(peer_id, None)
@@ -218,17 +251,10 @@ class NetworkCatalog:
             self._free[peer_id] = free
         if files:
             self._files[peer_id] = files
-            # 100,000 entries are stored in one turn of the reactor: built
-            # with dict operations that loop in C, not in Python.
-            # Each id with the first size the peer gave it, in catalog order.
-            ids = self._file_ids[peer_id] = dict.fromkeys(map(_ID, files))
-            ids.update(zip(map(_ID, reversed(files)), map(_SIZE, reversed(files))))
+            ids, held = _indexed(files, {}) if index is None else index
+            self._file_ids[peer_id] = ids
+            self._holdings[peer_id] = held
             self._entries += len(files)
-            # None: held whole; else the bitmap of the chunks it holds.
-            held = self._holdings[peer_id] = dict.fromkeys(ids)
-            for file_id, bitmap in (holdings or {}).items():
-                if file_id in held:
-                    held[file_id] = bitmap
         heap.settled(f"catalog {id(self)}", self._entries)
 
     def _failed(self, failure, peer):
@@ -522,6 +548,10 @@ class NetworkCatalog:
         ]
 
 
+#: A fetched catalog this large is indexed in a thread (when the catalog is
+#: given one), not on the reactor.
+INDEX_IN_THREAD = 20_000
+
 _ID, _PATH, _SIZE = itemgetter(0), itemgetter(1), itemgetter(2)
 _NOTHING = MappingProxyType({})
 #: An offer's or a catalog entry's (name, id).
@@ -535,6 +565,23 @@ def _by_name(offers):
     """
     offers.sort(key=_NAME_ID)
     return offers
+
+
+def _indexed(files, holdings):
+    """
+    C{(ids, held)} for catalog entries C{files}: each id with the first
+    size given it, in catalog order; and each id with C{None} (held whole)
+    or the bitmap C{holdings} gives it.  Reads only what it is given: safe
+    in a thread.  Dict operations that loop in C: about 15 ms for 100,000
+    entries on the test machine.
+    """
+    ids = dict.fromkeys(map(_ID, files))
+    ids.update(zip(map(_ID, reversed(files)), map(_SIZE, reversed(files))))
+    held = dict.fromkeys(ids)
+    for file_id, bitmap in (holdings or {}).items():
+        if file_id in held:
+            held[file_id] = bitmap
+    return ids, held
 
 
 def _ids_of(listed):

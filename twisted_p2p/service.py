@@ -779,7 +779,9 @@ class PeerService(MultiService):
         )
         self.index.on_change(self.discovery.revision_changed)
         self._catalog_fetches = catalog.FairFetches(CATALOG_FETCHES)
-        self.catalog = catalog.NetworkCatalog(self.table, self._fetch_catalog, reactor)
+        self.catalog = catalog.NetworkCatalog(
+            self.table, self._fetch_catalog, reactor, run_in_thread=self.run_in_thread
+        )
         self.inbox = transfer.Inbox()
         self.workers = WorkerPool(reactor, WORKER_THREADS, "p2ppeer-transfer")
         # Distribution: the cache this peer holds for others, and the
