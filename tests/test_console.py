@@ -5,6 +5,8 @@ byte at a time; L{TerminalConsole} on an in-memory terminal
 the screen shows rather than by escape sequences.
 """
 
+from hypothesis import given
+from hypothesis import strategies as st
 from support import CommandParts
 from twisted.conch.insults import helper
 from twisted.internet import defer, task
@@ -567,3 +569,44 @@ def test_a_folder_download_from_the_console():
     assert sorted(screen.started()) == ["photos/2026/a b.jpg", "photos/2026/été.jpg",
                                         "photos/old/c.jpg"]
     assert screen.lines()[-2] == "downloading folder photos/ (3 files, 5.9 KiB) into photos/"
+
+
+def _next_parts_walked(candidates, typed):
+    """What completion gave before it bisected: a walk of every path."""
+    found = set()
+    for name in candidates:
+        if name.startswith(typed):
+            slash = name.find("/", len(typed))
+            found.add(name if slash < 0 else name[: slash + 1])
+    return found
+
+
+_PATH_CHARS = "ab/.0-_ é\U0001f600"
+
+
+@given(
+    st.lists(st.text(_PATH_CHARS, min_size=1, max_size=8), max_size=40),
+    st.text(_PATH_CHARS, max_size=4),
+)
+def test_completion_by_bisection_finds_what_a_walk_finds(paths, typed):
+    from twisted_p2p.console import _next_parts
+
+    candidates = sorted(set(paths))
+    assert _next_parts(candidates, typed) == _next_parts_walked(candidates, typed)
+
+
+def test_completion_over_the_network_catalog_uses_its_sorted_paths():
+    from twisted_p2p.catalog import NetworkCatalog
+    from twisted_p2p.peers import PeerTable
+    from twisted_p2p.wire import Announce
+
+    clock = task.Clock()
+    table = PeerTable(clock, 30.0)
+    listed = [("a" * 64, "photos/2026/b.jpg", 1), ("b" * 64, "photos/c.jpg", 1),
+              ("c" * 64, "notes.txt", 1), ("a" * 64, "copy of b.jpg", 1)]
+    catalog = NetworkCatalog(table, lambda peer: defer.succeed(("1" * 16, listed)), clock)
+    table.heard(Announce("a1" * 16, "0" * 16, 7000, "1" * 16), "192.0.2.2", 27000)
+    parts = CommandParts(catalog=catalog, table=table)
+    names = parts.commands.file_names("download")
+    assert names == sorted({o.name for o in catalog.paths()})
+    assert names is catalog.path_names()  # kept, not made again per Tab

@@ -467,6 +467,19 @@ class NetworkCatalog:
         reachable = 1.0 if whole else (chunks - counts.count(0)) / chunks
         return reachable, whole + fewest
 
+    def path_names(self):
+        """
+        Every path the known peers list, once each, sorted (a list the
+        caller must not change): kept until the catalog or the peers change.
+        """
+        return self._memo("names", self._path_names)
+
+    def _path_names(self, peers):
+        names = set()
+        for peer in peers:
+            names.update(self._names_of(peer.peer_id))
+        return sorted(names)
+
     def named(self, name):
         """
         The contents the known peers offer under path C{name}: one L{Offer}

@@ -16,6 +16,7 @@ leaving, uploads, downloads asked for by another face.  C{--quiet} leaves
 out the notices (L{render.NOTICES}).
 """
 
+import bisect
 import os
 import shlex
 import time
@@ -483,17 +484,30 @@ def _split_partial(text):
 
 def _next_parts(candidates, typed):
     """
-    What C{typed} may complete to among C{candidates} (paths): each one
-    that starts with it, cut after the next C{/} past it, so that a tree
+    What C{typed} may complete to among C{candidates} (paths, sorted): each
+    one that starts with it, cut after the next C{/} past it, so that a tree
     completes one folder at a time (C{ph} gives C{photos/}, then
     C{photos/2026/}...).
+
+    Found by bisection, and a folder's paths are stepped over at once: a
+    catalog of 100,000 paths completes in a few steps, not a walk of them.
     """
     found = set()
-    for name in candidates:
+    i = bisect.bisect_left(candidates, typed)
+    while i < len(candidates):
+        name = candidates[i]
         if not name.startswith(typed):
-            continue
+            break
         slash = name.find("/", len(typed))
-        found.add(name if slash < 0 else name[: slash + 1])
+        if slash < 0:
+            found.add(name)
+            i += 1
+            continue
+        folder = name[: slash + 1]
+        found.add(folder)
+        # The paths below the folder sort together, before folder[:-1] + "0"
+        # ("0" follows "/").
+        i = bisect.bisect_left(candidates, folder[:-1] + "0", i + 1)
     return found
 
 
