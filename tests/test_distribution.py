@@ -768,26 +768,79 @@ def test_availability_counts_whole_and_partial_holders(shared):
     assert (round(reachable, 3), fewest) == (round(1 / chunks, 3), 0)
 
 
-def test_a_target_that_never_answers_is_given_up(shared):
-    from twisted_p2p.limits import DISTRIBUTION_ANSWER_TIMEOUT
+class Silent(PushTarget):
+    """A distributee port that takes connections and never answers."""
+
+    def call(self, header, body=b""):
+        self.log.append((self.peer_id, header["t"], None))
+        return defer.Deferred()
+
+
+def test_a_target_that_never_answers_is_given_up_and_left_alone(shared):
+    from twisted_p2p.limits import (
+        DISTRIBUTION_ANSWER_TIMEOUT,
+        SILENT_TARGET_REST,
+        SLOW_ANSWER,
+    )
 
     o = Origin(shared, replicas=1, targets=(CACHE_A,))
-
-    class Silent(PushTarget):
-        def call(self, header, body=b""):
-            self.log.append((self.peer_id, header["t"], None))
-            return defer.Deferred()
-
     o.targets[CACHE_A] = Silent(CACHE_A, o.content, o.log)
     o.distributor.round()
     assert o.distributor._round is not None
-    o.net.clock.advance(DISTRIBUTION_ANSWER_TIMEOUT + 1)
+    # The round stops waiting for it once it is slow; the push waits on.
+    o.net.clock.advance(SLOW_ANSWER)
     assert o.distributor._round is None
+    assert len(o.distributor._jobs) == 1
+    o.net.clock.advance(DISTRIBUTION_ANSWER_TIMEOUT)
+    given_up_at = o.net.clock.seconds()  # a Clock runs what is due at the end of an advance
+    assert o.distributor._jobs == set()
     assert o.distributor._pending == {}
     assert o.targets[CACHE_A].closed
-    # The next round tries again.
+    # Left alone for a while: the next rounds do not try it.
+    o.distributor.round()
+    o.net.clock.advance(given_up_at + SILENT_TARGET_REST - 1 - o.net.clock.seconds())
+    o.distributor.round()
+    assert [kind for _, kind, _ in o.log] == ["offer"]
+    # Then tried again.
+    o.net.clock.advance(2)
     o.distributor.round()
     assert [kind for _, kind, _ in o.log] == ["offer", "offer"]
+
+
+def test_a_silent_target_that_pulls_is_pushed_to_again(shared):
+    from twisted_p2p.limits import DISTRIBUTION_ANSWER_TIMEOUT
+
+    o = Origin(shared, replicas=1, targets=(CACHE_A,))
+    o.targets[CACHE_A] = Silent(CACHE_A, o.content, o.log)
+    o.distributor.round()
+    o.net.clock.advance(DISTRIBUTION_ANSWER_TIMEOUT + 1)
+    o.targets[CACHE_A] = PushTarget(CACHE_A, o.content, o.log)
+    reply, _ = o.distributor.pull(
+        wire.request("pull", peer=CACHE_A, port=6003, free=100 * CHUNK_SIZE), "192.0.2.9")
+    assert reply["chunks"] == o.local.manifest.chunk_count
+
+
+def test_targets_that_never_answer_do_not_hold_up_the_others(shared, monkeypatch):
+    """
+    Eight silent targets took the PUSHES_AT_ONCE places for 45 s each, in
+    turn, and the round waited for them all: nothing went to the peer that
+    answers for 90 s.  Now they leave their places once slow.
+    """
+    from twisted_p2p.limits import PUSHES_AT_ONCE, SLOW_ANSWER
+
+    silent = [f"{n + 1:032x}" for n in range(2 * PUSHES_AT_ONCE)]
+    for n, peer_id in enumerate(silent):
+        monkeypatch.setitem(ADDRESSES, peer_id, f"192.0.2.{100 + n}")
+    o = Origin(shared, replicas=16, targets=silent + [CACHE_A])
+    for peer_id in silent:
+        o.targets[peer_id] = Silent(peer_id, o.content, o.log)
+    o.distributor.round()
+    o.net.clock.advance(SLOW_ANSWER)  # the first PUSHES_AT_ONCE leave
+    o.net.clock.advance(SLOW_ANSWER)  # the next ones
+    chunks = o.local.manifest.chunk_count
+    assert CACHE_A in o.targets, "the peer that answers was never pushed to"
+    assert o.targets[CACHE_A].held == set(range(chunks))
+    assert o.distributor._round is None
 
 
 def test_distribution_keeps_to_the_upload_rate(shared):

@@ -50,6 +50,8 @@ from twisted_p2p.limits import (
     OFFER_GROUP,
     PENDING_PUSH_SECONDS,
     PUSHES_AT_ONCE,
+    SILENT_TARGET_REST,
+    SLOW_ANSWER,
 )
 from twisted_p2p.manifest import ByManifest
 from twisted_p2p.replication import PeerView, Push, ReplicaPlanner
@@ -585,6 +587,8 @@ class Distributor:
         self._jobs = set()
         self._clients = set()
         self._limit = defer.DeferredSemaphore(PUSHES_AT_ONCE)
+        #: peer id -> until when a target that did not answer gets no push.
+        self._silent = {}
         self._round = None
         self._pulls = Counter()
         # While downloads are served, no chunk goes before this time.
@@ -603,12 +607,18 @@ class Distributor:
         for peer in self._table.peers():
             if peer.peer_id == self.own_id:
                 continue
+            now = self._clock.seconds()
+            silent = self._silent.get(peer.peer_id, 0) > now
             peers.append(PeerView(
                 peer.peer_id,
-                self._catalog.free_of(peer.peer_id),
+                # What it holds still counts; it is given nothing more.
+                None if silent else self._catalog.free_of(peer.peer_id),
                 self._catalog.holdings_of(peer.peer_id),
             ))
         now = self._clock.seconds()
+        for peer_id, until in list(self._silent.items()):
+            if until <= now:
+                del self._silent[peer_id]
         for key, until in list(self._pending.items()):
             if until <= now or self._catalog_shows(key):
                 del self._pending[key]
@@ -648,7 +658,7 @@ class Distributor:
             target = _Target(
                 peer.peer_id, peer.host, peer.transfer_port + DISTRIBUTEE_OFFSET, peer.label
             )
-            jobs.append(self._start(target, push))
+            jobs.append(self._start(target, push)[0])
         log.info(
             "Distribution round: {chunks} chunk(s) to {peers} peer(s)",
             event="distribution-round",
@@ -672,6 +682,7 @@ class Distributor:
         peer_id = wire.text_field(header, "peer", _PEER_ID)
         port = wire.port_field(header, "port")
         free = wire.int_field(header, "free", 0, MAX_FILE_SIZE * 1024)
+        self._silent.pop(peer_id, None)  # it asks: it answers
         group = wire.address_group(host)
         if (self._pulls[group] >= MAX_PULLS_PER_HOST
                 or sum(self._pulls.values()) >= MAX_PULLS_AT_ONCE):
@@ -685,7 +696,9 @@ class Distributor:
         ]
         label = format_address(host, port)
         if pushes:
-            jobs = [self._start(_Target(peer_id, host, port, label), push) for push in pushes]
+            # Done, not settled: a pull's pushes hold its address's place
+            # until they are over, slow or not.
+            jobs = [self._start(_Target(peer_id, host, port, label), push)[1] for push in pushes]
             self._pulls[group] += 1
             defer.DeferredList(jobs).addBoth(lambda _: self._pulled(group))
         chunks = sum(len(p.chunks) for p in pushes)
@@ -700,17 +713,32 @@ class Distributor:
 
     def _start(self, target, push):
         """
-        Push C{push}'s chunks to C{target}; they count as held there from
-        now on.
+        Push C{push}'s chunks to C{target}, in one of the L{PUSHES_AT_ONCE}
+        places; they count as held there from now on.
+
+        @return: C{(settled, done)}: Deferreds that fire when the push is
+            over, or (C{settled}) also when it gives up its place, its
+            target being slow to answer (L{SLOW_ANSWER}).
         """
         until = self._clock.seconds() + PENDING_PUSH_SECONDS
         for index in push.chunks:
             self._pending[(target.peer_id, push.file_id, index)] = until
-        d = self._limit.run(lambda: defer.ensureDeferred(self._push(target, push)))
+        settled = defer.Deferred()
+
+        def settle():
+            if not settled.called:
+                settled.callback(None)
+
+        def run(_):
+            place = _Place(self._limit, settle)
+            pushing = defer.ensureDeferred(self._push(target, push, place))
+            return pushing.addBoth(place.leave_with)
+
+        d = self._limit.acquire().addCallback(run)
         d.addErrback(self._push_failed, target, push)
         self._jobs.add(d)
-        d.addBoth(lambda result: self._jobs.discard(d) or result)
-        return d
+        d.addBoth(lambda result: self._jobs.discard(d) or settle() or result)
+        return settled, d
 
     def _forget(self, target, file_id, chunks):
         for index in chunks:
@@ -720,6 +748,20 @@ class Distributor:
         self._forget(target, push.file_id, push.chunks)
         if self.stopped:
             return
+        if failure.check(defer.TimeoutError):
+            # It takes connections and never answers: left alone for a
+            # while, or every round would wait on it again.
+            self._silent[target.peer_id] = self._clock.seconds() + SILENT_TARGET_REST
+            log.info(
+                "{peer} did not answer a push of {file_id} in {timeout:.0f} s; "
+                "no more pushes to it for {rest:.0f} min, unless it pulls",
+                event="push-target-silent",
+                peer=target.label,
+                file_id=push.file_id[:8],
+                timeout=DISTRIBUTION_ANSWER_TIMEOUT,
+                rest=SILENT_TARGET_REST / 60,
+            )
+            return
         log.info(
             "Could not push chunks of {file_id} to {peer}: {error}",
             event="push-failed",
@@ -728,7 +770,7 @@ class Distributor:
             error=failure.getErrorMessage(),
         )
 
-    async def _push(self, target, push):
+    async def _push(self, target, push, place=None):
         if self.stopped:
             raise defer.CancelledError()
         local = self._index.by_id(push.file_id)
@@ -746,7 +788,7 @@ class Distributor:
             chunks = list(push.chunks)
             for start in range(0, len(chunks), OFFER_GROUP):
                 group = chunks[start : start + OFFER_GROUP]
-                accepted = await self._offer(client, target, push.file_id, group)
+                accepted = await self._offer(client, target, push.file_id, group, place)
                 for index in accepted:
                     await self._take_turn(local.manifest.chunk_length(index))
                     data = await self._run(opened.read, opened.segments(index, 1))
@@ -758,7 +800,7 @@ class Distributor:
                     chunks_sent += 1
                     try:
                         await self._call(client, wire.request("push", id=push.file_id, i=index),
-                                         data)
+                                         data, place)
                     except PeerRefused as e:
                         self._forget(target, push.file_id, [index])
                         log.info(
@@ -782,13 +824,15 @@ class Distributor:
             peer=target.label,
         )
 
-    async def _offer(self, client, target, file_id, group):
+    async def _offer(self, client, target, file_id, group, place=None):
         """
         Offer C{group}; the chunks the target takes.  Those refused as held
         stay counted as held there; the others are forgotten.
         """
         try:
-            header, _ = await self._call(client, wire.request("offer", id=file_id, chunks=group))
+            header, _ = await self._call(
+                client, wire.request("offer", id=file_id, chunks=group), place=place
+            )
         except PeerRefused as e:
             self._forget(target, file_id, group)
             raise PeerRefused(e.code, f"refused the offer: {e.message}")
@@ -808,8 +852,14 @@ class Distributor:
             self.stats.refused_offers += 1
         return [i for i in group if i in set(accepted)]
 
-    def _call(self, client, header, body=b""):
-        return client.call(header, body).addTimeout(DISTRIBUTION_ANSWER_TIMEOUT, self._clock)
+    def _call(self, client, header, body=b"", place=None):
+        d = client.call(header, body).addTimeout(DISTRIBUTION_ANSWER_TIMEOUT, self._clock)
+        if place is not None and place.held and not d.called:
+            # An answer that is slow to come (a manifest fetched first, or a
+            # target that never answers) is waited for outside the limit.
+            slow = self._clock.callLater(SLOW_ANSWER, place.leave)
+            d.addBoth(lambda result: (slow.cancel() if slow.active() else None) or result)
+        return d
 
     async def _take_turn(self, length):
         """
@@ -840,6 +890,29 @@ class Distributor:
         self.stopped = True
         for client in list(self._clients):
             client.close()
+
+
+class _Place:
+    """
+    One of a distributor's L{PUSHES_AT_ONCE} places, held by a push, and
+    left once: when the push is over, or earlier, when its target is slow to
+    answer (it is then waited for outside the limit).
+    """
+
+    def __init__(self, limit, left):
+        self._limit = limit
+        self._left = left
+        self.held = True
+
+    def leave(self):
+        if self.held:
+            self.held = False
+            self._limit.release()
+            self._left()
+
+    def leave_with(self, result):
+        self.leave()
+        return result
 
 
 class CacheAnnouncer:

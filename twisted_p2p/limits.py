@@ -416,6 +416,16 @@ CACHE_ANNOUNCE_DELAY = 1.0
 #: Peers a distributor pushes to at once.
 PUSHES_AT_ONCE = 4
 
+#: Seconds after which a push whose target has not answered leaves its
+#: place among PUSHES_AT_ONCE (it waits on, up to
+#: DISTRIBUTION_ANSWER_TIMEOUT, outside the limit), and the round stops
+#: waiting for it: targets that never answer cannot hold up the others.
+SLOW_ANSWER = 5.0
+
+#: Seconds a target that did not answer within DISTRIBUTION_ANSWER_TIMEOUT
+#: is given no more pushes (unless it pulls, which shows it answers).
+SILENT_TARGET_REST = 600.0
+
 #: Seconds a distribution waits between looks at whether downloads still
 #: use the uploads (they go first).
 DISTRIBUTION_YIELD = 0.25
