@@ -10,6 +10,7 @@ from blake3 import blake3
 from twisted_p2p.limits import CHUNK_SIZE, MAX_FILE_SIZE
 from twisted_p2p.manifest import (
     HASH_SIZE,
+    ChunkHashes,
     Manifest,
     ManifestMismatch,
     chunk_count,
@@ -123,7 +124,9 @@ def test_build_with_right_id():
     manifest = Manifest.build(CHUNK_SIZE + 3, list(hashes), file_id)
     assert manifest.file_id == file_id
     assert manifest.chunk_hashes == hashes
-    assert isinstance(manifest.chunk_hashes, tuple)
+    assert isinstance(manifest.chunk_hashes, ChunkHashes)
+    # Joined or one by one, the same manifest.
+    assert Manifest.build(CHUNK_SIZE + 3, b"".join(hashes), file_id) == manifest
 
 
 def test_build_rejects_wrong_id():
@@ -286,3 +289,45 @@ def test_hash_file_refuses_file_that_grows(tmp_path, monkeypatch):
     )
     with pytest.raises(ManifestMismatch):
         hash_file(path)
+
+
+class TestChunkHashes:
+    HASHES = [bytes([n]) * HASH_SIZE for n in range(5)]
+
+    def test_a_sequence_of_its_hashes(self):
+        hashes = ChunkHashes.of(self.HASHES)
+        assert len(hashes) == 5
+        assert list(hashes) == self.HASHES
+        assert hashes[0] == self.HASHES[0] and hashes[-1] == self.HASHES[-1]
+        assert bytes(hashes) == b"".join(self.HASHES)
+        assert self.HASHES[2] in hashes and hashes.index(self.HASHES[3]) == 3
+        with pytest.raises(IndexError):
+            hashes[5]
+        with pytest.raises(IndexError):
+            hashes[-6]
+
+    @pytest.mark.parametrize("cut", [slice(1, 3), slice(0, 9), slice(4, 2), slice(None, None, 2),
+                                     slice(-2, None), slice(3, 3)])
+    def test_a_slice_is_the_slice_of_a_list(self, cut):
+        hashes = ChunkHashes.of(self.HASHES)
+        assert list(hashes[cut]) == self.HASHES[cut]
+        assert bytes(hashes[cut]) == b"".join(self.HASHES[cut])
+        assert isinstance(hashes[cut], ChunkHashes)
+
+    def test_equal_by_content(self):
+        hashes = ChunkHashes.of(self.HASHES)
+        assert hashes == ChunkHashes(b"".join(self.HASHES))
+        assert hashes == self.HASHES and hashes == tuple(self.HASHES)
+        assert hash(hashes) == hash(ChunkHashes(b"".join(self.HASHES)))
+        assert hashes != self.HASHES[:4] and hashes != ChunkHashes.of(self.HASHES[:4])
+
+    @pytest.mark.parametrize("bad", [b"x" * (HASH_SIZE + 1), [b"x" * HASH_SIZE, b"short"]])
+    def test_a_hash_of_the_wrong_length_is_refused(self, bad):
+        with pytest.raises(ManifestMismatch):
+            ChunkHashes.of(bad)
+
+    def test_the_file_id_is_the_same_joined_or_not(self):
+        joined = b"".join(self.HASHES)
+        expected = compute_file_id(5, self.HASHES)
+        assert compute_file_id(5, ChunkHashes(joined)) == expected
+        assert compute_file_id(5, (joined,)) == expected

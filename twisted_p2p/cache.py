@@ -834,7 +834,7 @@ def _unlink(name, dir_fd):
 
 def _encode_manifest(manifest, name):
     header = json.dumps({"name": name, "size": manifest.size}).encode("utf-8") + b"\n"
-    return _MANIFEST_MAGIC + header + b"".join(manifest.chunk_hashes)
+    return _MANIFEST_MAGIC + header + bytes(manifest.chunk_hashes)
 
 
 def _read_manifest(folder, file_id):
@@ -866,12 +866,12 @@ def _read_manifest(folder, file_id):
         # is never loaded: a good manifest is at most 128 MiB (1 TiB file).
         if not 0 <= size <= MAX_FILE_SIZE or disk_size - offset != chunk_count(size) * HASH_SIZE:
             raise ValueError("a manifest of the wrong length")
-        hashes = []
+        hashes = bytearray()
         while offset < disk_size:
             data = os.pread(fd, min(_READ_PIECE, disk_size - offset), offset)
             if not data or len(data) % HASH_SIZE:
                 raise ValueError("a manifest that changed while it was read")
-            hashes.extend(data[i : i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE))
+            hashes += data
             offset += len(data)
         manifest = Manifest.build(size, hashes, expected_id=file_id)
     except (ManifestMismatch, BadName, UnicodeDecodeError, RecursionError) as e:

@@ -288,9 +288,7 @@ async def fetch_manifest(client, file_id, size_offered=None):
         raise ManifestMismatch("chunk count does not fit the size")
     if compute_file_id(size, (hashes,)) != file_id:
         raise ManifestMismatch("chunk hashes do not match the file id")
-    return Manifest.build(
-        size, [bytes(hashes[i : i + HASH_SIZE]) for i in range(0, len(hashes), HASH_SIZE)], file_id
-    )
+    return Manifest.build(size, hashes, file_id)
 
 
 async def fetch_have(client, file_id, chunk_count):

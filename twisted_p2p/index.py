@@ -26,7 +26,7 @@ import bisect
 
 from twisted_p2p import heap
 from twisted_p2p.limits import MAX_PATH_BYTES, MAX_PATH_DEPTH, RESCAN_INTERVAL
-from twisted_p2p.manifest import HASH_SIZE, ByManifest, Manifest, ManifestMismatch, hash_file
+from twisted_p2p.manifest import ByManifest, Manifest, ManifestMismatch, hash_file
 from twisted_p2p.names import is_legal_name
 
 log = Logger()
@@ -468,9 +468,7 @@ def _cached_manifest(entry, signature):
         # The cache is only JSON from disk: any part of it may be damaged.
         if tuple(entry.get("signature", ())) != signature:
             return None
-        hashes = bytes.fromhex(entry["hashes"])
-        chunk_hashes = [hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)]
-        return Manifest.build(signature[0], chunk_hashes, entry["id"])
+        return Manifest.build(signature[0], bytes.fromhex(entry["hashes"]), entry["id"])
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
@@ -479,7 +477,7 @@ def _cache_entry(signature, manifest):
     return {
         "signature": list(signature),
         "id": manifest.file_id,
-        "hashes": b"".join(manifest.chunk_hashes).hex(),
+        "hashes": bytes(manifest.chunk_hashes).hex(),
     }
 
 

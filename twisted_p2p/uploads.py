@@ -234,7 +234,7 @@ class Uploads:
             "start": start,
             "count": len(page),
         }
-        return reply, b"".join(page)
+        return reply, bytes(page)
 
     def _get(self, header, session):
         local = self._local(header)
