@@ -766,12 +766,13 @@ def test_status_says_what_waits_its_turn():
     ]
 
 
-def test_a_large_list_is_worked_out_in_a_thread():
+def recording_threads(peer):
+    """
+    Make C{peer}'s commands run their thread work at once, and return the
+    list of the names of the functions given to a thread.
+    """
     from twisted.internet import defer
 
-    from twisted_p2p import commands as commands_module
-
-    peer = tree_peer()
     ran = []
 
     def in_thread(f, *args):
@@ -779,6 +780,14 @@ def test_a_large_list_is_worked_out_in_a_thread():
         return defer.maybeDeferred(f, *args)
 
     peer.commands._run = in_thread
+    return ran
+
+
+def test_a_large_list_is_worked_out_in_a_thread():
+    from twisted_p2p import commands as commands_module
+
+    peer = tree_peer()
+    ran = recording_threads(peer)
     small, _ = run(peer, "list")
     assert ran == []
     peer.catalog.size = commands_module.LIST_IN_THREAD
@@ -795,19 +804,11 @@ def test_a_large_list_is_worked_out_in_a_thread():
     ("download nope.txt", False),
 ])
 def test_a_download_that_walks_a_large_catalog_works_it_out_in_a_thread(line, walks):
-    from twisted.internet import defer
-
     from twisted_p2p import commands as commands_module
 
     def said_by(size):
         peer = tree_peer()
-        ran = []
-
-        def in_thread(f, *args):
-            ran.append(f.__name__)
-            return defer.maybeDeferred(f, *args)
-
-        peer.commands._run = in_thread
+        ran = recording_threads(peer)
         peer.catalog.size = size
         said, d = run(peer, line)
         started = [(s[0], s[1]) for s in peer.downloads.started]
