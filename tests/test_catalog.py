@@ -375,6 +375,13 @@ class TestLookups:
         assert w.catalog.offer_of(FILE_Y) == by_id[FILE_Y]
         assert w.catalog.offer_of("ef" * 32) is None
 
+    def test_count_and_name_at_a_peer(self, w, two):
+        assert w.catalog.count_of(ALICE) == 2 and w.catalog.count_of(BOB) == 2
+        assert w.catalog.count_of("f" * 32) == 0
+        assert w.catalog.name_at(ALICE, FILE_X) == "alice name.txt"
+        assert w.catalog.name_at(BOB, FILE_X) == "bob name.txt"
+        assert w.catalog.name_at(ALICE, FILE_Y) is None
+
     def test_with_id_prefix(self, w, two):
         assert [o.file_id for o in w.catalog.with_id_prefix("abab")] == [FILE_X]
         assert [o.file_id for o in w.catalog.with_id_prefix("")] == [FILE_X, FILE_Y]

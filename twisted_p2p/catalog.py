@@ -543,6 +543,17 @@ class NetworkCatalog:
     def files_of(self, peer_id):
         return list(self._files.get(peer_id, ()))
 
+    def count_of(self, peer_id):
+        """How many entries C{peer_id}'s catalog has (no copy of them)."""
+        return len(self._files.get(peer_id, ()))
+
+    def name_at(self, peer_id, file_id):
+        """
+        The first name C{peer_id} lists C{file_id} by, or C{None}: a walk of
+        that peer's entries up to it, without a copy of them.
+        """
+        return next((n for f, n, _ in self._files.get(peer_id, ()) if f == file_id), None)
+
     def size_offered(self, peer_id, file_id):
         """
         The size C{peer_id}'s catalog gave C{file_id} (the first, if it

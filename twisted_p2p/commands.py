@@ -276,7 +276,7 @@ class Commands:
                 "id": peer.peer_id,
                 "host": peer.host,
                 "transfer_port": peer.transfer_port,
-                "files": len(self._catalog.files_of(peer.peer_id)),
+                "files": _count_of(self._catalog, peer.peer_id),
                 "last_heard": round(now - peer.last_seen, 1),
             }
             for peer in self._table.peers()
@@ -742,6 +742,12 @@ def _split_options(args):
     if not names:
         raise CommandError("download needs a file: download FILE... [--folder] [--from PEER]")
     return names, source, as_folder
+
+
+def _count_of(catalog, peer_id):
+    """How many files C{peer_id} offers (L{NetworkCatalog.count_of})."""
+    count_of = getattr(catalog, "count_of", None)
+    return count_of(peer_id) if count_of is not None else len(catalog.files_of(peer_id))
 
 
 def _named(catalog, name):

@@ -325,9 +325,7 @@ class Distributee:
         sources.sort(key=lambda peer: (not whole(peer), peer.host != host))
         errors = []
         for peer in sources[:3]:
-            name = next(
-                (n for f, n, _ in self._catalog.files_of(peer.peer_id) if f == file_id), None
-            )
+            name = self._catalog.name_at(peer.peer_id, file_id)
             try:
                 client = await self._open_client(peer)
                 try:
