@@ -478,7 +478,7 @@ class TestIndexedInAThread:
     def w(self, jobs):
         def run_in_thread(f, *args):
             d = defer.Deferred()
-            jobs.append((lambda: d.callback(f(*args))))
+            jobs.append(lambda: defer.maybeDeferred(f, *args).chainDeferred(d))
             return d
 
         return World(run_in_thread=run_in_thread, max_entries=8)
@@ -516,6 +516,19 @@ class TestIndexedInAThread:
         w.fetch.last(ALICE).callback((REV1, entries("a", 4)))
         jobs.pop()()
         assert w.catalog.files_of(ALICE) == entries("a", 4)
+
+    def test_a_failed_indexing_gives_its_room_back(self, w, jobs, monkeypatch):
+        def broken(files, holdings):
+            raise MemoryError("no room")
+
+        monkeypatch.setattr(catalog_module, "_indexed", broken)
+        logged = []
+        monkeypatch.setattr(catalog_module, "log", Logger(observer=logged.append))
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, entries("a", 6)))
+        jobs.pop()()
+        assert w.catalog._indexing == {} and w.catalog.files_of(ALICE) == []
+        assert any("Indexing the catalog" in e.get("log_format", "") for e in logged)
 
     def test_room_counts_the_catalogs_being_indexed(self, w, jobs):
         w.announce(ALICE)

@@ -4,9 +4,9 @@ The network catalog: what the other peers offer.
 
 import itertools
 from collections import Counter
-from typing import NamedTuple
 from operator import itemgetter
 from types import MappingProxyType
+from typing import NamedTuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -219,7 +219,10 @@ class NetworkCatalog:
         token = object()
         self._indexing[peer_id] = (token, len(files))
         d = self._run(_indexed, files, holdings)
-        d.addCallback(self._indexed, peer_id, token, revision, files, free)
+        d.addCallbacks(
+            self._indexed, self._index_failed,
+            (peer_id, token, revision, files, free), None, (peer_id, token),
+        )
         return d
 
     def _indexed(self, index, peer_id, token, revision, files, free):
@@ -227,6 +230,11 @@ class NetworkCatalog:
             return  # the peer left meanwhile
         del self._indexing[peer_id]
         self._stored(peer_id, revision, files, free, index)
+
+    def _index_failed(self, failure, peer_id, token):
+        if self._indexing.get(peer_id, (None,))[0] is token:
+            del self._indexing[peer_id]
+        log.failure("Indexing the catalog of {peer} failed", failure, peer=peer_id[:8])
 
     def _stored(self, peer_id, revision, files, free, index):
         self._store(peer_id, files, free, index)
