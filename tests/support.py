@@ -189,8 +189,13 @@ class FakeTable:
 
 class FakeCatalog:
     """
-    What the network offers, as the command layer sees it.
+    What the network offers, as the command layer sees it: the lookups of
+    L{twisted_p2p.catalog.NetworkCatalog} that L{Commands} calls, done by
+    walking the C{offers} it was given (which serve as its paths too: one
+    offer per path and id).  C{size} (entries kept) may be set by a test.
     """
+
+    size = 0
 
     def __init__(self, offers=(), files_of=None):
         self._offers = list(offers)
@@ -199,8 +204,26 @@ class FakeCatalog:
     def offers(self):
         return list(self._offers)
 
+    def paths(self):
+        return list(self._offers)
+
+    def path_names(self):
+        return sorted({o.name for o in self._offers})
+
+    def named(self, name):
+        return [o for o in self._offers if o.name == name]
+
+    def with_id_prefix(self, prefix):
+        return [o for o in self._offers if o.file_id.startswith(prefix)]
+
+    def offer_of(self, file_id):
+        return next((o for o in self._offers if o.file_id == file_id), None)
+
     def files_of(self, peer_id):
         return self._files_of.get(peer_id, [])
+
+    def count_of(self, peer_id):
+        return len(self.files_of(peer_id))
 
 
 class FakeDownload:

@@ -6,7 +6,7 @@ reports (structured events), and how the faces render it (L{render}).
 import dataclasses
 
 import pytest
-from support import CommandParts, FakeDownload
+from support import CommandParts, FakeCatalog, FakeDownload
 from twisted.python.failure import Failure
 
 from twisted_p2p import events
@@ -848,18 +848,12 @@ def test_download_a_folder_from_one_peer_takes_what_it_has():
         "downloading folder photos/2026/ (1 file, 2.0 KiB) into 2026/"]
 
 
-class PiecesCatalog:
+class PiecesCatalog(FakeCatalog):
     """A catalog in which caches hold MOVIE in pieces, and ALICE NOTES whole."""
 
     def __init__(self, offers, availability):
-        self._offers = offers
+        FakeCatalog.__init__(self, offers)
         self._availability = availability
-
-    def offers(self):
-        return list(self._offers)
-
-    def files_of(self, peer_id):
-        return []
 
     def holdings_of(self, peer_id):
         return {NOTES.file_id: None} if peer_id == ALICE.peer_id else {MOVIE.file_id: b"\x01"}
@@ -1006,3 +1000,12 @@ class TestOverTheNetworkCatalog:
         (started,) = parts.downloads.started
         assert started[:2] == ("movie.bin", MOVIE.file_id)
         assert self.sources(started) == [ALICE.peer_id, BOB.peer_id]
+
+    def test_completion(self, parts):
+        # The sorted paths the catalog keeps, not a walk of its offers.
+        assert parts.commands.file_names("download") == [
+            "bob's movie.bin", "films/movie.bin", "notes.txt"]
+        assert parts.commands.file_names("list") == [
+            "bob's movie.bin", "films/movie.bin", "notes.txt"]
+        parts.downloads.taken = {"films"}
+        assert "films/" in parts.commands.file_names("resume")

@@ -589,10 +589,10 @@ _PATH_CHARS = "ab/.0-_ é\U0001f600"
     st.text(_PATH_CHARS, max_size=4),
 )
 def test_completion_by_bisection_finds_what_a_walk_finds(paths, typed):
-    from twisted_p2p.console import _next_parts
+    from twisted_p2p.names import next_parts
 
     candidates = sorted(set(paths))
-    assert _next_parts(candidates, typed) == _next_parts_walked(candidates, typed)
+    assert next_parts(candidates, typed) == _next_parts_walked(candidates, typed)
 
 
 def test_completion_over_the_network_catalog_uses_its_sorted_paths():

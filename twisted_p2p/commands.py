@@ -15,7 +15,7 @@ from twisted.internet import defer
 
 from twisted_p2p import events
 from twisted_p2p.download import DownloadFailed
-from twisted_p2p.names import BadName, check_path, is_legal_path, leaf
+from twisted_p2p.names import BadName, check_path, is_legal_path, leaf, next_parts
 from twisted_p2p.manifest import chunk_count
 from twisted_p2p.units import human_size
 from twisted_p2p.version import version
@@ -70,7 +70,10 @@ class Commands:
 
     @param index: the L{SharedIndex} (C{files()}, C{by_id()}).
     @param table: the L{PeerTable} (C{peers()}, C{len()}).
-    @param catalog: the L{NetworkCatalog} (C{offers()}, C{files_of()}).
+    @param catalog: the L{NetworkCatalog}: C{size}, C{offers()}, C{paths()},
+        C{path_names()}, C{named()}, C{with_id_prefix()}, C{offer_of()},
+        C{count_of()}, C{files_of()}; and, if it has them, C{availability()}
+        and C{holds_whole()} for the C{list} columns they give.
     @param downloads: the L{Downloads} (C{active}, C{start()}).
     @param clock: an L{IReactorTime}, for how long ago a peer was heard.
     @param shutdown: C{shutdown()} stops the peer.
@@ -146,21 +149,20 @@ class Commands:
             active = {d.file_id for d in self._downloads.active.values()}
             stopped = self._partials.stopped() if self._partials is not None else []
             names = {s["file"] for s in stopped if s["id"] not in active}
-            # And the folders a folder download made, to go on with.
-            tops = {offer.name.split("/", 1)[0] for offer in _paths_of(self._catalog)
-                    if "/" in offer.name}
-            names.update(f"{top}/" for top in tops if self._downloads.folder_here(top))
+            # And the folders a folder download made, to go on with (the
+            # top folders of the sorted paths, found by bisection).
+            tops = next_parts(self._catalog.path_names(), "")
+            names.update(top for top in tops
+                         if top.endswith("/") and self._downloads.folder_here(top[:-1]))
         elif command == "cancel":
             names = {d.name for d in self._downloads.active.values()}
+        elif command != "list":
+            # Kept sorted by the catalog until it changes: a Tab over
+            # 100,000 paths costs no walk of them.
+            return self._catalog.path_names()
         else:
-            path_names = getattr(self._catalog, "path_names", None)
-            if path_names is not None and command != "list":
-                # Kept sorted by the catalog until it changes: a Tab over
-                # 100,000 paths costs no walk of them.
-                return path_names()
-            names = {offer.name for offer in _paths_of(self._catalog)}
-            if command == "list":
-                names.update(f.name for f in self._index.files())
+            names = set(self._catalog.path_names())
+            names.update(f.name for f in self._index.files())
         return sorted(names)
 
     def peer_names(self):
@@ -257,7 +259,7 @@ class Commands:
                 peers=len(self._table),
             ))
 
-        entries = len(local) + getattr(catalog, "size", 0)
+        entries = len(local) + catalog.size
         if entries < LIST_IN_THREAD:
             # Answered at once, so that it comes before what the next
             # command says.
@@ -276,7 +278,7 @@ class Commands:
                 "id": peer.peer_id,
                 "host": peer.host,
                 "transfer_port": peer.transfer_port,
-                "files": _count_of(self._catalog, peer.peer_id),
+                "files": self._catalog.count_of(peer.peer_id),
                 "last_heard": round(now - peer.last_seen, 1),
             }
             for peer in self._table.peers()
@@ -289,7 +291,7 @@ class Commands:
     def download(self, args, emit, origin):
         wanted, source, as_folder = _split_options(args)
         walks = as_folder or any(arg.endswith("/") or _PATTERN & set(arg) for arg in wanted)
-        if walks and getattr(self._catalog, "size", 0) >= LIST_IN_THREAD:
+        if walks and self._catalog.size >= LIST_IN_THREAD:
             # A pattern or a folder goes over every offer: over 100,000
             # entries, longer than a turn of the reactor should take (as
             # list); a name is looked up, and answered at once.
@@ -373,7 +375,7 @@ class Commands:
         prefix = folder + "/"
         items = [
             (offer, offer.name[len(prefix):])
-            for offer in _paths_of(self._catalog)
+            for offer in self._catalog.paths()
             if offer.name.startswith(prefix)
         ]
         if not items:
@@ -401,7 +403,7 @@ class Commands:
             ids = ", ".join(s["id"][:8] for s in stopped)
             raise CommandError(f"several stopped downloads match {wanted!r} ({ids}); resume one by its id")
         entry = stopped[0]
-        offer = _offer_of(self._catalog, entry["id"])
+        offer = self._catalog.offer_of(entry["id"])
         if offer is None:
             raise CommandError(
                 f"no known peer offers {entry['file']} now; resume it when one that has it is back"
@@ -504,9 +506,9 @@ class Commands:
                     raise CommandError(f"every file that matches {wanted!r} is here already")
                 raise CommandError(f"no known peer offers a file that matches {wanted!r}; 'list' shows what they do")
             return fresh
-        matches = _named(self._catalog, wanted)
+        matches = self._catalog.named(wanted)
         if not matches and len(wanted) >= 4:
-            matches = _with_id_prefix(self._catalog, wanted.lower())
+            matches = self._catalog.with_id_prefix(wanted.lower())
         if not matches:
             local = [f for f in self._index.files() if f.name == wanted]
             if local:
@@ -744,54 +746,6 @@ def _split_options(args):
     return names, source, as_folder
 
 
-def _count_of(catalog, peer_id):
-    """How many files C{peer_id} offers (L{NetworkCatalog.count_of})."""
-    count_of = getattr(catalog, "count_of", None)
-    return count_of(peer_id) if count_of is not None else len(catalog.files_of(peer_id))
-
-
-def _named(catalog, name):
-    """
-    The offers of the contents listed under path C{name}
-    (L{NetworkCatalog.named}); from a catalog without it, those of its
-    offers that go by that name.
-    """
-    named = getattr(catalog, "named", None)
-    if named is not None:
-        return named(name)
-    return [o for o in catalog.offers() if o.name == name]
-
-
-def _with_id_prefix(catalog, prefix):
-    """
-    The offers whose file id starts with C{prefix}
-    (L{NetworkCatalog.with_id_prefix}, or a walk of a catalog's offers).
-    """
-    found = getattr(catalog, "with_id_prefix", None)
-    if found is not None:
-        return found(prefix)
-    return [o for o in catalog.offers() if o.file_id.startswith(prefix)]
-
-
-def _offer_of(catalog, file_id):
-    """
-    The offer of C{file_id} (L{NetworkCatalog.offer_of}), or C{None}.
-    """
-    offer_of = getattr(catalog, "offer_of", None)
-    if offer_of is not None:
-        return offer_of(file_id)
-    return next((o for o in catalog.offers() if o.file_id == file_id), None)
-
-
-def _paths_of(catalog):
-    """
-    Every path and id the catalog offers (L{NetworkCatalog.paths}); its
-    offers, one per id, from a catalog without paths.
-    """
-    paths = getattr(catalog, "paths", None)
-    return paths() if paths is not None else catalog.offers()
-
-
 def _add_availability(row, offer, catalog):
     """
     Add to a file's C{list} row the share of its chunks the known peers
@@ -859,7 +813,7 @@ def _list_rows(local, catalog, pattern, folder):
         row["here"] = True
         if "here" not in row["where"]:
             row["where"].append("here")
-    for offer in _paths_of(catalog):
+    for offer in catalog.paths():
         show, slash = wanted(offer.name)
         if not show:
             continue

@@ -16,7 +16,6 @@ leaving, uploads, downloads asked for by another face.  C{--quiet} leaves
 out the notices (L{render.NOTICES}).
 """
 
-import bisect
 import os
 import shlex
 import time
@@ -29,6 +28,7 @@ from zope.interface import implementer
 
 from twisted_p2p import events, render
 from twisted_p2p.limits import MAX_COMMAND_LINE
+from twisted_p2p.names import next_parts
 
 log = Logger()
 
@@ -365,7 +365,7 @@ class TerminalConsole(_Face, HistoricRecvLine):
             candidates = self._commands.file_names(words[0])
         else:
             return
-        matches = sorted(_next_parts(candidates, current))
+        matches = sorted(next_parts(candidates, current))
         if not matches:
             return
         if len(matches) == 1:
@@ -480,35 +480,6 @@ def _split_partial(text):
     if not in_word:
         return words, "", len(text)
     return words, "".join(current), start
-
-
-def _next_parts(candidates, typed):
-    """
-    What C{typed} may complete to among C{candidates} (paths, sorted): each
-    one that starts with it, cut after the next C{/} past it, so that a tree
-    completes one folder at a time (C{ph} gives C{photos/}, then
-    C{photos/2026/}...).
-
-    Found by bisection, and a folder's paths are stepped over at once: a
-    catalog of 100,000 paths completes in a few steps, not a walk of them.
-    """
-    found = set()
-    i = bisect.bisect_left(candidates, typed)
-    while i < len(candidates):
-        name = candidates[i]
-        if not name.startswith(typed):
-            break
-        slash = name.find("/", len(typed))
-        if slash < 0:
-            found.add(name)
-            i += 1
-            continue
-        folder = name[: slash + 1]
-        found.add(folder)
-        # The paths below the folder sort together, before folder[:-1] + "0"
-        # ("0" follows "/").
-        i = bisect.bisect_left(candidates, folder[:-1] + "0", i + 1)
-    return found
 
 
 def _quoted(name, closed=True):

@@ -9,6 +9,7 @@ Every part is checked as a name, so a path can only ever go down into one
 of the peer's own folders, never up or out of it.
 """
 
+import bisect
 import os
 import unicodedata
 
@@ -108,6 +109,35 @@ def leaf(path):
     The last part of a path: its file (or folder) name.
     """
     return path.rsplit("/", 1)[-1]
+
+
+def next_parts(candidates, typed):
+    """
+    What C{typed} may complete to among C{candidates} (paths, sorted): each
+    one that starts with it, cut after the next C{/} past it, so that a tree
+    completes one folder at a time (C{ph} gives C{photos/}, then
+    C{photos/2026/}...).
+
+    Found by bisection, and a folder's paths are stepped over at once: a
+    catalog of 100,000 paths completes in a few steps, not a walk of them.
+    """
+    found = set()
+    i = bisect.bisect_left(candidates, typed)
+    while i < len(candidates):
+        name = candidates[i]
+        if not name.startswith(typed):
+            break
+        slash = name.find("/", len(typed))
+        if slash < 0:
+            found.add(name)
+            i += 1
+            continue
+        folder = name[: slash + 1]
+        found.add(folder)
+        # The paths below the folder sort together, before folder[:-1] + "0"
+        # ("0" follows "/").
+        i = bisect.bisect_left(candidates, folder[:-1] + "0", i + 1)
+    return found
 
 
 def local_path(folder, path):
