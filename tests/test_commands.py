@@ -824,6 +824,23 @@ def test_a_download_that_walks_a_large_catalog_works_it_out_in_a_thread(line, wa
     assert said or started
 
 
+def test_resume_a_folder_works_out_what_is_there_in_a_thread():
+    # The offers below the folder and the index (100,000 files, maybe) are
+    # read in one thread job, with the files found there already.
+    peer = tree_peer()
+    peer.downloads.taken = {"photos"}
+    ran = recording_threads(peer)
+    said, _ = run(peer, "resume photos/")
+    assert ran == ["_resume_plan"]
+    assert sorted(s[0] for s in peer.downloads.started) == [
+        "photos/2026/a.jpg", "photos/2026/b b.jpg", "photos/c.jpg"]
+    # Its mistakes are said as they were.
+    peer.downloads.taken = frozenset()
+    said, _ = run(peer, "resume photos/")
+    assert said == ["error: there is no folder photos/ in downloads/ to resume; "
+                    "'download photos/' fetches it"]
+
+
 def test_cancel_a_folder():
     peer = FakePeer()
     inside = FakeDownload("photos (1)/a.jpg", "a" * 64)

@@ -580,6 +580,27 @@ class Commands:
         content the peers offer are kept, a file stopped part way resumes
         from its verified chunks, and the others are fetched.
         """
+        # The index is a snapshot (replaced, never changed), so the whole of
+        # it can be read in the thread: over 100,000 files, the offers below
+        # the folder and what is here take longer than a turn of the reactor.
+        local = self._index.files() if self._index is not None else ()
+        d = self._run(self._resume_plan, wanted, local)
+
+        def start(plan):
+            folder, top, kept, rest = plan
+            return self._start_folder(folder, rest, emit, origin, into=top, kept=kept)
+
+        return d.addCallback(start)
+
+    def _resume_plan(self, wanted, local):
+        """
+        C{(folder, its top folder in downloads/, the items there already,
+        the items to fetch)} for C{resume wanted}, from the index's files
+        C{local}.  Says nothing itself: it runs in a thread.
+
+        @raise CommandError: nothing offered below the folder, or no such
+            folder in downloads/.
+        """
         folder, items = self._resolve_folder(wanted)
         top = leaf(folder)
         if not self._downloads.folder_here(top):
@@ -587,19 +608,12 @@ class Commands:
                 f"there is no folder {top}/ in downloads/ to resume; "
                 f"'download {folder}/' fetches it"
             )
-        known = {}
-        if self._index is not None:
-            known = {f.path: (f.signature, f.file_id) for f in self._index.files()
-                     if hasattr(f, "signature")}
+        known = {f.path: (f.signature, f.file_id) for f in local if hasattr(f, "signature")}
         entries = [(f"{top}/{below}", offer.file_id, offer.size) for offer, below in items]
-        d = self._run(self._downloads.already_here, entries, known)
-
-        def start(here):
-            kept = [item for item, there in zip(items, here) if there]
-            rest = [item for item, there in zip(items, here) if not there]
-            return self._start_folder(folder, rest, emit, origin, into=top, kept=kept)
-
-        return d.addCallback(start)
+        here = self._downloads.already_here(entries, known)
+        kept = [item for item, there in zip(items, here) if there]
+        rest = [item for item, there in zip(items, here) if not there]
+        return folder, top, kept, rest
 
     def _start_folder(self, folder, items, emit, origin, into=None, kept=()):
         """
