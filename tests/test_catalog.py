@@ -499,6 +499,20 @@ class TestIndexedInAThread:
         assert fetched == [ALICE]
         assert len(w.fetch.of(ALICE)) == 2
 
+    def test_the_names_are_indexed_in_the_thread_too(self, w, jobs, monkeypatch):
+        # A lookup by name then builds nothing on the reactor.
+        built = []
+        index = catalog_module._names_index
+        monkeypatch.setattr(catalog_module, "_names_index",
+                            lambda files: built.append(len(files)) or index(files))
+        w.announce()
+        w.fetch.last(ALICE).callback((REV1, entries("a", 3)))
+        jobs.pop()()
+        assert built == [3]
+        (found,) = w.catalog.named("a1")
+        assert found.file_id == entries("a", 3)[1][0]
+        assert built == [3]
+
     def test_small_catalogs_are_indexed_at_once(self, w, jobs):
         w.announce()
         w.fetch.last(ALICE).callback((REV1, entries("a", 2)))

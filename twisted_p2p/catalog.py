@@ -259,9 +259,11 @@ class NetworkCatalog:
             self._free[peer_id] = free
         if files:
             self._files[peer_id] = files
-            ids, held = _indexed(files, {}) if index is None else index
+            ids, held, names = _indexed(files, {}) if index is None else index
             self._file_ids[peer_id] = ids
             self._holdings[peer_id] = held
+            if names is not None:
+                self._names[peer_id] = names
             self._entries += len(files)
         heap.settled(f"catalog {id(self)}", self._entries)
 
@@ -503,22 +505,14 @@ class NetworkCatalog:
     def _names_of(self, peer_id):
         """
         C{peer_id}'s paths, each with the file id listed under it (or a
-        tuple of ids): made at the first lookup after its catalog came, not
-        when it is stored (10-15 ms over 100,000 entries on the test
-        machine, for a lookup most catalogs never see).
+        tuple of ids; see L{_names_index}).  A large catalog's is made in
+        the thread that indexes it (one C{dict} call over 100,000 entries
+        held the GIL, and so the reactor, 36-52 ms on the test machine); a
+        small one's at the first lookup after it came.
         """
         names = self._names.get(peer_id)
         if names is None:
-            files = self._files.get(peer_id, ())
-            names = dict(zip(map(_PATH, files), map(_ID, files)))
-            if len(names) < len(files):
-                # A path listed twice (an honest peer lists each once).
-                names = {}
-                for file_id, path, _ in files:
-                    listed = names.setdefault(path, file_id)
-                    if listed != file_id and file_id not in _ids_of(listed):
-                        names[path] = _ids_of(listed) + (file_id,)
-            self._names[peer_id] = names
+            names = self._names[peer_id] = _names_index(self._files.get(peer_id, ()))
         return names
 
     def offer_of(self, file_id):
@@ -601,11 +595,14 @@ def _by_name(offers):
 
 def _indexed(files, holdings):
     """
-    C{(ids, held)} for catalog entries C{files}: each id with the first
-    size given it, in catalog order; and each id with C{None} (held whole)
-    or the bitmap C{holdings} gives it.  Reads only what it is given: safe
-    in a thread.  Dict operations that loop in C: about 15 ms for 100,000
-    entries on the test machine.
+    C{(ids, held, names)} for catalog entries C{files}: each id with the
+    first size given it, in catalog order; each id with C{None} (held
+    whole) or the bitmap C{holdings} gives it; and, for a catalog of
+    L{INDEX_IN_THREAD} entries or more (indexed in a thread), its
+    L{_names_index} (else C{None}: made at the first lookup).  Reads only
+    what it is given: safe in a thread.  Dict operations that loop in C:
+    about 15 ms for 100,000 entries on the test machine, plus as much for
+    the names.
     """
     ids = dict.fromkeys(map(_ID, files))
     ids.update(zip(map(_ID, reversed(files)), map(_SIZE, reversed(files))))
@@ -613,7 +610,24 @@ def _indexed(files, holdings):
     for file_id, bitmap in (holdings or {}).items():
         if file_id in held:
             held[file_id] = bitmap
-    return ids, held
+    names = _names_index(files) if len(files) >= INDEX_IN_THREAD else None
+    return ids, held, names
+
+
+def _names_index(files):
+    """
+    Each path of catalog entries C{files} with the file id listed under it,
+    or a tuple of the ids if it is listed under several (an honest peer
+    lists each path once).
+    """
+    names = dict(zip(map(_PATH, files), map(_ID, files)))
+    if len(names) < len(files):
+        names = {}
+        for file_id, path, _ in files:
+            listed = names.setdefault(path, file_id)
+            if listed != file_id and file_id not in _ids_of(listed):
+                names[path] = _ids_of(listed) + (file_id,)
+    return names
 
 
 def _ids_of(listed):
