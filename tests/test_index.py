@@ -729,3 +729,19 @@ def test_downloads_inside_shared_is_offered_once(tmp_path):
     index = SharedIndex([str(shared), str(downloads)], str(tmp_path / "h.json"), run_now)
     result_of(index.rescan())
     assert names(index) == [("a.txt", "shared"), ("b.txt", "downloads")]
+
+
+def test_scan_folder_gives_the_paths_in_sorted_order(tmp_path):
+    # Folders sort as their name and "/": "a b" < "a/x" < "a-b/" < "a0", so
+    # the walk must not go by names alone, nor folders after files.
+    paths = ["a", "a b", "a/x", "a/y z", "a/y/z", "a-b/c", "a0", "b/a/b/c", "b/a b",
+             "é", "Z", "a/x0", "a/x/é", "m/n/o/p"]
+    for path in paths:
+        if path in ("a", "a/x"):
+            continue  # folders here (with files below)
+        target = tmp_path.joinpath(*path.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"x")
+    listed = list(scan_folder(str(tmp_path)))
+    assert listed == sorted(listed)
+    assert set(listed) == {p for p in paths if p not in ("a", "a/x")}

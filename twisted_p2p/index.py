@@ -98,38 +98,61 @@ def scan_folder(folder, subfolders=None, skip=()):
         offered folders (C{downloads/} inside C{shared/}), which are scanned
         on their own.
     """
+    # Walked depth first, each folder's entries in the order their paths
+    # sort in ("a b" < "a/x" < "a0": a folder sorts as its name and "/"),
+    # so the paths come in sorted order: the index's one sort of 100,000
+    # files (a single C call, which holds the GIL, and so the reactor, for
+    # as long as it compares: 80-150 ms shuffled, on the test machine) then
+    # goes through them in one pass.
     found = {}
-    pending = [(folder, "", 1)]
+    pending = [(iter(_listed(folder)), "", 1)]
     while pending:
-        directory, prefix, depth = pending.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        entries, prefix, depth = pending[-1]
+        entry = next(entries, None)
+        if entry is None:
+            pending.pop()
             continue
+        name = entry.name
+        if not is_legal_name(name):
+            continue
+        path = prefix + name
+        if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if skip and os.path.abspath(entry.path) in skip:
+                    continue
+                if depth < MAX_PATH_DEPTH:
+                    pending.append((iter(_listed(entry.path)), path + "/", depth + 1))
+                    if subfolders is not None:
+                        subfolders.add(entry.path)
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            found[path] = file_signature(entry.stat(follow_symlinks=False))
         except OSError:
             continue
-        for entry in entries:
-            name = entry.name
-            if not is_legal_name(name):
-                continue
-            path = prefix + name
-            if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if skip and os.path.abspath(entry.path) in skip:
-                        continue
-                    if depth < MAX_PATH_DEPTH:
-                        pending.append((entry.path, path + "/", depth + 1))
-                        if subfolders is not None:
-                            subfolders.add(entry.path)
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                found[path] = file_signature(entry.stat(follow_symlinks=False))
-            except OSError:
-                continue
     return found
+
+
+def _listed(directory):
+    """
+    The entries of C{directory}, sorted as their paths sort (see
+    L{scan_folder}); none if it cannot be read.
+    """
+    try:
+        with os.scandir(directory) as listing:
+            entries = list(listing)
+    except OSError:
+        return []
+    return sorted(entries, key=_walk_key)
+
+
+def _walk_key(entry):
+    try:
+        return entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
+    except OSError:
+        return entry.name
 
 
 def _entry_digest(file_id, name, size, partial=False):
