@@ -369,6 +369,15 @@ class TestLookups:
         ]
         assert w.catalog.named("nothing.txt") == []
 
+    def test_path_names_are_every_path_once_sorted(self, w, two):
+        assert w.catalog.path_names() == ["alice name.txt", "bob name.txt", "same.txt"]
+        # A catalog out of name order (a peer's catalog is untrusted) too.
+        w.announce(ALICE, rev=REV2)
+        w.fetch.last(ALICE).callback(
+            (REV2, files((FILE_Y, "z.txt", 3), (FILE_X, "a.txt", 10), (FILE_Y, "a.txt", 3)))
+        )
+        assert w.catalog.path_names() == ["a.txt", "bob name.txt", "same.txt", "z.txt"]
+
     def test_offer_of_is_the_offer_offers_gives(self, w, two):
         by_id = {o.file_id: o for o in w.catalog.offers()}
         assert w.catalog.offer_of(FILE_X) == by_id[FILE_X]
