@@ -1,7 +1,8 @@
 """
-Tests for L{twisted_p2p.distribution} and the T+2/T+3 protocols: the
-distributee with a real L{ChunkCache} in a temporary folder, the
-distributor with fakes for the network, both on a L{Clock}; no sockets.
+Tests for L{twisted_p2p.distribution}, L{twisted_p2p.distributor},
+L{twisted_p2p.distributee} and the T+2/T+3 protocols: the distributee
+with a real L{ChunkCache} in a temporary folder, the distributor with
+fakes for the network, both on a L{Clock}; no sockets.
 """
 
 import hashlib
@@ -22,15 +23,11 @@ from twisted_p2p import wire
 from twisted_p2p.cache import ChunkCache
 from twisted_p2p.catalog import NetworkCatalog
 from twisted_p2p.client import PeerRefused
-from twisted_p2p.distribution import (
-    CacheAnnouncer,
-    CachedLocal,
-    Distributee,
-    DistributionStats,
-    Distributor,
-)
+from twisted_p2p.distributee import Distributee
+from twisted_p2p.distribution import CacheAnnouncer, CachedLocal, DistributionStats
+from twisted_p2p.distributor import Distributor
 from twisted_p2p.index import SharedIndex
-from twisted_p2p import distribution
+from twisted_p2p import distributee
 from twisted_p2p.limits import (
     BAN_ADDRESS_SECONDS,
     CHUNK_SIZE,
@@ -300,7 +297,7 @@ class TestDistributee:
         host with many connections cannot reserve the cache and keep the
         honest distributors out (MAX_OFFERED_CHUNKS_PER_HOST).
         """
-        monkeypatch.setattr(distribution, "MAX_OFFERED_CHUNKS_PER_HOST", 4)
+        monkeypatch.setattr(distributee, "MAX_OFFERED_CHUNKS_PER_HOST", 4)
         c = Cache(tmp_path, shared)
         file_id = c.local.file_id
         sessions = [c.session() for _ in range(3)]
@@ -1036,7 +1033,7 @@ def test_an_ipv6_host_counts_as_its_64(tmp_path, shared, monkeypatch):
     A host may use any address of its /64: its room and its pulls are
     counted for the /64, not per address.
     """
-    monkeypatch.setattr(distribution, "MAX_OFFERED_CHUNKS_PER_HOST", 2)
+    monkeypatch.setattr(distributee, "MAX_OFFERED_CHUNKS_PER_HOST", 2)
     c = Cache(tmp_path, shared)
     file_id = c.local.file_id
     first = c.distributee.session("2001:db8::1")

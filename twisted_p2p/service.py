@@ -51,7 +51,9 @@ from twisted_p2p import (
     console,
     control,
     discovery,
+    distributee,
     distribution,
+    distributor,
     download,
     events,
     index,
@@ -810,7 +812,7 @@ class PeerService(MultiService):
         self.cache_announcer = distribution.CacheAnnouncer(
             self.cache, self.index, self.run_in_thread, reactor
         )
-        self.distributee = distribution.Distributee(
+        self.distributee = distributee.Distributee(
             self.cache,
             self.catalog,
             self._open_client,
@@ -821,7 +823,7 @@ class PeerService(MultiService):
             offered_whole=lambda file_id: self.index.by_id(file_id) is not None,
         )
         self.index.on_change(self.cache_announcer.index_changed)
-        self.distributor = distribution.Distributor(
+        self.distributor = distributor.Distributor(
             self.peer_id,
             self.index,
             self.catalog,
