@@ -180,3 +180,97 @@ def test_stopped_while_both_are_asked_leaves_nothing_behind(asked):
     finder.stop()
     assert client.closed
     assert owner.sources == [] and owner.manifests == []
+
+
+def four_peers(manifest, clock=None):
+    peers = [Peer(c * 32, "1" * 16, f"192.0.2.{10 + n}", 27000, 7100, "1" * 16, last_seen=0.0)
+             for n, c in enumerate("abcd")]
+    clients = {p.peer_id: OrderedClient() for p in peers}
+    owner = Owner()
+    finder = Finder(owner, manifest.file_id, lambda peer: defer.succeed(clients[peer.peer_id]),
+                    clock or task.Clock(), size_offered=lambda peer: manifest.size)
+    finder.add(peers)
+    return finder, owner, [clients[p.peer_id] for p in peers]
+
+
+def test_two_sources_race_for_the_manifest_and_the_others_wait(unhandled):
+    # Each racer fetches the whole manifest before the race is decided: the
+    # sources past MANIFEST_RACERS ask only which chunks they hold, once
+    # the manifest is known.
+    manifest = manifest_of(3)
+    _, owner, clients = four_peers(manifest)
+    assert [c.asked for c in clients] == [["manifest", "have"], ["manifest", "have"], [], []]
+    clients[1].answer_manifest(manifest)
+    assert owner.manifests == [manifest]
+    assert [c.asked for c in clients[2:]] == [["have"], ["have"]]
+    for client in clients[1:]:
+        client.answer_have_all(manifest)
+    # The loser's cancelled fetch is answered late, and dropped.
+    clients[0].answer_manifest(manifest)
+    clients[0].answer_have_all(manifest)
+    assert len(owner.sources) == 4 and owner.over == [[]]
+
+
+def test_a_racer_that_fails_gives_its_place_to_a_waiting_source(unhandled):
+    manifest = manifest_of(3)
+    _, owner, clients = four_peers(manifest)
+    clients[0].refuse()
+    assert clients[0].closed
+    assert [c.asked for c in clients[2:]] == [["manifest", "have"], []]
+    clients[1].refuse()
+    assert [c.asked for c in clients[2:]] == [["manifest", "have"], ["manifest", "have"]]
+    clients[3].answer_manifest(manifest)
+    clients[3].answer_have_all(manifest)
+    clients[2].answer_manifest(manifest)
+    clients[2].answer_have_all(manifest)
+    assert owner.manifests == [manifest] and len(owner.sources) == 2
+    assert len(owner.over) == 1 and len(owner.over[0]) == 2
+
+
+def test_stopped_while_sources_wait_for_the_race(unhandled):
+    manifest = manifest_of(3)
+    finder, owner, clients = four_peers(manifest)
+    finder.stop()
+    assert all(c.closed for c in clients)
+    assert owner.sources == [] and owner.manifests == []
+
+
+def test_sources_waiting_join_a_race_that_stalls(unhandled):
+    # Two silent racers hold the download up for MANIFEST_RACE_PATIENCE at
+    # most: then one more source races, and one more each time the race
+    # stalls again.
+    from twisted_p2p.limits import MANIFEST_RACE_PATIENCE
+
+    manifest = manifest_of(3)
+    clock = task.Clock()
+    finder, owner, clients = four_peers(manifest, clock)
+    clock.advance(MANIFEST_RACE_PATIENCE * 0.9)
+    assert [c.asked for c in clients[2:]] == [[], []]
+    clock.advance(MANIFEST_RACE_PATIENCE * 0.1)
+    assert [c.asked for c in clients[2:]] == [["manifest", "have"], []]
+    clock.advance(MANIFEST_RACE_PATIENCE)
+    assert [c.asked for c in clients[2:]] == [["manifest", "have"], ["manifest", "have"]]
+    clients[3].answer_manifest(manifest)
+    assert owner.manifests == [manifest]
+    finder.stop()
+
+
+def test_a_race_that_gets_pages_is_not_stalled(unhandled):
+    # A manifest of two pages: its first page is progress, so the sources
+    # waiting go on waiting until the race has had nothing for as long.
+    from twisted_p2p.limits import MANIFEST_PAGE, MANIFEST_RACE_PATIENCE
+
+    chunks = MANIFEST_PAGE + 1
+    hashes = [i.to_bytes(32, "big") for i in range(chunks)]
+    size = chunks * CHUNK_SIZE
+    manifest = Manifest.build(size, hashes, compute_file_id(size, (b"".join(hashes),)))
+    clock = task.Clock()
+    finder, owner, clients = four_peers(manifest, clock)
+    clock.advance(MANIFEST_RACE_PATIENCE * 0.9)
+    clients[0].answer({"t": "manifest", "id": manifest.file_id, "size": size, "start": 0,
+                       "count": MANIFEST_PAGE}, b"".join(hashes[:MANIFEST_PAGE]))
+    clock.advance(MANIFEST_RACE_PATIENCE * 0.99)
+    assert [c.asked for c in clients[2:]] == [[], []]
+    clock.advance(MANIFEST_RACE_PATIENCE * 0.01)
+    assert [c.asked for c in clients[2:]] == [["manifest", "have"], []]
+    finder.stop()

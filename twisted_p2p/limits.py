@@ -321,6 +321,19 @@ MAX_CATALOG_ENTRIES = 100_000
 #: MAX_CATALOG_FILES entries in memory until it is stored.
 CATALOG_FETCHES = 8
 
+#: Sources of a download that race for its manifest at once; the others
+#: wait for the winner (or for a racer to fail, and take its place), then
+#: ask only which chunks they hold.  Each racer fetches the whole manifest
+#: before the race is decided: 8 sources of a 1 TiB file fetched 8 x 128
+#: MiB of hashes.  Two keep a slow or lying first source from holding the
+#: download up.
+MANIFEST_RACERS = 2
+
+#: Seconds the manifest race may go without a page arriving before the
+#: sources waiting join it anyway: racers that stall (silent, or slow to
+#: answer) hold the download up no longer than that.
+MANIFEST_RACE_PATIENCE = 1.0
+
 #: Seconds a peer has to answer each manifest or "have" call of a download
 #: before it is left out of it (its connection closed), so that a silent
 #: peer costs the others nothing.

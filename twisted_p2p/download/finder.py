@@ -1,8 +1,9 @@
 """
 Finding a download's sources: connecting to every peer that offers the
-file at once, the race for the manifest (the first one that matches the
-file id wins, and the other fetches stop), asking each source which chunks
-it holds, and asking partial holders again as they gain more.
+file at once, the race for the manifest (among L{MANIFEST_RACERS} of them
+at a time: the first one that matches the file id wins, and the other
+fetches stop), asking each source which chunks it holds, and asking partial
+holders again as they gain more.
 """
 
 from twisted.internet import defer
@@ -10,7 +11,7 @@ from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.logger import Logger
 
 from twisted_p2p.client import fetch_have, fetch_manifest
-from twisted_p2p.limits import ANSWER_TIMEOUT
+from twisted_p2p.limits import ANSWER_TIMEOUT, MANIFEST_RACE_PATIENCE, MANIFEST_RACERS
 from twisted_p2p.manifest import chunk_count
 from twisted_p2p.download.requests import Source
 
@@ -44,6 +45,24 @@ class _Deadline:
         return self._client.call(header).addTimeout(self._seconds, self._clock)
 
 
+class _Progress:
+    """
+    A racer's sender connection: each answer it gets is progress of the
+    manifest race (see L{Finder._race_stalled}).
+    """
+
+    def __init__(self, client, progressed):
+        self._client = client
+        self._progressed = progressed
+
+    def call(self, header):
+        return self._client.call(header).addCallback(self._answered)
+
+    def _answered(self, answer):
+        self._progressed()
+        return answer
+
+
 class Finder:
     """
     Owns the search for one download's sources.  It tells its C{owner} (the
@@ -74,6 +93,9 @@ class Finder:
         self._tried = set()
         self._connecting = set()
         self._manifest_fetches = set()
+        self._racing = 0
+        self._turns = []  # sources waiting for the race's outcome
+        self._progress_at = None  # when a racer last joined or got a page
         self._refreshing = set()
         self._manifest = None
         self._over = False
@@ -123,6 +145,7 @@ class Finder:
         The manifest the download uses (from us or from the storage).
         """
         self._manifest = manifest
+        self._next_turns()
 
     async def _connect(self, peer):
         try:
@@ -138,20 +161,45 @@ class Finder:
         offered = self._size_offered(peer)
         early_have = None
         try:
+            while (self._manifest is None and self._racing >= MANIFEST_RACERS
+                   and not self._race_stalled()):
+                # Enough sources race already: wait for the winner, for a
+                # racer to fail (its place is then this one's), or for the
+                # race to stall (then this one joins it anyway, which counts
+                # as progress: one more source a stalled second).
+                turn = defer.Deferred()
+                self._turns.append(turn)
+                timer = self._clock.callLater(self._patience_left(), self._give_turn, turn)
+                try:
+                    await turn
+                finally:
+                    if timer.active():
+                        timer.cancel()
+                    if turn in self._turns:
+                        self._turns.remove(turn)
             if self._manifest is None:
-                fetching = defer.ensureDeferred(self._fetch_manifest(timed, offered))
-                if offered:
-                    # Asked at once behind the manifest, on the size the
-                    # catalog offered: answers come in order, so the chunk
-                    # map costs no round trip of its own.
-                    early_have = defer.ensureDeferred(
-                        fetch_have(timed, self._file_id, chunk_count(offered)))
-                manifest = await fetching
-                if manifest is not None and self._manifest is None and not self._stopped:
-                    self._manifest = manifest
-                    for fetch in list(self._manifest_fetches):
-                        fetch.cancel()
-                    self._owner.manifest_found(manifest)
+                self._racing += 1
+                self._progress_at = self._clock.seconds()
+                racer = _Progress(timed, self._race_progressed)
+                try:
+                    fetching = defer.ensureDeferred(self._fetch_manifest(racer, offered))
+                    if offered:
+                        # Asked at once behind the manifest, on the size the
+                        # catalog offered: answers come in order, so the
+                        # chunk map costs no round trip of its own.
+                        early_have = defer.ensureDeferred(
+                            fetch_have(racer, self._file_id, chunk_count(offered)))
+                    manifest = await fetching
+                    if manifest is not None and self._manifest is None and not self._stopped:
+                        self._manifest = manifest
+                        for fetch in list(self._manifest_fetches):
+                            fetch.cancel()
+                        self._owner.manifest_found(manifest)
+                finally:
+                    # After the manifest is kept, so that those waiting go
+                    # on with it rather than race for it.
+                    self._racing -= 1
+                    self._next_turns()
             if self._stopped:
                 raise CancelledError()
             count = self._manifest.chunk_count
@@ -189,6 +237,36 @@ class Finder:
             return None
         finally:
             self._manifest_fetches.discard(fetch)
+
+    def _race_progressed(self):
+        self._progress_at = self._clock.seconds()
+
+    def _race_stalled(self):
+        """
+        Whether no racer has joined or got an answer for
+        L{MANIFEST_RACE_PATIENCE} seconds.
+        """
+        return (self._progress_at is not None
+                and self._clock.seconds() - self._progress_at >= MANIFEST_RACE_PATIENCE)
+
+    def _patience_left(self):
+        if self._progress_at is None:
+            return MANIFEST_RACE_PATIENCE
+        return max(0.0, self._progress_at + MANIFEST_RACE_PATIENCE - self._clock.seconds())
+
+    def _give_turn(self, turn):
+        if turn in self._turns:
+            self._turns.remove(turn)
+            turn.callback(None)
+
+    def _next_turns(self):
+        """
+        A racer is done, won or lost: the sources waiting look again (each
+        goes on with the manifest, or takes the free place).
+        """
+        turns, self._turns = self._turns, []
+        for turn in turns:
+            turn.callback(None)
 
     def _connect_crashed(self, failure, peer):
         log.failure("Connecting to {peer} failed", failure, peer=peer.label)
