@@ -199,12 +199,18 @@ def test_two_sources_race_for_the_manifest_and_the_others_wait(unhandled):
     # the manifest is known.
     manifest = manifest_of(3)
     _, owner, clients = four_peers(manifest)
-    assert [c.asked for c in clients] == [["manifest", "have"], ["manifest", "have"], [], []]
+    # Those waiting ask which chunks they hold meanwhile, nothing more.
+    assert [c.asked for c in clients] == [["manifest", "have"], ["manifest", "have"],
+                                          ["have"], ["have"]]
+    clients[2].answer_have_all(manifest)
+    assert owner.sources == []
     clients[1].answer_manifest(manifest)
     assert owner.manifests == [manifest]
     assert [c.asked for c in clients[2:]] == [["have"], ["have"]]
+    assert len(owner.sources) == 1  # the one whose chunk map was in
     for client in clients[1:]:
-        client.answer_have_all(manifest)
+        if client is not clients[2]:
+            client.answer_have_all(manifest)
     # The loser's cancelled fetch is answered late, and dropped.
     clients[0].answer_manifest(manifest)
     clients[0].answer_have_all(manifest)
@@ -216,13 +222,14 @@ def test_a_racer_that_fails_gives_its_place_to_a_waiting_source(unhandled):
     _, owner, clients = four_peers(manifest)
     clients[0].refuse()
     assert clients[0].closed
-    assert [c.asked for c in clients[2:]] == [["manifest", "have"], []]
+    # Its chunk map asked while it waited, it asks for the manifest behind it.
+    assert [c.asked for c in clients[2:]] == [["have", "manifest"], ["have"]]
     clients[1].refuse()
-    assert [c.asked for c in clients[2:]] == [["manifest", "have"], ["manifest", "have"]]
-    clients[3].answer_manifest(manifest)
+    assert [c.asked for c in clients[2:]] == [["have", "manifest"], ["have", "manifest"]]
     clients[3].answer_have_all(manifest)
-    clients[2].answer_manifest(manifest)
+    clients[3].answer_manifest(manifest)
     clients[2].answer_have_all(manifest)
+    clients[2].answer_manifest(manifest)
     assert owner.manifests == [manifest] and len(owner.sources) == 2
     assert len(owner.over) == 1 and len(owner.over[0]) == 2
 
@@ -245,11 +252,12 @@ def test_sources_waiting_join_a_race_that_stalls(unhandled):
     clock = task.Clock()
     finder, owner, clients = four_peers(manifest, clock)
     clock.advance(MANIFEST_RACE_PATIENCE * 0.9)
-    assert [c.asked for c in clients[2:]] == [[], []]
+    assert [c.asked for c in clients[2:]] == [["have"], ["have"]]
     clock.advance(MANIFEST_RACE_PATIENCE * 0.1)
-    assert [c.asked for c in clients[2:]] == [["manifest", "have"], []]
+    assert [c.asked for c in clients[2:]] == [["have", "manifest"], ["have"]]
     clock.advance(MANIFEST_RACE_PATIENCE)
-    assert [c.asked for c in clients[2:]] == [["manifest", "have"], ["manifest", "have"]]
+    assert [c.asked for c in clients[2:]] == [["have", "manifest"], ["have", "manifest"]]
+    clients[3].answer_have_all(manifest)
     clients[3].answer_manifest(manifest)
     assert owner.manifests == [manifest]
     finder.stop()
@@ -270,7 +278,7 @@ def test_a_race_that_gets_pages_is_not_stalled(unhandled):
     clients[0].answer({"t": "manifest", "id": manifest.file_id, "size": size, "start": 0,
                        "count": MANIFEST_PAGE}, b"".join(hashes[:MANIFEST_PAGE]))
     clock.advance(MANIFEST_RACE_PATIENCE * 0.99)
-    assert [c.asked for c in clients[2:]] == [[], []]
+    assert [c.asked for c in clients[2:]] == [["have"], ["have"]]
     clock.advance(MANIFEST_RACE_PATIENCE * 0.01)
-    assert [c.asked for c in clients[2:]] == [["manifest", "have"], []]
+    assert [c.asked for c in clients[2:]] == [["have", "manifest"], ["have"]]
     finder.stop()

@@ -161,8 +161,12 @@ class Finder:
         offered = self._size_offered(peer)
         early_have = None
         try:
-            while (self._manifest is None and self._racing >= MANIFEST_RACERS
-                   and not self._race_stalled()):
+            if offered and self._manifest is None and self._must_wait():
+                # Asked while this source waits for the race, on the size
+                # the catalog offered: the chunk map is here when the
+                # manifest is.
+                early_have = self._early_have(timed, offered)
+            while self._manifest is None and self._must_wait():
                 # Enough sources race already: wait for the winner, for a
                 # racer to fail (its place is then this one's), or for the
                 # race to stall (then this one joins it anyway, which counts
@@ -183,12 +187,11 @@ class Finder:
                 racer = _Progress(timed, self._race_progressed)
                 try:
                     fetching = defer.ensureDeferred(self._fetch_manifest(racer, offered))
-                    if offered:
+                    if offered and early_have is None:
                         # Asked at once behind the manifest, on the size the
                         # catalog offered: answers come in order, so the
                         # chunk map costs no round trip of its own.
-                        early_have = defer.ensureDeferred(
-                            fetch_have(racer, self._file_id, chunk_count(offered)))
+                        early_have = self._early_have(racer, offered)
                     manifest = await fetching
                     if manifest is not None and self._manifest is None and not self._stopped:
                         self._manifest = manifest
@@ -237,6 +240,16 @@ class Finder:
             return None
         finally:
             self._manifest_fetches.discard(fetch)
+
+    def _must_wait(self):
+        """
+        Whether a source without the manifest must wait for the race: enough
+        sources race, and the race is not stalled.
+        """
+        return self._racing >= MANIFEST_RACERS and not self._race_stalled()
+
+    def _early_have(self, client, offered):
+        return defer.ensureDeferred(fetch_have(client, self._file_id, chunk_count(offered)))
 
     def _race_progressed(self):
         self._progress_at = self._clock.seconds()
