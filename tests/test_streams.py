@@ -342,11 +342,13 @@ def test_cancel_takes_queued_chunks_off(link, eleven):
     assert opened.stream.cancel([0]) == []  # sent already
 
 
-def test_cancel_leaves_the_chunks_of_a_batch_being_sent(link, forty):
+def test_cancel_leaves_the_chunks_of_a_batch_being_sent(link, forty, monkeypatch):
     """
     Chunks handed to a worker go out whole: a cancel cannot take them back,
-    and none of them is sent twice.
+    and none of them is sent twice.  (In sendfile mode only bytes that are
+    not in memory go to a worker.)
     """
+    monkeypatch.setattr(OpenChunks, "in_memory", lambda self, segments: False)
     local, content = forty
     workers = HeldWorkers()
     opened = open_on(link, local, workers=workers)
@@ -697,6 +699,145 @@ def test_only_plain_tcp_transports_can_sendfile():
     finally:
         a.close()
         b.close()
+
+
+# -- sending on the reactor's thread what is in memory ----------------------------------------
+
+
+def evicted(path):
+    """
+    Drop C{path}'s pages from the page cache; whether they are gone (a
+    file system that keeps its files in memory keeps them).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+needs_nowait = pytest.mark.skipif(
+    not hasattr(os, "RWF_NOWAIT"), reason="preadv2(RWF_NOWAIT) is Linux's"
+)
+
+
+@needs_nowait
+def test_bytes_just_written_are_in_memory(eleven):
+    local, _ = eleven
+    opened = OpenChunks(local.path, local.manifest, local.signature)
+    try:
+        assert opened.in_memory(opened.segments(0, 4))
+        assert opened.in_memory(opened.segments(8, 3))  # to the short last chunk
+        # Past the end of the file (it shrank): not for this thread to find out.
+        fd, offset, length = opened.segments(10, 1)[0]
+        assert not opened.in_memory([(fd, offset, length + 1)])
+    finally:
+        opened.close()
+
+
+@needs_nowait
+def test_bytes_that_would_wait_for_the_disk_are_not_in_memory(forty):
+    local, _ = forty
+    if not evicted(local.path):
+        pytest.skip("this file system keeps its files in memory")
+    opened = OpenChunks(local.path, local.manifest, local.signature)
+    try:
+        assert not opened.in_memory(opened.segments(0, 4))
+        os.pread(opened.fd, CHUNK_SIZE, 0)  # the first chunk only comes back
+        assert opened.in_memory(opened.segments(0, 1))
+        assert not opened.in_memory(opened.segments(0, 2))
+    finally:
+        opened.close()
+
+
+def test_without_a_way_to_ask_nothing_is_in_memory(eleven, monkeypatch):
+    monkeypatch.setattr(streams, "_NOWAIT", None)
+    local, _ = eleven
+    opened = OpenChunks(local.path, local.manifest, local.signature)
+    try:
+        assert not opened.in_memory(opened.segments(0, 1))
+    finally:
+        opened.close()
+
+
+@needs_nowait
+def test_a_batch_in_memory_is_sent_here_one_per_turn(eleven, monkeypatch):
+    """
+    In sendfile mode, chunks in the page cache go out on this thread, with
+    no worker; each turn of the connection sends one batch and then waits
+    for the reactor to say the socket takes more.
+    """
+    monkeypatch.setattr(streams, "STREAM_BATCH_BYTES", CHUNK_SIZE)
+    local, content = eleven
+    link = SendfileLink()
+    link.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    try:
+        workers = HeldWorkers()
+        opened = open_on(link, local, workers=workers)
+        opened.stream.add([0, 2, 4])
+        assert link.transport.writing == 0  # nothing before the connection asks
+        link.transport.producer.resumeProducing()
+        assert runs(link.data()) == [(0, 1)]
+        assert link.transport.writing == 1
+        link.transport.producer.resumeProducing()
+        assert runs(link.data()) == [(0, 1), (2, 1)]
+        assert link.transport.writing == 2
+        link.pull()
+        data = link.data()
+        assert runs(data) == [(0, 1), (2, 1), (4, 1)]
+        check_bodies(data, content)
+        assert workers.held == []
+        assert opened.stream.pending() == 0 and opened.progress == 3
+    finally:
+        link.close()
+
+
+@needs_nowait
+def test_a_batch_that_would_wait_for_the_disk_goes_to_a_worker(forty):
+    local, content = forty
+    if not evicted(local.path):
+        pytest.skip("this file system keeps its files in memory")
+    link = SendfileLink()
+    try:
+        workers = HeldWorkers()
+        opened = open_on(link, local, workers=workers)
+        opened.stream.add(list(range(8)))
+        link.transport.producer.resumeProducing()
+        assert [f for f, _, _ in workers.held] == [streams.send_batch]
+        assert link.data() == b""
+        for _ in range(10_000):
+            workers.run()
+            if not opened.stream.pending():
+                break
+            link.read()
+            link.transport.producer.resumeProducing()
+        data = link.data()
+        assert runs(data) == [(0, 4), (4, 4)]
+        check_bodies(data, content)
+    finally:
+        link.close()
+
+
+def test_a_file_changed_before_a_batch_sent_here_ends_the_stream(forty):
+    local, _ = forty
+    link = SendfileLink()
+    try:
+        opened = open_on(link, local)
+        opened.stream.add([0])
+        with open(local.path, "ab") as f:
+            f.write(b"more")
+        link.transport.producer.resumeProducing()
+        assert opened.ends and "changed" in opened.ends[0][2]
+        assert isinstance(opened.stream.failure.value, FileChanged)
+        assert link.transport.disconnecting
+    finally:
+        link.close()
 
 
 # -- on a real loopback connection ------------------------------------------------------------

@@ -89,8 +89,10 @@ HELLO_TIMEOUT = 10.0
 #: it a frame is at most this plus MAX_RUN chunks.
 MAX_DATA_HEADER = 1024
 
-#: Bytes of chunks a sender hands to one sending batch (a worker thread
-#: sends them with sendfile until the socket is full).  Chunks not yet in a
+#: Bytes of chunks a sender hands to one sending batch (sent with sendfile
+#: until the socket is full, on the reactor's thread if they are in the page
+#: cache, else by a worker thread): the most one stream sends in one turn
+#: of the reactor.  Chunks not yet in a
 #: batch can still be cancelled.
 STREAM_BATCH_BYTES = 4 * 1024 * 1024
 

@@ -7,10 +7,19 @@ An L{OutgoingStream} owns one of them: the chunks asked on it, in the order
 asked, and their sending, paced by the peer's upload rate.  It never hashes
 what it sends (the index holds the hashes) and never holds a chunk in memory
 when it can help it: on a plain TCP connection the chunks go from the file to
-the socket with C{os.sendfile}, in batches run by a worker thread until the
-socket's buffer is full; on any other transport (TLS, tests) a worker reads a
-few chunks at a time and the reactor writes them.  Before and after every
-batch the file is checked to be the one indexed (size, mtime and inode).
+the socket with C{os.sendfile}, in batches sent until the socket's buffer is
+full; on any other transport (TLS, tests) a worker reads a few chunks at a
+time and the reactor writes them.  Before and after every batch the file is
+checked to be the one indexed (size, mtime and inode).
+
+A sendfile batch whose bytes are all in the page cache is sent on the
+reactor's thread: it then costs no more than copying them to the socket,
+and handing it to a worker and back cost more than that (two thread
+wake-ups per batch, on each of several processes when one downloader draws
+on several seeders of one machine).  Any other batch, which would wait for
+the disk, goes to a worker.  Whether the bytes are in memory is asked of
+the kernel with C{preadv2(RWF_NOWAIT)}, a byte at the start of every chunk
+and at the end of the batch (L{OpenChunks.in_memory}).
 """
 
 import os
@@ -20,6 +29,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPullProducer, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_p2p import wire
@@ -28,6 +38,11 @@ from twisted_p2p.index import file_signature
 from twisted_p2p.limits import CHUNK_SIZE, IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES
 
 log = Logger()
+
+#: preadv2's flag to fail rather than wait for the disk (Linux 4.14 on),
+#: and the one-byte buffer L{OpenChunks.in_memory} reads into.
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+_PROBE = [bytearray(1)]
 
 
 class FileChanged(OSError):
@@ -40,7 +55,9 @@ class OpenChunks:
     """
     One file held open for a stream, and where each of its chunks is.
 
-    Blocking (open, check): a worker thread calls these.
+    Opening blocks on the disk: a worker thread does it.  L{check} is two
+    stats of what was just opened or sent (in the inode cache, then), made
+    around every batch on whichever thread sends it.
 
     @param signature: the file's signature when it was indexed, for a whole
         shared file; C{None} for a partial download, whose bytes are ours.
@@ -82,6 +99,31 @@ class OpenChunks:
             file_signature(os.stat(self.path, follow_symlinks=False)) != self._signature
         ):
             raise FileChanged(f"{self.path} changed since it was indexed")
+
+    def in_memory(self, segments):
+        """
+        Whether the bytes of C{segments} can be read without waiting for the
+        disk, as far as a byte at the start of every chunk, and the last
+        byte, tell: for a file read or written lately they are in the page
+        cache together.  C{False} wherever the kernel cannot say.
+
+        A page evicted between two of those bytes costs the caller one wait
+        for the disk; asking about every page would cost more than sending
+        them.  Never blocks.
+        """
+        if _NOWAIT is None:
+            return False
+        probe = _PROBE
+        try:
+            for fd, offset, length in segments:
+                end = offset + length - 1
+                for at in (*range(offset, end, CHUNK_SIZE), end):
+                    if os.preadv(fd, probe, at, _NOWAIT) != 1:
+                        return False  # past the end: the file is shorter
+        except OSError:
+            # EAGAIN: not in memory; EOPNOTSUPP and the like: cannot say.
+            return False
+        return True
 
     def read_into(self, segments, buffer):
         """
@@ -531,6 +573,11 @@ class OutgoingStream:
         if self._sendfile:
             batch = list(self._paid)
             self._job = batch
+            if self._seal is None and self._opened.in_memory(
+                [segment for item in batch for segment in item.segments[item.segment :]]
+            ):
+                self._send_here(batch)
+                return
             if self._seal is None:
                 d = self._workers.submit(send_batch, self._sock, batch, self._opened)
             else:
@@ -545,6 +592,20 @@ class OutgoingStream:
             self._job = batch
             d = self._workers.submit(read_batch, batch, self._opened, self._seal)
             d.addCallbacks(self._read, self._failed, callbackArgs=(batch,))
+
+    def _send_here(self, batch):
+        """
+        Send C{batch}, all in memory, on this thread.  Whatever it leaves
+        waits for the reactor's next turn (it says when the socket can take
+        more), so that one stream never holds the reactor for more than a
+        batch.
+        """
+        try:
+            done, _ = send_batch(self._sock, batch, self._opened)
+        except Exception:
+            self._failed(Failure())
+            return
+        self._sent((done, True), batch)
 
     def _take_paid(self):
         """
