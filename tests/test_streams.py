@@ -24,13 +24,7 @@ from zope.interface import alsoProvides, implementer
 
 from twisted_p2p import wire
 from twisted_p2p.index import PartialLocal
-from twisted_p2p.limits import (
-    IDLE_TIMEOUT,
-    MAX_RUN,
-    STREAM_BATCH_BYTES,
-    STREAM_NOTSENT_LOWAT,
-    UPLOAD_BURST,
-)
+from twisted_p2p.limits import IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES, UPLOAD_BURST
 from twisted_p2p.manifest import CHUNK_SIZE
 from twisted_p2p.transfer import streams
 from twisted_p2p.transfer.streams import (
@@ -913,11 +907,6 @@ async def test_sendfile_on_a_real_loopback_connection(tmp_path, monkeypatch):
         client = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         connection = await client.connect(Factory.forProtocol(lambda: StreamConnection(stream)))
         assert can_sendfile(connection.transport)
-        if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-            handle = connection.transport.getHandle()
-            assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == (
-                STREAM_NOTSENT_LOWAT
-            )
         await wait_for(reactor, lambda: collector.transport is not None)
         collector.transport.pauseProducing()
         stream.add(list(range(count)))

@@ -92,20 +92,9 @@ MAX_DATA_HEADER = 1024
 #: Bytes of chunks a sender hands to one sending batch (sent with sendfile
 #: until the socket is full, on the reactor's thread if they are in the page
 #: cache, else by a worker thread): the most one stream sends in one turn
-#: of the reactor.  Chunks not yet in a batch can still be cancelled.
+#: of the reactor.  Chunks not yet in a
+#: batch can still be cancelled.
 STREAM_BATCH_BYTES = 4 * 1024 * 1024
-
-#: Bytes a data connection's socket may hold that are not sent yet
-#: (TCP_NOTSENT_LOWAT): the sender's sendfile stops there, and goes on once
-#: they have gone out.  What is in flight is not limited by it, so neither
-#: is the rate over a long path.  Left to the default, the kernel queues
-#: megabytes behind the receiver's window, and sends them when the
-#: receiver's acknowledgement comes: on loopback, in the receiving peer's
-#: recv call, on its reactor's thread.  Measured over 96 MiB downloads (20
-#: rounds, interleaved): the downloader's CPU 116 ms a download with
-#: 16 KiB, 123 with 128 KiB, 130-150 with no limit, and the download 10-20%
-#: faster than with no limit, from one seeder and from four.
-STREAM_NOTSENT_LOWAT = 16 * 1024
 
 #: Chunks one frame of a data connection may carry, when they follow each
 #: other: 1 MiB.  Larger frames cost both sides less per byte (one head, one

@@ -20,10 +20,6 @@ on several seeders of one machine).  Any other batch, which would wait for
 the disk, goes to a worker.  Whether the bytes are in memory is asked of
 the kernel with C{preadv2(RWF_NOWAIT)}, a byte at the start of every chunk
 and at the end of the batch (L{OpenChunks.in_memory}).
-
-The socket holds at most L{STREAM_NOTSENT_LOWAT} bytes not yet sent, so
-that the kernel sends them in the sender's own calls rather than when the
-receiver acknowledges (see there).
 """
 
 import os
@@ -39,13 +35,7 @@ from zope.interface import implementer
 from twisted_p2p import wire
 from twisted_p2p.framing import frame_head
 from twisted_p2p.index import file_signature
-from twisted_p2p.limits import (
-    CHUNK_SIZE,
-    IDLE_TIMEOUT,
-    MAX_RUN,
-    STREAM_BATCH_BYTES,
-    STREAM_NOTSENT_LOWAT,
-)
+from twisted_p2p.limits import CHUNK_SIZE, IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES
 
 log = Logger()
 
@@ -53,9 +43,6 @@ log = Logger()
 #: and the one-byte buffer L{OpenChunks.in_memory} reads into.
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _PROBE = [bytearray(1)]
-
-#: The socket option that bounds what a socket holds unsent (Linux, macOS).
-_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 
 
 class FileChanged(OSError):
@@ -556,11 +543,6 @@ class OutgoingStream:
             # it stays valid until the worker is done with it.
             self._sock = socket.socket(fileno=os.dup(transport.fileno()))
             self._sock.setblocking(False)
-            if _NOTSENT_LOWAT is not None:
-                try:
-                    self._sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, STREAM_NOTSENT_LOWAT)
-                except OSError:
-                    pass  # not TCP: a test's socket pair
             self._paid.insert(0, _Outgoing(None, 0, hello))
         else:
             transport.write(hello)
