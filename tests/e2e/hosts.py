@@ -245,10 +245,10 @@ class Network:
                 sh(IP, "-n", host.namespace, "-6", "route", "add", str(link.switch.ipv6),
                    "via", gateway.ipv6)
 
-    def limit(self, host, rate, switch=None):
+    def limit(self, host, rate, switch=None, burst="32kb"):
         """
         A C{tbf} rate limit (C{"20mbit"}) on C{host}'s link to C{switch}
-        (its first), both ways.
+        (its first), both ways, letting C{burst} through at once.
         """
         if TC is None:
             raise RuntimeError("tc (iproute2) is needed for rate limits")
@@ -256,7 +256,7 @@ class Network:
         for namespace, device in ((host.namespace, link.interface),
                                   (link.switch.namespace, link.port)):
             sh(TC, "-n", namespace, "qdisc", "add", "dev", device, "root", "tbf",
-               "rate", rate, "burst", "32kb", "latency", "100ms")
+               "rate", rate, "burst", burst, "latency", "100ms")
 
     def cut(self, host, switch=None):
         """Pull the cable: C{host}'s link to C{switch} (its first) goes down."""
