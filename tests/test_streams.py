@@ -713,6 +713,9 @@ def evicted(path):
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        # A read that misses starts reading, with read-ahead unless this
+        # says not to: then only the probed page comes back, later.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         try:
             os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
         except BlockingIOError:
@@ -747,11 +750,14 @@ def test_bytes_that_would_wait_for_the_disk_are_not_in_memory(forty):
     if not evicted(local.path):
         pytest.skip("this file system keeps its files in memory")
     opened = OpenChunks(local.path, local.manifest, local.signature)
+    # Each probe that misses starts reading what it probed: so every check
+    # asks about chunks no read has touched, and nothing reads ahead.
+    os.posix_fadvise(opened.fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
-        assert not opened.in_memory(opened.segments(0, 4))
-        os.pread(opened.fd, CHUNK_SIZE, 0)  # the first chunk only comes back
-        assert opened.in_memory(opened.segments(0, 1))
-        assert not opened.in_memory(opened.segments(0, 2))
+        assert not opened.in_memory(opened.segments(10, 4))
+        os.pread(opened.fd, CHUNK_SIZE, 20 * CHUNK_SIZE)  # chunk 20 alone comes back
+        assert opened.in_memory(opened.segments(20, 1))
+        assert not opened.in_memory(opened.segments(20, 2))
     finally:
         opened.close()
 

@@ -109,7 +109,9 @@ class OpenChunks:
 
         A page evicted between two of those bytes costs the caller one wait
         for the disk; asking about every page would cost more than sending
-        them.  Never blocks.
+        them.  Never blocks.  A probe that misses starts the kernel reading
+        there (and ahead), so the worker that then sends the batch finds it
+        on its way.
         """
         if _NOWAIT is None:
             return False
