@@ -335,6 +335,36 @@ class TestOffers:
         assert [p.peer_id for p in w.catalog.sources(f"{7:064x}")] == peer_ids
 
 
+    def test_kept_offers_are_nothing_for_the_cycle_collector_to_walk(self, w):
+        """
+        A large catalog's offers and paths, once built, add next to nothing
+        to what every full collection walks (named tuples holding peers
+        would add one object each), and are made again as they are read.
+        """
+        import gc
+
+        count = 5_000
+        w.announce(ALICE)
+        w.announce(BOB)
+        w.fetch.last(ALICE).callback(
+            (REV1, files(*[(f"{n:064x}", f"d{n % 7}/f{n}", n) for n in range(count)]))
+        )
+        w.fetch.last(BOB).callback((REV1, files((f"{3:064x}", "again/f3", 3))))
+        gc.collect()
+        before = len(gc.get_objects())
+        offers, paths = w.catalog.offers(), w.catalog.paths()
+        gc.collect()
+        assert len(gc.get_objects()) - before < 100
+        assert len(offers) == count and len(paths) == count + 1
+        both = w.catalog.offer_of(f"{3:064x}")
+        assert both.peers == (w.table.get(ALICE), w.table.get(BOB))
+        assert [o for o in offers if o.file_id == both.file_id] == [both]
+        assert [o.name for o in paths if o.file_id == both.file_id] == ["again/f3", "d3/f3"]
+        assert offers[0] == Offer(f"{0:064x}", "d0/f0", 0, (w.table.get(ALICE),))
+        assert offers[:2] == list(offers)[:2]
+        assert offers is w.catalog.offers()  # kept until the catalog changes
+
+
 class TestLookups:
     """
     C{named}, C{offer_of} and C{with_id_prefix} answer C{download NAME}

@@ -4,6 +4,7 @@ The network catalog: what the other peers offer.
 
 import itertools
 from collections import Counter
+from collections.abc import Sequence
 from operator import itemgetter
 from types import MappingProxyType
 from typing import NamedTuple
@@ -37,6 +38,74 @@ class Offer(NamedTuple):
     @property
     def short_id(self):
         return self.file_id[:8]
+
+
+class _Offers(Sequence):
+    """
+    The offers (L{Offer}s) of a catalog, in order, made as they are looked
+    at: what is kept is a plain tuple per offer, C{(file_id, name, size,
+    places)}, the places those of its peers in C{peers} (an int, or a
+    tuple of ints).
+
+    Kept this way because the cycle collector stops tracking a plain tuple
+    of strings and ints once it has seen it, and never an L{Offer} (a named
+    tuple, holding peers): 100,000 offers and 100,000 paths kept as
+    L{Offer}s were nearly all a full collection walked, 40-70 ms holding
+    the GIL on the test machine, whichever thread set it off.  An L{Offer}
+    made while a caller goes through them goes again as soon as it is let
+    go.
+    """
+
+    __slots__ = ("_rows", "_peers", "_sets")
+
+    def __init__(self, rows, peers):
+        self._rows = rows
+        self._peers = tuple(peers)
+        self._sets = {}  # places -> the tuple of those peers, made once
+
+    def _peers_at(self, places):
+        found = self._sets.get(places)
+        if found is None:
+            if type(places) is int:
+                found = (self._peers[places],)
+            else:
+                found = tuple(self._peers[place] for place in places)
+            self._sets[places] = found
+        return found
+
+    def _offer(self, row):
+        file_id, name, size, places = row
+        return _make_offer((file_id, name, size, self._peers_at(places)))
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._offer(row) for row in self._rows[i]]
+        return self._offer(self._rows[i])
+
+    def __iter__(self):
+        offer = self._offer
+        for row in self._rows:
+            yield offer(row)
+
+    def __eq__(self, other):
+        if not isinstance(other, (list, tuple, _Offers)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"<{len(self)} offers>"
+
+    def holders(self):
+        """A new dict of each file id to its peers' places (see L{__init__})."""
+        return {row[0]: row[3] for row in self._rows}
+
+
+_make_offer = Offer._make
 
 
 class FairFetches:
@@ -306,7 +375,8 @@ class NetworkCatalog:
     def offers(self):
         """
         Every file content the known peers offer, one L{Offer} per id, in
-        name order (a list the caller must not change).
+        name order: a sequence (see L{_Offers}) kept until the catalog or
+        the peers change.
 
         Linear in the number of catalog entries: the peers of each file are
         kept in a dict by id, in the table's address order.
@@ -314,45 +384,44 @@ class NetworkCatalog:
         return self._memo("offers", self._offers)
 
     def _offers(self, peers):
-        # 100,000 offers are built in one go: nothing else is made per
-        # entry (the names and sizes are those of the catalog's own
-        # entries, and a file that one peer holds shares that peer's
-        # one-peer tuple), so that there is less for the cycle collector
-        # to walk meanwhile.
+        # 100,000 offers are worked out in one go, as plain tuples (see
+        # _Offers): nothing else is made per entry (the names and sizes are
+        # those of the catalog's own entries, and the peers of each file
+        # are their places in the table, one int for a file one peer holds).
         first = {}  # file id -> the entry that first lists it
-        holders = {}  # file id -> its peers: a tuple, or a list while growing
-        for peer in peers:
+        holders = {}  # file id -> its peers' places: an int, or a list of them
+        for place, peer in enumerate(peers):
             files = self._files.get(peer.peer_id)
             if not files:
                 continue
-            alone = (peer,)
             for entry in files:
                 file_id = entry[0]
                 held = holders.get(file_id)
                 if held is None:
                     first[file_id] = entry
-                    holders[file_id] = alone
-                elif held[-1] is not peer:  # not a second name of this peer's
-                    if type(held) is tuple:
-                        holders[file_id] = [*held, peer]
-                    else:
-                        held.append(peer)
-        offers = []
+                    holders[file_id] = place
+                elif type(held) is int:
+                    if held != place:  # not a second name of this peer's
+                        holders[file_id] = [held, place]
+                elif held[-1] != place:
+                    held.append(place)
+        rows = []
         for file_id, (_, name, size) in first.items():
             held = holders[file_id]
-            offers.append(Offer(file_id, name, size, held if type(held) is tuple else tuple(held)))
-        return _by_name(offers)
+            rows.append((file_id, name, size, held if type(held) is int else tuple(held)))
+        return _Offers(_by_name(rows), peers)
 
     def paths(self):
         """
         Every path the known peers offer, one L{Offer} per path and id: a
         folder may hold the same content under two names, and a folder
-        download fetches both.  Each lists every peer that holds the id.
+        download fetches both.  Each lists every peer that holds the id.  A
+        sequence, as L{offers}.
         """
         return self._memo("paths", self._paths)
 
     def _paths(self, peers):
-        holders = {offer.file_id: offer.peers for offer in self.offers()}
+        holders = self.offers().holders()
         entries = []
         for peer in peers:
             entries.extend(self._files.get(peer.peer_id, ()))
@@ -364,8 +433,8 @@ class NetworkCatalog:
             if last is not None and entry[1] == last[1] and entry[0] == last[0]:
                 continue
             last = entry
-            paths.append(Offer(entry[0], entry[1], entry[2], holders[entry[0]]))
-        return paths
+            paths.append((entry[0], entry[1], entry[2], holders[entry[0]]))
+        return _Offers(paths, peers)
 
     @property
     def size(self):
