@@ -730,6 +730,19 @@ needs_nowait = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def cold_forty(forty):
+    """
+    L{forty}, its pages dropped from the page cache; skips where that
+    cannot be done or seen.
+    """
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("preadv2(RWF_NOWAIT) is Linux's")
+    if not evicted(forty[0].path):
+        pytest.skip("this file system keeps its files in memory")
+    return forty
+
+
 @needs_nowait
 def test_bytes_just_written_are_in_memory(eleven):
     local, _ = eleven
@@ -744,11 +757,8 @@ def test_bytes_just_written_are_in_memory(eleven):
         opened.close()
 
 
-@needs_nowait
-def test_bytes_that_would_wait_for_the_disk_are_not_in_memory(forty):
-    local, _ = forty
-    if not evicted(local.path):
-        pytest.skip("this file system keeps its files in memory")
+def test_bytes_that_would_wait_for_the_disk_are_not_in_memory(cold_forty):
+    local, _ = cold_forty
     opened = OpenChunks(local.path, local.manifest, local.signature)
     # Each probe that misses starts reading what it probed: so every check
     # asks about chunks no read has touched, and nothing reads ahead.
@@ -804,11 +814,8 @@ def test_a_batch_in_memory_is_sent_here_one_per_turn(eleven, monkeypatch):
         link.close()
 
 
-@needs_nowait
-def test_a_batch_that_would_wait_for_the_disk_goes_to_a_worker(forty):
-    local, content = forty
-    if not evicted(local.path):
-        pytest.skip("this file system keeps its files in memory")
+def test_a_batch_that_would_wait_for_the_disk_goes_to_a_worker(cold_forty):
+    local, content = cold_forty
     link = SendfileLink()
     try:
         workers = HeldWorkers()
