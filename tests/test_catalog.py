@@ -335,6 +335,22 @@ class TestOffers:
         assert [p.peer_id for p in w.catalog.sources(f"{7:064x}")] == peer_ids
 
 
+    def test_a_path_two_peers_list_with_two_sizes_is_one_path(self, w):
+        # Sizes are the peers' word: a path and id is listed once, with
+        # its offer's size (the first peer's), whatever another one says.
+        w.announce(ALICE)
+        w.announce(BOB)
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "d/x", 10), (FILE_Y, "d/y", 5))))
+        w.fetch.last(BOB).callback((REV1, files((FILE_X, "d/x", 99), (FILE_X, "e/x", 98))))
+        both = (w.table.get(ALICE), w.table.get(BOB))
+        assert w.catalog.paths() == [
+            Offer(FILE_X, "d/x", 10, both),
+            Offer(FILE_Y, "d/y", 5, (w.table.get(ALICE),)),
+            Offer(FILE_X, "e/x", 10, both),
+        ]
+        assert w.catalog.offers() == [Offer(FILE_X, "d/x", 10, both),
+                                      Offer(FILE_Y, "d/y", 5, (w.table.get(ALICE),))]
+
     def test_kept_offers_are_nothing_for_the_cycle_collector_to_walk(self, w):
         """
         A large catalog's offers and paths, once built, add next to nothing
