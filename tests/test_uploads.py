@@ -257,6 +257,37 @@ def test_catalog_in_pages_under_the_header_limit(name_of):
     ]
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plain.bin",
+        "a folder/and a file.txt",
+        'quote "d".txt',
+        "back\\slash",
+        "tab\there",
+        "del\x7fhere",
+        "caf\u00e9",
+        "\u65e5\u672c\u8a9e.txt",
+        "astral \U0001f600.png",
+        "",
+    ],
+)
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_catalog_entry_is_sized_as_it_is_encoded(name, partial):
+    # As the page's JSON holds it, and a byte for the comma (the frame's
+    # newline, in its place).
+    entry = {"id": "ab" * 32, "name": name, "size": 1234567}
+    if partial:
+        entry["partial"] = True
+    assert uploads_module.catalog_entry_bytes(entry) == len(wire.encode_frame(entry))
+
+
+def test_every_character_is_sized_as_it_is_encoded():
+    for code in [*range(0x300), 0x2028, 0xFFFD, 0x10000, 0x10FFFF]:
+        entry = {"id": "cd" * 32, "name": f"a{chr(code)}b", "size": code}
+        assert uploads_module.catalog_entry_bytes(entry) == len(wire.encode_frame(entry)), code
+
+
 def test_catalog_page_holds_at_least_one_entry(monkeypatch):
     monkeypatch.setattr(uploads_module, "CATALOG_PAGE_BYTES", 1)
     assert [len(page["files"]) for page in catalog_pages(Peer(many_files(3)))] == [1, 1, 1]
