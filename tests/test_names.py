@@ -75,6 +75,25 @@ def test_not_text(name):
     assert not is_legal_name(name)
 
 
+def test_every_character_is_judged_by_its_category():
+    """
+    Whatever shortcut check_name takes, a character inside a name is
+    refused exactly when its Unicode category is an unsafe one: every
+    character of the Basic Multilingual Plane, and the planes' ends.
+    """
+    import sys
+    import unicodedata
+
+    from twisted_p2p.names import UNSAFE_CATEGORIES
+
+    for code in [*range(0x10000), 0x1F600, 0xE0001, 0xF0000, 0x10FFFF, sys.maxunicode]:
+        ch = chr(code)
+        if ch in "/\\":
+            continue
+        unsafe = unicodedata.category(ch) in UNSAFE_CATEGORIES
+        assert is_legal_name(f"a{ch}b") is not unsafe, hex(code)
+
+
 def test_byte_limit():
     assert check_name("x" * MAX_NAME_BYTES)
     with pytest.raises(BadName):
