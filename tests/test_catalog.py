@@ -351,6 +351,25 @@ class TestOffers:
         assert w.catalog.offers() == [Offer(FILE_X, "d/x", 10, both),
                                       Offer(FILE_Y, "d/y", 5, (w.table.get(ALICE),))]
 
+    def test_paths_go_by_the_peers_of_the_offers_they_are_made_from(self, w, monkeypatch):
+        # The table may change between the offers and the paths made from
+        # them (in a thread, while the reactor hears of a peer): the paths
+        # go by the offers' peers (their places are of those), whatever the
+        # table says by then.
+        w.announce(ALICE)
+        w.fetch.last(ALICE).callback((REV1, files((FILE_X, "x", 1))))
+        w.catalog.offers()
+        w.announce(BOB)
+        w.fetch.last(BOB).callback((REV1, files((FILE_Y, "y", 2))))
+        real = w.catalog.offers
+        monkeypatch.setattr(w.catalog, "offers", lambda: stale)
+        stale = w.catalog._cached["offers"][1]
+        assert w.catalog.paths() == [Offer(FILE_X, "x", 1, (w.table.get(ALICE),))]
+        monkeypatch.setattr(w.catalog, "offers", real)
+        w.announce(BOB, rev=REV2)
+        w.fetch.last(BOB).callback((REV2, files((FILE_Y, "y", 2))))
+        assert [o.name for o in w.catalog.paths()] == ["x", "y"]
+
     def test_kept_offers_are_nothing_for_the_cycle_collector_to_walk(self, w):
         """
         A large catalog's offers and paths, once built, add next to nothing

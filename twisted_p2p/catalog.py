@@ -103,6 +103,11 @@ class _Offers(Sequence):
     def __repr__(self):
         return f"<{len(self)} offers>"
 
+    @property
+    def peers(self):
+        """The peers the places are of."""
+        return self._peers
+
     def by_id(self):
         """A new dict of each file id to its size and its peers' places."""
         return {file_id: (size, places) for _, file_id, size, places in self._rows}
@@ -425,7 +430,12 @@ class NetworkCatalog:
         return self._memo("paths", self._paths)
 
     def _paths(self, peers):
-        known = self.offers().by_id()
+        offers = self.offers()
+        known = offers.by_id()
+        # The offers' own peers, not these: the places are theirs, and the
+        # table may have changed between the two (one may be made in a
+        # thread while the reactor's thread hears of peers).
+        peers = offers.peers
         entries = []
         for peer in peers:
             entries.extend(self._files.get(peer.peer_id, ()))
