@@ -27,7 +27,15 @@ from twisted_p2p.download.requests import GetRequest, Source, SourceStream
 from twisted_p2p.limits import CHUNK_SIZE, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_DATA_HEADER, MAX_RUN
 from twisted_p2p.manifest import Manifest
 from twisted_p2p.transfer import Inbox, ReceiverEndpoint, ReceiverFactory, ReceiverProtocol
-from twisted_p2p.transfer.receiver import _RecvIntoPort
+from twisted_p2p.limits import DATA_RECEIVE_BUFFER
+from twisted_p2p.transfer import receiver as receiver_module
+from twisted_p2p.transfer.receiver import (
+    _RecvIntoPort,
+    data_receive_buffer,
+    granted_receive_buffer,
+    receive_buffer_to_ask,
+    tune_receive_buffer,
+)
 
 PEER_HOST = "192.0.2.2"
 OTHER_HOST = "192.0.2.3"
@@ -640,3 +648,112 @@ async def test_the_receiver_endpoint_on_a_taken_port_cannot_listen():
             )
     finally:
         taken.close()
+
+
+# -- the data connections' receive buffer -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "granted, platform, asked",
+    [
+        (2 * DATA_RECEIVE_BUFFER, "linux", DATA_RECEIVE_BUFFER),  # all of it (doubled)
+        (2 * DATA_RECEIVE_BUFFER - 2, "linux", None),  # rmem_max just short of it
+        (425984, "linux", None),  # Debian's default rmem_max, 208 KiB, doubled
+        (DATA_RECEIVE_BUFFER, "darwin", DATA_RECEIVE_BUFFER),  # reported as asked
+        (DATA_RECEIVE_BUFFER - 1, "darwin", None),
+        (None, "linux", None),  # the kernel would not say
+    ],
+)
+def test_a_data_connection_asks_for_its_buffer_only_where_it_is_granted_whole(
+    granted, platform, asked
+):
+    seen = []
+
+    def probe(size):
+        seen.append(size)
+        return granted
+
+    assert receive_buffer_to_ask(granted=probe, platform=platform) == asked
+    assert seen == [DATA_RECEIVE_BUFFER]
+
+
+def test_the_probe_reports_what_the_kernel_gives():
+    got = granted_receive_buffer(64 * 1024)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        assert got == sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def default_receive_buffer():
+    with socket.socket() as fresh:
+        return fresh.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def test_tuning_sets_the_buffer_asked_for_or_leaves_the_socket_alone():
+    with socket.socket() as tuned, socket.socket() as untouched, socket.socket() as same:
+        tune_receive_buffer(tuned, 96 * 1024)
+        tune_receive_buffer(untouched, None)
+        same.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 96 * 1024)
+        assert tuned.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == same.getsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF
+        )
+        assert untouched.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == (
+            default_receive_buffer()
+        )
+        assert default_receive_buffer() != same.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def test_a_socket_that_cannot_take_the_option_is_left_as_it_is():
+    class Refusing:
+        def setsockopt(self, *args):
+            raise OSError(92, "Protocol not available")
+
+    tune_receive_buffer(Refusing(), 4096)  # no error
+
+
+async def accepted_socket(reactor):
+    """The receiver port's end of one loopback connection to it."""
+    accepted = []
+
+    class Keep(Protocol):
+        def connectionMade(self):
+            accepted.append(self.transport)
+
+    port = await ReceiverEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Keep)
+    )
+    try:
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(Protocol)
+        )
+        await wait_for(reactor, lambda: accepted)
+        size = accepted[0].getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        client.transport.loseConnection()
+        return size
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_receiver_port_gives_its_connections_the_buffer_the_system_grants():
+    from twisted.internet import reactor
+
+    asked = data_receive_buffer()
+    size = await accepted_socket(reactor)
+    if asked is None:
+        assert size == default_receive_buffer()
+    else:
+        assert size == granted_receive_buffer(asked) > default_receive_buffer()
+
+
+@pytest_twisted.ensureDeferred
+async def test_where_the_system_grants_less_the_connections_keep_the_kernels_buffer(
+    monkeypatch,
+):
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(receiver_module, "_receive_buffer", [])
+    monkeypatch.setattr(receiver_module, "granted_receive_buffer", lambda size: 425984)
+    size = await accepted_socket(reactor)
+    assert receiver_module.data_receive_buffer() is None
+    assert size == default_receive_buffer()

@@ -14,6 +14,7 @@ that.
 
 import errno
 import socket
+import sys
 
 from twisted.internet import defer, main, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -24,7 +25,13 @@ from zope.interface import implementer
 
 from twisted_p2p import wire
 from twisted_p2p.framing import FrameReader
-from twisted_p2p.limits import CHUNK_SIZE, HELLO_TIMEOUT, MAX_DATA_HEADER, MAX_RUN
+from twisted_p2p.limits import (
+    CHUNK_SIZE,
+    DATA_RECEIVE_BUFFER,
+    HELLO_TIMEOUT,
+    MAX_DATA_HEADER,
+    MAX_RUN,
+)
 from twisted_p2p.transfer.framed import (
     PerHostLimitedFactory,
     _now,
@@ -164,13 +171,76 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
             stream.detached(self, reason)
 
 
+def granted_receive_buffer(size):
+    """
+    The receive buffer the kernel gives a TCP socket that asks for C{size}
+    bytes (as C{getsockopt} reports it), or C{None} if it will not say.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            return probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    except OSError:
+        return None
+
+
+def receive_buffer_to_ask(size=DATA_RECEIVE_BUFFER, granted=None, platform=sys.platform):
+    """
+    C{size} if the system grants a socket that much receive buffer, else
+    C{None}: a fixed buffer smaller than asked for (C{net.core.rmem_max} on
+    Linux, 208 KiB by default) would do worse than the kernel's autotuning,
+    which a fixed size turns off.  Linux reports twice what was asked for.
+
+    @param granted: L{granted_receive_buffer}, or a stand-in.
+    """
+    got = (granted or granted_receive_buffer)(size)
+    if got is None:
+        return None
+    return size if got >= size * (2 if platform.startswith("linux") else 1) else None
+
+
+#: What L{data_receive_buffer} worked out, at the first data connection.
+_receive_buffer = []
+
+
+def data_receive_buffer():
+    """
+    The receive buffer a data connection asks for: L{DATA_RECEIVE_BUFFER}
+    where the system grants it, else C{None} (L{receive_buffer_to_ask}, asked
+    once).
+    """
+    if not _receive_buffer:
+        _receive_buffer.append(receive_buffer_to_ask())
+    return _receive_buffer[0]
+
+
+def tune_receive_buffer(sock, size):
+    """
+    Ask for a receive buffer of C{size} bytes on C{sock}; with C{None}, leave
+    it to the kernel's autotuning.
+    """
+    if size is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError:
+        pass  # the kernel's own buffer, then
+
+
 class _RecvIntoServer(tcp.Server):
     """
     An accepted TCP connection that reads with C{recv_into}, into the buffer
     its protocol names (C{read_buffer()}, then C{read_done(count)}), when the
     protocol has one; else as Twisted does.  Twisted's own read makes a new
     bytes object per read, which the protocol must then copy.
+
+    Its socket gets a large receive buffer where the system allows
+    (L{data_receive_buffer}).
     """
+
+    def __init__(self, sock, *args, **kwargs):
+        tune_receive_buffer(sock, data_receive_buffer())
+        tcp.Server.__init__(self, sock, *args, **kwargs)
 
     def doRead(self):
         read_buffer = getattr(self.protocol, "read_buffer", None)
