@@ -724,3 +724,56 @@ def test_fetches_take_turns_between_hosts():
     assert fetches.running() == 4
     for d in results:
         d.addErrback(lambda f: None)
+
+
+# -- indexing a catalog in slices ------------------------------------------------------
+
+
+def reference_index(files, holdings):
+    """What _indexed gives, written plainly, an entry at a time."""
+    ids, names = {}, {}
+    for file_id, path, size in files:
+        ids.setdefault(file_id, size)
+        listed = names.setdefault(path, file_id)
+        if listed != file_id:
+            have = listed if isinstance(listed, tuple) else (listed,)
+            if file_id not in have:
+                names[path] = have + (file_id,)
+    held = {file_id: holdings.get(file_id) for file_id in ids}
+    return ids, held, names
+
+
+@pytest.mark.parametrize("slice_size", [1, 2, 3, 7, 1000])
+@pytest.mark.parametrize("duplicated_paths", [False, True])
+def test_a_catalog_indexed_in_slices_is_indexed_as_a_whole(monkeypatch, slice_size,
+                                                           duplicated_paths):
+    monkeypatch.setattr(catalog_module, "INDEX_IN_THREAD", 1)
+    monkeypatch.setattr(catalog_module, "INDEX_SLICE", slice_size)
+    # Ids that come back in later slices with other sizes (the first size
+    # is the one kept), in an order a sort would change.
+    files = [(f"{(i * 7) % 23:02x}" * 32, f"path {i:03d}", 100 + i) for i in range(40)]
+    if duplicated_paths:
+        files += [("ff" * 32, "path 005", 9), (files[5][0], "path 005", 1)]
+    holdings = {files[3][0]: b"\x01", "ee" * 32: b"\x02"}
+    ids, held, names = catalog_module._indexed(files, holdings)
+    want_ids, want_held, want_names = reference_index(files, holdings)
+    assert list(ids.items()) == list(want_ids.items())
+    assert list(held.items()) == list(want_held.items())
+    assert names == want_names
+
+
+def test_indexing_takes_the_entries_a_slice_at_a_time(monkeypatch):
+    seen = []
+    slices = catalog_module._slices
+
+    def counted(items):
+        for part in slices(items):
+            seen.append(len(part))
+            yield part
+
+    monkeypatch.setattr(catalog_module, "_slices", counted)
+    count = 3 * catalog_module.INDEX_SLICE + 1
+    files = [(f"{i:064x}", f"f{i}", i) for i in range(count)]
+    catalog_module._indexed(files, {})
+    assert seen and max(seen) <= catalog_module.INDEX_SLICE
+    assert sum(seen) >= 2 * count  # ids, sizes, held and names all went by slices
