@@ -24,10 +24,16 @@ from twisted.python.failure import Failure
 from twisted_p2p import wire
 from twisted_p2p.download.buffers import BufferPool
 from twisted_p2p.download.requests import GetRequest, Source, SourceStream
-from twisted_p2p.limits import CHUNK_SIZE, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_DATA_HEADER, MAX_RUN
+from twisted_p2p.limits import (
+    CHUNK_SIZE,
+    DATA_RECEIVE_BUFFER,
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_DATA_HEADER,
+    MAX_RUN,
+)
 from twisted_p2p.manifest import Manifest
 from twisted_p2p.transfer import Inbox, ReceiverEndpoint, ReceiverFactory, ReceiverProtocol
-from twisted_p2p.limits import DATA_RECEIVE_BUFFER
 from twisted_p2p.transfer import receiver as receiver_module
 from twisted_p2p.transfer.receiver import (
     _RecvIntoPort,
