@@ -4,8 +4,13 @@ reports (structured events), and how the faces render it (L{render}).
 """
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import CommandParts, FakeCatalog, FakeDownload
 from twisted.python.failure import Failure
 
@@ -13,10 +18,12 @@ from twisted_p2p import events
 from twisted_p2p.catalog import Offer
 from twisted_p2p.download import DownloadFailed
 from twisted_p2p.partials import PartialDownloads
-from twisted_p2p.render import render
+from twisted_p2p.render import fit, render, width_of
 from twisted_p2p.index import LocalFile
 from twisted_p2p.manifest import Manifest
 from twisted_p2p.peers import Peer
+
+REPO = Path(__file__).resolve().parent.parent
 
 ALICE = Peer("a1" * 16, "0" * 16, "192.0.2.2", 27000, 7000, "0" * 16, last_seen=97.0)
 BOB = Peer("b2" * 16, "1" * 16, "192.0.2.3", 27000, 7100, "1" * 16, last_seen=40.0)
@@ -415,6 +422,40 @@ def test_wide_names_keep_the_columns_in_line():
     # The SIZE column starts at the same cell on every line.
     starts = {wcswidth(line[: line.index(size)]) for line, size in zip(said, ["SIZE", "3.9 KiB", "2.9 KiB"])}
     assert len(starts) == 1, said
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F)),
+       cells=st.integers(0, 30))
+def test_ascii_is_measured_and_cut_as_wcwidth_says(text, cells):
+    """
+    Printable ASCII is measured without C{wcwidth}, control characters with
+    it: the same cells either way.
+    """
+    from wcwidth import wcswidth, wcwidth
+
+    expected = wcswidth(text)
+    if expected < 0:
+        expected = sum(max(wcwidth(c), 1) if wcwidth(c) != 0 else 0 for c in text)
+    assert width_of(text) == expected
+    if not text.isprintable():
+        return
+    cut = fit(text, cells)
+    if expected <= cells:
+        assert cut == text
+    else:
+        assert cut.endswith("…") and text.startswith(cut[:-1])
+        assert width_of(cut[:-1]) == max(cells - 1, 0)
+
+
+def test_ascii_names_are_rendered_without_loading_wcwidth():
+    code = (
+        "import sys; from twisted_p2p.render import fit, width_of; "
+        "assert width_of('movie.bin') == 9 and fit('movie.bin', 6) == 'movie' + chr(0x2026); "
+        "assert 'wcwidth' not in sys.modules; "
+        "assert width_of(chr(0x65e5)) == 2 and 'wcwidth' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_a_long_list_is_cut_with_a_count():

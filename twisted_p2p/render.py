@@ -10,11 +10,12 @@ fields.
 
 Columns are measured in terminal cells (L{wcwidth}), so that a file name in
 Japanese or with an emoji does not push the columns after it out of line.
+Text of printable ASCII takes a cell a character, and is measured without
+it: C{wcwidth} is imported for the first text that needs it, as its tables
+cost a peer 2 MiB of memory.
 """
 
 import json
-
-from wcwidth import wcswidth, wcwidth
 
 from twisted_p2p.limits import CHUNK_SIZE
 from twisted_p2p.units import human_duration, human_rate, human_size
@@ -34,10 +35,21 @@ ENDINGS = frozenset(
 BAR_WIDTH = 24
 
 
+def _plain(text):
+    """
+    Whether C{text} is printable ASCII, a cell a character.
+    """
+    return text.isascii() and text.isprintable()
+
+
 def width_of(text):
     """
     How many terminal cells C{text} takes.
     """
+    if _plain(text):
+        return len(text)
+    from wcwidth import wcswidth, wcwidth
+
     cells = wcswidth(text)
     if cells >= 0:
         return cells
@@ -52,6 +64,10 @@ def fit(text, cells):
     """
     if width_of(text) <= cells:
         return text
+    if _plain(text):
+        return text[: max(cells - 1, 0)] + "…"
+    from wcwidth import wcwidth
+
     out, used = [], 0
     for c in text:
         w = max(wcwidth(c), 0)
