@@ -21,11 +21,13 @@ from twisted_p2p.client import PeerRefused
 from twisted_p2p.download import Bans, Download, DownloadFailed, Downloads
 from twisted_p2p.download.download import PROGRESS_INTERVAL, copy_from_cache
 from twisted_p2p.download.finder import ANSWER_TIMEOUT
+from twisted_p2p.download.scheduler import run_for
 from twisted_p2p.limits import (
     BAN_ADDRESS_SECONDS,
     BUSY_BACKOFF_MAX,
     BUSY_BACKOFF_MIN,
     ENDGAME_STALL,
+    FRAME_READ_BUDGET,
     HAVE_REFRESH,
     INITIAL_WINDOW,
     MAX_CHUNKS_PER_REQUEST,
@@ -34,7 +36,7 @@ from twisted_p2p.limits import (
     MAX_TIMEOUTS,
     REQUEST_TIMEOUT,
     TIMEOUT_REST,
-    VERIFY_QUEUE,
+    VERIFY_FRAMES,
 )
 from twisted_p2p.manifest import CHUNK_SIZE, Manifest, chunk_hash, hash_file
 from twisted_p2p.render import render
@@ -1313,15 +1315,16 @@ def test_downloads_cancel_all(tmp_path):
 # -- work in threads --------------------------------------------------------------------------
 
 
-def test_reading_pauses_while_too_many_frames_wait_to_be_verified(tmp_path):
+def test_reading_pauses_while_too_many_bytes_wait_to_be_verified(tmp_path):
     threads = Threads()
     h = Harness(tmp_path, content_of(40 * CHUNK_SIZE), workers=threads)
     h.start()
-    for index in range(VERIFY_QUEUE - 1):
+    h.download.verify_limit = 5 * CHUNK_SIZE
+    for index in range(4):
         assert h.send(A, index)
     [connection] = h.connections.values()
     assert not connection.paused
-    assert h.send(A, VERIFY_QUEUE - 1)
+    assert h.send(A, 4)
     assert connection.paused
     # Resumed once the worker has caught up by half; time paused is not
     # silence.
@@ -1329,8 +1332,60 @@ def test_reading_pauses_while_too_many_frames_wait_to_be_verified(tmp_path):
     assert h.source(A).failures == 0
     while connection.paused:
         threads.run_next()  # a frame: its hashes, then its write
-    assert h.download.have == VERIFY_QUEUE - VERIFY_QUEUE // 2
-    assert h.download.buffers.out == VERIFY_QUEUE // 2
+    assert h.download.have == 3
+    assert h.download.buffers.out == 2
+
+
+def test_frames_wait_to_be_verified_by_their_bytes_not_their_number(tmp_path):
+    threads = Threads()
+    h = Harness(tmp_path, content_of(40 * CHUNK_SIZE), workers=threads)
+    h.start()
+    h.download.verify_limit = 5 * CHUNK_SIZE
+    assert h.send(A, 0, count=4)
+    [connection] = h.connections.values()
+    assert not connection.paused
+    assert h.send(A, 4, count=2)  # two frames, six chunks: over
+    assert connection.paused
+    threads.run_next()  # the first frame: two chunks wait, under half
+    assert not connection.paused and h.download.have == 4
+
+
+def test_the_bytes_that_may_wait_are_two_frames_of_the_longest_run(tmp_path):
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "four").mkdir()
+    alone = Harness(tmp_path / "alone", content_of(40 * CHUNK_SIZE))
+    alone.start()
+    assert alone.download.verify_limit == VERIFY_FRAMES * MAX_RUN * CHUNK_SIZE
+    hosts = tuple(f"10.0.0.{n}" for n in range(1, 5))
+    four = Harness(tmp_path / "four", content_of(64 * CHUNK_SIZE), hosts=hosts)
+    four.start()
+    assert four.download.verify_limit == VERIFY_FRAMES * run_for(4) * CHUNK_SIZE
+
+
+def test_a_download_asks_its_streams_for_runs_that_fit_its_budget(tmp_path):
+    """
+    Each stream is asked once for a run that fits the download's budget
+    (L{run_for} the streams open, it among them), and every "get" on it
+    names that run.
+    """
+    h = Harness(tmp_path, content_of(40 * CHUNK_SIZE))
+    h.start()
+    [stream] = [s.stream for s in h.download.sources if s.stream is not None]
+    assert stream.run == run_for(1) == MAX_RUN
+    assert {header["run"] for header, _ in h.clients[A].gets} == {MAX_RUN}
+    # A frame over it is refused: the data connection holds no more.
+    assert not h.send(A, 0, count=MAX_RUN + 1)
+    assert h.send(A, 0, count=MAX_RUN)
+
+
+def test_the_streams_of_a_download_of_many_sources_are_asked_shorter_runs(tmp_path):
+    hosts = tuple(f"10.0.0.{n}" for n in range(1, 5))
+    h = Harness(tmp_path, content_of(64 * CHUNK_SIZE), hosts=hosts)
+    h.start()
+    runs = [s.stream.run for s in h.download.sources if s.stream is not None]
+    # Each asked for its share of the budget of a download of four sources.
+    assert runs == [run_for(4)] * 4
+    assert sum(runs) * CHUNK_SIZE <= FRAME_READ_BUDGET
 
 
 def test_the_partial_is_released_only_after_the_stores_in_flight(tmp_path):

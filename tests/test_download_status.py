@@ -6,9 +6,9 @@ download's, for people), the ETA, and the chunk buffers it reuses.
 import pytest
 from twisted.internet import task
 
-from twisted_p2p.download.buffers import FRAME_BUFFER, SHELF, BufferPool, Shelf
+from twisted_p2p.download.buffers import SHELF, BufferPool, Shelf, buffer_size
 from twisted_p2p.download.status import Progress, RateMeter
-from twisted_p2p.limits import CHUNK_SIZE, MAX_RUN
+from twisted_p2p.limits import CHUNK_SIZE, KEEP_BUFFER_BYTES, MAX_RUN
 from twisted_p2p.seal import TAG_SIZE
 
 
@@ -102,20 +102,63 @@ def test_buffers_are_reused_and_counted():
         pool.take(MAX_RUN * CHUNK_SIZE + TAG_SIZE + 1)
 
 
+@pytest.mark.parametrize(
+    "length, chunks",
+    [
+        (1, 1),
+        (CHUNK_SIZE, 1),
+        (CHUNK_SIZE + TAG_SIZE, 1),  # one sealed chunk
+        (CHUNK_SIZE + TAG_SIZE + 1, 2),
+        (3 * CHUNK_SIZE, 4),
+        (4 * CHUNK_SIZE + TAG_SIZE, 4),
+        (5 * CHUNK_SIZE, 8),
+        (9 * CHUNK_SIZE + 1, 16),
+        (MAX_RUN * CHUNK_SIZE + TAG_SIZE, MAX_RUN),
+    ],
+)
+def test_a_frame_is_read_into_a_buffer_of_a_power_of_two_chunks(length, chunks):
+    assert buffer_size(length) == chunks * CHUNK_SIZE + TAG_SIZE
+    view = BufferPool(Shelf()).take(length)
+    assert len(view) == length and len(view.obj) == chunks * CHUNK_SIZE + TAG_SIZE
+
+
+def test_a_buffer_is_used_again_for_frames_of_its_size_only():
+    shelf = Shelf()
+    pool = BufferPool(shelf)
+    small, large = pool.take(CHUNK_SIZE), pool.take(3 * CHUNK_SIZE)
+    pool.give_back(small)
+    pool.give_back(large)
+    assert pool.take(4 * CHUNK_SIZE).obj is large.obj
+    assert pool.take(CHUNK_SIZE - 5).obj is small.obj
+    assert pool.take(2 * CHUNK_SIZE).obj not in (small.obj, large.obj)
+
+
 def test_the_next_download_reads_into_the_buffers_the_last_one_gave_back():
-    shelf = Shelf(keep=3)
+    shelf = Shelf(keep=3 * CHUNK_SIZE)
     first = BufferPool(shelf)
     views = [first.take(CHUNK_SIZE) for _ in range(5)]
     buffers = {id(v.obj) for v in views}
     for view in views:
         first.give_back(view)
     assert first.out == 0
-    # Three kept (the most a shelf keeps), the other two let go.
-    assert len(shelf) == 3
+    # Three kept (the chunks a shelf keeps), the other two let go.
+    assert len(shelf) == 3 and shelf.kept == 3 * CHUNK_SIZE
     second = BufferPool(shelf)
     again = [second.take(CHUNK_SIZE) for _ in range(4)]
     assert sum(id(v.obj) in buffers for v in again) == 3
-    assert len(shelf) == 0 and second.out == 4
+    assert len(shelf) == 0 and shelf.kept == 0 and second.out == 4
+
+
+def test_a_shelf_keeps_bytes_not_buffers():
+    shelf = Shelf(keep=4 * CHUNK_SIZE)
+    pool = BufferPool(shelf)
+    large = [pool.take(4 * CHUNK_SIZE) for _ in range(2)]
+    small = pool.take(CHUNK_SIZE)
+    for view in large + [small]:
+        pool.give_back(view)
+    # One four-chunk buffer fills it: the other, and the small one, go.
+    assert len(shelf) == 1 and shelf.kept == 4 * CHUNK_SIZE
+    assert pool.take(4 * CHUNK_SIZE).obj is large[0].obj
 
 
 def test_a_buffer_given_back_twice_is_refused_not_shared():
@@ -130,5 +173,6 @@ def test_a_buffer_given_back_twice_is_refused_not_shared():
     assert pool.take(10).obj is not view.obj
 
 
-def test_downloads_share_the_processs_shelf_of_frame_sized_buffers():
-    assert BufferPool()._shelf is SHELF and SHELF.size == FRAME_BUFFER
+def test_downloads_share_the_processs_shelf():
+    assert BufferPool()._shelf is SHELF
+    assert SHELF._keep == KEEP_BUFFER_BYTES >= 3 * MAX_RUN * CHUNK_SIZE

@@ -57,9 +57,10 @@ class FakeStream:
 
     seal = None  # an open group's stream: not sealed
 
-    def __init__(self, token=TOKEN, host=PEER_HOST, refuse_from=None):
+    def __init__(self, token=TOKEN, host=PEER_HOST, refuse_from=None, run=MAX_RUN):
         self.token = token
         self.host = host
+        self.run = run
         self.events = []
         self.buffers = []
         self.arrived_bytes = 0
@@ -256,6 +257,31 @@ def test_a_hello_at_the_limit_is_taken(feed):
     protocol, transport, _ = receiver(stream)
     feed(protocol, framed(padded({"t": "hello", "v": 1, "token": TOKEN}, MAX_DATA_HEADER)))
     assert stream.events == ["attach"]
+    assert not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(chunk(0, b"x" * 5, count=5), id="n over the stream's run"),
+        pytest.param(struct.pack("!I", MAX_DATA_HEADER + 4 * CHUNK_SIZE + 1), id="over its frame"),
+    ],
+)
+def test_a_frame_over_the_run_its_stream_asked_drops_the_connection(feed, data):
+    stream = FakeStream(run=4)
+    protocol, transport, _ = receiver(stream)
+    feed(protocol, hello() + data + chunk(0, b"zero"))
+    assert transport.disconnected
+    assert stream.events == ["attach"]
+
+
+def test_a_frame_of_the_streams_run_at_its_limit_is_taken():
+    stream = FakeStream(run=4)
+    protocol, transport, _ = receiver(stream)
+    body = b"\x5a" * (4 * CHUNK_SIZE)
+    payload = padded({"t": "chunk", "i": 0, "n": 4}, MAX_DATA_HEADER) + body
+    protocol.dataReceived(hello() + framed(payload))
+    assert stream.arrivals() == [(0, 4, body)]
     assert not transport.disconnecting
 
 

@@ -11,12 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twisted_p2p.chunkmap import ChunkLedger
-from twisted_p2p.download.scheduler import ask_size, in_flight_at, plan, window_for
+from twisted_p2p.download.scheduler import ask_size, in_flight_at, plan, run_for, window_for
 from twisted_p2p.limits import (
     CHUNK_SIZE,
+    DEFAULT_RUN,
     ENDGAME_STALL,
+    FRAME_READ_BUDGET,
     INITIAL_WINDOW,
     MAX_CHUNKS_PER_REQUEST,
+    MAX_RUN,
     MAX_WINDOW,
     MIN_ASK,
     MIN_WINDOW,
@@ -28,8 +31,10 @@ from twisted_p2p.limits import (
 class Source:
     """
     What the scheduler reads of a source: its rest, its rate, and the
-    chunks waiting at it (in the order asked).
+    chunks waiting at it (in the order asked), and the run its stream asked.
     """
+
+    run = DEFAULT_RUN
 
     def __init__(self, name, rate=None, rest_until=0.0):
         self.name = name
@@ -347,3 +352,35 @@ def test_a_source_seen_sending_what_it_was_told_to_cancel_keeps_that_much():
     slow.in_transit = 30  # a cancel at position 29 came too late once
     stolen = [i for _, chunks in plan(ledger, [slow, fast], 0.0).asks for i in chunks]
     assert stolen and min(stolen) >= 30
+
+
+@pytest.mark.parametrize(
+    "streams, run",
+    [(0, MAX_RUN), (1, MAX_RUN), (2, MAX_RUN), (4, 8), (8, 4), (16, 2), (32, 1), (300, 1)],
+)
+def test_a_download_of_many_streams_asks_each_for_shorter_runs(streams, run):
+    assert run_for(streams) == run
+    # What its connections hold while each reads a frame stays in budget.
+    assert max(streams, 1) * run * CHUNK_SIZE <= max(FRAME_READ_BUDGET, streams * CHUNK_SIZE)
+
+
+def test_a_longer_run_leaves_more_on_its_way_but_never_more_than_a_window():
+    fast, slow = 500_000_000, CHUNK_SIZE  # a chunk a second
+    assert in_flight_at(fast, MAX_RUN) - in_flight_at(fast, DEFAULT_RUN) == MAX_RUN - DEFAULT_RUN
+    # A slow source is never asked a frame's worth at once.
+    assert in_flight_at(slow, MAX_RUN) == in_flight_at(slow, window_for(slow))
+    assert in_flight_at(slow, MAX_RUN) < 1 + MAX_RUN
+    assert in_flight_at(0, MAX_RUN) == 0
+
+
+def test_what_is_on_its_way_counts_the_run_of_the_victims_stream():
+    ledger = ChunkLedger(60)
+    busy, idle = Source("busy", rate=10_000_000), Source("idle", rate=500_000_000)
+    busy.run = MAX_RUN
+    for s in (busy, idle):
+        ledger.add_source(s)
+    ask(ledger, busy, list(range(60)))
+    decided = plan(ledger, [busy, idle], 0.0)
+    stolen = [i for _, chunks in decided.asks for i in chunks]
+    assert stolen and min(stolen) >= in_flight_at(busy.rate(0), MAX_RUN)
+    assert in_flight_at(busy.rate(0), MAX_RUN) > in_flight_at(busy.rate(0))

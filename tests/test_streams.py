@@ -24,8 +24,9 @@ from zope.interface import alsoProvides, implementer
 
 from twisted_p2p import wire
 from twisted_p2p.index import PartialLocal
-from twisted_p2p.limits import IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES, UPLOAD_BURST
+from twisted_p2p.limits import DEFAULT_RUN, IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES, UPLOAD_BURST
 from twisted_p2p.manifest import CHUNK_SIZE
+from twisted_p2p.seal import StreamSeal
 from twisted_p2p.transfer import streams
 from twisted_p2p.transfer.streams import (
     FileChanged,
@@ -34,6 +35,7 @@ from twisted_p2p.transfer.streams import (
     StreamConnection,
     can_sendfile,
 )
+from twisted_p2p.uploads import TokenBucket
 from twisted_p2p.workers import WorkerPool
 
 TOKEN = "ab" * 16
@@ -156,7 +158,8 @@ class Opened:
     transport and the end it reports.
     """
 
-    def __init__(self, local, transport, workers=None, clock=None, pace=None, seal=None):
+    def __init__(self, local, transport, workers=None, clock=None, pace=None, seal=None,
+                 **kwargs):
         self.local = local
         self.clock = clock or task.Clock()
         self.workers = workers or SyncWorkers()
@@ -164,7 +167,7 @@ class Opened:
         self.opened = OpenChunks(local.path, local.manifest, getattr(local, "signature", None))
         self.stream = OutgoingStream(
             TOKEN, local, self.opened, self.workers, self.clock, pace=pace,
-            progress=self._progressed, seal=seal,
+            progress=self._progressed, seal=seal, **kwargs,
         )
         self.ends = []
         self.stream.done.addCallback(self.ends.append)
@@ -251,7 +254,7 @@ def test_hello_first_and_no_read_before_the_connection_asks(eleven):
 @pytest.mark.parametrize(
     "asked, expected",
     [
-        pytest.param(list(range(9)), [(0, 4), (4, 4), (8, 1)], id="at most MAX_RUN a frame"),
+        pytest.param(list(range(9)), [(0, 4), (4, 4), (8, 1)], id="at most the default run a frame"),
         pytest.param([0, 2, 4], [(0, 1), (2, 1), (4, 1)], id="not across gaps"),
         pytest.param([3, 2, 1, 0], [(3, 1), (2, 1), (1, 1), (0, 1)], id="not backwards"),
         pytest.param([5, 6, 0, 1], [(5, 2), (0, 2)], id="in the order asked"),
@@ -272,6 +275,45 @@ def test_chunks_go_in_runs_in_the_order_asked(link, eleven, asked, expected):
     assert stream.chunks_sent == len(asked)
     assert stream.bytes_sent == sum(local.manifest.chunk_length(i) for i in asked)
     assert not stream.ended and not link.transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "run, expected",
+    [
+        (1, [(i, 1) for i in range(11)]),
+        (3, [(0, 3), (3, 3), (6, 3), (9, 2)]),
+        (8, [(0, 8), (8, 3)]),
+        (MAX_RUN, [(0, 11)]),
+    ],
+)
+def test_runs_are_as_long_as_the_requester_asked(link, eleven, run, expected):
+    local, content = eleven
+    opened = open_on(link, local, run=run)
+    opened.stream.add(list(range(11)))
+    link.pull()
+    assert runs(link.data()) == expected
+    check_bodies(link.data(), content)
+
+
+def test_a_sealed_stream_keeps_to_the_default_run(link, eleven):
+    local, content = eleven
+    opened = open_on(link, local, seal=StreamSeal(b"k" * 32), run=MAX_RUN)
+    assert opened.stream.run_asked == MAX_RUN
+    opened.stream.add(list(range(11)))
+    link.pull()
+    heads = [header for header, _ in frames_in(link.data())[1:]]
+    assert [(h["i"], h.get("n", 1)) for h in heads] == [(0, DEFAULT_RUN), (4, DEFAULT_RUN), (8, 3)]
+
+
+def test_chunks_paid_for_late_go_in_runs_of_the_stream(eleven):
+    clock = task.Clock()
+    bucket = TokenBucket(2 * CHUNK_SIZE, clock, burst=CHUNK_SIZE)
+    opened = Opened(eleven[0], StringTransport(), clock=clock, pace=bucket.take, run=2)
+    opened.stream.add(list(range(5)))
+    for _ in range(20):
+        pull(opened.transport)
+        clock.advance(0.5)
+    assert runs(opened.transport.value()) == [(0, 2), (2, 2), (4, 1)]
 
 
 def test_gets_queued_together_make_one_run_later_ones_follow(eleven):
@@ -916,7 +958,7 @@ async def test_sendfile_on_a_real_loopback_connection(tmp_path, monkeypatch):
     workers = WorkerPool(reactor, 2, "test-streams")
     try:
         opened = OpenChunks(local.path, local.manifest, local.signature)
-        stream = OutgoingStream(TOKEN, local, opened, workers, reactor)
+        stream = OutgoingStream(TOKEN, local, opened, workers, reactor, run=MAX_RUN)
         client = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         connection = await client.connect(Factory.forProtocol(lambda: StreamConnection(stream)))
         assert can_sendfile(connection.transport)

@@ -26,9 +26,11 @@ from twisted_p2p.download.requests import GetRequest, Source, SourceStream
 from twisted_p2p.index import LocalFile, PartialLocal, file_signature
 from twisted_p2p.limits import (
     CATALOG_PAGE_BYTES,
+    DEFAULT_RUN,
     IDLE_TIMEOUT,
     MAX_CHUNKS_PER_REQUEST,
     MAX_HEADER,
+    MAX_RUN,
     MAX_STREAM_QUEUE,
     MAX_STREAMS_PER_CONNECTION,
     UPLOAD_BURST,
@@ -127,11 +129,11 @@ class Peer:
     def handle(self, header, session=None):
         return self.uploads.handle(header, session or self.session)
 
-    def stream(self, local, chunks, token=TOKEN, session=None):
+    def stream(self, local, chunks, token=TOKEN, session=None, **extra):
         """
         A get of C{chunks} answered, its data connection made: the transport.
         """
-        d = self.handle(get(local.file_id, chunks, token=token), session)
+        d = self.handle(get(local.file_id, chunks, token=token, **extra), session)
         transport = connect_back(self.connect)
         assert result_of(d) == ({"t": "sending", "token": token}, b"")
         return transport
@@ -482,6 +484,38 @@ def test_a_second_get_of_the_token_reuses_the_stream(peer, files):
     assert len(peer.connect.calls) == 1
     assert chunk_runs(transport) == [(0, 1), (1, 2), (4, 1)]
     assert peer.uploads.active == 1
+
+
+def test_a_get_names_the_run_its_stream_sends(peer, files):
+    five = files[2]
+    transport = peer.stream(five, [0, 1, 2], run=2)
+    assert peer.handle(get(five.file_id, [3, 4], run=2))[0]["t"] == "sending"
+    pull(transport)
+    assert chunk_runs(transport) == [(0, 2), (2, 2), (4, 1)]
+
+
+def test_a_get_without_a_run_is_sent_runs_of_the_default(peer, files):
+    five = files[2]
+    transport = peer.stream(five, [0, 1, 2, 3, 4])
+    pull(transport)
+    assert chunk_runs(transport) == [(0, DEFAULT_RUN), (DEFAULT_RUN, 1)]
+
+
+@pytest.mark.parametrize("run", [0, -1, MAX_RUN + 1, True, "4", 2.0, None])
+def test_a_get_with_a_bad_run_is_refused(peer, files, run):
+    with pytest.raises(wire.ProtocolError):
+        peer.handle(get(files[2].file_id, [0], run=run))
+    assert peer.connect.calls == [] and peer.uploads.active == 0
+
+
+def test_a_streams_run_does_not_change(peer, files):
+    five = files[2]
+    peer.stream(five, [0], run=8)
+    with pytest.raises(wire.ProtocolError):
+        peer.handle(get(five.file_id, [1], run=4))
+    with pytest.raises(wire.ProtocolError):
+        peer.handle(get(five.file_id, [1]))  # the default, then
+    assert peer.handle(get(five.file_id, [1], run=8))[0]["t"] == "sending"
 
 
 def test_a_second_get_is_served_even_at_the_upload_cap(files):

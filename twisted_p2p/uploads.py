@@ -18,10 +18,12 @@ from twisted_p2p.interfaces import format_address
 from twisted_p2p.seal import stream_seal
 from twisted_p2p.limits import (
     CATALOG_PAGE_BYTES,
+    DEFAULT_RUN,
     HAVE_PAGE,
     MANIFEST_PAGE,
     MAX_CATALOG_FILES,
     MAX_CHUNKS_PER_REQUEST,
+    MAX_RUN,
     MAX_STREAM_QUEUE,
     MAX_STREAMS_PER_CONNECTION,
     MAX_UPLOADS,
@@ -279,6 +281,7 @@ class Uploads:
             raise wire.ProtocolError("a chunk is asked for twice")
         port = wire.port_field(header, "port")
         token = wire.token_field(header)
+        run = wire.int_field(header, "run", 1, MAX_RUN) if "run" in header else DEFAULT_RUN
         holds = getattr(local, "holds", None)
         if holds is not None and not all(holds(i) for i in chunks):
             raise RequestRefused(
@@ -291,6 +294,8 @@ class Uploads:
                 raise RequestRefused("stream-closed", "that stream has ended; ask on a new one")
             if stream.local.file_id != local.file_id or session.ports[token] != port:
                 raise wire.ProtocolError("a stream carries one file to one port")
+            if stream.run_asked != run:
+                raise wire.ProtocolError("a stream's run does not change")
             if stream.pending() + len(chunks) > MAX_STREAM_QUEUE:
                 raise wire.ProtocolError("too many chunks asked on one stream")
             stream.add(chunks)
@@ -308,7 +313,7 @@ class Uploads:
             raise RequestRefused("busy", "this peer is serving too many requests; try later")
         self.active += 1
         self._per_host[group] += 1
-        d = self._open_stream(local, token, port, session)
+        d = self._open_stream(local, token, port, session, run)
 
         def opened(stream):
             stream.add(chunks)
@@ -320,7 +325,7 @@ class Uploads:
 
         return d.addCallbacks(opened, failed)
 
-    async def _open(self, local, token, port, session):
+    async def _open(self, local, token, port, session, run=DEFAULT_RUN):
         """
         Open C{local} and a data connection to C{port} at the address the
         request came from (never an address named in a request).
@@ -348,6 +353,7 @@ class Uploads:
             pace=self.bucket.take if self.bucket is not None else None,
             progress=session.keepalive,
             seal=stream_seal(session.transport, token),
+            run=run,
         )
         # Known to the session before the connection is up: a second "get"
         # of the token, queued behind this one, finds it.
@@ -416,8 +422,8 @@ class Uploads:
             stalled.transport.abortConnection()
         stalled.close("the requester stopped reading, and its slot was wanted")
 
-    def _open_stream(self, local, token, port, session):
-        return defer.ensureDeferred(self._open(local, token, port, session))
+    def _open_stream(self, local, token, port, session, run=DEFAULT_RUN):
+        return defer.ensureDeferred(self._open(local, token, port, session, run))
 
     def _cancel(self, header, session):
         token = wire.token_field(header)

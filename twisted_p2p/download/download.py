@@ -27,10 +27,11 @@ from twisted_p2p.download.buffers import BufferPool
 from twisted_p2p.download.finder import Finder
 from twisted_p2p.download.lifecycle import Lifecycle
 from twisted_p2p.download.requests import GetRequest, SourceStream
-from twisted_p2p.download.scheduler import ask_size, plan
+from twisted_p2p.download.scheduler import ask_size, plan, run_for
 from twisted_p2p.download.status import Progress
 from twisted_p2p.limits import (
     BAN_ADDRESS_SECONDS,
+    CHUNK_SIZE,
     BUSY_BACKOFF_MAX,
     BUSY_BACKOFF_MIN,
     HAVE_REFRESH,
@@ -39,7 +40,7 @@ from twisted_p2p.limits import (
     PARALLEL_FILES,
     REQUEST_TIMEOUT,
     TIMEOUT_REST,
-    VERIFY_QUEUE,
+    VERIFY_FRAMES,
 )
 from twisted_p2p.names import BadName, check_path, free_name
 from twisted_p2p.seal import SealBroken, stream_seal
@@ -295,7 +296,11 @@ class Download:
             size_offered=size_offered or (lambda peer: None),
         )
         self._ledger = None
-        self._verifying = 0
+        self._verifying = 0  # jobs verifying and writing frames
+        self._verifying_bytes = 0  # the bytes of their frames
+        #: Past this many bytes verifying, reading pauses: VERIFY_FRAMES of
+        #: the longest run asked (set as streams are made).
+        self.verify_limit = VERIFY_FRAMES * CHUNK_SIZE
         self._reading_paused = False
         self._storage_busy = set()
         self._ticker = None
@@ -778,7 +783,8 @@ class Download:
             self._give_back(None, buffer)
             return
         self._verifying += 1
-        if self._verifying >= VERIFY_QUEUE:
+        self._verifying_bytes += len(buffer)
+        if self._verifying_bytes >= self.verify_limit:
             # Counted by jobs, not by buffers out: a connection paused in the
             # middle of a frame holds a buffer until it is read again.
             self._pause_reading()
@@ -795,15 +801,15 @@ class Download:
         d.addCallbacks(
             self._stored,
             self._store_failed,
-            callbackArgs=(source, wanted),
-            errbackArgs=(wanted, stream),
+            callbackArgs=(source, wanted, len(buffer)),
+            errbackArgs=(wanted, stream, len(buffer)),
         )
         window = source.window(now)
         if window - ledger.in_flight(source) >= ask_size(window):
             self._schedule_soon()
 
-    def _stored(self, good, source, wanted):
-        self._settled()
+    def _stored(self, good, source, wanted, length):
+        self._settled(length)
         if self.stage != "fetching":
             return
         ledger, progress, manifest = self._ledger, self.progress, self.manifest
@@ -822,8 +828,8 @@ class Download:
             return
         self._schedule_soon()
 
-    def _store_failed(self, failure, wanted, stream):
-        self._settled()
+    def _store_failed(self, failure, wanted, stream, length):
+        self._settled(length)
         if self.stage != "fetching":
             return
         for index in wanted:
@@ -844,9 +850,10 @@ class Download:
             reason = failure.getErrorMessage()
         self._lifecycle.write_failed(f"could not write {self.name}: {reason}")
 
-    def _settled(self):
+    def _settled(self, length):
         self._verifying -= 1
-        if self._reading_paused and self._verifying <= VERIFY_QUEUE // 2:
+        self._verifying_bytes -= length
+        if self._reading_paused and self._verifying_bytes <= self.verify_limit // 2:
             self._resume_reading()
 
     def _give_back(self, result, buffer):
@@ -931,9 +938,20 @@ class Download:
     def _ask(self, source, chunks, now):
         stream = source.stream
         if stream is None:
-            stream = SourceStream(
-                self, source, self.manifest, self.file_id, self._receiver_port, self._clock
+            # Runs that fit the budget of a download drawing on every peer
+            # that offered the file (they join as the manifest race allows),
+            # or on the sources it has streams with, if more.
+            streams = max(
+                len(self._peers),
+                sum(1 for other in self.sources if other.usable),
+                1 + sum(1 for other in self.sources if other.stream is not None),
             )
+            run = run_for(streams)
+            stream = SourceStream(
+                self, source, self.manifest, self.file_id, self._receiver_port, self._clock,
+                run=run,
+            )
+            self.verify_limit = max(self.verify_limit, VERIFY_FRAMES * run * CHUNK_SIZE)
             # In a private group its frames are sealed, keyed by the TLS of
             # the request connection it is asked on.
             stream.seal = stream_seal(getattr(source.client, "transport", None), stream.token)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted_p2p import wire
 from twisted_p2p.download.scheduler import window_for
 from twisted_p2p.download.status import RateMeter
+from twisted_p2p.limits import DEFAULT_RUN
 
 log = Logger()
 
@@ -60,6 +61,13 @@ class Source:
 
     def window(self, now):
         return window_for(self.rate(now))
+
+    @property
+    def run(self):
+        """
+        The most chunks a frame of its stream carries.
+        """
+        return self.stream.run if self.stream is not None else DEFAULT_RUN
 
     def queue(self):
         """
@@ -106,9 +114,13 @@ class SourceStream:
         order asked.
     @ivar cancelling: chunks the source was told to cancel and may still
         send (then they are accepted, and the owner decides).
+    @ivar run: the most chunks a frame of it may carry: what every "get" on
+        it asks for (the frame the data connection holds while it reads is
+        at most that).
     """
 
-    def __init__(self, owner, source, manifest, file_id, receiver_port, clock, seal=None):
+    def __init__(self, owner, source, manifest, file_id, receiver_port, clock, seal=None,
+                 run=DEFAULT_RUN):
         self.owner = owner
         self.source = source
         self.host = source.peer.host
@@ -122,6 +134,7 @@ class SourceStream:
         self._clock = clock
         #: In a private group, what opens its sealed frames (L{StreamSeal}).
         self.seal = seal
+        self.run = run
         self.frames = 0
         #: When chunk data last arrived, or it was last given something to
         #: wait for while it waited for nothing (the silence check).
@@ -146,6 +159,7 @@ class SourceStream:
             chunks=list(request.chunks),
             port=self._receiver_port,
             token=self.token,
+            run=self.run,
         )
         d = self.source.client.call(header)
         d.addErrback(self._refused, request)
@@ -229,6 +243,8 @@ class SourceStream:
 
         @raise wire.ProtocolError: it is not.
         """
+        if count > self.run:
+            raise wire.ProtocolError(f"a frame of {count} chunks is over the run asked")
         manifest = self._manifest
         expected = self.seal.overhead if self.seal is not None else 0
         for index in range(first, first + count):

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 from twisted_p2p.limits import (
     CHUNK_SIZE,
+    DEFAULT_RUN,
     ENDGAME_COPIES,
+    FRAME_READ_BUDGET,
     INITIAL_WINDOW,
     MAX_CHUNKS_PER_REQUEST,
     MAX_RUN,
@@ -74,14 +76,28 @@ def ask_size(window):
     return max(MIN_ASK, window // 4)
 
 
-def in_flight_at(rate):
+def in_flight_at(rate, run=DEFAULT_RUN):
     """
     How many chunks at the head of the queue of a source delivering C{rate}
-    are sent already or being sent (see L{STEAL_IN_FLIGHT_SECONDS}).
+    are sent already or being sent (see L{STEAL_IN_FLIGHT_SECONDS}), and a
+    frame: a run of up to C{run} chunks (its stream's), and no longer than
+    the window a source of that rate is given.
     """
     if not rate:
         return 0  # stalled: nothing is on its way
-    return math.ceil(rate * STEAL_IN_FLIGHT_SECONDS / CHUNK_SIZE) + MAX_RUN
+    frame = min(run, window_for(rate))
+    return math.ceil(rate * STEAL_IN_FLIGHT_SECONDS / CHUNK_SIZE) + frame
+
+
+def run_for(streams):
+    """
+    The run (chunks a frame may carry) a download asks a new stream for
+    while it reads from C{streams} data connections, this one included:
+    L{MAX_RUN}, and less once they are many, so that the frames they hold
+    while each is read stay within L{FRAME_READ_BUDGET}.
+    """
+    fits = FRAME_READ_BUDGET // (max(streams, 1) * CHUNK_SIZE)
+    return max(1, min(MAX_RUN, fits))
 
 
 def plan(ledger, sources, now):
@@ -153,7 +169,7 @@ def _steal(ledger, sources, thief, room, taken, now, cancels):
             # timeout.
             continue
         queue = victim.queue()
-        first = max(in_flight_at(victim_rate), getattr(victim, "in_transit", 0))
+        first = max(in_flight_at(victim_rate, victim.run), getattr(victim, "in_transit", 0))
         for position in range(first, len(queue)):
             index = queue[position]
             copies = ledger.copies(index)

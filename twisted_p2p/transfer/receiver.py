@@ -30,7 +30,6 @@ from twisted_p2p.limits import (
     DATA_RECEIVE_BUFFER,
     HELLO_TIMEOUT,
     MAX_DATA_HEADER,
-    MAX_RUN,
 )
 from twisted_p2p.transfer.framed import (
     PerHostLimitedFactory,
@@ -107,13 +106,15 @@ class ReceiverProtocol(Protocol, TimeoutMixin):
             self.setTimeout(None)
             self.stream = stream
             overhead = stream.seal.overhead if stream.seal is not None else 0
-            self._reader.max_frame = MAX_DATA_HEADER + MAX_RUN * CHUNK_SIZE + overhead
+            # A frame is at most the run this stream asked for, so that what
+            # one connection holds while it reads is the asker's to bound.
+            self._reader.max_frame = MAX_DATA_HEADER + stream.run * CHUNK_SIZE + overhead
             stream.attach(self)
             return None
         if kind != "chunk":
             raise wire.ProtocolError(f"unexpected {kind!r} frame")
         index = wire.int_field(header, "i", 0, 2**31)
-        count = wire.int_field(header, "n", 1, MAX_RUN) if "n" in header else 1
+        count = wire.int_field(header, "n", 1, self.stream.run) if "n" in header else 1
         self._buffer = self.stream.chunk_started(index, count, body_length)
         self._index, self._count, self._line = index, count, self._reader.line
         return self._buffer

@@ -35,7 +35,7 @@ from zope.interface import implementer
 from twisted_p2p import wire
 from twisted_p2p.framing import frame_head
 from twisted_p2p.index import file_signature
-from twisted_p2p.limits import CHUNK_SIZE, IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES
+from twisted_p2p.limits import CHUNK_SIZE, DEFAULT_RUN, IDLE_TIMEOUT, STREAM_BATCH_BYTES
 
 log = Logger()
 
@@ -391,6 +391,10 @@ class OutgoingStream:
         be sent (a L{TokenBucket}'s C{take}), or C{None} for no limit.
     @param progress: called with no argument whenever bytes went out (keeps
         the request connection from timing out meanwhile).
+    @param run: the most chunks the requester takes in one frame (its
+        "get"'s C{run}); a sealed stream keeps to L{DEFAULT_RUN} at most, as
+        each frame is sealed in a buffer of the stream's.
+    @ivar run_asked: C{run}, as asked.
     @ivar done: fires with C{(chunks sent, bytes sent, reason)} once the
         stream has ended; the file is closed by then.
     """
@@ -398,9 +402,11 @@ class OutgoingStream:
     stall_timeout = IDLE_TIMEOUT
 
     def __init__(self, token, local, opened, workers, clock, pace=None, progress=None,
-                 seal=None):
+                 seal=None, run=DEFAULT_RUN):
         self.token = token
         self._seal = seal
+        self.run_asked = run
+        self._run = min(run, DEFAULT_RUN) if seal is not None else run
         self._seal_buffer = None
         self.local = local
         self._opened = opened
@@ -584,7 +590,7 @@ class OutgoingStream:
                 d = self._workers.submit(send_batch, self._sock, batch, self._opened)
             else:
                 if self._seal_buffer is None:
-                    self._seal_buffer = bytearray(MAX_RUN * CHUNK_SIZE + self._seal.overhead)
+                    self._seal_buffer = bytearray(self._run * CHUNK_SIZE + self._seal.overhead)
                 d = self._workers.submit(
                     seal_batch, self._sock, batch, self._opened, self._seal, self._seal_buffer
                 )
@@ -612,8 +618,8 @@ class OutgoingStream:
     def _take_paid(self):
         """
         Move chunks from the queue to frames paid for, as far as the upload
-        rate allows, up to a batch's worth: runs of up to L{MAX_RUN}
-        chunks that follow each other, one frame each.
+        rate allows, up to a batch's worth: runs of up to the stream's run
+        of chunks that follow each other, one frame each.
         """
         paid_bytes = sum(item.size for item in self._paid)
         queue = self._queue
@@ -623,7 +629,7 @@ class OutgoingStream:
             first = queue[taken]
             count = 1
             while (
-                count < MAX_RUN
+                count < self._run
                 and taken + count < len(queue)
                 and queue[taken + count] == first + count
             ):
@@ -649,7 +655,7 @@ class OutgoingStream:
             return
         # Chunks cancelled meanwhile are not sent; the others are, as runs.
         kept = [index for index in range(first, first + count) if index in self._asked]
-        for run_first, run_count in _runs(kept):
+        for run_first, run_count in _runs(kept, self._run):
             self._paid.append(self._frame(run_first, run_count))
         self._pump()
 
@@ -767,14 +773,14 @@ class OutgoingStream:
         self.close("the requester stopped reading")
 
 
-def _runs(indexes):
+def _runs(indexes, longest=DEFAULT_RUN):
     """
     C{(first, count)} of each run of consecutive C{indexes} (in order), of
-    at most L{MAX_RUN}.
+    at most C{longest}.
     """
     runs = []
     for index in indexes:
-        if runs and runs[-1][0] + runs[-1][1] == index and runs[-1][1] < MAX_RUN:
+        if runs and runs[-1][0] + runs[-1][1] == index and runs[-1][1] < longest:
             runs[-1][1] += 1
         else:
             runs.append([index, 1])
