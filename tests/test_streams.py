@@ -24,7 +24,14 @@ from zope.interface import alsoProvides, implementer
 
 from twisted_p2p import wire
 from twisted_p2p.index import PartialLocal
-from twisted_p2p.limits import DEFAULT_RUN, IDLE_TIMEOUT, MAX_RUN, STREAM_BATCH_BYTES, UPLOAD_BURST
+from twisted_p2p.limits import (
+    DEFAULT_RUN,
+    IDLE_TIMEOUT,
+    MAX_RUN,
+    PACED_FRAME_SECONDS,
+    STREAM_BATCH_BYTES,
+    UPLOAD_BURST,
+)
 from twisted_p2p.manifest import CHUNK_SIZE
 from twisted_p2p.seal import StreamSeal
 from twisted_p2p.transfer import streams
@@ -314,6 +321,24 @@ def test_chunks_paid_for_late_go_in_runs_of_the_stream(eleven):
         pull(opened.transport)
         clock.advance(0.5)
     assert runs(opened.transport.value()) == [(0, 2), (2, 2), (4, 1)]
+
+
+@pytest.mark.parametrize(
+    "longest, expected", [(1, [(i, 1) for i in range(6)]), (4, [(0, 4), (4, 2)]), (None, [(0, 6)])]
+)
+def test_a_sender_keeps_its_frames_to_the_longest_it_allows(link, eleven, longest, expected):
+    opened = open_on(link, eleven[0], run=MAX_RUN, longest=longest)
+    opened.stream.add(list(range(6)))
+    link.pull()
+    assert runs(link.data()) == expected
+
+
+def test_an_upload_cap_takes_an_eighth_of_a_second_a_frame_at_most():
+    clock = task.Clock()
+    assert TokenBucket(8_000_000, clock).longest_run() == 3
+    assert TokenBucket(1_000, clock).longest_run() == 1
+    assert TokenBucket(1e9, clock).longest_run() >= MAX_RUN
+    assert PACED_FRAME_SECONDS == 0.125
 
 
 def test_gets_queued_together_make_one_run_later_ones_follow(eleven):

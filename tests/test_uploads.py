@@ -494,6 +494,16 @@ def test_a_get_names_the_run_its_stream_sends(peer, files):
     assert chunk_runs(transport) == [(0, 2), (2, 2), (4, 1)]
 
 
+def test_under_an_upload_cap_frames_are_what_the_cap_sends_in_an_eighth_of_a_second(files):
+    peer = Peer(files, max_rate=8 * CHUNK_SIZE)  # a chunk an eighth of a second
+    five = files[2]
+    transport = peer.stream(five, [0, 1, 2, 3, 4], run=MAX_RUN)
+    for _ in range(40):
+        pull(transport)
+        peer.clock.advance(0.1)
+    assert chunk_runs(transport) == [(i, 1) for i in range(5)]
+
+
 def test_a_get_without_a_run_is_sent_runs_of_the_default(peer, files):
     five = files[2]
     transport = peer.stream(five, [0, 1, 2, 3, 4])

@@ -18,6 +18,7 @@ from twisted_p2p.interfaces import format_address
 from twisted_p2p.seal import stream_seal
 from twisted_p2p.limits import (
     CATALOG_PAGE_BYTES,
+    CHUNK_SIZE,
     DEFAULT_RUN,
     HAVE_PAGE,
     MANIFEST_PAGE,
@@ -31,6 +32,7 @@ from twisted_p2p.limits import (
     UPLOAD_RECLAIM_AFTER,
     UPLOADS_PER_HOST_SHARE,
     MIN_UPLOADS_PER_HOST,
+    PACED_FRAME_SECONDS,
 )
 from twisted_p2p.transfer.framed import RequestRefused
 from twisted_p2p.transfer.streams import FileChanged, OpenChunks, OutgoingStream, StreamConnection
@@ -57,6 +59,13 @@ class TokenBucket:
         self._clock = clock
         self._burst = burst
         self._paid_until = 0.0
+
+    def longest_run(self):
+        """
+        The most chunks a frame under this cap carries: what it earns in
+        L{PACED_FRAME_SECONDS}, and at least one.
+        """
+        return max(1, int(self.rate * PACED_FRAME_SECONDS // CHUNK_SIZE))
 
     def take(self, n):
         """
@@ -354,6 +363,7 @@ class Uploads:
             progress=session.keepalive,
             seal=stream_seal(session.transport, token),
             run=run,
+            longest=self.bucket.longest_run() if self.bucket is not None else None,
         )
         # Known to the session before the connection is up: a second "get"
         # of the token, queued behind this one, finds it.

@@ -394,6 +394,8 @@ class OutgoingStream:
     @param run: the most chunks the requester takes in one frame (its
         "get"'s C{run}); a sealed stream keeps to L{DEFAULT_RUN} at most, as
         each frame is sealed in a buffer of the stream's.
+    @param longest: the most chunks the sender puts in a frame (an upload
+        cap's, L{TokenBucket.longest_run}), or C{None}.
     @ivar run_asked: C{run}, as asked.
     @ivar done: fires with C{(chunks sent, bytes sent, reason)} once the
         stream has ended; the file is closed by then.
@@ -402,11 +404,13 @@ class OutgoingStream:
     stall_timeout = IDLE_TIMEOUT
 
     def __init__(self, token, local, opened, workers, clock, pace=None, progress=None,
-                 seal=None, run=DEFAULT_RUN):
+                 seal=None, run=DEFAULT_RUN, longest=None):
         self.token = token
         self._seal = seal
         self.run_asked = run
         self._run = min(run, DEFAULT_RUN) if seal is not None else run
+        if longest is not None:
+            self._run = max(1, min(self._run, longest))
         self._seal_buffer = None
         self.local = local
         self._opened = opened
