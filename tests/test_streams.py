@@ -293,13 +293,30 @@ def test_chunks_go_in_runs_in_the_order_asked(link, eleven, asked, expected):
         (MAX_RUN, [(0, 11)]),
     ],
 )
-def test_runs_are_as_long_as_the_requester_asked(link, eleven, run, expected):
+def test_runs_are_as_long_as_the_requester_asked(eleven, run, expected):
     local, content = eleven
-    opened = open_on(link, local, run=run)
+    link = SendfileLink()
+    try:
+        opened = open_on(link, local, run=run)
+        opened.stream.add(list(range(11)))
+        link.pull()
+        assert runs(link.data()) == expected
+        check_bodies(link.data(), content)
+    finally:
+        link.close()
+
+
+def test_a_stream_that_cannot_sendfile_keeps_to_the_default_run(eleven):
+    """
+    Its frames are read into memory a batch at a time: longer runs would
+    hold more of them.
+    """
+    local, content = eleven
+    opened = Opened(local, StringTransport(), run=MAX_RUN)
     opened.stream.add(list(range(11)))
-    link.pull()
-    assert runs(link.data()) == expected
-    check_bodies(link.data(), content)
+    pull(opened.transport)
+    assert runs(opened.transport.value()) == [(0, DEFAULT_RUN), (4, DEFAULT_RUN), (8, 3)]
+    check_bodies(opened.transport.value(), content)
 
 
 def test_a_sealed_stream_keeps_to_the_default_run(link, eleven):
@@ -326,11 +343,15 @@ def test_chunks_paid_for_late_go_in_runs_of_the_stream(eleven):
 @pytest.mark.parametrize(
     "longest, expected", [(1, [(i, 1) for i in range(6)]), (4, [(0, 4), (4, 2)]), (None, [(0, 6)])]
 )
-def test_a_sender_keeps_its_frames_to_the_longest_it_allows(link, eleven, longest, expected):
-    opened = open_on(link, eleven[0], run=MAX_RUN, longest=longest)
-    opened.stream.add(list(range(6)))
-    link.pull()
-    assert runs(link.data()) == expected
+def test_a_sender_keeps_its_frames_to_the_longest_it_allows(eleven, longest, expected):
+    link = SendfileLink()
+    try:
+        opened = open_on(link, eleven[0], run=MAX_RUN, longest=longest)
+        opened.stream.add(list(range(6)))
+        link.pull()
+        assert runs(link.data()) == expected
+    finally:
+        link.close()
 
 
 def test_an_upload_cap_takes_an_eighth_of_a_second_a_frame_at_most():

@@ -393,7 +393,9 @@ class OutgoingStream:
         the request connection from timing out meanwhile).
     @param run: the most chunks the requester takes in one frame (its
         "get"'s C{run}); a sealed stream keeps to L{DEFAULT_RUN} at most, as
-        each frame is sealed in a buffer of the stream's.
+        each frame is sealed in a buffer of the stream's, and so does one on
+        a transport that cannot C{sendfile}, whose frames are read into
+        memory.
     @param longest: the most chunks the sender puts in a frame (an upload
         cap's, L{TokenBucket.longest_run}), or C{None}.
     @ivar run_asked: C{run}, as asked.
@@ -557,6 +559,9 @@ class OutgoingStream:
             self._sock.setblocking(False)
             self._paid.insert(0, _Outgoing(None, 0, hello))
         else:
+            # Its frames are read into memory, a batch at a time: runs of
+            # the default keep that as it was before runs grew.
+            self._run = min(self._run, DEFAULT_RUN)
             transport.write(hello)
         transport.registerProducer(self, False)
 
