@@ -31,9 +31,9 @@ from twisted_p2p.download.scheduler import ask_size, plan, run_for
 from twisted_p2p.download.status import Progress
 from twisted_p2p.limits import (
     BAN_ADDRESS_SECONDS,
-    CHUNK_SIZE,
     BUSY_BACKOFF_MAX,
     BUSY_BACKOFF_MIN,
+    CHUNK_SIZE,
     HAVE_REFRESH,
     MAX_STRIKES,
     MAX_TIMEOUTS,
@@ -785,8 +785,9 @@ class Download:
         self._verifying += 1
         self._verifying_bytes += len(buffer)
         if self._verifying_bytes >= self.verify_limit:
-            # Counted by jobs, not by buffers out: a connection paused in the
-            # middle of a frame holds a buffer until it is read again.
+            # Counted by the frames given to jobs, not by buffers out: a
+            # connection paused in the middle of a frame holds a buffer until
+            # it is read again.
             self._pause_reading()
         # A frame is hashed and written in one job, by whichever worker has
         # less to do: the two threads take frames in turn, each a whole
