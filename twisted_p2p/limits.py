@@ -213,10 +213,10 @@ STEAL_IN_FLIGHT_SECONDS = 0.3
 #: Frames of one download, of the longest run it asked for, whose bytes
 #: may wait to be verified and written at once; past that its data
 #: connections stop being read, until half of it is done.  Two: both worker
-#: threads have one, and a third is read meanwhile (8 MiB from one source,
-#: 4 MiB from four).  Before runs grew past 4 chunks this was 5 frames of 1
-#: MiB; 7 had put the 2 GiB download's peak RSS over its 64 MiB target once
-#: the libraries under the peer grew (the idle peer is at 56 MiB), and 5
+#: threads have one, and a third is read meanwhile (8 MiB with runs of 16
+#: chunks).  Before runs grew past 4 chunks this was 5 frames of 1 MiB; 7
+#: had put the 2 GiB download's peak RSS over its 64 MiB target once the
+#: libraries under the peer grew (the idle peer was at 56 MiB), and 5
 #: measured as fast.
 VERIFY_FRAMES = 2
 
