@@ -1356,7 +1356,7 @@ def test_the_bytes_that_may_wait_are_two_frames_of_the_longest_run(tmp_path):
     alone = Harness(tmp_path / "alone", content_of(40 * CHUNK_SIZE))
     alone.start()
     assert alone.download.verify_limit == VERIFY_FRAMES * MAX_RUN * CHUNK_SIZE
-    hosts = tuple(f"10.0.0.{n}" for n in range(1, 5))
+    hosts = tuple(f"192.0.2.{n}" for n in range(11, 15))
     four = Harness(tmp_path / "four", content_of(64 * CHUNK_SIZE), hosts=hosts)
     four.start()
     assert four.download.verify_limit == VERIFY_FRAMES * run_for(4) * CHUNK_SIZE
@@ -1379,7 +1379,7 @@ def test_a_download_asks_its_streams_for_runs_that_fit_its_budget(tmp_path):
 
 
 def test_the_streams_of_a_download_of_many_sources_are_asked_shorter_runs(tmp_path):
-    hosts = tuple(f"10.0.0.{n}" for n in range(1, 5))
+    hosts = tuple(f"192.0.2.{n}" for n in range(11, 15))
     h = Harness(tmp_path, content_of(64 * CHUNK_SIZE), hosts=hosts)
     h.start()
     runs = [s.stream.run for s in h.download.sources if s.stream is not None]
