@@ -276,7 +276,11 @@ def test_four_seeders_on_slow_links_beat_three_links(hosts):
 
 
 def test_a_seeder_link_cut_mid_download(hosts):
-    interval, size = 1.0, 24 * MiB
+    # Long enough to outlast the cut seeder's timeout: frames of 16 chunks
+    # are 4 MiB, so the progress that triggers the cut moves in steps of
+    # that, and with 24 MiB the rest once came in before the seeder timed
+    # out (no source was lost then, the download being over).
+    interval, size = 1.0, 48 * MiB
     seeders, downloader, digest = seeders_and_downloader(
         hosts, 3, size, args=["--announce-interval", str(interval)]
     )
